@@ -1,0 +1,110 @@
+//! Types shared by leakmon's kernel programs (`src/main.rs`, BPF target) and its userspace
+//! daemon. Everything here is `#[repr(C)]` plain data: both sides read the same bytes.
+#![no_std]
+
+/// Names of the maps and programs, so both sides spell them once.
+pub mod names {
+    pub const GO_PROCS: &str = "GO_PROCS";
+    pub const GOROUTINES: &str = "GOROUTINES";
+    pub const STATS: &str = "STATS";
+    pub const PROC_EVENTS: &str = "PROC_EVENTS";
+
+    pub const GO_PARK: &str = "go_park";
+    pub const GO_EXECUTE: &str = "go_execute";
+    pub const GO_EXIT: &str = "go_exit";
+    pub const PROC_EXEC: &str = "proc_exec";
+    pub const PROC_EXIT: &str = "proc_exit";
+}
+
+/// Default capacity of [`names::GOROUTINES`]; userspace may resize it before load.
+pub const MAX_GOROUTINES: u32 = 262_144;
+/// Capacity of [`names::GO_PROCS`]: processes watched at once.
+pub const MAX_GO_PROCS: u32 = 4_096;
+/// Size in bytes of the process exec/exit ring buffer.
+pub const PROC_EVENTS_BYTES: u32 = 64 * 1024;
+
+/// Per-process parameters the probes need: read from the binary by userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GoProc {
+    /// Offset of `goid` inside `runtime.g`.
+    pub goid_offset: u32,
+    pub _pad: u32,
+}
+
+/// Key of one goroutine: (process, goroutine id). Goroutine ids are never reused in a process;
+/// `g` structs are, so the `g` address is not a key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GoKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub goid: u64,
+}
+
+/// What the probes last saw a goroutine do.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GoPhase {
+    /// Parked by `runtime.gopark` (blocked; `reason` says on what).
+    Parked = 1,
+    /// Put on a CPU by `runtime.execute` and not parked since.
+    Running = 2,
+}
+
+/// State of one goroutine, kept up to date in place by the probes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GoState {
+    /// Address of the goroutine's `runtime.g` (for userspace to read its stack and creation site).
+    pub g: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the current phase began: when it parked, or
+    /// when it was first scheduled after its last park.
+    pub since_ns: u64,
+    /// When it was last put on a CPU.
+    pub last_run_ns: u64,
+    /// `gopark`'s `lock` argument: the object waited on (e.g. inside the channel).
+    pub wait_obj: u64,
+    /// Times scheduled since the phase began (a goroutine rescheduled after preemption without
+    /// parking counts up here).
+    pub runs: u32,
+    /// A [`GoPhase`] value.
+    pub phase: u8,
+    /// `gopark`'s `waitReason` (numbering is per Go version: userspace names it).
+    pub reason: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Indexes into the per-CPU [`names::STATS`] counters.
+pub mod stat {
+    pub const PARKS: u32 = 0;
+    pub const EXECUTES: u32 = 1;
+    pub const EXITS: u32 = 2;
+    /// A goroutine could not be recorded: the map was full.
+    pub const MAP_FULL: u32 = 3;
+    /// The `g` could not be read (should not happen; counted to be sure).
+    pub const READ_ERRORS: u32 = 4;
+    /// An exec/exit event did not fit in the ring buffer.
+    pub const PROC_EVENTS_LOST: u32 = 5;
+    pub const COUNT: u32 = 6;
+}
+
+/// Process lifecycle event sent to userspace through [`names::PROC_EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcEvent {
+    pub tgid: u32,
+    /// [`PROC_EVENT_EXEC`] or [`PROC_EVENT_EXIT`].
+    pub kind: u32,
+}
+pub const PROC_EVENT_EXEC: u32 = 1;
+pub const PROC_EVENT_EXIT: u32 = 2;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are #[repr(C)] plain integers with explicit padding: any byte pattern is valid.
+    unsafe impl aya::Pod for super::GoProc {}
+    unsafe impl aya::Pod for super::GoKey {}
+    unsafe impl aya::Pod for super::GoState {}
+    unsafe impl aya::Pod for super::ProcEvent {}
+}

@@ -1,0 +1,316 @@
+//! Loading leakmon's kernel programs, attaching them to processes, and reading what they keep.
+
+use std::{
+    collections::HashMap,
+    io,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        BtfTracePoint, UProbe,
+        uprobe::{UProbeLinkId, UProbeScope},
+    },
+};
+use monitor_ebpf::{GoKey, GoProc, GoState, MAX_GOROUTINES, names, stat};
+
+use crate::sys::caps;
+
+/// The kernel programs, built by build.rs for the BPF target.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leakmon"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error(
+        "missing privileges to load eBPF programs ({missing}): run as root, or grant \
+         CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN and CAP_SYS_PTRACE (`leakmon doctor` checks)"
+    )]
+    Privileges { missing: String },
+    #[error("loading leakmon's eBPF object failed (`leakmon doctor` checks the kernel)")]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no {kind} named {name}")]
+    Missing { kind: &'static str, name: &'static str },
+    #[error("the kernel rejected eBPF program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("reading kernel BTF (/sys/kernel/btf/vmlinux) failed: the kernel needs CONFIG_DEBUG_INFO_BTF")]
+    Btf(#[source] aya::BtfError),
+    #[error("attaching {probe} to PID {pid} ({exe}) failed")]
+    Attach {
+        probe: &'static str,
+        pid: u32,
+        exe: PathBuf,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Where each Go probe goes in one executable: file offsets for uprobe attach.
+#[derive(Clone, Copy, Debug)]
+pub struct GoProbeOffsets {
+    pub gopark: u64,
+    pub execute: u64,
+    pub goexit1: u64,
+}
+
+/// The attachments made for one process; detached by [`Probes::detach_go`] (or when `Probes`
+/// is dropped).
+#[derive(Debug)]
+pub struct GoLinks {
+    pid: u32,
+    links: Vec<(&'static str, UProbeLinkId)>,
+}
+
+/// Totals of the per-CPU counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub parks: u64,
+    pub executes: u64,
+    pub exits: u64,
+    pub map_full: u64,
+    pub read_errors: u64,
+    pub proc_events_lost: u64,
+}
+
+pub struct Probes {
+    ebpf: Ebpf,
+    procs: BpfHashMap<MapData, u32, GoProc>,
+    goroutines: BpfHashMap<MapData, GoKey, GoState>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+const GO_PROGRAMS: [&str; 3] = [names::GO_PARK, names::GO_EXECUTE, names::GO_EXIT];
+
+impl Probes {
+    /// Loads the programs into the kernel (nothing is attached yet).
+    pub fn load(max_goroutines: Option<u32>) -> Result<Self, BpfError> {
+        let missing = caps::missing(&[caps::CAP_BPF, caps::CAP_PERFMON, caps::CAP_SYS_ADMIN]);
+        if !missing.is_empty() {
+            return Err(BpfError::Privileges {
+                missing: missing.join(", "),
+            });
+        }
+        raise_memlock_limit();
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::GOROUTINES, max_goroutines.unwrap_or(MAX_GOROUTINES))
+            .load(OBJECT)
+            .map_err(BpfError::Load)?;
+        for name in GO_PROGRAMS {
+            let program: &mut UProbe = program(&mut ebpf, name)?;
+            program
+                .load()
+                .map_err(|source| BpfError::Program { name, source })?;
+        }
+        let procs = BpfHashMap::try_from(take_map(&mut ebpf, names::GO_PROCS)?)
+            .map_err(map_err(names::GO_PROCS))?;
+        let goroutines = BpfHashMap::try_from(take_map(&mut ebpf, names::GOROUTINES)?)
+            .map_err(map_err(names::GOROUTINES))?;
+        let stats = PerCpuArray::try_from(take_map(&mut ebpf, names::STATS)?)
+            .map_err(map_err(names::STATS))?;
+        Ok(Self {
+            ebpf,
+            procs,
+            goroutines,
+            stats,
+        })
+    }
+
+    /// Starts tracing the goroutines of `pid`, whose executable has the probe points `at`.
+    pub fn attach_go(
+        &mut self,
+        pid: NonZeroU32,
+        goid_offset: u32,
+        at: GoProbeOffsets,
+    ) -> Result<GoLinks, BpfError> {
+        let raw = pid.get();
+        self.procs
+            .insert(
+                &raw,
+                &GoProc {
+                    goid_offset,
+                    _pad: 0,
+                },
+                0,
+            )
+            .map_err(map_err(names::GO_PROCS))?;
+        // Through /proc: the kernel resolves the inode even across mount namespaces.
+        let exe = PathBuf::from(format!("/proc/{raw}/exe"));
+        let mut links = GoLinks {
+            pid: raw,
+            links: Vec::new(),
+        };
+        for (name, offset) in [
+            (names::GO_PARK, at.gopark),
+            (names::GO_EXECUTE, at.execute),
+            (names::GO_EXIT, at.goexit1),
+        ] {
+            match self.attach_one(name, offset, &exe, pid) {
+                Ok(link) => links.links.push((name, link)),
+                Err(source) => {
+                    self.detach_go(links);
+                    return Err(BpfError::Attach {
+                        probe: name,
+                        pid: raw,
+                        exe: std::fs::read_link(&exe).unwrap_or(exe),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(links)
+    }
+
+    fn attach_one(
+        &mut self,
+        name: &'static str,
+        offset: u64,
+        exe: &Path,
+        pid: NonZeroU32,
+    ) -> Result<UProbeLinkId, aya::programs::ProgramError> {
+        let program: &mut UProbe = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(aya::programs::ProgramError::NotLoaded)?
+            .try_into()?;
+        program.attach([offset], exe, UProbeScope::OneProcess(pid))
+    }
+
+    /// Stops tracing a process and forgets its goroutines.
+    pub fn detach_go(&mut self, links: GoLinks) {
+        for (name, link) in links.links {
+            if let Some(Ok(program)) = self
+                .ebpf
+                .program_mut(name)
+                .map(<&mut UProbe>::try_from)
+                && let Err(e) = program.detach(link)
+            {
+                log::warn!("detaching {name} from PID {}: {e}", links.pid);
+            }
+        }
+        let _ = self.procs.remove(&links.pid);
+        self.forget_process(links.pid);
+    }
+
+    /// Drops every goroutine of `pid` from the map.
+    pub fn forget_process(&mut self, pid: u32) {
+        let keys: Vec<GoKey> = self
+            .goroutines
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == pid)
+            .collect();
+        for key in keys {
+            let _ = self.goroutines.remove(&key);
+        }
+    }
+
+    /// Every goroutine the probes know of, grouped by process.
+    pub fn goroutines(&self) -> HashMap<u32, Vec<(u64, GoState)>> {
+        let mut by_pid: HashMap<u32, Vec<(u64, GoState)>> = HashMap::new();
+        // Entries removed while iterating come back as errors: skip them.
+        for (key, state) in self.goroutines.iter().filter_map(Result::ok) {
+            by_pid.entry(key.tgid).or_default().push((key.goid, state));
+        }
+        by_pid
+    }
+
+    pub fn forget_goroutine(&mut self, pid: u32, goid: u64) {
+        let _ = self.goroutines.remove(&GoKey {
+            tgid: pid,
+            _pad: 0,
+            goid,
+        });
+    }
+
+    /// Records a goroutine found by reading the process (it parked before we attached); the
+    /// probes' own record wins if they wrote one meanwhile.
+    pub fn seed_goroutine(&mut self, pid: u32, goid: u64, state: &GoState) -> bool {
+        const BPF_NOEXIST: u64 = 1;
+        let key = GoKey {
+            tgid: pid,
+            _pad: 0,
+            goid,
+        };
+        self.goroutines.insert(&key, state, BPF_NOEXIST).is_ok()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let total = |index: u32| -> u64 {
+            self.stats
+                .get(&index, 0)
+                .map(|values| values.iter().sum())
+                .unwrap_or(0)
+        };
+        Stats {
+            parks: total(stat::PARKS),
+            executes: total(stat::EXECUTES),
+            exits: total(stat::EXITS),
+            map_full: total(stat::MAP_FULL),
+            read_errors: total(stat::READ_ERRORS),
+            proc_events_lost: total(stat::PROC_EVENTS_LOST),
+        }
+    }
+
+    /// Attaches the exec/exit tracepoints and returns the ring buffer they fill.
+    pub fn proc_events(&mut self) -> Result<RingBuf<MapData>, BpfError> {
+        let btf = Btf::from_sys_fs().map_err(BpfError::Btf)?;
+        for (name, tracepoint) in [
+            (names::PROC_EXEC, "sched_process_exec"),
+            (names::PROC_EXIT, "sched_process_exit"),
+        ] {
+            let program: &mut BtfTracePoint = program(&mut self.ebpf, name)?;
+            program
+                .load(tracepoint, &btf)
+                .and_then(|()| program.attach().map(drop))
+                .map_err(|source| BpfError::Program { name, source })?;
+        }
+        RingBuf::try_from(take_map(&mut self.ebpf, names::PROC_EVENTS)?)
+            .map_err(map_err(names::PROC_EVENTS))
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(BpfError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| BpfError::Program { name, source })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, BpfError> {
+    ebpf.take_map(name)
+        .ok_or(BpfError::Missing { kind: "map", name })
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> BpfError {
+    move |source| BpfError::Map { map, source }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones ignore it.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid rlimit pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        log::debug!("raising RLIMIT_MEMLOCK: {}", io::Error::last_os_error());
+    }
+}

@@ -1,0 +1,227 @@
+//! Settings: built-in defaults, then the config file, then LEAKMON_* environment variables,
+//! then command-line flags (clap reads the environment and the flags; this merges the file
+//! beneath them).
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::{detect::Thresholds, output::Format};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{what}: invalid duration {value:?} (examples: 90s, 5m, 1h30m)")]
+    Duration {
+        what: &'static str,
+        value: String,
+        #[source]
+        source: humantime::DurationError,
+    },
+    #[error("{what} must be greater than zero")]
+    Zero { what: &'static str },
+}
+
+/// The config file (`/etc/leakmon/leakmon.toml` or `--config`). Unknown keys are errors, so a
+/// typo does not silently keep a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub block_threshold: Option<String>,
+    pub spin_threshold: Option<String>,
+    pub leak_window: Option<String>,
+    pub leak_min_growth: Option<u64>,
+    pub scan_interval: Option<String>,
+    pub max_goroutines: Option<u32>,
+    pub format: Option<Format>,
+}
+
+pub const DEFAULT_PATH: &str = "/etc/leakmon/leakmon.toml";
+
+impl FileConfig {
+    /// Reads `path`; the default path may be absent, an explicit one may not.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p, true),
+            None => (Path::new(DEFAULT_PATH), false),
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self::default());
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        };
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+}
+
+/// Detection settings as given on the command line or in the environment (strings, so one
+/// parser serves flags, environment and file alike).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct DetectArgs {
+    /// A goroutine parked this long is blocked [default: 5m]
+    #[arg(long, env = "LEAKMON_BLOCK_THRESHOLD", value_name = "DURATION")]
+    pub block_threshold: Option<String>,
+    /// A goroutine running this long without parking is spinning [default: 2m]
+    #[arg(long, env = "LEAKMON_SPIN_THRESHOLD", value_name = "DURATION")]
+    pub spin_threshold: Option<String>,
+    /// Window over which a blocked group must keep growing to be a leak [default: 10m]
+    #[arg(long, env = "LEAKMON_LEAK_WINDOW", value_name = "DURATION")]
+    pub leak_window: Option<String>,
+    /// Net growth over the window that makes a leak [default: 3]
+    #[arg(long, env = "LEAKMON_LEAK_MIN_GROWTH", value_name = "N")]
+    pub leak_min_growth: Option<u64>,
+    /// How often goroutine state is scanned [default: 15s]
+    #[arg(long, env = "LEAKMON_SCAN_INTERVAL", value_name = "DURATION")]
+    pub scan_interval: Option<String>,
+    /// Capacity of the kernel's goroutine table, all processes together [default: 262144]
+    #[arg(long, env = "LEAKMON_MAX_GOROUTINES", value_name = "N")]
+    pub max_goroutines: Option<u32>,
+    /// Output format of alerts on stdout [default: text]
+    #[arg(long, env = "LEAKMON_FORMAT", value_enum)]
+    pub format: Option<Format>,
+}
+
+/// Effective settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub thresholds: Thresholds,
+    pub max_goroutines: Option<u32>,
+    pub format: Format,
+}
+
+impl TryFrom<(&DetectArgs, FileConfig)> for Settings {
+    type Error = ConfigError;
+
+    fn try_from((args, file): (&DetectArgs, FileConfig)) -> Result<Self, ConfigError> {
+        let d = Thresholds::default();
+        let duration = |what, arg: &Option<String>, file: Option<String>, default| {
+            match arg.clone().or(file) {
+                None => Ok(default),
+                Some(value) => match humantime::parse_duration(value.trim()) {
+                    Ok(v) if v.is_zero() => Err(ConfigError::Zero { what }),
+                    Ok(v) => Ok(v),
+                    Err(source) => Err(ConfigError::Duration {
+                        what,
+                        value,
+                        source,
+                    }),
+                },
+            }
+        };
+        let thresholds = Thresholds {
+            block: duration(
+                "block_threshold",
+                &args.block_threshold,
+                file.block_threshold,
+                d.block,
+            )?,
+            spin: duration(
+                "spin_threshold",
+                &args.spin_threshold,
+                file.spin_threshold,
+                d.spin,
+            )?,
+            leak_window: duration(
+                "leak_window",
+                &args.leak_window,
+                file.leak_window,
+                d.leak_window,
+            )?,
+            leak_min_growth: args
+                .leak_min_growth
+                .or(file.leak_min_growth)
+                .unwrap_or(d.leak_min_growth),
+            scan_interval: duration(
+                "scan_interval",
+                &args.scan_interval,
+                file.scan_interval,
+                d.scan_interval,
+            )?,
+        };
+        if thresholds.leak_min_growth == 0 {
+            return Err(ConfigError::Zero {
+                what: "leak_min_growth",
+            });
+        }
+        Ok(Self {
+            thresholds,
+            max_goroutines: args.max_goroutines.or(file.max_goroutines),
+            format: args.format.or(file.format).unwrap_or_default(),
+        })
+    }
+}
+
+/// A short scan interval relative to the thresholds costs CPU for nothing; a long one delays
+/// alerts. Used as a sanity note in logs.
+pub fn scan_note(t: &Thresholds) -> Option<String> {
+    (t.scan_interval > t.block.min(t.spin)).then(|| {
+        format!(
+            "scan interval {} is longer than the thresholds; alerts will lag",
+            humantime::format_duration(t.scan_interval)
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn flags_override_file_which_overrides_defaults() {
+        let file: FileConfig =
+            toml::from_str("block_threshold = \"10m\"\nspin_threshold = \"3m\"\nformat = \"json\"")
+                .unwrap_or_default();
+        let args = DetectArgs {
+            block_threshold: Some("30s".into()),
+            ..Default::default()
+        };
+        let s = Settings::try_from((&args, file)).ok();
+        let s = s.as_ref().map(|s| (s.thresholds.block, s.thresholds.spin, s.format));
+        assert_eq!(
+            s,
+            Some((Duration::from_secs(30), Duration::from_secs(180), Format::Json))
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_durations_are_errors() {
+        assert!(toml::from_str::<FileConfig>("block_treshold = \"1m\"").is_err());
+        let args = DetectArgs {
+            spin_threshold: Some("soon".into()),
+            ..Default::default()
+        };
+        let err = Settings::try_from((&args, FileConfig::default())).err();
+        assert!(
+            err.is_some_and(|e| e.to_string().contains("spin_threshold: invalid duration")),
+        );
+    }
+
+    #[test]
+    fn defaults_are_minutes() {
+        let s = Settings::try_from((&DetectArgs::default(), FileConfig::default())).ok();
+        assert!(s.is_some_and(|s| s.thresholds.block >= Duration::from_secs(60)));
+    }
+}

@@ -1,0 +1,62 @@
+//! The remedy each alert points to.
+
+use super::AlertKind;
+
+/// A one-line remedy for an alert of `kind` whose goroutines wait for `wait_reason`.
+pub fn hint(kind: AlertKind, wait_reason: Option<&str>) -> &'static str {
+    match (kind, wait_reason.unwrap_or_default()) {
+        (AlertKind::GoroutineSpinning, _) => {
+            "a loop never blocks or exits: give it an exit condition (check ctx.Done() or a quit \
+             channel each iteration) and wait on a channel, sync.Cond or time.Ticker instead of \
+             busy-waiting"
+        }
+        (_, "chan send") => {
+            "goroutines block sending on a channel nobody receives from: give the channel a buffer \
+             for results that may be abandoned (make(chan T, 1)), or select on ctx.Done() beside \
+             the send so the sender can give up"
+        }
+        (_, "chan receive") => {
+            "goroutines wait on a channel that is never closed or sent to: close it when the \
+             producer is done (defer close(ch)) so range loops end, or select on ctx.Done() to \
+             cancel the receiver"
+        }
+        (_, "select") => {
+            "goroutines wait in a select whose channels never fire: add a case <-ctx.Done() \
+             (context cancellation) or a timeout (time.After / context.WithTimeout)"
+        }
+        (_, "IO wait") => {
+            "goroutines wait on network I/O with no deadline: set deadlines (SetReadDeadline, \
+             http.Server timeouts) or use context-aware calls, and close idle connections"
+        }
+        (_, "sync.Mutex.Lock" | "sync.RWMutex.Lock" | "sync.RWMutex.RLock") => {
+            "goroutines wait on a lock that is never released: pair every Lock with an Unlock \
+             (defer mu.Unlock()), keep lock order consistent, and never hold a lock across a \
+             blocking call"
+        }
+        (_, "sync.WaitGroup.Wait" | "semacquire") => {
+            "goroutines wait on a WaitGroup or semaphore that never reaches zero: call wg.Done() \
+             on every path (defer wg.Done()) and wg.Add before each go statement; add a timeout \
+             or context around the wait"
+        }
+        (_, "sync.Cond.Wait") => {
+            "goroutines wait on a sync.Cond that is never signalled: Signal/Broadcast after every \
+             state change, or replace it with a channel and context cancellation"
+        }
+        (_, "chan send (nil chan)" | "chan receive (nil chan)") => {
+            "goroutines block on a nil channel, which is never ready: make() the channel before \
+             use (a nil channel in a select disables that case forever)"
+        }
+        (_, "select (no cases)") => {
+            "an empty select{} blocks forever: wait on a context or a signal channel instead"
+        }
+        (AlertKind::GoroutineLeak, _) => {
+            "goroutines are created faster than they finish: bound concurrency with a worker pool \
+             or a semaphore (buffered channel), and give each one a way to exit (context \
+             cancellation, timeouts)"
+        }
+        (_, _) => {
+            "goroutines have waited past the threshold: give the wait a timeout or a \
+             context.Context so it can be cancelled"
+        }
+    }
+}

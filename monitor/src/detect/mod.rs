@@ -1,0 +1,50 @@
+//! Turning goroutine observations into alerts. Input is plain data (what the probes and the
+//! process memory said at one instant), so every rule here runs on recorded observations in
+//! tests without eBPF.
+
+mod alerts;
+mod groups;
+mod hints;
+mod rules;
+
+pub use alerts::{Alert, AlertKind, AlertState, Detector, Transition};
+pub use groups::{GroupKey, Site};
+pub use hints::hint;
+pub use rules::{Thresholds, WaitClass, classify_wait};
+
+/// One goroutine as seen at a scan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observation {
+    pub goid: u64,
+    pub state: TaskState,
+    /// Where the `go` statement that created it is.
+    pub created_at: Option<Site>,
+    /// The function it started in.
+    pub entry: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskState {
+    /// Parked since `since_ns`, waiting for `wait_reason` at `blocked_at` (first frame in the
+    /// program's own code, else the first frame outside the runtime).
+    Parked {
+        since_ns: u64,
+        wait_reason: String,
+        blocked_at: Option<Site>,
+    },
+    /// Scheduled without parking since `since_ns`, put on a CPU `runs` times, last at
+    /// `last_run_ns`.
+    Running {
+        since_ns: u64,
+        runs: u32,
+        last_run_ns: u64,
+    },
+}
+
+/// All the goroutines of one process worth judging at one instant (`now_ns` on the
+/// CLOCK_MONOTONIC scale the probes use).
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub now_ns: u64,
+    pub goroutines: Vec<Observation>,
+}

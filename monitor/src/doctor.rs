@@ -1,0 +1,94 @@
+//! `leakmon doctor`: what this host lacks for leakmon, and how to fix it.
+
+use std::path::Path;
+
+use crate::sys::{caps, tracefs};
+
+pub struct Check {
+    pub name: &'static str,
+    /// None when fine; else what to do.
+    pub problem: Option<String>,
+    pub detail: String,
+}
+
+fn check(name: &'static str, ok: bool, detail: String, fix: impl FnOnce() -> String) -> Check {
+    Check {
+        name,
+        problem: (!ok).then(fix),
+        detail,
+    }
+}
+
+pub fn run_checks() -> Vec<Check> {
+    let mut checks = Vec::new();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    checks.push(check(
+        "kernel",
+        true,
+        format!("Linux {}", release.trim()),
+        String::new,
+    ));
+    let missing = caps::missing(&[
+        caps::CAP_BPF,
+        caps::CAP_PERFMON,
+        caps::CAP_SYS_ADMIN,
+        caps::CAP_SYS_PTRACE,
+    ]);
+    checks.push(check(
+        "privileges",
+        missing.is_empty(),
+        if missing.is_empty() {
+            "CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE".into()
+        } else {
+            format!("missing {}", missing.join(", "))
+        },
+        || "run as root, or grant the missing capabilities (see deploy/ for systemd and Kubernetes)".into(),
+    ));
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    checks.push(check(
+        "kernel BTF",
+        btf,
+        "/sys/kernel/btf/vmlinux".into(),
+        || "use a kernel built with CONFIG_DEBUG_INFO_BTF=y (process discovery in `leakmon run` needs it)".into(),
+    ));
+    let uprobe_pmu = Path::new("/sys/bus/event_source/devices/uprobe/type").exists();
+    checks.push(check(
+        "uprobes",
+        uprobe_pmu,
+        "/sys/bus/event_source/devices/uprobe".into(),
+        || "use a kernel built with CONFIG_UPROBE_EVENTS=y".into(),
+    ));
+    let mounted = tracefs::is_mounted() || tracefs::ensure_mounted().is_ok();
+    checks.push(check(
+        "tracefs",
+        mounted,
+        tracefs::TRACEFS.into(),
+        || format!("mount -t tracefs nodev {}", tracefs::TRACEFS),
+    ));
+    let kprobes = Path::new("/sys/bus/event_source/devices/kprobe").exists();
+    checks.push(check(
+        "kprobes",
+        true,
+        if kprobes { "available" } else { "absent (not needed: leakmon uses tracepoints and uprobes)" }.into(),
+        String::new,
+    ));
+    let load = if missing.is_empty() {
+        crate::bpf::Probes::load(Some(1024)).map(drop).map_err(|e| {
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            msg
+        })
+    } else {
+        Err("skipped: missing privileges".into())
+    };
+    checks.push(Check {
+        name: "load programs",
+        detail: "the kernel's verifier accepts leakmon's programs".into(),
+        problem: load.err(),
+    });
+    checks
+}

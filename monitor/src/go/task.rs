@@ -1,0 +1,133 @@
+//! Reading goroutines (`runtime.g`) and their stacks out of a running process's memory. Reads
+//! are racy by nature (the process runs on); callers validate what they read (goid, status).
+
+use super::GOffsets;
+use crate::proc::ProcMem;
+
+/// `runtime._Gwaiting`: parked.
+pub const G_WAITING: u32 = 4;
+/// `runtime._Gscan`: set on top of the status while the GC scans the stack.
+const G_SCAN: u32 = 0x1000;
+/// Deep enough to get past the runtime and library frames to the program's own.
+const MAX_FRAMES: usize = 48;
+
+/// The fields of one `runtime.g` that leakmon uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GRecord {
+    pub goid: u64,
+    pub status: u32,
+    pub waitreason: u8,
+    /// PC of the `go` statement that created it (a return address).
+    pub gopc: u64,
+    /// PC of its entry function.
+    pub startpc: u64,
+    pub sched_pc: u64,
+    pub sched_bp: u64,
+}
+
+/// Reads the `g` at `addr` in one read of the span its fields cover.
+pub fn read_g(mem: &ProcMem, addr: u64, off: &GOffsets) -> Option<GRecord> {
+    let fields = [
+        off.goid,
+        off.atomicstatus,
+        off.waitreason,
+        off.gopc,
+        off.startpc,
+        off.sched_pc,
+        off.sched_bp,
+    ];
+    let lo = *fields.iter().min()? as usize;
+    let hi = *fields.iter().max()? as usize + 8;
+    let mut buf = vec![0u8; hi - lo];
+    if !mem.read(addr + lo as u64, &mut buf) {
+        return None;
+    }
+    let at = |o: u32, n: usize| -> u64 {
+        let s = o as usize - lo;
+        let mut b = [0u8; 8];
+        b[..n].copy_from_slice(&buf[s..s + n]);
+        u64::from_le_bytes(b)
+    };
+    Some(GRecord {
+        goid: at(off.goid, 8),
+        status: at(off.atomicstatus, 4) as u32 & !G_SCAN,
+        waitreason: at(off.waitreason, 1) as u8,
+        gopc: at(off.gopc, 8),
+        startpc: at(off.startpc, 8),
+        sched_pc: at(off.sched_pc, 8),
+        sched_bp: at(off.sched_bp, 8),
+    })
+}
+
+/// PCs of a parked goroutine's stack, innermost first: `sched.pc` then the return addresses
+/// found by following the frame-pointer chain from `sched.bp` (Go keeps frame pointers on
+/// amd64). All are return addresses: symbolise `pc - 1`.
+pub fn stack(mem: &ProcMem, g: &GRecord) -> Vec<u64> {
+    let mut pcs = vec![g.sched_pc];
+    let mut bp = g.sched_bp;
+    while pcs.len() < MAX_FRAMES && bp != 0 {
+        let mut frame = [0u8; 16];
+        if !mem.read(bp, &mut frame) {
+            break;
+        }
+        let (next_bp, ret) = frame.split_at(8);
+        let next_bp = u64::from_le_bytes(next_bp.try_into().unwrap_or_default());
+        let ret = u64::from_le_bytes(ret.try_into().unwrap_or_default());
+        if ret == 0 {
+            break;
+        }
+        pcs.push(ret);
+        // The stack grows down: callers' frames are above. Anything else is a torn read.
+        if next_bp <= bp {
+            break;
+        }
+        bp = next_bp;
+    }
+    pcs
+}
+
+/// The `g` pointers of every goroutine, from the `runtime.allgs` slice at `allgs_addr`.
+pub fn all_gs(mem: &ProcMem, allgs_addr: u64, limit: usize) -> Vec<u64> {
+    let mut header = [0u8; 16];
+    if !mem.read(allgs_addr, &mut header) {
+        return Vec::new();
+    }
+    let ptr = u64::from_le_bytes(header[..8].try_into().unwrap_or_default());
+    let len = u64::from_le_bytes(header[8..].try_into().unwrap_or_default()) as usize;
+    let len = len.min(limit);
+    let mut raw = vec![0u8; len * 8];
+    if len == 0 || !mem.read(ptr, &mut raw) {
+        return Vec::new();
+    }
+    raw.chunks_exact(8)
+        .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
+        .filter(|g| *g != 0)
+        .collect()
+}
+
+/// Whether a function belongs to the program rather than the Go distribution: standard-library
+/// import paths have no dot in their first element (`sync`, `net/http`), module paths do.
+pub fn is_user_function(function: &str) -> bool {
+    let after_slash = function.rfind('/').map_or(0, |i| i + 1);
+    let package_end = function[after_slash..]
+        .find('.')
+        .map_or(function.len(), |i| after_slash + i);
+    let package = &function[..package_end];
+    package == "main" || package.split('/').next().is_some_and(|first| first.contains('.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_functions() {
+        assert!(is_user_function("main.leakSend.func1"));
+        assert!(is_user_function("github.com/acme/api.(*Server).handle"));
+        assert!(is_user_function("leakmon.dev/fixtures/x.Worker"));
+        assert!(!is_user_function("sync.(*Mutex).Lock"));
+        assert!(!is_user_function("net/http.(*conn).serve"));
+        assert!(!is_user_function("runtime.gopark"));
+        assert!(!is_user_function("internal/poll.(*FD).Read"));
+    }
+}

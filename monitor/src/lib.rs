@@ -1,0 +1,15 @@
+//! leakmon: finds leaked, stuck and spinning goroutines in running Go programs through eBPF.
+//!
+//! The binary is a thin CLI over this library; detection (`detect`) runs on plain observations
+//! so it is tested without a kernel.
+
+pub mod bpf;
+pub mod cli;
+pub mod config;
+pub mod detect;
+pub mod doctor;
+pub mod go;
+pub mod output;
+pub mod proc;
+pub mod sys;
+pub mod watch;

@@ -1,0 +1,139 @@
+//! Alert transitions as users read them: one JSON object per line, or text.
+
+use std::io::{self, Write};
+
+use serde::Serialize;
+
+use crate::{
+    detect::{Alert, AlertState, Site, Transition, hint},
+    proc::Container,
+};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The process an alert is about.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub exe: String,
+    pub runtime: &'static str,
+    pub runtime_version: String,
+    #[serde(flatten)]
+    pub container: Container,
+}
+
+#[derive(Serialize)]
+struct Entry<'a> {
+    function: &'a str,
+}
+
+/// The JSON line: field names are part of leakmon's interface.
+#[derive(Serialize)]
+struct AlertLine<'a> {
+    kind: &'static str,
+    state: AlertState,
+    #[serde(flatten)]
+    process: &'a ProcessInfo,
+    count: u64,
+    oldest_seconds: f64,
+    growth_per_minute: Option<f64>,
+    wait_reason: Option<&'a str>,
+    created_at: Option<&'a Site>,
+    entry: Entry<'a>,
+    blocked_at: Option<&'a Site>,
+    hint: &'static str,
+    /// Seconds since the Unix epoch.
+    time: f64,
+}
+
+pub struct Output<W: Write> {
+    format: Format,
+    out: W,
+}
+
+impl<W: Write> Output<W> {
+    pub fn new(format: Format, out: W) -> Self {
+        Self { format, out }
+    }
+
+    pub fn emit(&mut self, process: &ProcessInfo, t: &Transition) -> io::Result<()> {
+        let a = &t.alert;
+        match self.format {
+            Format::Json => {
+                let line = AlertLine {
+                    kind: a.kind.as_str(),
+                    state: t.state,
+                    process,
+                    count: a.count,
+                    oldest_seconds: round3(a.oldest_seconds),
+                    growth_per_minute: a.growth_per_minute.map(round3),
+                    wait_reason: a.group.wait_reason.as_deref(),
+                    created_at: a.group.created_at.as_ref(),
+                    entry: Entry {
+                        function: &a.group.entry,
+                    },
+                    blocked_at: a.group.blocked_at.as_ref(),
+                    hint: hint(a.kind, a.group.wait_reason.as_deref()),
+                    time: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs_f64())
+                        .unwrap_or(0.0),
+                };
+                serde_json::to_writer(&mut self.out, &line).map_err(io::Error::other)?;
+                writeln!(self.out)?;
+            }
+            Format::Text => writeln!(self.out, "{}", text(process, t))?,
+        }
+        self.out.flush()
+    }
+}
+
+/// "FIRING goroutine_leak PID 41 (/srv/api, go1.24.11): 1204 goroutines created at ..."
+pub fn text(p: &ProcessInfo, t: &Transition) -> String {
+    let a: &Alert = &t.alert;
+    let state = match t.state {
+        AlertState::Firing => "FIRING",
+        AlertState::Resolved => "RESOLVED",
+    };
+    let mut s = format!(
+        "{state} {} PID {} ({}, {}",
+        a.kind.as_str(),
+        p.pid,
+        p.exe,
+        p.runtime_version
+    );
+    if let Some(pod) = &p.container.pod_name {
+        s.push_str(&format!(", pod {pod}"));
+    }
+    s.push_str(&format!("): {} goroutines", a.count));
+    if let Some(c) = &a.group.created_at {
+        s.push_str(&format!(" created at {c}"));
+    }
+    s.push_str(&format!(" in {}", a.group.entry));
+    match (&a.group.blocked_at, &a.group.wait_reason) {
+        (Some(b), Some(r)) => s.push_str(&format!(", blocked at {b} on {r}")),
+        (None, Some(r)) => s.push_str(&format!(", blocked on {r}")),
+        _ => s.push_str(", running without blocking"),
+    }
+    s.push_str(&format!(" for {:.0}s", a.oldest_seconds));
+    if let Some(g) = a.growth_per_minute.filter(|g| *g > 0.0) {
+        s.push_str(&format!(", +{g:.0}/min"));
+    }
+    if t.state == AlertState::Firing {
+        s.push_str(&format!(
+            "\n  hint: {}",
+            hint(a.kind, a.group.wait_reason.as_deref())
+        ));
+    }
+    s
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}

@@ -1,0 +1,109 @@
+//! What /proc says about a process: its executable, its memory, its load address, its
+//! container.
+
+mod container;
+mod mem;
+
+use std::{io, path::PathBuf};
+
+pub use container::{Container, container_of};
+pub use mem::ProcMem;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error("no process with PID {pid}")]
+    NoSuchProcess { pid: u32 },
+    #[error("cannot read /proc/{pid}/{what}: {source} (run as root, or with CAP_SYS_PTRACE)")]
+    Access {
+        pid: u32,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("PID {pid}: the executable {exe} is not mapped in /proc/{pid}/maps")]
+    NotMapped { pid: u32, exe: String },
+}
+
+fn proc_err(pid: u32, what: &'static str, source: io::Error) -> ProcError {
+    if source.kind() == io::ErrorKind::NotFound {
+        ProcError::NoSuchProcess { pid }
+    } else {
+        ProcError::Access { pid, what, source }
+    }
+}
+
+/// Whether `pid` is alive (not a zombie).
+pub fn is_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st != "Z"))
+        })
+        .unwrap_or(false)
+}
+
+/// The path of the process's executable, as the host sees it (`/proc/PID/exe` resolves it even
+/// inside another mount namespace, so that is what probes attach through).
+pub fn exe_path(pid: u32) -> Result<PathBuf, ProcError> {
+    std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|e| proc_err(pid, "exe", e))
+}
+
+/// `comm`, the short process name.
+pub fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_owned())
+        .unwrap_or_default()
+}
+
+/// Start time in clock ticks since boot (field 22 of stat): with the PID, it names a process
+/// uniquely across PID reuse.
+pub fn start_time(pid: u32) -> Result<u64, ProcError> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| proc_err(pid, "stat", e))?;
+    Ok(stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(0))
+}
+
+/// How far the executable was moved when loaded (0 for Go's default non-PIE executables):
+/// the start of its first mapping minus the lowest address its segments ask for.
+pub fn load_bias(pid: u32, lowest_vaddr: u64) -> Result<u64, ProcError> {
+    let exe = exe_path(pid)?;
+    let maps =
+        std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| proc_err(pid, "maps", e))?;
+    let exe_str = exe.to_string_lossy();
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(_perms), Some(offset)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let path = fields.nth(2).unwrap_or_default();
+        if path != exe_str || u64::from_str_radix(offset, 16).ok() != Some(0) {
+            continue;
+        }
+        let start = range
+            .split_once('-')
+            .and_then(|(s, _)| u64::from_str_radix(s, 16).ok())
+            .unwrap_or(0);
+        return Ok(start.wrapping_sub(lowest_vaddr & !0xfff));
+    }
+    Err(ProcError::NotMapped {
+        pid,
+        exe: exe_str.into_owned(),
+    })
+}
+
+/// Monotonic clock in nanoseconds: the clock `bpf_ktime_get_ns` and Go's `nanotime` use.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}

@@ -1,0 +1,40 @@
+//! The effective capabilities of this process (from /proc/self/status, no libcap needed).
+
+pub const CAP_DAC_READ_SEARCH: u32 = 2;
+pub const CAP_SYS_PTRACE: u32 = 19;
+pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_PERFMON: u32 = 38;
+pub const CAP_BPF: u32 = 39;
+
+pub fn name(cap: u32) -> &'static str {
+    match cap {
+        CAP_DAC_READ_SEARCH => "CAP_DAC_READ_SEARCH",
+        CAP_SYS_PTRACE => "CAP_SYS_PTRACE",
+        CAP_SYS_ADMIN => "CAP_SYS_ADMIN",
+        CAP_PERFMON => "CAP_PERFMON",
+        CAP_BPF => "CAP_BPF",
+        _ => "CAP_?",
+    }
+}
+
+/// The effective capability set, or 0 if it cannot be read.
+pub fn effective() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Names of the capabilities in `wanted` that this process lacks.
+pub fn missing(wanted: &[u32]) -> Vec<&'static str> {
+    let eff = effective();
+    wanted
+        .iter()
+        .filter(|c| eff & (1u64 << **c) == 0)
+        .map(|c| name(*c))
+        .collect()
+}

@@ -1,0 +1,4 @@
+//! Host facts: capabilities, tracefs, kernel features.
+
+pub mod caps;
+pub mod tracefs;

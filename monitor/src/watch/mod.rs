@@ -1,0 +1,272 @@
+//! The monitoring loop: attach to Go processes, scan what the probes keep, judge, report.
+
+mod target;
+
+use std::{
+    collections::{HashMap, HashSet},
+    io::Write,
+    path::PathBuf,
+    sync::Arc,
+    time::Instant,
+};
+
+use monitor_ebpf::{PROC_EVENT_EXEC, ProcEvent};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
+
+pub use self::target::{Target, TargetError};
+use crate::{
+    bpf::{BpfError, Probes},
+    config::Settings,
+    detect::{Detector, Snapshot},
+    go::{GoBinary, GoError},
+    output::{Output, ProcessInfo},
+    proc::{self, ProcError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("writing alerts to stdout")]
+    Output(#[source] std::io::Error),
+    #[error("polling the process event ring buffer")]
+    Events(#[source] std::io::Error),
+    #[error("setting up signal handling")]
+    Signals(#[source] std::io::Error),
+}
+
+struct Monitor<W: Write> {
+    probes: Probes,
+    detector: Detector,
+    targets: HashMap<u32, (Target, ProcessInfo)>,
+    binaries: HashMap<PathBuf, Arc<GoBinary>>,
+    /// Processes found not to be Go (or not supported), by (PID, start time).
+    skipped: HashSet<(u32, u64)>,
+    out: Output<W>,
+    settings: Settings,
+}
+
+/// `leakmon watch`: the given processes, until interrupted or until they have all exited.
+pub async fn watch<W: Write>(pids: &[u32], settings: Settings, out: W) -> Result<(), WatchError> {
+    let mut m = Monitor::new(settings, out)?;
+    for pid in pids {
+        m.add(*pid)?;
+    }
+    m.run_loop(None, true).await
+}
+
+/// `leakmon run`: every Go process on the host, found now and on exec.
+pub async fn run<W: Write>(settings: Settings, out: W) -> Result<(), WatchError> {
+    let mut m = Monitor::new(settings, out)?;
+    let events = m.probes.proc_events()?;
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged while the
+    // AsyncFd owns the ring buffer.
+    let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(|e| WatchError::Events(e.into_parts().1))?;
+    for pid in all_pids() {
+        m.try_add(pid);
+    }
+    log::info!("watching {} Go processes", m.targets.len());
+    m.run_loop(Some(events), false).await
+}
+
+type Events = AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>;
+
+impl<W: Write> Monitor<W> {
+    fn new(settings: Settings, out: W) -> Result<Self, WatchError> {
+        if let Err(e) = crate::sys::tracefs::ensure_mounted() {
+            // Not needed for perf-based uprobes; say so and go on.
+            log::warn!("{e}");
+        }
+        if let Some(note) = crate::config::scan_note(&settings.thresholds) {
+            log::warn!("{note}");
+        }
+        Ok(Self {
+            probes: Probes::load(settings.max_goroutines)?,
+            detector: Detector::new(settings.thresholds),
+            targets: HashMap::new(),
+            binaries: HashMap::new(),
+            skipped: HashSet::new(),
+            out: Output::new(settings.format, out),
+            settings,
+        })
+    }
+
+    fn add(&mut self, pid: u32) -> Result<(), TargetError> {
+        let target = Target::attach(pid, &mut self.probes, &mut self.binaries)?;
+        let info = ProcessInfo {
+            pid,
+            exe: target.exe.display().to_string(),
+            runtime: "go",
+            runtime_version: target.binary.version.to_string(),
+            container: target.container.clone(),
+        };
+        self.targets.insert(pid, (target, info));
+        Ok(())
+    }
+
+    /// Attaches to `pid` if it is a Go program; anything else is remembered and skipped.
+    fn try_add(&mut self, pid: u32) {
+        if pid == std::process::id() || self.targets.contains_key(&pid) {
+            return;
+        }
+        let Ok(start) = proc::start_time(pid) else {
+            return;
+        };
+        if self.skipped.contains(&(pid, start)) {
+            return;
+        }
+        match self.add(pid) {
+            Ok(()) => {}
+            Err(TargetError::Go {
+                source: GoError::NotGo { .. } | GoError::NotElf { .. },
+                ..
+            })
+            | Err(TargetError::Proc(ProcError::NoSuchProcess { .. })) => {
+                self.skipped.insert((pid, start));
+            }
+            Err(e) => {
+                log::warn!("not watching PID {pid}: {e}");
+                self.skipped.insert((pid, start));
+            }
+        }
+    }
+
+    async fn run_loop(&mut self, mut events: Option<Events>, exit_when_empty: bool) -> Result<(), WatchError> {
+        let mut sigterm = signal(SignalKind::terminate()).map_err(WatchError::Signals)?;
+        let mut sigint = signal(SignalKind::interrupt()).map_err(WatchError::Signals)?;
+        let mut tick = tokio::time::interval(self.settings.thresholds.scan_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    self.scan()?;
+                    if exit_when_empty && self.targets.is_empty() {
+                        log::info!("every watched process has exited");
+                        break;
+                    }
+                }
+                ready = async { events.as_mut()?.readable_mut().await.ok() }, if events.is_some() => {
+                    if let Some(mut guard) = ready {
+                        let mut pids = Vec::new();
+                        while let Some(item) = guard.get_inner_mut().next() {
+                            if let Some(ev) = parse_event(&item) && ev.kind == PROC_EVENT_EXEC {
+                                pids.push(ev.tgid);
+                            }
+                        }
+                        guard.clear_ready();
+                        for pid in pids {
+                            // Re-judged: an exec replaces the program under the same PID.
+                            self.drop_target(pid);
+                            self.skipped.retain(|(p, _)| *p != pid);
+                            self.try_add(pid);
+                        }
+                    }
+                }
+                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break,
+            }
+        }
+        let pids: Vec<u32> = self.targets.keys().copied().collect();
+        for pid in pids {
+            if let Some((mut t, _)) = self.targets.remove(&pid) {
+                t.detach(&mut self.probes);
+            }
+        }
+        let stats = self.probes.stats();
+        log::info!("detached; probe totals: {stats:?}");
+        Ok(())
+    }
+
+    fn drop_target(&mut self, pid: u32) {
+        if let Some((mut target, info)) = self.targets.remove(&pid) {
+            target.detach(&mut self.probes);
+            for t in self.detector.forget(pid) {
+                let _ = self.out.emit(&info, &t);
+            }
+        }
+    }
+
+    /// One pass over every watched process.
+    fn scan(&mut self) -> Result<(), WatchError> {
+        let started = Instant::now();
+        let now = proc::monotonic_ns();
+        let t = self.settings.thresholds;
+        let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let mut by_pid = self.probes.goroutines();
+        let gone: Vec<u32> = self
+            .targets
+            .iter()
+            .filter(|(_, (target, _))| !target.is_alive())
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in gone {
+            log::info!("PID {pid} exited");
+            self.drop_target(pid);
+        }
+        let mut judged = 0;
+        for (pid, (target, info)) in self.targets.iter_mut() {
+            let entries = by_pid.remove(pid).unwrap_or_default();
+            let mut goroutines = Vec::new();
+            let mut stale = Vec::new();
+            for (goid, state) in &entries {
+                let mut is_stale = false;
+                if let Some(o) =
+                    target.observe(*goid, state, now, ns(t.block), ns(t.spin), &mut is_stale)
+                {
+                    goroutines.push(o);
+                } else if is_stale {
+                    stale.push(*goid);
+                }
+            }
+            let live: HashSet<u64> = entries.iter().map(|(g, _)| *g).collect();
+            target.retain_resolved(|g| live.contains(&g));
+            for goid in stale {
+                self.probes.forget_goroutine(*pid, goid);
+            }
+            judged += goroutines.len();
+            let snapshot = Snapshot {
+                now_ns: now,
+                goroutines,
+            };
+            for transition in self.detector.observe(*pid, &snapshot) {
+                self.out.emit(info, &transition).map_err(WatchError::Output)?;
+            }
+        }
+        // Leftovers of processes no longer watched (exited before their exit was seen).
+        for pid in by_pid.keys() {
+            self.probes.forget_process(*pid);
+        }
+        log::debug!(
+            "scan: {} processes, {judged} goroutines judged in {:?}; {:?}",
+            self.targets.len(),
+            started.elapsed(),
+            self.probes.stats()
+        );
+        Ok(())
+    }
+}
+
+fn parse_event(bytes: &[u8]) -> Option<ProcEvent> {
+    if bytes.len() < size_of::<ProcEvent>() {
+        return None;
+    }
+    // SAFETY: ProcEvent is plain data and the length was checked; read_unaligned handles the
+    // ring buffer's alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ProcEvent>()) })
+}
+
+fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,276 @@
+//! One watched Go process: its binary, its memory, its probes, and what was learnt about its
+//! goroutines (cached: a goroutine parked at one place stays there until it parks again).
+
+use std::{collections::HashMap, num::NonZeroU32, path::PathBuf, sync::Arc};
+
+use monitor_ebpf::{GoPhase, GoState};
+
+use crate::{
+    bpf::{BpfError, GoLinks, GoProbeOffsets, Probes},
+    detect::{Observation, Site, TaskState},
+    go::{
+        Frame, GoBinary, GoError,
+        task::{self, GRecord, is_user_function},
+    },
+    proc::{self, Container, ProcError, ProcMem},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    #[error("PID {pid} ({exe}): {source}")]
+    Go {
+        pid: u32,
+        exe: PathBuf,
+        #[source]
+        source: GoError,
+    },
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+}
+
+/// What a goroutine's `g` and stack said, keyed by the phase start it was read for.
+#[derive(Clone, Debug)]
+struct Resolved {
+    since_ns: u64,
+    created_at: Option<Site>,
+    entry: String,
+    blocked_at: Option<Site>,
+}
+
+pub struct Target {
+    pub pid: u32,
+    start_time: u64,
+    pub exe: PathBuf,
+    pub binary: Arc<GoBinary>,
+    pub container: Container,
+    bias: u64,
+    mem: ProcMem,
+    links: Option<GoLinks>,
+    resolved: HashMap<u64, Resolved>,
+}
+
+impl Target {
+    /// Inspects `pid`'s executable, attaches the probes and records the goroutines already
+    /// parked (they would otherwise be seen only when they next run).
+    pub fn attach(
+        pid: u32,
+        probes: &mut Probes,
+        binaries: &mut HashMap<PathBuf, Arc<GoBinary>>,
+    ) -> Result<Self, TargetError> {
+        let nz = NonZeroU32::new(pid).ok_or(ProcError::NoSuchProcess { pid })?;
+        let exe = proc::exe_path(pid)?;
+        let start_time = proc::start_time(pid)?;
+        let go_err = |source| TargetError::Go {
+            pid,
+            exe: exe.clone(),
+            source,
+        };
+        let binary = match binaries.get(&exe) {
+            Some(b) => Arc::clone(b),
+            None => {
+                // Read through /proc so a binary in another mount namespace is found.
+                let b = Arc::new(
+                    GoBinary::open(&PathBuf::from(format!("/proc/{pid}/exe"))).map_err(go_err)?,
+                );
+                binaries.insert(exe.clone(), Arc::clone(&b));
+                b
+            }
+        };
+        let site = |f| binary.probe_site(f).map_err(go_err);
+        let offsets = GoProbeOffsets {
+            gopark: site("runtime.gopark")?.file_offset,
+            execute: site("runtime.execute")?.file_offset,
+            goexit1: site("runtime.goexit1")?.file_offset,
+        };
+        let bias = if binary.pie {
+            proc::load_bias(pid, binary.lowest_vaddr())?
+        } else {
+            0
+        };
+        let mem = ProcMem::open(pid)?;
+        let links = probes.attach_go(nz, binary.offsets.goid, offsets)?;
+        let mut target = Self {
+            pid,
+            start_time,
+            exe,
+            container: proc::container_of(pid),
+            binary,
+            bias,
+            mem,
+            links: Some(links),
+            resolved: HashMap::new(),
+        };
+        let seeded = target.seed_parked(probes);
+        log::info!(
+            "watching PID {pid} ({}, {}, offsets from {:?}): {seeded} goroutines already parked",
+            target.exe.display(),
+            target.binary.version,
+            target.binary.offset_source,
+        );
+        Ok(target)
+    }
+
+    /// Whether the process still runs (the same one: PIDs are reused).
+    pub fn is_alive(&self) -> bool {
+        proc::is_alive(self.pid) && proc::start_time(self.pid).ok() == Some(self.start_time)
+    }
+
+    pub fn detach(&mut self, probes: &mut Probes) {
+        if let Some(links) = self.links.take() {
+            probes.detach_go(links);
+        }
+    }
+
+    /// Parked goroutines that exist before attach, from `runtime.allgs` (needs the symbol
+    /// table: stripped binaries have their old goroutines seen when they next run).
+    fn seed_parked(&mut self, probes: &mut Probes) -> usize {
+        let Some(allgs) = self.binary.allgs else {
+            log::info!(
+                "PID {}: no symbol table; goroutines parked before attach are seen when they next run",
+                self.pid
+            );
+            return 0;
+        };
+        let now = proc::monotonic_ns();
+        let mut seeded = 0;
+        for g in task::all_gs(&self.mem, allgs + self.bias, 4 << 20) {
+            let Some(rec) = task::read_g(&self.mem, g, &self.binary.offsets) else {
+                continue;
+            };
+            if rec.status != task::G_WAITING {
+                continue;
+            }
+            let state = GoState {
+                g,
+                since_ns: now,
+                last_run_ns: now,
+                wait_obj: 0,
+                runs: 0,
+                phase: GoPhase::Parked as u8,
+                reason: rec.waitreason,
+                _pad: [0; 2],
+            };
+            if probes.seed_goroutine(self.pid, rec.goid, &state) {
+                seeded += 1;
+            }
+        }
+        seeded
+    }
+
+    /// Turns the probes' record of one goroutine into an observation worth judging, or `None`
+    /// when it is not (too young) or no longer true (then `stale` is set: drop the record).
+    pub fn observe(
+        &mut self,
+        goid: u64,
+        state: &GoState,
+        now_ns: u64,
+        min_parked_ns: u64,
+        min_running_ns: u64,
+        stale: &mut bool,
+    ) -> Option<Observation> {
+        let age = now_ns.saturating_sub(state.since_ns);
+        let parked = state.phase == GoPhase::Parked as u8;
+        if age < if parked { min_parked_ns } else { min_running_ns } {
+            return None;
+        }
+        if !parked && state.runs < 2 {
+            return None;
+        }
+        let Some(rec) = task::read_g(&self.mem, state.g, &self.binary.offsets) else {
+            *stale = !self.is_alive();
+            return None;
+        };
+        let status_ok = if parked {
+            rec.status == task::G_WAITING
+        } else {
+            // Runnable or running; anything else means we missed a transition.
+            matches!(rec.status, 1 | 2)
+        };
+        if rec.goid != goid || !status_ok {
+            *stale = rec.goid != goid || parked;
+            return None;
+        }
+        let resolved = match self.resolved.get(&goid) {
+            Some(r) if r.since_ns == state.since_ns => r.clone(),
+            _ => {
+                let r = self.resolve(&rec, state.since_ns, parked);
+                self.resolved.insert(goid, r.clone());
+                r
+            }
+        };
+        let task_state = if parked {
+            TaskState::Parked {
+                since_ns: state.since_ns,
+                wait_reason: self.binary.wait_reason(state.reason).to_owned(),
+                blocked_at: resolved.blocked_at,
+            }
+        } else {
+            TaskState::Running {
+                since_ns: state.since_ns,
+                runs: state.runs,
+                last_run_ns: state.last_run_ns,
+            }
+        };
+        Some(Observation {
+            goid,
+            state: task_state,
+            created_at: resolved.created_at,
+            entry: resolved.entry,
+        })
+    }
+
+    /// Forgets cached sites of goroutines the probes no longer list.
+    pub fn retain_resolved(&mut self, live: impl Fn(u64) -> bool) {
+        self.resolved.retain(|goid, _| live(*goid));
+    }
+
+    fn resolve(&self, rec: &GRecord, since_ns: u64, parked: bool) -> Resolved {
+        let created_at = pick_site(&self.frames_at([rec.gopc]));
+        let mut entry = self
+            .binary
+            .func_name(rec.startpc.wrapping_sub(self.bias))
+            .unwrap_or("?")
+            .to_owned();
+        // Since go1.22 `go f(x)` starts a compiler wrapper `caller.gowrapN`; name f.
+        if entry.contains(".gowrap")
+            && let Some(callee) = self.binary.wrapped_call(rec.startpc.wrapping_sub(self.bias))
+        {
+            entry = callee.to_owned();
+        }
+        // A running goroutine's saved registers are stale (its stack moved on): no stack.
+        let blocked_at = if parked {
+            pick_site(&self.frames_at(task::stack(&self.mem, rec)))
+        } else {
+            None
+        };
+        Resolved {
+            since_ns,
+            created_at,
+            entry,
+            blocked_at,
+        }
+    }
+
+    /// Frames of return addresses `pcs` (innermost first, inlined calls expanded).
+    fn frames_at(&self, pcs: impl IntoIterator<Item = u64>) -> Vec<Frame> {
+        pcs.into_iter()
+            // A return address points after the call; the call is the instruction before.
+            .flat_map(|pc| self.binary.frames(pc.wrapping_sub(self.bias).wrapping_sub(1)))
+            .collect()
+    }
+}
+
+/// The first frame in the program's own code, else the first frame outside the runtime.
+fn pick_site(frames: &[Frame]) -> Option<Site> {
+    frames
+        .iter()
+        .find(|f| is_user_function(&f.function))
+        .or_else(|| frames.iter().find(|f| !f.function.starts_with("runtime.")))
+        .map(|f| Site {
+            function: f.function.clone(),
+            file: f.file.clone(),
+            line: f.line,
+        })
+}

