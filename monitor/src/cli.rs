@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use crate::config::{DetectArgs, FileConfig, Settings};
 
 #[derive(Debug, Parser)]
-#[command(name = "leakmon", version, about = "Finds leaked, stuck and spinning goroutines in running Go programs, through eBPF")]
+#[command(
+    name = "leakmon",
+    version,
+    about = "Finds leaked, stuck and spinning goroutines in running Go programs, through eBPF"
+)]
 pub struct Cli {
     /// Config file (TOML) [default: /etc/leakmon/leakmon.toml if present]
     #[arg(long, global = true, env = "LEAKMON_CONFIG")]

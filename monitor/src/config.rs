@@ -115,19 +115,20 @@ impl TryFrom<(&DetectArgs, FileConfig)> for Settings {
 
     fn try_from((args, file): (&DetectArgs, FileConfig)) -> Result<Self, ConfigError> {
         let d = Thresholds::default();
-        let duration = |what, arg: &Option<String>, file: Option<String>, default| {
-            match arg.clone().or(file) {
-                None => Ok(default),
-                Some(value) => match humantime::parse_duration(value.trim()) {
-                    Ok(v) if v.is_zero() => Err(ConfigError::Zero { what }),
-                    Ok(v) => Ok(v),
-                    Err(source) => Err(ConfigError::Duration {
-                        what,
-                        value,
-                        source,
-                    }),
-                },
-            }
+        let duration = |what, arg: &Option<String>, file: Option<String>, default| match arg
+            .clone()
+            .or(file)
+        {
+            None => Ok(default),
+            Some(value) => match humantime::parse_duration(value.trim()) {
+                Ok(v) if v.is_zero() => Err(ConfigError::Zero { what }),
+                Ok(v) => Ok(v),
+                Err(source) => Err(ConfigError::Duration {
+                    what,
+                    value,
+                    source,
+                }),
+            },
         };
         let thresholds = Thresholds {
             block: duration(
@@ -199,10 +200,16 @@ mod tests {
             ..Default::default()
         };
         let s = Settings::try_from((&args, file)).ok();
-        let s = s.as_ref().map(|s| (s.thresholds.block, s.thresholds.spin, s.format));
+        let s = s
+            .as_ref()
+            .map(|s| (s.thresholds.block, s.thresholds.spin, s.format));
         assert_eq!(
             s,
-            Some((Duration::from_secs(30), Duration::from_secs(180), Format::Json))
+            Some((
+                Duration::from_secs(30),
+                Duration::from_secs(180),
+                Format::Json
+            ))
         );
     }
 
@@ -214,9 +221,7 @@ mod tests {
             ..Default::default()
         };
         let err = Settings::try_from((&args, FileConfig::default())).err();
-        assert!(
-            err.is_some_and(|e| e.to_string().contains("spin_threshold: invalid duration")),
-        );
+        assert!(err.is_some_and(|e| e.to_string().contains("spin_threshold: invalid duration")),);
     }
 
     #[test]

@@ -59,17 +59,19 @@ pub fn run_checks() -> Vec<Check> {
         || "use a kernel built with CONFIG_UPROBE_EVENTS=y".into(),
     ));
     let mounted = tracefs::is_mounted() || tracefs::ensure_mounted().is_ok();
-    checks.push(check(
-        "tracefs",
-        mounted,
-        tracefs::TRACEFS.into(),
-        || format!("mount -t tracefs nodev {}", tracefs::TRACEFS),
-    ));
+    checks.push(check("tracefs", mounted, tracefs::TRACEFS.into(), || {
+        format!("mount -t tracefs nodev {}", tracefs::TRACEFS)
+    }));
     let kprobes = Path::new("/sys/bus/event_source/devices/kprobe").exists();
     checks.push(check(
         "kprobes",
         true,
-        if kprobes { "available" } else { "absent (not needed: leakmon uses tracepoints and uprobes)" }.into(),
+        if kprobes {
+            "available"
+        } else {
+            "absent (not needed: leakmon uses tracepoints and uprobes)"
+        }
+        .into(),
         String::new,
     ));
     let load = if missing.is_empty() {

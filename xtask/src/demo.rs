@@ -26,7 +26,14 @@ pub fn run(ws: &Workspace, seconds: u64) -> Result<()> {
     );
     let mut leakmon = Command::new(ws.binary(true))
         .args(["watch", "--pid", &pid])
-        .args(["--block-threshold", "2s", "--leak-window", "6s", "--scan-interval", "1s"])
+        .args([
+            "--block-threshold",
+            "2s",
+            "--leak-window",
+            "6s",
+            "--scan-interval",
+            "1s",
+        ])
         .spawn()
         .context("starting leakmon")?;
     std::thread::sleep(Duration::from_secs(seconds));

@@ -1,6 +1,11 @@
 //! leakmon's developer driver: `cargo xtask <setup|build|lint|test|demo|bench>`, reached
 //! through `./x`, which first installs the Rust toolchains (rustup does not auto-install here).
 
+#![allow(
+    clippy::print_stderr,
+    reason = "a developer tool: progress on stderr is its interface"
+)]
+
 mod bench;
 mod demo;
 mod setup;
@@ -133,9 +138,7 @@ impl Workspace {
 
 /// Runs `cmd`, failing with its command line when it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }

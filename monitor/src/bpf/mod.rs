@@ -30,30 +30,35 @@ pub enum BpfError {
     )]
     Privileges { missing: String },
     #[error("loading leakmon's eBPF object failed (`leakmon doctor` checks the kernel)")]
-    Load(#[source] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error("the eBPF object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("the kernel rejected eBPF program {name}")]
     Program {
         name: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
-    #[error("reading kernel BTF (/sys/kernel/btf/vmlinux) failed: the kernel needs CONFIG_DEBUG_INFO_BTF")]
-    Btf(#[source] aya::BtfError),
+    #[error(
+        "reading kernel BTF (/sys/kernel/btf/vmlinux) failed: the kernel needs CONFIG_DEBUG_INFO_BTF"
+    )]
+    Btf(#[source] Box<aya::BtfError>),
     #[error("attaching {probe} to PID {pid} ({exe}) failed")]
     Attach {
         probe: &'static str,
         pid: u32,
         exe: PathBuf,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("eBPF map {map}: {source}")]
     Map {
         map: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
 }
 
@@ -106,12 +111,13 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::GOROUTINES, max_goroutines.unwrap_or(MAX_GOROUTINES))
             .load(OBJECT)
-            .map_err(BpfError::Load)?;
+            .map_err(|e| BpfError::Load(Box::new(e)))?;
         for name in GO_PROGRAMS {
             let program: &mut UProbe = program(&mut ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| BpfError::Program { name, source })?;
+            program.load().map_err(|source| BpfError::Program {
+                name,
+                source: Box::new(source),
+            })?;
         }
         let procs = BpfHashMap::try_from(take_map(&mut ebpf, names::GO_PROCS)?)
             .map_err(map_err(names::GO_PROCS))?;
@@ -164,7 +170,7 @@ impl Probes {
                         probe: name,
                         pid: raw,
                         exe: std::fs::read_link(&exe).unwrap_or(exe),
-                        source,
+                        source: Box::new(source),
                     });
                 }
             }
@@ -190,10 +196,7 @@ impl Probes {
     /// Stops tracing a process and forgets its goroutines.
     pub fn detach_go(&mut self, links: GoLinks) {
         for (name, link) in links.links {
-            if let Some(Ok(program)) = self
-                .ebpf
-                .program_mut(name)
-                .map(<&mut UProbe>::try_from)
+            if let Some(Ok(program)) = self.ebpf.program_mut(name).map(<&mut UProbe>::try_from)
                 && let Err(e) = program.detach(link)
             {
                 log::warn!("detaching {name} from PID {}: {e}", links.pid);
@@ -265,7 +268,7 @@ impl Probes {
 
     /// Attaches the exec/exit tracepoints and returns the ring buffer they fill.
     pub fn proc_events(&mut self) -> Result<RingBuf<MapData>, BpfError> {
-        let btf = Btf::from_sys_fs().map_err(BpfError::Btf)?;
+        let btf = Btf::from_sys_fs().map_err(|e| BpfError::Btf(Box::new(e)))?;
         for (name, tracepoint) in [
             (names::PROC_EXEC, "sched_process_exec"),
             (names::PROC_EXIT, "sched_process_exit"),
@@ -274,7 +277,10 @@ impl Probes {
             program
                 .load(tracepoint, &btf)
                 .and_then(|()| program.attach().map(drop))
-                .map_err(|source| BpfError::Program { name, source })?;
+                .map_err(|source| BpfError::Program {
+                    name,
+                    source: Box::new(source),
+                })?;
         }
         RingBuf::try_from(take_map(&mut self.ebpf, names::PROC_EVENTS)?)
             .map_err(map_err(names::PROC_EVENTS))
@@ -291,7 +297,10 @@ where
             name,
         })?
         .try_into()
-        .map_err(|source| BpfError::Program { name, source })
+        .map_err(|source| BpfError::Program {
+            name,
+            source: Box::new(source),
+        })
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, BpfError> {
@@ -300,7 +309,10 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, BpfEr
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> BpfError {
-    move |source| BpfError::Map { map, source }
+    move |source| BpfError::Map {
+        map,
+        source: Box::new(source),
+    }
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones ignore it.

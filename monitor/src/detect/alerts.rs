@@ -309,7 +309,9 @@ mod tests {
         let mut d = Detector::new(thresholds());
         for now in 0..=30 {
             // Fresh short waits every second, each lasting under the block threshold.
-            let g = (0..=now).map(|i| parked(i, now, "sync.Mutex.Lock", 9)).collect();
+            let g = (0..=now)
+                .map(|i| parked(i, now, "sync.Mutex.Lock", 9))
+                .collect();
             assert!(d.observe(1, &snapshot(now, g)).is_empty(), "t={now}");
         }
     }
@@ -366,7 +368,9 @@ mod tests {
     #[test]
     fn forgetting_a_process_resolves_its_alerts() {
         let mut d = Detector::new(thresholds());
-        let waiters = (0..3).map(|i| parked(i, 0, "sync.WaitGroup.Wait", 9)).collect();
+        let waiters = (0..3)
+            .map(|i| parked(i, 0, "sync.WaitGroup.Wait", 9))
+            .collect();
         assert_eq!(d.observe(7, &snapshot(5, waiters)).len(), 1);
         let resolved = d.forget(7);
         assert_eq!(resolved.len(), 1);

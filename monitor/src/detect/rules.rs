@@ -153,7 +153,9 @@ mod tests {
     #[test]
     fn a_burst_is_not_a_leak() {
         let w = Duration::from_secs(9);
-        let points: Vec<_> = (0..=10).map(|t| (t, if t >= 5 { 100 } else { 0 })).collect();
+        let points: Vec<_> = (0..=10)
+            .map(|t| (t, if t >= 5 { 100 } else { 0 }))
+            .collect();
         assert!(!history(&points, w).keeps_growing(10 * S, w, 3));
     }
 

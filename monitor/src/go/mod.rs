@@ -11,10 +11,10 @@ mod elf;
 mod offsets;
 mod pclntab;
 mod prologue;
-mod table;
-mod waitreasons;
 mod symbols;
+mod table;
 pub mod task;
+mod waitreasons;
 
 #[cfg(test)]
 mod tests;

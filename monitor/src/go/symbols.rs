@@ -32,7 +32,10 @@ impl GoBinary {
             };
             let rel = i32::from_le_bytes(rel.try_into().ok()?);
             let target = (f.entry + i as u64 + 5).checked_add_signed(i64::from(rel))?;
-            let callee = self.pclntab.find_func(target).filter(|c| c.entry == target)?;
+            let callee = self
+                .pclntab
+                .find_func(target)
+                .filter(|c| c.entry == target)?;
             self.pclntab
                 .func_name(&callee)
                 .filter(|name| !name.starts_with("runtime."))

@@ -99,8 +99,10 @@ pub fn all_gs(mem: &ProcMem, allgs_addr: u64, limit: usize) -> Vec<u64> {
     if len == 0 || !mem.read(ptr, &mut raw) {
         return Vec::new();
     }
-    raw.chunks_exact(8)
-        .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
+    raw.as_chunks::<8>()
+        .0
+        .iter()
+        .map(|c| u64::from_le_bytes(*c))
         .filter(|g| *g != 0)
         .collect()
 }
@@ -113,7 +115,11 @@ pub fn is_user_function(function: &str) -> bool {
         .find('.')
         .map_or(function.len(), |i| after_slash + i);
     let package = &function[..package_end];
-    package == "main" || package.split('/').next().is_some_and(|first| first.contains('.'))
+    package == "main"
+        || package
+            .split('/')
+            .next()
+            .is_some_and(|first| first.contains('.'))
 }
 
 #[cfg(test)]

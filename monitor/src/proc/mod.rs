@@ -59,8 +59,8 @@ pub fn comm(pid: u32) -> String {
 /// Start time in clock ticks since boot (field 22 of stat): with the PID, it names a process
 /// uniquely across PID reuse.
 pub fn start_time(pid: u32) -> Result<u64, ProcError> {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| proc_err(pid, "stat", e))?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| proc_err(pid, "stat", e))?;
     Ok(stat
         .rsplit_once(')')
         .and_then(|(_, rest)| rest.split_whitespace().nth(19))
@@ -72,12 +72,13 @@ pub fn start_time(pid: u32) -> Result<u64, ProcError> {
 /// the start of its first mapping minus the lowest address its segments ask for.
 pub fn load_bias(pid: u32, lowest_vaddr: u64) -> Result<u64, ProcError> {
     let exe = exe_path(pid)?;
-    let maps =
-        std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| proc_err(pid, "maps", e))?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| proc_err(pid, "maps", e))?;
     let exe_str = exe.to_string_lossy();
     for line in maps.lines() {
         let mut fields = line.split_whitespace();
-        let (Some(range), Some(_perms), Some(offset)) = (fields.next(), fields.next(), fields.next())
+        let (Some(range), Some(_perms), Some(offset)) =
+            (fields.next(), fields.next(), fields.next())
         else {
             continue;
         };

@@ -124,7 +124,7 @@ impl<W: Write> Monitor<W> {
         match self.add(pid) {
             Ok(()) => {}
             Err(TargetError::Go {
-                source: GoError::NotGo { .. } | GoError::NotElf { .. },
+                source: GoError::NotGo | GoError::NotElf { .. },
                 ..
             })
             | Err(TargetError::Proc(ProcError::NoSuchProcess { .. })) => {
@@ -137,7 +137,11 @@ impl<W: Write> Monitor<W> {
         }
     }
 
-    async fn run_loop(&mut self, mut events: Option<Events>, exit_when_empty: bool) -> Result<(), WatchError> {
+    async fn run_loop(
+        &mut self,
+        mut events: Option<Events>,
+        exit_when_empty: bool,
+    ) -> Result<(), WatchError> {
         let mut sigterm = signal(SignalKind::terminate()).map_err(WatchError::Signals)?;
         let mut sigint = signal(SignalKind::interrupt()).map_err(WatchError::Signals)?;
         let mut tick = tokio::time::interval(self.settings.thresholds.scan_interval);
@@ -235,7 +239,9 @@ impl<W: Write> Monitor<W> {
                 goroutines,
             };
             for transition in self.detector.observe(*pid, &snapshot) {
-                self.out.emit(info, &transition).map_err(WatchError::Output)?;
+                self.out
+                    .emit(info, &transition)
+                    .map_err(WatchError::Output)?;
             }
         }
         // Leftovers of processes no longer watched (exited before their exit was seen).

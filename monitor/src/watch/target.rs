@@ -172,7 +172,13 @@ impl Target {
     ) -> Option<Observation> {
         let age = now_ns.saturating_sub(state.since_ns);
         let parked = state.phase == GoPhase::Parked as u8;
-        if age < if parked { min_parked_ns } else { min_running_ns } {
+        if age
+            < if parked {
+                min_parked_ns
+            } else {
+                min_running_ns
+            }
+        {
             return None;
         }
         if !parked && state.runs < 2 {
@@ -235,7 +241,9 @@ impl Target {
             .to_owned();
         // Since go1.22 `go f(x)` starts a compiler wrapper `caller.gowrapN`; name f.
         if entry.contains(".gowrap")
-            && let Some(callee) = self.binary.wrapped_call(rec.startpc.wrapping_sub(self.bias))
+            && let Some(callee) = self
+                .binary
+                .wrapped_call(rec.startpc.wrapping_sub(self.bias))
         {
             entry = callee.to_owned();
         }
@@ -257,7 +265,10 @@ impl Target {
     fn frames_at(&self, pcs: impl IntoIterator<Item = u64>) -> Vec<Frame> {
         pcs.into_iter()
             // A return address points after the call; the call is the instruction before.
-            .flat_map(|pc| self.binary.frames(pc.wrapping_sub(self.bias).wrapping_sub(1)))
+            .flat_map(|pc| {
+                self.binary
+                    .frames(pc.wrapping_sub(self.bias).wrapping_sub(1))
+            })
             .collect()
     }
 }

@@ -1,0 +1,132 @@
+//! Bad input gets a clear, actionable error and exit status 2; `doctor` reports this host.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod support;
+
+use std::process::{Command, Output, Stdio};
+
+use support::{fixture, fixture_versions, require_root, start_fixture};
+
+fn leakmon(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_leakmon"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn assert_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+    assert!(out.stdout.is_empty(), "no alert output on error");
+}
+
+#[test]
+fn unknown_pid() {
+    assert_error(
+        &leakmon(&["watch", "--pid", "999999999"]),
+        "no process with PID 999999999",
+    );
+}
+
+#[test]
+fn not_a_go_program() {
+    require_root();
+    let mut sleep = Command::new("sleep").arg("60").spawn().unwrap();
+    let out = leakmon(&["watch", "--pid", &sleep.id().to_string()]);
+    let _ = sleep.kill();
+    let _ = sleep.wait();
+    assert_error(&out, "not a Go executable");
+}
+
+#[test]
+fn without_privileges() {
+    require_root();
+    let versions = fixture_versions();
+    let fx = start_fixture(
+        &fixture(&versions[0], "leaky", false),
+        &["-mode", "healthy"],
+    );
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_leakmon"))
+        .args(["watch", "--pid", &fx.pid().to_string()])
+        .output()
+        .unwrap();
+    assert_error(&out, "missing privileges");
+}
+
+#[test]
+fn bad_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leakmon.toml");
+    std::fs::write(&path, "block_treshold = \"1m\"\n").unwrap();
+    assert_error(
+        &leakmon(&["--config", path.to_str().unwrap(), "watch", "--pid", "1"]),
+        "unknown field `block_treshold`",
+    );
+    assert_error(
+        &leakmon(&[
+            "--config",
+            "/nonexistent/leakmon.toml",
+            "watch",
+            "--pid",
+            "1",
+        ]),
+        "reading config file /nonexistent/leakmon.toml",
+    );
+}
+
+#[test]
+fn bad_duration() {
+    assert_error(
+        &leakmon(&["watch", "--pid", "1", "--block-threshold", "soon"]),
+        "block_threshold: invalid duration \"soon\"",
+    );
+}
+
+#[test]
+fn doctor_passes_here() {
+    require_root();
+    let out = leakmon(&["doctor"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for check in [
+        "privileges",
+        "kernel BTF",
+        "uprobes",
+        "tracefs",
+        "load programs",
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("ok") && l.contains(check)),
+            "{check} not ok: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn doctor_fails_without_privileges() {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_leakmon"))
+        .arg("doctor")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("FAIL  privileges"), "{stdout}");
+}

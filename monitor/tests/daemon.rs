@@ -1,0 +1,30 @@
+//! `leakmon run`: every Go process on the host, found at start and on exec.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod support;
+
+use support::{FAST, Leakmon, fixture, fixture_versions, require_root, start_fixture};
+
+#[test]
+fn finds_go_processes_at_start_and_on_exec() {
+    require_root();
+    let versions = fixture_versions();
+    let bin = fixture(&versions[versions.len() - 1], "leaky", false);
+    let before = start_fixture(&bin, &["-mode", "mutex"]);
+    let mut args = vec!["run"];
+    args.extend(FAST);
+    let mut lm = Leakmon::start(&args);
+    lm.wait_stderr("Go processes");
+    let after = start_fixture(&bin, &["-mode", "send"]);
+    let (b, a) = (before.pid(), after.pid());
+    lm.expect("stuck alert for the process found at start", |v| {
+        v["pid"] == b && v["kind"] == "goroutine_stuck" && v["state"] == "firing"
+    });
+    lm.expect("leak alert for the process started later", |v| {
+        v["pid"] == a && v["kind"] == "goroutine_leak" && v["state"] == "firing"
+    });
+    drop(after);
+    lm.expect("the exited process's alert resolved", |v| {
+        v["pid"] == a && v["kind"] == "goroutine_leak" && v["state"] == "resolved"
+    });
+}

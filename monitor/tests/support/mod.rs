@@ -1,0 +1,301 @@
+//! Shared by the integration tests: Go fixtures built at test time with the toolchains
+//! `./x setup` installs, and `leakmon` run as a real process whose JSON alerts are collected.
+//! These tests load eBPF: they need root and fail without it (never skip).
+#![allow(dead_code, reason = "each test binary uses a different part")]
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader, Read as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, OnceLock, mpsc},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// Thresholds short enough for tests; production defaults are minutes.
+pub const FAST: [&str; 10] = [
+    "--block-threshold",
+    "1s",
+    "--spin-threshold",
+    "2s",
+    "--leak-window",
+    "3s",
+    "--scan-interval",
+    "250ms",
+    "--format",
+    "json",
+];
+
+pub const ALERT_TIMEOUT: Duration = Duration::from_secs(40);
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn tools_dir() -> PathBuf {
+    std::env::var_os("LEAKMON_TOOLS").map_or_else(
+        || {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/leakmon")
+        },
+        PathBuf::from,
+    )
+}
+
+/// The Go versions to run fixtures with: set by `./x test`.
+pub fn fixture_versions() -> Vec<String> {
+    let v = std::env::var("LEAKMON_GO_FIXTURE_VERSIONS").expect(
+        "LEAKMON_GO_FIXTURE_VERSIONS is not set: run the tests through `./x test`, which \
+         installs the Go toolchains",
+    );
+    v.split(',').map(str::to_owned).collect()
+}
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "these tests load eBPF programs: run them as root");
+}
+
+/// Builds `fixtures/go/<name>` with Go `version` (once per test binary).
+pub fn fixture(version: &str, name: &str, stripped: bool) -> PathBuf {
+    /// (Go version, fixture, stripped) -> binary.
+    type Built = HashMap<(String, String, bool), PathBuf>;
+    static BUILT: OnceLock<Mutex<Built>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built.lock().unwrap();
+    let key = (version.to_owned(), name.to_owned(), stripped);
+    if let Some(p) = built.get(&key) {
+        return p.clone();
+    }
+    let go = tools_dir().join("go").join(version).join("go/bin/go");
+    assert!(
+        go.exists(),
+        "Go {version} is not installed at {} (run ./x setup)",
+        go.display()
+    );
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("fixtures")
+        .join(format!(
+            "go{version}{}",
+            if stripped { "-stripped" } else { "" }
+        ))
+        .join(name);
+    let mut cmd = Command::new(&go);
+    cmd.current_dir(repo_root().join("fixtures/go"))
+        .args(["build", "-o"])
+        .arg(&out)
+        .env("GOTOOLCHAIN", "local")
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOCACHE", tools_dir().join("gocache").join(version));
+    if stripped {
+        cmd.arg("-ldflags=-s -w");
+    }
+    let status = cmd.arg(format!("./{name}")).status().unwrap();
+    assert!(
+        status.success(),
+        "building fixture {name} with Go {version} failed"
+    );
+    built.insert(key, out.clone());
+    out
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub stdout: Option<BufReader<std::process::ChildStdout>>,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits for the next stdout line to be `want`.
+    pub fn expect_line(&mut self, want: &str) {
+        let mut line = String::new();
+        self.stdout.as_mut().unwrap().read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), want, "fixture said {line:?}");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a fixture and waits for `ready`.
+pub fn start_fixture(bin: &Path, args: &[&str]) -> Proc {
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut p = Proc {
+        child,
+        stdout: Some(stdout),
+    };
+    p.expect_line("ready");
+    p
+}
+
+/// `leakmon` running with its JSON alerts collected line by line.
+pub struct Leakmon {
+    pub proc: Proc,
+    alerts: mpsc::Receiver<Value>,
+    seen: Vec<Value>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Leakmon {
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_leakmon"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut stderr_pipe = child.stderr.take().unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let (tx, alerts) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("leakmon printed a non-JSON line {line:?}: {e}"));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            proc: Proc {
+                child,
+                stdout: None,
+            },
+            alerts,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    pub fn watch(pids: &[u32], extra: &[&str]) -> Self {
+        let mut args = vec!["watch".to_owned()];
+        for pid in pids {
+            args.extend(["--pid".to_owned(), pid.to_string()]);
+        }
+        args.extend(FAST.iter().map(|s| (*s).to_owned()));
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start(&args)
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// The first alert (in order of arrival, including earlier ones not yet matched) that
+    /// satisfies `pred`.
+    pub fn expect(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+            return v.clone();
+        }
+        let deadline = Instant::now() + ALERT_TIMEOUT;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.alerts.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "no alert {what} within {ALERT_TIMEOUT:?}; alerts seen: {:#?}\nleakmon stderr:\n{}",
+            self.seen,
+            self.stderr()
+        );
+    }
+
+    /// Every alert printed over `d`.
+    pub fn collect_for(&mut self, d: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + d;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            if let Ok(v) = self.alerts.recv_timeout(left) {
+                self.seen.push(v);
+            }
+        }
+        self.seen.clone()
+    }
+
+    /// Waits until stderr contains `needle` (leakmon logs it once attached).
+    pub fn wait_stderr(&self, needle: &str) {
+        let deadline = Instant::now() + ALERT_TIMEOUT;
+        while Instant::now() < deadline {
+            if self.stderr().contains(needle) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "leakmon never logged {needle:?}; stderr:\n{}",
+            self.stderr()
+        );
+    }
+}
+
+/// Expected (create line, block line) of each fixture mode, from the `@create:` / `@block:`
+/// markers in fixtures/go/leaky/main.go.
+pub fn markers() -> HashMap<String, (u64, u64)> {
+    let src = std::fs::read_to_string(repo_root().join("fixtures/go/leaky/main.go")).unwrap();
+    let mut create = HashMap::new();
+    let mut block = HashMap::new();
+    for (i, line) in src.lines().enumerate() {
+        for (tag, map) in [("// @create:", &mut create), ("// @block:", &mut block)] {
+            if let Some(mode) = line.split(tag).nth(1) {
+                let prev = map.insert(mode.trim().to_owned(), i as u64 + 1);
+                assert!(prev.is_none(), "marker {tag}{mode} appears twice");
+            }
+        }
+    }
+    create
+        .into_iter()
+        .map(|(mode, c)| {
+            let b = block[&mode];
+            (mode, (c, b))
+        })
+        .collect()
+}
+
+pub fn go_version_at_least(version: &str, minor: u32) -> bool {
+    version
+        .split('.')
+        .nth(1)
+        .and_then(|m| m.parse::<u32>().ok())
+        .is_some_and(|m| m >= minor)
+}
