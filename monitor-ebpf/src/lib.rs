@@ -10,7 +10,7 @@ pub mod names {
     pub const PROC_EVENTS: &str = "PROC_EVENTS";
 
     pub const GO_PARK: &str = "go_park";
-    pub const GO_EXECUTE: &str = "go_execute";
+    pub const GO_PREEMPT: &str = "go_preempt";
     pub const GO_EXIT: &str = "go_exit";
     pub const PROC_EXEC: &str = "proc_exec";
     pub const PROC_EXIT: &str = "proc_exit";
@@ -48,7 +48,8 @@ pub struct GoKey {
 pub enum GoPhase {
     /// Parked by `runtime.gopark` (blocked; `reason` says on what).
     Parked = 1,
-    /// Put on a CPU by `runtime.execute` and not parked since.
+    /// Rescheduled without parking (preempted after running 10ms, or `runtime.Gosched`), and
+    /// not parked since.
     Running = 2,
 }
 
@@ -59,14 +60,14 @@ pub struct GoState {
     /// Address of the goroutine's `runtime.g` (for userspace to read its stack and creation site).
     pub g: u64,
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the current phase began: when it parked, or
-    /// when it was first scheduled after its last park.
+    /// when it was first preempted after its last park.
     pub since_ns: u64,
-    /// When it was last put on a CPU.
+    /// When it was last seen running (preempted, or parking).
     pub last_run_ns: u64,
     /// `gopark`'s `lock` argument: the object waited on (e.g. inside the channel).
     pub wait_obj: u64,
-    /// Times scheduled since the phase began (a goroutine rescheduled after preemption without
-    /// parking counts up here).
+    /// Preemptions since the phase began: a goroutine that keeps running without parking counts
+    /// up here.
     pub runs: u32,
     /// A [`GoPhase`] value.
     pub phase: u8,
@@ -78,7 +79,7 @@ pub struct GoState {
 /// Indexes into the per-CPU [`names::STATS`] counters.
 pub mod stat {
     pub const PARKS: u32 = 0;
-    pub const EXECUTES: u32 = 1;
+    pub const PREEMPTS: u32 = 1;
     pub const EXITS: u32 = 2;
     /// A goroutine could not be recorded: the map was full.
     pub const MAP_FULL: u32 = 3;

@@ -1,8 +1,10 @@
 //! leakmon's kernel programs.
 //!
-//! Go probes keep one [`GoState`] per live goroutine of each watched process in `GOROUTINES`,
+//! Go probes keep one [`GoState`] per goroutine of each watched process in `GOROUTINES`,
 //! updated in place; userspace scans that map instead of receiving an event per park, so the
-//! per-hit cost is a map lookup and a few stores. They are uprobes on plain entry points (never
+//! per-hit cost is a map lookup and a few stores. Only `gopark` is on the hot path: wake-ups
+//! are not probed (userspace checks the goroutine's status before judging a park), and running
+//! is seen through preemption (`goschedImpl`), which only long-running goroutines reach. They are uprobes on plain entry points (never
 //! uretprobes: Go copies stacks and would meet the trampoline's return address), placed by
 //! userspace after the stack-bound check of the prologue where x86 emulates the instruction.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -104,13 +106,15 @@ mod probes {
         0
     }
 
-    /// `func execute(gp *g, inheritTime bool)`: RAX=gp. Runs on g0, so the target is the
-    /// argument, not R14.
+    /// `func goschedImpl(gp *g, preempted bool)` (go1.21: `goschedImpl(gp *g)`): RAX=gp,
+    /// put back on the run queue without parking: preempted after running 10ms (sysmon,
+    /// synchronous or asynchronous) or `runtime.Gosched`. Runs on g0, so the target is the
+    /// argument, not R14. Only goroutines that keep the CPU get here: unlike `execute`, cold.
     #[uprobe]
-    pub fn go_execute(ctx: ProbeContext) -> u32 {
+    pub fn go_preempt(ctx: ProbeContext) -> u32 {
         // SAFETY: uprobe context is a pt_regs.
         let regs = unsafe { &*ctx.regs };
-        count(stat::EXECUTES);
+        count(stat::PREEMPTS);
         let gp = regs.rax;
         let Some((_, key)) = key_of(gp) else {
             return 0;

@@ -1,9 +1,255 @@
-//! `./x bench`: leakmon's overhead on Go workloads, with and without it, side by side.
+//! `./x bench`: leakmon's cost to the programs it watches and its own footprint, measured with
+//! and without it side by side in one run. Figures go to docs/performance.md by hand, with the
+//! command that produced them.
 
-use anyhow::Result;
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
 
-use crate::Workspace;
+use anyhow::{Context as _, Result, bail};
 
-pub fn run(_ws: &Workspace, _roundtrips: u64, _http_seconds: u64, _goroutines: u64) -> Result<()> {
-    anyhow::bail!("not yet")
+use crate::{
+    Workspace,
+    demo::{build_fixture, start_fixture, stop},
+    setup::{self, output},
+    test::require_root,
+};
+
+/// Runs of each variant; the median is reported.
+const RUNS: usize = 3;
+
+pub fn run(ws: &Workspace, roundtrips: u64, http_seconds: u64, goroutines: u64) -> Result<()> {
+    let tools = setup::all(ws)?;
+    require_root("leakmon loads eBPF programs")?;
+    if Command::new("wrk").arg("--version").output().is_err() {
+        bail!("wrk is needed for the HTTP benchmark: apt-get install wrk");
+    }
+    ws.build(&tools, true)?;
+    let go = setup::GO_FIXTURE_VERSIONS[setup::GO_FIXTURE_VERSIONS.len() - 1];
+    let pingpong = build_fixture(ws, &tools, go, "pingpong", false)?;
+    let http = build_fixture(ws, &tools, go, "httpserver", false)?;
+    let leaky = build_fixture(ws, &tools, go, "leaky", false)?;
+    let leakmon = ws.binary(true);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!(
+        "# leakmon bench: Go {go}, Linux {}, {} CPUs",
+        kernel.trim(),
+        cpus()
+    );
+
+    println!(
+        "\n## Go channel ping-pong, {roundtrips} round trips (ns per round trip, median of {RUNS})"
+    );
+    let (mut bare, mut watched) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        bare.push(pingpong_run(&pingpong, roundtrips, None)?);
+        watched.push(pingpong_run(&pingpong, roundtrips, Some(&leakmon))?);
+    }
+    report("ns/round trip", &bare, &watched, false);
+
+    println!(
+        "\n## Go HTTP server under wrk (2 threads, 32 connections, {http_seconds}s; median of {RUNS})"
+    );
+    let (mut bare, mut watched) = (Vec::new(), Vec::new());
+    for i in 0..RUNS {
+        bare.push(http_run(&http, 18_100 + 2 * i as u16, http_seconds, None)?);
+        watched.push(http_run(
+            &http,
+            18_101 + 2 * i as u16,
+            http_seconds,
+            Some(&leakmon),
+        )?);
+    }
+    let rps = |v: &[(f64, f64)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
+    let lat = |v: &[(f64, f64)]| v.iter().map(|x| x.1).collect::<Vec<_>>();
+    report("requests/s", &rps(&bare), &rps(&watched), true);
+    report("mean latency (us)", &lat(&bare), &lat(&watched), false);
+
+    println!("\n## Daemon footprint with {goroutines} live goroutines blocked on channel sends");
+    footprint(&leaky, &leakmon, goroutines)?;
+    Ok(())
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Starts `leakmon watch` on `pid` and waits until it has attached.
+fn attach(leakmon: &Path, pid: u32, extra: &[&str]) -> Result<Child> {
+    let mut child = Command::new(leakmon)
+        .args(["watch", "--pid", &pid.to_string(), "--format", "json"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting leakmon")?;
+    let stderr = child.stderr.take().context("leakmon stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains("watching PID") => break,
+            Some(Ok(_)) => {}
+            _ => bail!("leakmon exited before attaching"),
+        }
+    }
+    // Keep draining stderr so leakmon never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(child)
+}
+
+fn pingpong_run(bin: &Path, n: u64, leakmon: Option<&Path>) -> Result<f64> {
+    let mut child = Command::new(bin)
+        .args(["-n", &n.to_string(), "-wait"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting pingpong")?;
+    let mut stdout = BufReader::new(child.stdout.take().context("pingpong stdout")?);
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    if line.trim() != "ready" {
+        bail!("pingpong said {line:?}");
+    }
+    let mut watcher = leakmon.map(|l| attach(l, child.id(), &[])).transpose()?;
+    writeln!(child.stdin.take().context("pingpong stdin")?)?;
+    line.clear();
+    stdout.read_line(&mut line)?;
+    let _ = child.wait();
+    if let Some(w) = watcher.as_mut() {
+        stop(w);
+    }
+    line.trim()
+        .strip_prefix("pingpong_ns_per_roundtrip ")
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("pingpong printed {line:?}"))
+}
+
+/// (requests/s, mean latency in microseconds)
+fn http_run(bin: &Path, port: u16, seconds: u64, leakmon: Option<&Path>) -> Result<(f64, f64)> {
+    let addr = format!("127.0.0.1:{port}");
+    let mut server = start_fixture(bin, &["-addr", &addr])?;
+    let mut watcher = leakmon.map(|l| attach(l, server.id(), &[])).transpose()?;
+    let out = output(
+        Command::new("wrk")
+            .args(["-t2", "-c32", "--latency"])
+            .arg(format!("-d{seconds}s"))
+            .arg(format!("http://{addr}/")),
+    );
+    if let Some(w) = watcher.as_mut() {
+        stop(w);
+    }
+    stop(&mut server);
+    let out = out?;
+    let rps = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("wrk printed no Requests/sec")?;
+    let latency = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Latency"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(parse_wrk_duration_us)
+        .context("wrk printed no latency")?;
+    Ok((rps, latency))
+}
+
+fn parse_wrk_duration_us(s: &str) -> Option<f64> {
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
+    let v: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => v,
+        "ms" => v * 1e3,
+        "s" => v * 1e6,
+        _ => return None,
+    })
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn report(what: &str, bare: &[f64], watched: &[f64], higher_is_better: bool) {
+    let (b, w) = (median(bare), median(watched));
+    let change = (w - b) / b * 100.0;
+    let cost = if higher_is_better { -change } else { change };
+    println!("| {what} | without leakmon {b:.1} | with leakmon {w:.1} | cost {cost:+.1}% |");
+    println!("|  runs | {bare:.1?} | {watched:.1?} | |");
+}
+
+/// leakmon's CPU and memory while watching a process with `n` blocked goroutines: the first
+/// scan resolves every goroutine's sites, later scans only revalidate them.
+fn footprint(leaky: &Path, leakmon: &Path, n: u64) -> Result<()> {
+    let n_s = n.to_string();
+    let mut fx = start_fixture(leaky, &["-mode", "send", "-batch", &n_s, "-interval", "1h"])?;
+    let scan = Duration::from_secs(5);
+    let mut lm = Command::new(leakmon)
+        .args(["--log", "debug", "watch", "--pid", &fx.id().to_string()])
+        .args([
+            "--block-threshold",
+            "2s",
+            "--scan-interval",
+            "5s",
+            "--format",
+            "json",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = lm.stderr.take().context("leakmon stderr")?;
+    let scans = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| l.contains("scan:"))
+            .collect::<Vec<_>>()
+    });
+    let started = Instant::now();
+    let run_for = scan * 9;
+    std::thread::sleep(run_for);
+    let (cpu, rss, hwm) = proc_usage(lm.id())?;
+    let wall = started.elapsed().as_secs_f64();
+    stop(&mut lm);
+    stop(&mut fx);
+    let scans = scans.join().unwrap_or_default();
+    println!(
+        "| leakmon CPU over {wall:.0}s | {:.1}% of one core ({cpu:.2}s) |",
+        cpu / wall * 100.0
+    );
+    println!("| leakmon RSS | {rss} KiB now, {hwm} KiB peak |");
+    for line in scans.iter().take(4) {
+        if let Some(s) = line.split("scan:").nth(1) {
+            println!("| scan |{s} |");
+        }
+    }
+    Ok(())
+}
+
+/// (CPU seconds, VmRSS KiB, VmHWM KiB) of `pid`.
+fn proc_usage(pid: u32) -> Result<(f64, u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields
+        .get(11)
+        .zip(fields.get(12))
+        .and_then(|(u, s)| Some(u.parse::<f64>().ok()? + s.parse::<f64>().ok()?))
+        .context("parsing /proc/PID/stat")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    // USER_HZ is 100 on Linux.
+    Ok((ticks / 100.0, kib("VmRSS:"), kib("VmHWM:")))
 }

@@ -79,13 +79,15 @@ pub fn start_fixture(bin: &Path, args: &[&str]) -> Result<Child> {
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    let stdout = child.stdout.take().context("fixture stdout")?;
+    let mut stdout = BufReader::new(child.stdout.take().context("fixture stdout")?);
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
+    stdout.read_line(&mut line)?;
     if line.trim() != "ready" {
         stop(&mut child);
         bail!("{} did not say ready (said {line:?})", bin.display());
     }
+    // Keep reading: a Go program writing to a closed pipe dies of SIGPIPE.
+    std::thread::spawn(move || stdout.lines().for_each(drop));
     Ok(child)
 }
 

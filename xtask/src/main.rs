@@ -3,6 +3,7 @@
 
 #![allow(
     clippy::print_stderr,
+    clippy::print_stdout,
     reason = "a developer tool: progress on stderr is its interface"
 )]
 

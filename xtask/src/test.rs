@@ -1,9 +1,14 @@
 //! `./x test`: lint, unit tests, and the integration tests that load eBPF into the kernel and
 //! watch real Go programs. Those need root: without it this fails (it never skips).
 
-use anyhow::{Result, bail};
+use std::{
+    io::{BufRead as _, BufReader},
+    process::Stdio,
+};
 
-use crate::{Workspace, run, setup};
+use anyhow::{Context as _, Result, bail};
+
+use crate::{Workspace, setup};
 
 pub fn run_all(ws: &Workspace, args: &[String]) -> Result<()> {
     let tools = setup::all(ws)?;
@@ -18,8 +23,36 @@ pub fn run_all(ws: &Workspace, args: &[String]) -> Result<()> {
             "LEAKMON_GO_FIXTURE_VERSIONS",
             setup::GO_FIXTURE_VERSIONS.join(","),
         )
-        .args(args);
-    run(&mut cmd)
+        .args(args)
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().context("running cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count_before(rest, " passed");
+            failed += count_before(rest, " failed");
+        }
+    }
+    let status = child.wait()?;
+    // One plain total for whoever reads the last line (each test binary prints its own).
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("cargo test failed: {status}");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// The number just before `word` in "ok. 45 passed; 0 failed; ...".
+fn count_before(s: &str, word: &str) -> u64 {
+    s.split(';')
+        .find_map(|part| part.trim().strip_suffix(word.trim_start()))
+        .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 pub fn require_root(why: &str) -> Result<()> {

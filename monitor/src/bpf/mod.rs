@@ -66,7 +66,7 @@ pub enum BpfError {
 #[derive(Clone, Copy, Debug)]
 pub struct GoProbeOffsets {
     pub gopark: u64,
-    pub execute: u64,
+    pub gosched_impl: u64,
     pub goexit1: u64,
 }
 
@@ -82,7 +82,7 @@ pub struct GoLinks {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
     pub parks: u64,
-    pub executes: u64,
+    pub preempts: u64,
     pub exits: u64,
     pub map_full: u64,
     pub read_errors: u64,
@@ -96,7 +96,7 @@ pub struct Probes {
     stats: PerCpuArray<MapData, u64>,
 }
 
-const GO_PROGRAMS: [&str; 3] = [names::GO_PARK, names::GO_EXECUTE, names::GO_EXIT];
+const GO_PROGRAMS: [&str; 3] = [names::GO_PARK, names::GO_PREEMPT, names::GO_EXIT];
 
 impl Probes {
     /// Loads the programs into the kernel (nothing is attached yet).
@@ -159,7 +159,7 @@ impl Probes {
         };
         for (name, offset) in [
             (names::GO_PARK, at.gopark),
-            (names::GO_EXECUTE, at.execute),
+            (names::GO_PREEMPT, at.gosched_impl),
             (names::GO_EXIT, at.goexit1),
         ] {
             match self.attach_one(name, offset, &exe, pid) {
@@ -258,7 +258,7 @@ impl Probes {
         };
         Stats {
             parks: total(stat::PARKS),
-            executes: total(stat::EXECUTES),
+            preempts: total(stat::PREEMPTS),
             exits: total(stat::EXITS),
             map_full: total(stat::MAP_FULL),
             read_errors: total(stat::READ_ERRORS),

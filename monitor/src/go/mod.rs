@@ -36,6 +36,13 @@ use prologue::Prologue;
 
 /// Oldest supported minor version of Go 1.
 pub const MIN_MINOR: u32 = 21;
+
+/// The runtime functions leakmon's uprobes attach to (see monitor-ebpf/src/main.rs for what
+/// each one records): a park, a reschedule without parking, an exit.
+pub const GOPARK: &str = "runtime.gopark";
+pub const GOSCHED_IMPL: &str = "runtime.goschedImpl";
+pub const GOEXIT1: &str = "runtime.goexit1";
+pub const PROBED: [&str; 3] = [GOPARK, GOSCHED_IMPL, GOEXIT1];
 /// Newest minor version with a built-in table. Newer versions still work
 /// when the binary has DWARF and a symbol table.
 pub const MAX_TABLE_MINOR: u32 = 27;

@@ -11,12 +11,7 @@ use super::offsets::{self, DwarfLayout, table_entry};
 use super::testutil::{self, Built};
 use super::{GoBinary, GoError, GoVersion, OffsetSource, waitreasons};
 
-const PROBED: [&str; 4] = [
-    "runtime.gopark",
-    "runtime.execute",
-    "runtime.goexit1",
-    "runtime.newproc1",
-];
+use super::PROBED;
 
 fn open(path: &Path) -> GoBinary {
     GoBinary::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()))

@@ -9,7 +9,7 @@ use crate::{
     bpf::{BpfError, GoLinks, GoProbeOffsets, Probes},
     detect::{Observation, Site, TaskState},
     go::{
-        Frame, GoBinary, GoError,
+        self, Frame, GoBinary, GoError,
         task::{self, GRecord, is_user_function},
     },
     proc::{self, Container, ProcError, ProcMem},
@@ -80,9 +80,9 @@ impl Target {
         };
         let site = |f| binary.probe_site(f).map_err(go_err);
         let offsets = GoProbeOffsets {
-            gopark: site("runtime.gopark")?.file_offset,
-            execute: site("runtime.execute")?.file_offset,
-            goexit1: site("runtime.goexit1")?.file_offset,
+            gopark: site(go::GOPARK)?.file_offset,
+            gosched_impl: site(go::GOSCHED_IMPL)?.file_offset,
+            goexit1: site(go::GOEXIT1)?.file_offset,
         };
         let bias = if binary.pie {
             proc::load_bias(pid, binary.lowest_vaddr())?
