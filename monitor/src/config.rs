@@ -97,7 +97,7 @@ pub struct DetectArgs {
     /// Capacity of the kernel's goroutine table, all processes together [default: 262144]
     #[arg(long, env = "LEAKMON_MAX_GOROUTINES", value_name = "N")]
     pub max_goroutines: Option<u32>,
-    /// Output format of alerts on stdout [default: text]
+    /// Output format of alerts on stdout [default: text for watch, json for run]
     #[arg(long, env = "LEAKMON_FORMAT", value_enum)]
     pub format: Option<Format>,
 }
@@ -107,7 +107,8 @@ pub struct DetectArgs {
 pub struct Settings {
     pub thresholds: Thresholds,
     pub max_goroutines: Option<u32>,
-    pub format: Format,
+    /// None: the command's own default (people read `watch`, machines read `run`).
+    pub format: Option<Format>,
 }
 
 impl TryFrom<(&DetectArgs, FileConfig)> for Settings {
@@ -168,7 +169,7 @@ impl TryFrom<(&DetectArgs, FileConfig)> for Settings {
         Ok(Self {
             thresholds,
             max_goroutines: args.max_goroutines.or(file.max_goroutines),
-            format: args.format.or(file.format).unwrap_or_default(),
+            format: args.format.or(file.format),
         })
     }
 }
@@ -208,7 +209,7 @@ mod tests {
             Some((
                 Duration::from_secs(30),
                 Duration::from_secs(180),
-                Format::Json
+                Some(Format::Json)
             ))
         );
     }

@@ -9,10 +9,9 @@ use crate::{
     proc::Container,
 };
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
-    #[default]
     Text,
     Json,
 }
@@ -74,11 +73,11 @@ impl<W: Write> Output<W> {
                     oldest_seconds: round3(a.oldest_seconds),
                     growth_per_minute: a.growth_per_minute.map(round3),
                     wait_reason: a.group.wait_reason.as_deref(),
-                    created_at: a.group.created_at.as_ref(),
+                    created_at: a.group.created_at.as_deref(),
                     entry: Entry {
                         function: &a.group.entry,
                     },
-                    blocked_at: a.group.blocked_at.as_ref(),
+                    blocked_at: a.group.blocked_at.as_deref(),
                     hint: hint(a.kind, a.group.wait_reason.as_deref()),
                     time: std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)

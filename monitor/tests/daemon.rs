@@ -11,8 +11,9 @@ fn finds_go_processes_at_start_and_on_exec() {
     let versions = fixture_versions();
     let bin = fixture(&versions[versions.len() - 1], "leaky", false);
     let before = start_fixture(&bin, &["-mode", "mutex"]);
+    // No --format: the daemon prints JSON lines by default (Leakmon::start parses them).
     let mut args = vec!["run"];
-    args.extend(FAST);
+    args.extend(FAST.iter().take_while(|a| **a != "--format"));
     let mut lm = Leakmon::start(&args);
     lm.wait_stderr("Go processes");
     let after = start_fixture(&bin, &["-mode", "send"]);

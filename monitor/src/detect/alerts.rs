@@ -226,7 +226,7 @@ fn is_runtime_goroutine(entry: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::{sync::Arc, time::Duration};
 
     use super::*;
     use crate::detect::{Observation, Site, TaskState};
@@ -243,12 +243,12 @@ mod tests {
         }
     }
 
-    fn site(function: &str, line: u32) -> Option<Site> {
-        Some(Site {
+    fn site(function: &str, line: u32) -> Option<Arc<Site>> {
+        Some(Arc::new(Site {
             function: function.into(),
             file: "/src/app/main.go".into(),
             line,
-        })
+        }))
     }
 
     fn parked(goid: u64, since: u64, reason: &str, line: u32) -> Observation {

@@ -1,6 +1,6 @@
 //! Grouping goroutines by where they come from and where they wait.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use serde::Serialize;
 
@@ -25,10 +25,10 @@ impl std::fmt::Display for Site {
 /// `blocked_at` is `None` for running goroutines.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GroupKey {
-    pub created_at: Option<Site>,
-    pub entry: String,
-    pub blocked_at: Option<Site>,
-    pub wait_reason: Option<String>,
+    pub created_at: Option<Arc<Site>>,
+    pub entry: Arc<str>,
+    pub blocked_at: Option<Arc<Site>>,
+    pub wait_reason: Option<Arc<str>>,
 }
 
 /// Members of a group at one scan.

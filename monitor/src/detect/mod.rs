@@ -2,6 +2,8 @@
 //! process memory said at one instant), so every rule here runs on recorded observations in
 //! tests without eBPF.
 
+use std::sync::Arc;
+
 mod alerts;
 mod groups;
 mod hints;
@@ -12,15 +14,16 @@ pub use groups::{GroupKey, Site};
 pub use hints::hint;
 pub use rules::{Thresholds, WaitClass, classify_wait};
 
-/// One goroutine as seen at a scan.
+/// One goroutine as seen at a scan. Sites and names are shared (`Arc`): thousands of
+/// goroutines of one group point at the same few.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Observation {
     pub goid: u64,
     pub state: TaskState,
     /// Where the `go` statement that created it is.
-    pub created_at: Option<Site>,
+    pub created_at: Option<Arc<Site>>,
     /// The function it started in.
-    pub entry: String,
+    pub entry: Arc<str>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,8 +32,8 @@ pub enum TaskState {
     /// program's own code, else the first frame outside the runtime).
     Parked {
         since_ns: u64,
-        wait_reason: String,
-        blocked_at: Option<Site>,
+        wait_reason: Arc<str>,
+        blocked_at: Option<Arc<Site>>,
     },
     /// Scheduled without parking since `since_ns`, put on a CPU `runs` times, last at
     /// `last_run_ns`.

@@ -5,7 +5,6 @@ mod target;
 use std::{
     collections::{HashMap, HashSet},
     io::Write,
-    path::PathBuf,
     sync::Arc,
     time::Instant,
 };
@@ -16,13 +15,13 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-pub use self::target::{Target, TargetError};
+pub use self::target::{BinaryKey, Target, TargetError};
 use crate::{
     bpf::{BpfError, Probes},
     config::Settings,
     detect::{Detector, Snapshot},
     go::{GoBinary, GoError},
-    output::{Output, ProcessInfo},
+    output::{Format, Output, ProcessInfo},
     proc::{self, ProcError},
 };
 
@@ -44,7 +43,7 @@ struct Monitor<W: Write> {
     probes: Probes,
     detector: Detector,
     targets: HashMap<u32, (Target, ProcessInfo)>,
-    binaries: HashMap<PathBuf, Arc<GoBinary>>,
+    binaries: HashMap<BinaryKey, Arc<GoBinary>>,
     /// Processes found not to be Go (or not supported), by (PID, start time).
     skipped: HashSet<(u32, u64)>,
     out: Output<W>,
@@ -53,7 +52,7 @@ struct Monitor<W: Write> {
 
 /// `leakmon watch`: the given processes, until interrupted or until they have all exited.
 pub async fn watch<W: Write>(pids: &[u32], settings: Settings, out: W) -> Result<(), WatchError> {
-    let mut m = Monitor::new(settings, out)?;
+    let mut m = Monitor::new(settings, Format::Text, out)?;
     for pid in pids {
         m.add(*pid)?;
     }
@@ -62,7 +61,7 @@ pub async fn watch<W: Write>(pids: &[u32], settings: Settings, out: W) -> Result
 
 /// `leakmon run`: every Go process on the host, found now and on exec.
 pub async fn run<W: Write>(settings: Settings, out: W) -> Result<(), WatchError> {
-    let mut m = Monitor::new(settings, out)?;
+    let mut m = Monitor::new(settings, Format::Json, out)?;
     let events = m.probes.proc_events()?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged while the
     // AsyncFd owns the ring buffer.
@@ -78,7 +77,7 @@ pub async fn run<W: Write>(settings: Settings, out: W) -> Result<(), WatchError>
 type Events = AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>;
 
 impl<W: Write> Monitor<W> {
-    fn new(settings: Settings, out: W) -> Result<Self, WatchError> {
+    fn new(settings: Settings, default_format: Format, out: W) -> Result<Self, WatchError> {
         if let Err(e) = crate::sys::tracefs::ensure_mounted() {
             // Not needed for perf-based uprobes; say so and go on.
             log::warn!("{e}");
@@ -92,7 +91,7 @@ impl<W: Write> Monitor<W> {
             targets: HashMap::new(),
             binaries: HashMap::new(),
             skipped: HashSet::new(),
-            out: Output::new(settings.format, out),
+            out: Output::new(settings.format.unwrap_or(default_format), out),
             settings,
         })
     }

@@ -1,7 +1,13 @@
 //! One watched Go process: its binary, its memory, its probes, and what was learnt about its
 //! goroutines (cached: a goroutine parked at one place stays there until it parks again).
 
-use std::{collections::HashMap, num::NonZeroU32, path::PathBuf, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    num::NonZeroU32,
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    sync::Arc,
+};
 
 use monitor_ebpf::{GoPhase, GoState};
 
@@ -30,13 +36,48 @@ pub enum TargetError {
     Bpf(#[from] BpfError),
 }
 
+/// Identity of an executable file, for the cache of inspected binaries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BinaryKey {
+    dev: u64,
+    ino: u64,
+    mtime: i64,
+}
+
 /// What a goroutine's `g` and stack said, keyed by the phase start it was read for.
 #[derive(Clone, Debug)]
 struct Resolved {
     since_ns: u64,
-    created_at: Option<Site>,
-    entry: String,
-    blocked_at: Option<Site>,
+    created_at: Option<Arc<Site>>,
+    entry: Arc<str>,
+    blocked_at: Option<Arc<Site>>,
+}
+
+/// One shared copy of each site and name (a leak is thousands of goroutines with the same few).
+#[derive(Default)]
+struct Interner {
+    sites: HashSet<Arc<Site>>,
+    names: HashSet<Arc<str>>,
+}
+
+impl Interner {
+    fn site(&mut self, site: Site) -> Arc<Site> {
+        if let Some(s) = self.sites.get(&site) {
+            return Arc::clone(s);
+        }
+        let s = Arc::new(site);
+        self.sites.insert(Arc::clone(&s));
+        s
+    }
+
+    fn name(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(name) {
+            return Arc::clone(n);
+        }
+        let n: Arc<str> = Arc::from(name);
+        self.names.insert(Arc::clone(&n));
+        n
+    }
 }
 
 pub struct Target {
@@ -49,6 +90,7 @@ pub struct Target {
     mem: ProcMem,
     links: Option<GoLinks>,
     resolved: HashMap<u64, Resolved>,
+    interned: Interner,
 }
 
 impl Target {
@@ -57,7 +99,7 @@ impl Target {
     pub fn attach(
         pid: u32,
         probes: &mut Probes,
-        binaries: &mut HashMap<PathBuf, Arc<GoBinary>>,
+        binaries: &mut HashMap<BinaryKey, Arc<GoBinary>>,
     ) -> Result<Self, TargetError> {
         let nz = NonZeroU32::new(pid).ok_or(ProcError::NoSuchProcess { pid })?;
         let exe = proc::exe_path(pid)?;
@@ -67,14 +109,26 @@ impl Target {
             exe: exe.clone(),
             source,
         };
-        let binary = match binaries.get(&exe) {
+        // The same file (device, inode, mtime), not the same path: a redeploy replaces it.
+        let key = std::fs::metadata(format!("/proc/{pid}/exe"))
+            .map(|m| BinaryKey {
+                dev: m.dev(),
+                ino: m.ino(),
+                mtime: m.mtime(),
+            })
+            .map_err(|e| ProcError::Access {
+                pid,
+                what: "exe",
+                source: e,
+            })?;
+        let binary = match binaries.get(&key) {
             Some(b) => Arc::clone(b),
             None => {
                 // Read through /proc so a binary in another mount namespace is found.
                 let b = Arc::new(
                     GoBinary::open(&PathBuf::from(format!("/proc/{pid}/exe"))).map_err(go_err)?,
                 );
-                binaries.insert(exe.clone(), Arc::clone(&b));
+                binaries.insert(key, Arc::clone(&b));
                 b
             }
         };
@@ -101,6 +155,7 @@ impl Target {
             mem,
             links: Some(links),
             resolved: HashMap::new(),
+            interned: Interner::default(),
         };
         let seeded = target.seed_parked(probes);
         log::info!(
@@ -209,7 +264,7 @@ impl Target {
         let task_state = if parked {
             TaskState::Parked {
                 since_ns: state.since_ns,
-                wait_reason: self.binary.wait_reason(state.reason).to_owned(),
+                wait_reason: self.interned.name(self.binary.wait_reason(state.reason)),
                 blocked_at: resolved.blocked_at,
             }
         } else {
@@ -232,21 +287,21 @@ impl Target {
         self.resolved.retain(|goid, _| live(*goid));
     }
 
-    fn resolve(&self, rec: &GRecord, since_ns: u64, parked: bool) -> Resolved {
+    fn resolve(&mut self, rec: &GRecord, since_ns: u64, parked: bool) -> Resolved {
         let created_at = pick_site(&self.frames_at([rec.gopc]));
         let mut entry = self
             .binary
             .func_name(rec.startpc.wrapping_sub(self.bias))
-            .unwrap_or("?")
-            .to_owned();
+            .unwrap_or("?");
         // Since go1.22 `go f(x)` starts a compiler wrapper `caller.gowrapN`; name f.
         if entry.contains(".gowrap")
             && let Some(callee) = self
                 .binary
                 .wrapped_call(rec.startpc.wrapping_sub(self.bias))
         {
-            entry = callee.to_owned();
+            entry = callee;
         }
+        let entry = self.interned.name(entry);
         // A running goroutine's saved registers are stale (its stack moved on): no stack.
         let blocked_at = if parked {
             pick_site(&self.frames_at(task::stack(&self.mem, rec)))
@@ -255,9 +310,9 @@ impl Target {
         };
         Resolved {
             since_ns,
-            created_at,
+            created_at: created_at.map(|s| self.interned.site(s)),
             entry,
-            blocked_at,
+            blocked_at: blocked_at.map(|s| self.interned.site(s)),
         }
     }
 
