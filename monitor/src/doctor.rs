@@ -74,23 +74,34 @@ pub fn run_checks() -> Vec<Check> {
         .into(),
         String::new,
     ));
-    let load = if missing.is_empty() {
-        crate::bpf::Probes::load(Some(1024)).map(drop).map_err(|e| {
-            let mut msg = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                msg.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            msg
-        })
+    let errors = |e: crate::bpf::BpfError| {
+        let mut msg = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            msg.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        msg
+    };
+    let (load, discovery) = if missing.is_empty() {
+        match crate::bpf::Probes::load(Some(1024)) {
+            // Attaching the exec/exit tracepoints briefly is harmless; dropping detaches them.
+            Ok(mut probes) => (Ok(()), probes.proc_events().map(drop).map_err(errors)),
+            Err(e) => (Err(errors(e)), Err("skipped: programs did not load".into())),
+        }
     } else {
-        Err("skipped: missing privileges".into())
+        let skipped = || Err("skipped: missing privileges".to_owned());
+        (skipped(), skipped())
     };
     checks.push(Check {
         name: "load programs",
-        detail: "the kernel's verifier accepts leakmon's programs".into(),
+        detail: "the kernel's verifier accepts leakmon's uprobe programs".into(),
         problem: load.err(),
+    });
+    checks.push(Check {
+        name: "discovery",
+        detail: "exec/exit tracepoints (tp_btf) for `leakmon run`".into(),
+        problem: discovery.err(),
     });
     checks
 }

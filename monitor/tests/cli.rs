@@ -15,6 +15,21 @@ fn leakmon(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `leakmon` as user nobody, with no capabilities.
+fn unprivileged_leakmon(args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_leakmon"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 fn assert_error(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
@@ -48,17 +63,7 @@ fn without_privileges() {
         &fixture(&versions[0], "leaky", false),
         &["-mode", "healthy"],
     );
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .arg(env!("CARGO_BIN_EXE_leakmon"))
-        .args(["watch", "--pid", &fx.pid().to_string()])
-        .output()
-        .unwrap();
+    let out = unprivileged_leakmon(&["watch", "--pid", &fx.pid().to_string()]);
     assert_error(&out, "missing privileges");
 }
 
@@ -115,17 +120,7 @@ fn doctor_passes_here() {
 
 #[test]
 fn doctor_fails_without_privileges() {
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .arg(env!("CARGO_BIN_EXE_leakmon"))
-        .arg("doctor")
-        .output()
-        .unwrap();
+    let out = unprivileged_leakmon(&["doctor"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");
     assert!(stdout.contains("FAIL  privileges"), "{stdout}");

@@ -282,18 +282,6 @@ impl Pclntab {
         cstr_at(&self.data, self.filetab.checked_add(off as usize)?)
     }
 
-    /// Name of the innermost function inlined at `pc`, if any.
-    fn inlined_name(&self, f: &Func, pc: u64) -> Option<&str> {
-        let gofunc = self.gofunc.as_ref()?;
-        let ix = self.pcvalue(self.pcdata_off(f, PCDATA_INL_TREE_INDEX)?, f.entry, pc)?;
-        let ix = u64::try_from(ix).ok()?;
-        let tree = u64::from(self.funcdata_off(f, FUNCDATA_INL_TREE)?);
-        // inlinedCall{funcID u8; _ [3]u8; nameOff i32; parentPc i32; startLine i32}
-        let rec = tree.checked_add(ix.checked_mul(INLINED_CALL_LEN)?)?;
-        let name_off = u32_at(&gofunc.bytes, usize::try_from(rec).ok()?.checked_add(4)?)?;
-        self.name_at(name_off)
-    }
-
     /// Inline tree record `ix` of `f`: (name offset, parentPc).
     fn inlined_call(&self, f: &Func, ix: u64) -> Option<(u32, i32)> {
         let gofunc = self.gofunc.as_ref()?;
@@ -355,27 +343,9 @@ impl Pclntab {
         frames
     }
 
-    /// See [`super::GoBinary::symbolize`].
+    /// See [`super::GoBinary::symbolize`]: the innermost of [`Self::frames`].
     pub(crate) fn symbolize(&self, pc: u64) -> Option<Frame> {
-        let f = self.find_func(pc)?;
-        let function = self
-            .inlined_name(&f, pc)
-            .or_else(|| self.func_name(&f))?
-            .to_owned();
-        let file = self
-            .pcvalue(f.pcfile, f.entry, pc)
-            .and_then(|n| self.file_name(&f, n))
-            .unwrap_or("?")
-            .to_owned();
-        let line = self
-            .pcvalue(f.pcln, f.entry, pc)
-            .and_then(|l| u32::try_from(l).ok())
-            .unwrap_or(0);
-        Some(Frame {
-            function,
-            file,
-            line,
-        })
+        self.frames(pc).into_iter().next()
     }
 }
 

@@ -34,13 +34,23 @@ fn proc_err(pid: u32, what: &'static str, source: io::Error) -> ProcError {
 
 /// Whether `pid` is alive (not a zombie).
 pub fn is_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st != "Z"))
-        })
-        .unwrap_or(false)
+    stat(pid).is_ok_and(|(state, _)| state != 'Z')
+}
+
+/// (state, start time) from /proc/PID/stat; the start time (clock ticks since boot, field 22)
+/// with the PID names a process uniquely across PID reuse.
+pub fn stat(pid: u32) -> Result<(char, u64), ProcError> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| proc_err(pid, "stat", e))?;
+    // The name in parentheses may hold spaces: fields are counted after the last ')'.
+    let mut fields = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .unwrap_or_default()
+        .split_whitespace();
+    let state = fields.next().and_then(|f| f.chars().next()).unwrap_or('?');
+    let start = fields.nth(18).and_then(|f| f.parse().ok()).unwrap_or(0);
+    Ok((state, start))
 }
 
 /// The path of the process's executable, as the host sees it (`/proc/PID/exe` resolves it even
@@ -54,18 +64,6 @@ pub fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim_end().to_owned())
         .unwrap_or_default()
-}
-
-/// Start time in clock ticks since boot (field 22 of stat): with the PID, it names a process
-/// uniquely across PID reuse.
-pub fn start_time(pid: u32) -> Result<u64, ProcError> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| proc_err(pid, "stat", e))?;
-    Ok(stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(19))
-        .and_then(|f| f.parse().ok())
-        .unwrap_or(0))
 }
 
 /// How far the executable was moved when loaded (0 for Go's default non-PIE executables):

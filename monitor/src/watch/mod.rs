@@ -114,7 +114,7 @@ impl<W: Write> Monitor<W> {
         if pid == std::process::id() || self.targets.contains_key(&pid) {
             return;
         }
-        let Ok(start) = proc::start_time(pid) else {
+        let Ok((_, start)) = proc::stat(pid) else {
             return;
         };
         if self.skipped.contains(&(pid, start)) {

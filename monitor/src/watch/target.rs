@@ -103,7 +103,7 @@ impl Target {
     ) -> Result<Self, TargetError> {
         let nz = NonZeroU32::new(pid).ok_or(ProcError::NoSuchProcess { pid })?;
         let exe = proc::exe_path(pid)?;
-        let start_time = proc::start_time(pid)?;
+        let (_, start_time) = proc::stat(pid)?;
         let go_err = |source| TargetError::Go {
             pid,
             exe: exe.clone(),
@@ -169,7 +169,7 @@ impl Target {
 
     /// Whether the process still runs (the same one: PIDs are reused).
     pub fn is_alive(&self) -> bool {
-        proc::is_alive(self.pid) && proc::start_time(self.pid).ok() == Some(self.start_time)
+        proc::stat(self.pid).is_ok_and(|(state, start)| state != 'Z' && start == self.start_time)
     }
 
     pub fn detach(&mut self, probes: &mut Probes) {
