@@ -29,7 +29,8 @@ pub const PROC_EVENTS_BYTES: u32 = 64 * 1024;
 pub struct GoProc {
     /// Offset of `goid` inside `runtime.g`.
     pub goid_offset: u32,
-    pub _pad: u32,
+    /// Offset of `trackingSeq` (uint8) inside `runtime.g`.
+    pub tracking_seq_offset: u32,
 }
 
 /// Key of one goroutine: (process, goroutine id). Goroutine ids are never reused in a process;
@@ -73,7 +74,10 @@ pub struct GoState {
     pub phase: u8,
     /// `gopark`'s `waitReason` (numbering is per Go version: userspace names it).
     pub reason: u8,
-    pub _pad: [u8; 2],
+    /// `g.trackingSeq` at the last preemption: it counts transitions out of running, so one
+    /// more at the next preemption means the goroutine neither parked nor made a system call.
+    pub seq: u8,
+    pub _pad: u8,
 }
 
 /// Indexes into the per-CPU [`names::STATS`] counters.

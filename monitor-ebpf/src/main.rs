@@ -2,9 +2,10 @@
 //!
 //! Go probes keep one [`GoState`] per goroutine of each watched process in `GOROUTINES`,
 //! updated in place; userspace scans that map instead of receiving an event per park, so the
-//! per-hit cost is a map lookup and a few stores. Only `gopark` is on the hot path: wake-ups
-//! are not probed (userspace checks the goroutine's status before judging a park), and running
-//! is seen through preemption (`goschedImpl`), which only long-running goroutines reach. They are uprobes on plain entry points (never
+//! per-hit cost is a map lookup and a few stores. Running is seen through preemption
+//! (`goschedImpl`), which only goroutines that keep the CPU reach. Parks are seen by
+//! userspace scanning the process's goroutine table when the binary has a symbol table; only
+//! for stripped binaries are `gopark` (every park: the hot path) and `goexit1` probed. They are uprobes on plain entry points (never
 //! uretprobes: Go copies stacks and would meet the trampoline's return address), placed by
 //! userspace after the stack-bound check of the prologue where x86 emulates the instruction.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -51,7 +52,7 @@ mod probes {
     /// calling process is not watched (the probe is attached per PID, but a fork shares the
     /// mapping) or the `g` cannot be read.
     #[inline(always)]
-    fn key_of(g: u64) -> Option<(u32, GoKey)> {
+    fn key_of(g: u64) -> Option<(GoProc, GoKey)> {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         // SAFETY: the map value is plain data.
         let proc = unsafe { GO_PROCS.get(&tgid) }?;
@@ -59,7 +60,7 @@ mod probes {
         // SAFETY: bpf_probe_read_user validates the user address.
         match unsafe { bpf_probe_read_user(goid_ptr) } {
             Ok(goid) => Some((
-                tgid,
+                *proc,
                 GoKey {
                     tgid,
                     _pad: 0,
@@ -100,7 +101,8 @@ mod probes {
             runs: 0,
             phase: GoPhase::Parked as u8,
             reason: regs.rcx as u8,
-            _pad: [0; 2],
+            seq: 0,
+            _pad: 0,
         };
         store(&key, &state);
         0
@@ -116,7 +118,13 @@ mod probes {
         let regs = unsafe { &*ctx.regs };
         count(stat::PREEMPTS);
         let gp = regs.rax;
-        let Some((_, key)) = key_of(gp) else {
+        let Some((proc, key)) = key_of(gp) else {
+            return 0;
+        };
+        let seq_ptr = (gp + u64::from(proc.tracking_seq_offset)) as *const u8;
+        // SAFETY: bpf_probe_read_user validates the user address.
+        let Ok(seq) = (unsafe { bpf_probe_read_user(seq_ptr) }) else {
+            count(stat::READ_ERRORS);
             return 0;
         };
         let now = unsafe { bpf_ktime_get_ns() };
@@ -124,13 +132,16 @@ mod probes {
             Some(state) => {
                 // SAFETY: the goroutine runs on one thread at a time, so its entry has one writer.
                 let state = unsafe { &mut *state };
-                if state.phase == GoPhase::Parked as u8 {
+                // Parked, or any other transition out of running since the last preemption:
+                // a new run starts here.
+                if state.phase == GoPhase::Parked as u8 || seq != state.seq.wrapping_add(1) {
                     state.phase = GoPhase::Running as u8;
                     state.since_ns = now;
                     state.runs = 0;
                 }
                 state.runs = state.runs.saturating_add(1);
                 state.last_run_ns = now;
+                state.seq = seq;
                 state.g = gp;
             }
             None => store(
@@ -143,7 +154,8 @@ mod probes {
                     runs: 1,
                     phase: GoPhase::Running as u8,
                     reason: 0,
-                    _pad: [0; 2],
+                    seq,
+                    _pad: 0,
                 },
             ),
         }

@@ -37,6 +37,9 @@ fn check(case: &Case) {
         let fx = start_fixture(&bin, &["-mode", case.mode]);
         let pid = fx.pid();
         let mut lm = Leakmon::watch(&[pid], &[]);
+        // With a symbol table, parks are found by scanning the goroutine table (no probe on
+        // the hot path).
+        lm.wait_stderr("parks seen by scanning runtime.allgs");
         let alert = lm.expect(&format!("{} firing for {what}", case.kind), |a| {
             a["kind"] == case.kind && a["state"] == "firing"
         });

@@ -62,13 +62,8 @@ pub enum BpfError {
     },
 }
 
-/// Where each Go probe goes in one executable: file offsets for uprobe attach.
-#[derive(Clone, Copy, Debug)]
-pub struct GoProbeOffsets {
-    pub gopark: u64,
-    pub gosched_impl: u64,
-    pub goexit1: u64,
-}
+/// One Go probe to attach: the program (a `names::GO_*`) and the file offset in the executable.
+pub type GoProbe = (&'static str, u64);
 
 /// The attachments made for one process; detached by [`Probes::detach_go`] (or when `Probes`
 /// is dropped).
@@ -133,23 +128,16 @@ impl Probes {
         })
     }
 
-    /// Starts tracing the goroutines of `pid`, whose executable has the probe points `at`.
+    /// Starts tracing the goroutines of `pid` (described by `proc`) with `probes`.
     pub fn attach_go(
         &mut self,
         pid: NonZeroU32,
-        goid_offset: u32,
-        at: GoProbeOffsets,
+        proc: GoProc,
+        probes: &[GoProbe],
     ) -> Result<GoLinks, BpfError> {
         let raw = pid.get();
         self.procs
-            .insert(
-                &raw,
-                &GoProc {
-                    goid_offset,
-                    _pad: 0,
-                },
-                0,
-            )
+            .insert(&raw, &proc, 0)
             .map_err(map_err(names::GO_PROCS))?;
         // Through /proc: the kernel resolves the inode even across mount namespaces.
         let exe = PathBuf::from(format!("/proc/{raw}/exe"));
@@ -157,11 +145,7 @@ impl Probes {
             pid: raw,
             links: Vec::new(),
         };
-        for (name, offset) in [
-            (names::GO_PARK, at.gopark),
-            (names::GO_PREEMPT, at.gosched_impl),
-            (names::GO_EXIT, at.goexit1),
-        ] {
+        for &(name, offset) in probes {
             match self.attach_one(name, offset, &exe, pid) {
                 Ok(link) => links.links.push((name, link)),
                 Err(source) => {
@@ -235,18 +219,6 @@ impl Probes {
             _pad: 0,
             goid,
         });
-    }
-
-    /// Records a goroutine found by reading the process (it parked before we attached); the
-    /// probes' own record wins if they wrote one meanwhile.
-    pub fn seed_goroutine(&mut self, pid: u32, goid: u64, state: &GoState) -> bool {
-        const BPF_NOEXIST: u64 = 1;
-        let key = GoKey {
-            tgid: pid,
-            _pad: 0,
-            goid,
-        };
-        self.goroutines.insert(&key, state, BPF_NOEXIST).is_ok()
     }
 
     pub fn stats(&self) -> Stats {

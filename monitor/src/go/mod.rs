@@ -124,6 +124,9 @@ pub struct GOffsets {
     pub sched_sp: u32,
     pub sched_pc: u32,
     pub sched_bp: u32,
+    /// `g.trackingSeq` (uint8): incremented on every transition out of `_Grunning` (park,
+    /// preemption, system call), so an unchanged value means no such transition happened.
+    pub tracking_seq: u32,
 }
 
 /// Where [`GOffsets`] came from.

@@ -60,6 +60,7 @@ const G_MEMBERS: &[&str] = &[
     "atomicstatus",
     "waitreason",
     "sched",
+    "trackingSeq",
 ];
 const GOBUF_MEMBERS: &[&str] = &["sp", "pc", "bp"];
 const MODULEDATA_MEMBERS: &[&str] = &["funcnametab", "text", "gofunc"];
@@ -141,6 +142,7 @@ pub(crate) fn from_dwarf(elf: &Elf<'_>) -> Result<Option<DwarfLayout>, GoError> 
         sched_sp: add(sched, gobuf.get(0)?)?,
         sched_pc: add(sched, gobuf.get(1)?)?,
         sched_bp: add(sched, gobuf.get(2)?)?,
+        tracking_seq: g.get(6)?,
     };
     let moduledata = ModuleDataOffsets {
         funcnametab: md.get(0)?,

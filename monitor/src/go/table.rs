@@ -19,6 +19,7 @@ pub(crate) static TABLE: &[TableEntry] = &[
             sched_sp: 56,
             sched_pc: 64,
             sched_bp: 104,
+            tracking_seq: 188,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,
@@ -73,6 +74,7 @@ pub(crate) static TABLE: &[TableEntry] = &[
             sched_sp: 56,
             sched_pc: 64,
             sched_bp: 104,
+            tracking_seq: 191,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,
@@ -132,6 +134,7 @@ pub(crate) static TABLE: &[TableEntry] = &[
             sched_sp: 56,
             sched_pc: 64,
             sched_bp: 104,
+            tracking_seq: 199,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,
@@ -192,6 +195,7 @@ pub(crate) static TABLE: &[TableEntry] = &[
             sched_sp: 56,
             sched_pc: 64,
             sched_bp: 104,
+            tracking_seq: 199,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,
@@ -258,6 +262,7 @@ pub(crate) static TABLE: &[TableEntry] = &[
             sched_sp: 56,
             sched_pc: 64,
             sched_bp: 96,
+            tracking_seq: 191,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,
@@ -327,6 +332,7 @@ pub(crate) static TABLE: &[TableEntry] = &[
             sched_sp: 56,
             sched_pc: 64,
             sched_bp: 96,
+            tracking_seq: 191,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,
@@ -396,6 +402,7 @@ pub(crate) static TABLE: &[TableEntry] = &[
             sched_sp: 56,
             sched_pc: 64,
             sched_bp: 96,
+            tracking_seq: 191,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,

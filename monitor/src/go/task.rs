@@ -6,6 +6,8 @@ use crate::proc::ProcMem;
 
 /// `runtime._Gwaiting`: parked.
 pub const G_WAITING: u32 = 4;
+/// `runtime._Gdead`: exited (the `g` waits for reuse).
+pub const G_DEAD: u32 = 6;
 /// `runtime._Gscan`: set on top of the status while the GC scans the stack.
 const G_SCAN: u32 = 0x1000;
 /// Deep enough to get past the runtime and library frames to the program's own.
@@ -22,7 +24,9 @@ pub struct GRecord {
     /// PC of its entry function.
     pub startpc: u64,
     pub sched_pc: u64,
+    pub sched_sp: u64,
     pub sched_bp: u64,
+    pub tracking_seq: u8,
 }
 
 /// Reads the `g` at `addr` in one read of the span its fields cover.
@@ -34,7 +38,9 @@ pub fn read_g(mem: &ProcMem, addr: u64, off: &GOffsets) -> Option<GRecord> {
         off.gopc,
         off.startpc,
         off.sched_pc,
+        off.sched_sp,
         off.sched_bp,
+        off.tracking_seq,
     ];
     let lo = *fields.iter().min()? as usize;
     let hi = *fields.iter().max()? as usize + 8;
@@ -55,7 +61,9 @@ pub fn read_g(mem: &ProcMem, addr: u64, off: &GOffsets) -> Option<GRecord> {
         gopc: at(off.gopc, 8),
         startpc: at(off.startpc, 8),
         sched_pc: at(off.sched_pc, 8),
+        sched_sp: at(off.sched_sp, 8),
         sched_bp: at(off.sched_bp, 8),
+        tracking_seq: at(off.tracking_seq, 1) as u8,
     })
 }
 

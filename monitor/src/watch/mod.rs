@@ -215,7 +215,7 @@ impl<W: Write> Monitor<W> {
         let mut judged = 0;
         for (pid, (target, info)) in self.targets.iter_mut() {
             let entries = by_pid.remove(pid).unwrap_or_default();
-            let mut goroutines = Vec::new();
+            let mut goroutines = target.scan_parked(now, ns(t.block));
             let mut stale = Vec::new();
             for (goid, state) in &entries {
                 let mut is_stale = false;

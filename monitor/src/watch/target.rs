@@ -9,10 +9,10 @@ use std::{
     sync::Arc,
 };
 
-use monitor_ebpf::{GoPhase, GoState};
+use monitor_ebpf::{GoPhase, GoProc, GoState, names};
 
 use crate::{
-    bpf::{BpfError, GoLinks, GoProbeOffsets, Probes},
+    bpf::{BpfError, GoLinks, Probes},
     detect::{Observation, Site, TaskState},
     go::{
         self, Frame, GoBinary, GoError,
@@ -91,11 +91,35 @@ pub struct Target {
     links: Option<GoLinks>,
     resolved: HashMap<u64, Resolved>,
     interned: Interner,
+    /// Parks seen by the last goroutine-table scan, by goid.
+    parks: HashMap<u64, Park>,
+}
+
+/// Upper bound on goroutines read per scan (allgs includes dead ones awaiting reuse).
+const MAX_GS: usize = 4 << 20;
+
+/// A park seen by scanning, and since when it has looked the same.
+struct Park {
+    signature: (u64, u64, u8, u8),
+    since_ns: u64,
+}
+
+/// What the probes or the scan saw of a goroutine.
+#[derive(Clone, Copy)]
+enum Seen {
+    Parked {
+        since_ns: u64,
+        reason: u8,
+    },
+    Running {
+        since_ns: u64,
+        runs: u32,
+        last_run_ns: u64,
+    },
 }
 
 impl Target {
-    /// Inspects `pid`'s executable, attaches the probes and records the goroutines already
-    /// parked (they would otherwise be seen only when they next run).
+    /// Inspects `pid`'s executable and attaches the probes.
     pub fn attach(
         pid: u32,
         probes: &mut Probes,
@@ -132,20 +156,26 @@ impl Target {
                 b
             }
         };
-        let site = |f| binary.probe_site(f).map_err(go_err);
-        let offsets = GoProbeOffsets {
-            gopark: site(go::GOPARK)?.file_offset,
-            gosched_impl: site(go::GOSCHED_IMPL)?.file_offset,
-            goexit1: site(go::GOEXIT1)?.file_offset,
-        };
+        let site = |f| binary.probe_site(f).map_err(go_err).map(|s| s.file_offset);
+        // Parks are found by scanning the goroutine table when its address is known; else
+        // (stripped binaries) by probing every park and exit, which costs on the hot path.
+        let mut go_probes = vec![(names::GO_PREEMPT, site(go::GOSCHED_IMPL)?)];
+        if binary.allgs.is_none() {
+            go_probes.push((names::GO_PARK, site(go::GOPARK)?));
+            go_probes.push((names::GO_EXIT, site(go::GOEXIT1)?));
+        }
         let bias = if binary.pie {
             proc::load_bias(pid, binary.lowest_vaddr())?
         } else {
             0
         };
         let mem = ProcMem::open(pid)?;
-        let links = probes.attach_go(nz, binary.offsets.goid, offsets)?;
-        let mut target = Self {
+        let proc_params = GoProc {
+            goid_offset: binary.offsets.goid,
+            tracking_seq_offset: binary.offsets.tracking_seq,
+        };
+        let links = probes.attach_go(nz, proc_params, &go_probes)?;
+        let target = Self {
             pid,
             start_time,
             exe,
@@ -156,13 +186,18 @@ impl Target {
             links: Some(links),
             resolved: HashMap::new(),
             interned: Interner::default(),
+            parks: HashMap::new(),
         };
-        let seeded = target.seed_parked(probes);
         log::info!(
-            "watching PID {pid} ({}, {}, offsets from {:?}): {seeded} goroutines already parked",
+            "watching PID {pid} ({}, {}, offsets from {:?}, parks seen by {})",
             target.exe.display(),
             target.binary.version,
             target.binary.offset_source,
+            if target.binary.allgs.is_some() {
+                "scanning runtime.allgs"
+            } else {
+                "gopark probe (stripped binary)"
+            },
         );
         Ok(target)
     }
@@ -178,44 +213,52 @@ impl Target {
         }
     }
 
-    /// Parked goroutines that exist before attach, from `runtime.allgs` (needs the symbol
-    /// table: stripped binaries have their old goroutines seen when they next run).
-    fn seed_parked(&mut self, probes: &mut Probes) -> usize {
+    /// Parked goroutines from the goroutine table (`runtime.allgs`), for binaries whose symbol
+    /// table gives its address. A goroutine counts as parked since the first scan that saw it
+    /// parked with the same stack pointer, PC, wait reason and `trackingSeq` (which moves on
+    /// every park and wake), so a worker re-parking at the same place between scans is a new
+    /// park. Those parked at least `min_parked_ns` are returned for judging.
+    pub fn scan_parked(&mut self, now_ns: u64, min_parked_ns: u64) -> Vec<Observation> {
         let Some(allgs) = self.binary.allgs else {
-            log::info!(
-                "PID {}: no symbol table; goroutines parked before attach are seen when they next run",
-                self.pid
-            );
-            return 0;
+            return Vec::new();
         };
-        let now = proc::monotonic_ns();
-        let mut seeded = 0;
-        for g in task::all_gs(&self.mem, allgs + self.bias, 4 << 20) {
+        let previous = std::mem::take(&mut self.parks);
+        let mut judged = Vec::new();
+        for g in task::all_gs(&self.mem, allgs.wrapping_add(self.bias), MAX_GS) {
             let Some(rec) = task::read_g(&self.mem, g, &self.binary.offsets) else {
                 continue;
             };
             if rec.status != task::G_WAITING {
                 continue;
             }
-            let state = GoState {
-                g,
-                since_ns: now,
-                last_run_ns: now,
-                wait_obj: 0,
-                runs: 0,
-                phase: GoPhase::Parked as u8,
-                reason: rec.waitreason,
-                _pad: [0; 2],
+            let signature = (rec.sched_sp, rec.sched_pc, rec.waitreason, rec.tracking_seq);
+            let since_ns = match previous.get(&rec.goid) {
+                Some(p) if p.signature == signature => p.since_ns,
+                _ => now_ns,
             };
-            if probes.seed_goroutine(self.pid, rec.goid, &state) {
-                seeded += 1;
+            self.parks.insert(
+                rec.goid,
+                Park {
+                    signature,
+                    since_ns,
+                },
+            );
+            if now_ns.saturating_sub(since_ns) >= min_parked_ns {
+                judged.push(self.judge(
+                    &rec,
+                    Seen::Parked {
+                        since_ns,
+                        reason: rec.waitreason,
+                    },
+                ));
             }
         }
-        seeded
+        judged
     }
 
     /// Turns the probes' record of one goroutine into an observation worth judging, or `None`
-    /// when it is not (too young) or no longer true (then `stale` is set: drop the record).
+    /// when it is not (too young, not running long) or no longer true (then `stale` is set:
+    /// drop the record).
     pub fn observe(
         &mut self,
         goid: u64,
@@ -236,55 +279,83 @@ impl Target {
         {
             return None;
         }
-        if !parked && state.runs < 2 {
-            return None;
-        }
         let Some(rec) = task::read_g(&self.mem, state.g, &self.binary.offsets) else {
             *stale = !self.is_alive();
             return None;
         };
-        let status_ok = if parked {
-            rec.status == task::G_WAITING
-        } else {
-            // Runnable or running; anything else means we missed a transition.
-            matches!(rec.status, 1 | 2)
-        };
-        if rec.goid != goid || !status_ok {
-            *stale = rec.goid != goid || parked;
+        // Exited (the g is dead or reused), or parked records whose goroutine has woken since
+        // (wake-ups are not probed): drop them; the next park or preemption records it anew.
+        if rec.goid != goid
+            || rec.status == task::G_DEAD
+            || (parked && rec.status != task::G_WAITING)
+        {
+            *stale = true;
             return None;
         }
-        let resolved = match self.resolved.get(&goid) {
-            Some(r) if r.since_ns == state.since_ns => r.clone(),
-            _ => {
-                let r = self.resolve(&rec, state.since_ns, parked);
-                self.resolved.insert(goid, r.clone());
-                r
-            }
-        };
-        let task_state = if parked {
-            TaskState::Parked {
-                since_ns: state.since_ns,
-                wait_reason: self.interned.name(self.binary.wait_reason(state.reason)),
-                blocked_at: resolved.blocked_at,
-            }
-        } else {
-            TaskState::Running {
-                since_ns: state.since_ns,
-                runs: state.runs,
-                last_run_ns: state.last_run_ns,
-            }
-        };
-        Some(Observation {
-            goid,
-            state: task_state,
-            created_at: resolved.created_at,
-            entry: resolved.entry,
+        if parked {
+            return Some(self.judge(
+                &rec,
+                Seen::Parked {
+                    since_ns: state.since_ns,
+                    reason: state.reason,
+                },
+            ));
+        }
+        // Runnable or running, and rescheduled at least once without parking.
+        (matches!(rec.status, 1 | 2) && state.runs >= 2).then(|| {
+            self.judge(
+                &rec,
+                Seen::Running {
+                    since_ns: state.since_ns,
+                    runs: state.runs,
+                    last_run_ns: state.last_run_ns,
+                },
+            )
         })
     }
 
-    /// Forgets cached sites of goroutines the probes no longer list.
+    fn judge(&mut self, rec: &GRecord, seen: Seen) -> Observation {
+        let (since_ns, parked) = match seen {
+            Seen::Parked { since_ns, .. } => (since_ns, true),
+            Seen::Running { since_ns, .. } => (since_ns, false),
+        };
+        let resolved = match self.resolved.get(&rec.goid) {
+            Some(r) if r.since_ns == since_ns => r.clone(),
+            _ => {
+                let r = self.resolve(rec, since_ns, parked);
+                self.resolved.insert(rec.goid, r.clone());
+                r
+            }
+        };
+        let state = match seen {
+            Seen::Parked { since_ns, reason } => TaskState::Parked {
+                since_ns,
+                wait_reason: self.interned.name(self.binary.wait_reason(reason)),
+                blocked_at: resolved.blocked_at,
+            },
+            Seen::Running {
+                since_ns,
+                runs,
+                last_run_ns,
+            } => TaskState::Running {
+                since_ns,
+                runs,
+                last_run_ns,
+            },
+        };
+        Observation {
+            goid: rec.goid,
+            state,
+            created_at: resolved.created_at,
+            entry: resolved.entry,
+        }
+    }
+
+    /// Forgets cached sites of goroutines neither the probes nor the last scan list.
     pub fn retain_resolved(&mut self, live: impl Fn(u64) -> bool) {
-        self.resolved.retain(|goid, _| live(*goid));
+        let parks = &self.parks;
+        self.resolved
+            .retain(|goid, _| live(*goid) || parks.contains_key(goid));
     }
 
     fn resolve(&mut self, rec: &GRecord, since_ns: u64, parked: bool) -> Resolved {
