@@ -30,6 +30,7 @@ pub fn run(ws: &Workspace, roundtrips: u64, http_seconds: u64, goroutines: u64) 
     ws.build(&tools, true)?;
     let go = setup::GO_FIXTURE_VERSIONS[setup::GO_FIXTURE_VERSIONS.len() - 1];
     let pingpong = build_fixture(ws, &tools, go, "pingpong", false)?;
+    let pingpong_stripped = build_fixture(ws, &tools, go, "pingpong", true)?;
     let http = build_fixture(ws, &tools, go, "httpserver", false)?;
     let leaky = build_fixture(ws, &tools, go, "leaky", false)?;
     let leakmon = ws.binary(true);
@@ -40,15 +41,21 @@ pub fn run(ws: &Workspace, roundtrips: u64, http_seconds: u64, goroutines: u64) 
         cpus()
     );
 
-    println!(
-        "\n## Go channel ping-pong, {roundtrips} round trips (ns per round trip, median of {RUNS})"
-    );
-    let (mut bare, mut watched) = (Vec::new(), Vec::new());
-    for _ in 0..RUNS {
-        bare.push(pingpong_run(&pingpong, roundtrips, None)?);
-        watched.push(pingpong_run(&pingpong, roundtrips, Some(&leakmon))?);
+    for (binary, what) in [
+        (&pingpong, "parks found by scanning"),
+        (&pingpong_stripped, "stripped binary, gopark probe"),
+    ] {
+        println!(
+            "\n## Go channel ping-pong, {what}, {roundtrips} round trips \
+             (ns per round trip, median of {RUNS})"
+        );
+        let (mut bare, mut watched) = (Vec::new(), Vec::new());
+        for _ in 0..RUNS {
+            bare.push(pingpong_run(binary, roundtrips, None)?);
+            watched.push(pingpong_run(binary, roundtrips, Some(&leakmon))?);
+        }
+        report("ns/round trip", &bare, &watched, false);
     }
-    report("ns/round trip", &bare, &watched, false);
 
     println!(
         "\n## Go HTTP server under wrk (2 threads, 32 connections, {http_seconds}s; median of {RUNS})"
