@@ -13,14 +13,13 @@ pub mod names {
     pub const GO_PREEMPT: &str = "go_preempt";
     pub const GO_EXIT: &str = "go_exit";
     pub const PROC_EXEC: &str = "proc_exec";
-    pub const PROC_EXIT: &str = "proc_exit";
 }
 
 /// Default capacity of [`names::GOROUTINES`]; userspace may resize it before load.
 pub const MAX_GOROUTINES: u32 = 262_144;
 /// Capacity of [`names::GO_PROCS`]: processes watched at once.
 pub const MAX_GO_PROCS: u32 = 4_096;
-/// Size in bytes of the process exec/exit ring buffer.
+/// Size in bytes of the process exec ring buffer.
 pub const PROC_EVENTS_BYTES: u32 = 64 * 1024;
 
 /// Per-process parameters the probes need: read from the binary by userspace.
@@ -89,21 +88,20 @@ pub mod stat {
     pub const MAP_FULL: u32 = 3;
     /// The `g` could not be read (should not happen; counted to be sure).
     pub const READ_ERRORS: u32 = 4;
-    /// An exec/exit event did not fit in the ring buffer.
+    /// An exec event did not fit in the ring buffer.
     pub const PROC_EVENTS_LOST: u32 = 5;
     pub const COUNT: u32 = 6;
 }
 
-/// Process lifecycle event sent to userspace through [`names::PROC_EVENTS`].
+/// Process event sent to userspace through [`names::PROC_EVENTS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcEvent {
     pub tgid: u32,
-    /// [`PROC_EVENT_EXEC`] or [`PROC_EVENT_EXIT`].
+    /// [`PROC_EVENT_EXEC`].
     pub kind: u32,
 }
 pub const PROC_EVENT_EXEC: u32 = 1;
-pub const PROC_EVENT_EXIT: u32 = 2;
 
 #[cfg(feature = "user")]
 mod pod {

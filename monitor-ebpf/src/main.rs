@@ -21,7 +21,7 @@ mod probes {
     };
     use monitor_ebpf::{
         GoKey, GoPhase, GoProc, GoState, MAX_GO_PROCS, MAX_GOROUTINES, PROC_EVENT_EXEC,
-        PROC_EVENT_EXIT, PROC_EVENTS_BYTES, ProcEvent, stat,
+        PROC_EVENTS_BYTES, ProcEvent, stat,
     };
 
     /// BPF_F_NO_PREALLOC: memory follows the live goroutine count, not the capacity.
@@ -183,23 +183,12 @@ mod probes {
         }
     }
 
-    /// `TP_PROTO(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`
+    /// `TP_PROTO(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`: a new
+    /// program; userspace checks whether it is Go. (Exits need no event: each scan checks that
+    /// watched processes live.)
     #[btf_tracepoint(function = "sched_process_exec")]
     pub fn proc_exec(_ctx: BtfTracePointContext) -> i32 {
         send_proc_event(PROC_EVENT_EXEC);
-        0
-    }
-
-    /// `TP_PROTO(struct task_struct *p, bool group_dead)`: fires per thread; only the
-    /// thread-group leader's exit is worth a wake-up (userspace confirms via /proc).
-    #[btf_tracepoint(function = "sched_process_exit")]
-    pub fn proc_exit(_ctx: BtfTracePointContext) -> i32 {
-        let pid_tgid = bpf_get_current_pid_tgid();
-        if pid_tgid >> 32 == pid_tgid & 0xffff_ffff {
-            // Forget what the process's goroutines left behind only in userspace: it owns
-            // cleanup of GOROUTINES (iterating it here is not possible).
-            send_proc_event(PROC_EVENT_EXIT);
-        }
         0
     }
 

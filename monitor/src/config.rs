@@ -166,9 +166,15 @@ impl TryFrom<(&DetectArgs, FileConfig)> for Settings {
                 what: "leak_min_growth",
             });
         }
+        let max_goroutines = args.max_goroutines.or(file.max_goroutines);
+        if max_goroutines == Some(0) {
+            return Err(ConfigError::Zero {
+                what: "max_goroutines",
+            });
+        }
         Ok(Self {
             thresholds,
-            max_goroutines: args.max_goroutines.or(file.max_goroutines),
+            max_goroutines,
             format: args.format.or(file.format),
         })
     }

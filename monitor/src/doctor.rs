@@ -85,7 +85,7 @@ pub fn run_checks() -> Vec<Check> {
     };
     let (load, discovery) = if missing.is_empty() {
         match crate::bpf::Probes::load(Some(1024)) {
-            // Attaching the exec/exit tracepoints briefly is harmless; dropping detaches them.
+            // Attaching the exec tracepoint briefly is harmless; dropping detaches it.
             Ok(mut probes) => (Ok(()), probes.proc_events().map(drop).map_err(errors)),
             Err(e) => (Err(errors(e)), Err("skipped: programs did not load".into())),
         }
@@ -100,7 +100,7 @@ pub fn run_checks() -> Vec<Check> {
     });
     checks.push(Check {
         name: "discovery",
-        detail: "exec/exit tracepoints (tp_btf) for `leakmon run`".into(),
+        detail: "exec tracepoint (tp_btf) for `leakmon run`".into(),
         problem: discovery.err(),
     });
     checks

@@ -1,7 +1,7 @@
 //! Loading leakmon's kernel programs, attaching them to processes, and reading what they keep.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     num::NonZeroU32,
     path::{Path, PathBuf},
@@ -187,16 +187,19 @@ impl Probes {
             }
         }
         let _ = self.procs.remove(&links.pid);
-        self.forget_process(links.pid);
+        // Its goroutines' records go at the next scan (`forget_processes`), in one walk.
     }
 
-    /// Drops every goroutine of `pid` from the map.
-    pub fn forget_process(&mut self, pid: u32) {
+    /// Drops every goroutine record of the processes in `pids` from the map, in one walk.
+    pub fn forget_processes(&mut self, pids: &HashSet<u32>) {
+        if pids.is_empty() {
+            return;
+        }
         let keys: Vec<GoKey> = self
             .goroutines
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| k.tgid == pid)
+            .filter(|k| pids.contains(&k.tgid))
             .collect();
         for key in keys {
             let _ = self.goroutines.remove(&key);
@@ -204,21 +207,31 @@ impl Probes {
     }
 
     /// Every goroutine the probes know of, grouped by process.
-    pub fn goroutines(&self) -> HashMap<u32, Vec<(u64, GoState)>> {
-        let mut by_pid: HashMap<u32, Vec<(u64, GoState)>> = HashMap::new();
-        // Entries removed while iterating come back as errors: skip them.
+    pub fn goroutines(&self) -> HashMap<u32, HashMap<u64, GoState>> {
+        let mut by_pid: HashMap<u32, HashMap<u64, GoState>> = HashMap::new();
+        // Entries removed while iterating come back as errors: skip them. A deletion under
+        // the cursor restarts the walk from the first key, so keying by goid drops the
+        // repeats.
         for (key, state) in self.goroutines.iter().filter_map(Result::ok) {
-            by_pid.entry(key.tgid).or_default().push((key.goid, state));
+            by_pid.entry(key.tgid).or_default().insert(key.goid, state);
         }
         by_pid
     }
 
-    pub fn forget_goroutine(&mut self, pid: u32, goid: u64) {
-        let _ = self.goroutines.remove(&GoKey {
+    /// Drops a goroutine's record if it is still the one `seen` (a probe may have written a
+    /// newer one since the scan read it).
+    pub fn forget_goroutine(&mut self, pid: u32, goid: u64, seen: &GoState) {
+        let key = GoKey {
             tgid: pid,
             _pad: 0,
             goid,
-        });
+        };
+        if let Ok(now) = self.goroutines.get(&key, 0)
+            && now.since_ns == seen.since_ns
+            && now.phase == seen.phase
+        {
+            let _ = self.goroutines.remove(&key);
+        }
     }
 
     pub fn stats(&self) -> Stats {
@@ -238,22 +251,18 @@ impl Probes {
         }
     }
 
-    /// Attaches the exec/exit tracepoints and returns the ring buffer they fill.
+    /// Attaches the exec tracepoint and returns the ring buffer it fills.
     pub fn proc_events(&mut self) -> Result<RingBuf<MapData>, BpfError> {
         let btf = Btf::from_sys_fs().map_err(|e| BpfError::Btf(Box::new(e)))?;
-        for (name, tracepoint) in [
-            (names::PROC_EXEC, "sched_process_exec"),
-            (names::PROC_EXIT, "sched_process_exit"),
-        ] {
-            let program: &mut BtfTracePoint = program(&mut self.ebpf, name)?;
-            program
-                .load(tracepoint, &btf)
-                .and_then(|()| program.attach().map(drop))
-                .map_err(|source| BpfError::Program {
-                    name,
-                    source: Box::new(source),
-                })?;
-        }
+        let name = names::PROC_EXEC;
+        let program: &mut BtfTracePoint = program(&mut self.ebpf, name)?;
+        program
+            .load("sched_process_exec", &btf)
+            .and_then(|()| program.attach().map(drop))
+            .map_err(|source| BpfError::Program {
+                name,
+                source: Box::new(source),
+            })?;
         RingBuf::try_from(take_map(&mut self.ebpf, names::PROC_EVENTS)?)
             .map_err(map_err(names::PROC_EVENTS))
     }

@@ -119,6 +119,11 @@ impl Detector {
             if class == WaitClass::Runtime || is_runtime_goroutine(&key.entry) {
                 continue;
             }
+            // main() may wait for its whole life (select{}, wg.Wait() on lifetime workers);
+            // only a lock it never gets is a finding there.
+            if is_main_goroutine(&key.entry) && !is_lock_wait(reason) {
+                continue;
+            }
             let Some(history) = state.histories.get(key) else {
                 continue;
             };
@@ -219,9 +224,21 @@ impl Detector {
     }
 }
 
-/// The runtime's own goroutines (GC workers, sweeper, finalizers, ...).
+/// The runtime's own goroutines (GC workers, sweeper, finalizers, ...); not the main
+/// goroutine, whose entry is `runtime.main` but which runs the program's `main`.
 fn is_runtime_goroutine(entry: &str) -> bool {
-    entry.starts_with("runtime.")
+    entry.starts_with("runtime.") && !is_main_goroutine(entry)
+}
+
+fn is_main_goroutine(entry: &str) -> bool {
+    entry == "runtime.main"
+}
+
+fn is_lock_wait(reason: &str) -> bool {
+    matches!(
+        reason,
+        "sync.Mutex.Lock" | "sync.RWMutex.Lock" | "sync.RWMutex.RLock"
+    )
 }
 
 #[cfg(test)]
@@ -363,6 +380,38 @@ mod tests {
             let g = (0..=now).map(gc).collect();
             assert!(d.observe(1, &snapshot(now, g)).is_empty());
         }
+    }
+
+    #[test]
+    fn main_goroutine_lock_and_spin_are_reported_idle_waits_are_not() {
+        let main = |reason: &str| Observation {
+            entry: "runtime.main".into(),
+            ..parked(1, 0, reason, 5)
+        };
+        let mut d = Detector::new(thresholds());
+        assert!(
+            d.observe(1, &snapshot(10, vec![main("select (no cases)")]))
+                .is_empty()
+        );
+        assert!(
+            d.observe(1, &snapshot(11, vec![main("sync.WaitGroup.Wait")]))
+                .is_empty()
+        );
+        let fired = d.observe(1, &snapshot(12, vec![main("sync.Mutex.Lock")]));
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].alert.kind, AlertKind::GoroutineStuck);
+        let spinning_main = Observation {
+            goid: 1,
+            state: TaskState::Running {
+                since_ns: 0,
+                runs: 500,
+                last_run_ns: 20 * S,
+            },
+            created_at: None,
+            entry: "runtime.main".into(),
+        };
+        let fired = d.observe(2, &snapshot(20, vec![spinning_main]));
+        assert_eq!(fired[0].alert.kind, AlertKind::GoroutineSpinning);
     }
 
     #[test]

@@ -114,7 +114,7 @@ impl History {
     pub fn keeps_growing(&self, now_ns: u64, window: Duration, min_growth: u64) -> bool {
         let w = window_ns(window);
         let points: Option<Vec<u64>> = (0..=3)
-            .map(|i| self.at(now_ns.saturating_sub(w - w * i / 3)))
+            .map(|i| self.at(now_ns.saturating_sub(w - (u128::from(w) * i / 3) as u64)))
             .collect();
         let Some(points) = points else {
             return false;

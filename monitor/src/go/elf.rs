@@ -75,6 +75,10 @@ impl<'a> Elf<'a> {
                 arch: "big-endian ELF".into(),
             });
         }
+        // Most executables a host runs are not Go: say so before indexing relocations.
+        if file.section_by_name(".go.buildinfo").is_none() {
+            return Err(GoError::NotGo);
+        }
         let pie = header.e_type(endian) == elf::ET_DYN;
         let mut relative = HashMap::new();
         if pie && let Some(relocs) = file.dynamic_relocations() {

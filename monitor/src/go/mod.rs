@@ -179,7 +179,8 @@ pub struct GoBinary {
     /// ET_DYN (`-buildmode=pie`): runtime addresses are biased by the load
     /// address; all addresses here are unbiased link-time addresses.
     pub pie: bool,
-    /// Address of `runtime.allgs` (the slice of every g), from the symbol table.
+    /// Address of `runtime.allgs` (the slice of every g): from the symbol table, or for
+    /// stripped binaries from the code of `runtime.allgadd`.
     pub allgs: Option<u64>,
     pclntab: Pclntab,
     segments: Vec<Segment>,
@@ -200,7 +201,7 @@ impl GoBinary {
         let cache = object::ReadCache::new(file);
         let inspected = inspect(&cache)?;
         let file = cache.into_inner();
-        Ok(GoBinary {
+        let mut binary = GoBinary {
             path: path.to_path_buf(),
             version: inspected.version,
             has_dwarf: inspected.has_dwarf,
@@ -213,7 +214,11 @@ impl GoBinary {
             segments: inspected.segments,
             file,
             unknown_reasons: (0..=u8::MAX).map(waitreasons::unknown_name).collect(),
-        })
+        };
+        if binary.allgs.is_none() {
+            binary.allgs = binary.allgs_from_code();
+        }
+        Ok(binary)
     }
 
     /// Uprobe site for `function` (e.g. `runtime.gopark`): after the

@@ -10,6 +10,9 @@ pub const G_WAITING: u32 = 4;
 pub const G_DEAD: u32 = 6;
 /// `runtime._Gscan`: set on top of the status while the GC scans the stack.
 const G_SCAN: u32 = 0x1000;
+/// `g.stack.hi`: `stack` is the first field of `runtime.g` in every version ("offset known to
+/// runtime/cgo"), and `hi` its second word.
+const STACK_HI_OFFSET: u64 = 8;
 /// Deep enough to get past the runtime and library frames to the program's own.
 const MAX_FRAMES: usize = 48;
 
@@ -27,9 +30,12 @@ pub struct GRecord {
     pub sched_sp: u64,
     pub sched_bp: u64,
     pub tracking_seq: u8,
+    /// Bytes of stack in use when it was descheduled (`stack.hi - sched.sp`): unlike
+    /// `sched.sp`, unchanged when the GC moves (shrinks) a parked goroutine's stack.
+    pub stack_depth: u64,
 }
 
-/// Reads the `g` at `addr` in one read of the span its fields cover.
+/// Reads the `g` at `addr` in one read, from its start (`stack`) to the last field used.
 pub fn read_g(mem: &ProcMem, addr: u64, off: &GOffsets) -> Option<GRecord> {
     let fields = [
         off.goid,
@@ -42,14 +48,13 @@ pub fn read_g(mem: &ProcMem, addr: u64, off: &GOffsets) -> Option<GRecord> {
         off.sched_bp,
         off.tracking_seq,
     ];
-    let lo = *fields.iter().min()? as usize;
     let hi = *fields.iter().max()? as usize + 8;
-    let mut buf = vec![0u8; hi - lo];
-    if !mem.read(addr + lo as u64, &mut buf) {
+    let mut buf = vec![0u8; hi];
+    if !mem.read(addr, &mut buf) {
         return None;
     }
     let at = |o: u32, n: usize| -> u64 {
-        let s = o as usize - lo;
+        let s = o as usize;
         let mut b = [0u8; 8];
         b[..n].copy_from_slice(&buf[s..s + n]);
         u64::from_le_bytes(b)
@@ -64,6 +69,7 @@ pub fn read_g(mem: &ProcMem, addr: u64, off: &GOffsets) -> Option<GRecord> {
         sched_sp: at(off.sched_sp, 8),
         sched_bp: at(off.sched_bp, 8),
         tracking_seq: at(off.tracking_seq, 1) as u8,
+        stack_depth: at(STACK_HI_OFFSET as u32, 8).wrapping_sub(at(off.sched_sp, 8)),
     })
 }
 

@@ -70,6 +70,15 @@ fn stripped_uses_table_and_matches_dwarf() {
         assert_eq!(stripped.offset_source, OffsetSource::Table, "go{v}");
         assert_eq!(stripped.offsets, normal.offsets, "go{v}");
         assert_eq!(stripped.wait_reasons, normal.wait_reasons, "go{v}");
+        // The goroutine table found from runtime.allgadd's code is the symbol's address.
+        assert!(normal.allgs.is_some(), "go{v}: no runtime.allgs symbol");
+        assert_eq!(normal.allgs_from_code(), normal.allgs, "go{v}");
+        // (Not equal to the normal build's: the build info records -ldflags, shifting data.
+        // The stripped end-to-end test shows this address reads the goroutine table.)
+        assert!(
+            stripped.allgs.is_some(),
+            "go{v}: runtime.allgs not found in code"
+        );
         assert!(stripped.has_inline_info(), "go{v}: moduledata not found");
         for f in PROBED {
             assert_eq!(

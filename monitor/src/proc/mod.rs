@@ -20,6 +20,8 @@ pub enum ProcError {
         #[source]
         source: io::Error,
     },
+    #[error("PID {pid} has no executable (a kernel thread?): nothing to watch")]
+    NoExecutable { pid: u32 },
     #[error("PID {pid}: the executable {exe} is not mapped in /proc/{pid}/maps")]
     NotMapped { pid: u32, exe: String },
 }
@@ -69,19 +71,27 @@ pub fn comm(pid: u32) -> String {
 /// How far the executable was moved when loaded (0 for Go's default non-PIE executables):
 /// the start of its first mapping minus the lowest address its segments ask for.
 pub fn load_bias(pid: u32, lowest_vaddr: u64) -> Result<u64, ProcError> {
-    let exe = exe_path(pid)?;
+    use std::os::unix::fs::MetadataExt as _;
+    // Matched by inode, not path: the path reads "... (deleted)" once a package upgrade
+    // replaced the file, and may hold spaces.
+    let inode = std::fs::metadata(format!("/proc/{pid}/exe"))
+        .map_err(|e| proc_err(pid, "exe", e))?
+        .ino();
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|e| proc_err(pid, "maps", e))?;
-    let exe_str = exe.to_string_lossy();
     for line in maps.lines() {
+        // start-end perms offset dev inode path
         let mut fields = line.split_whitespace();
-        let (Some(range), Some(_perms), Some(offset)) =
-            (fields.next(), fields.next(), fields.next())
-        else {
+        let (Some(range), Some(_perms), Some(offset), Some(_dev), Some(ino)) = (
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+        ) else {
             continue;
         };
-        let path = fields.nth(2).unwrap_or_default();
-        if path != exe_str || u64::from_str_radix(offset, 16).ok() != Some(0) {
+        if ino.parse() != Ok(inode) || u64::from_str_radix(offset, 16) != Ok(0) {
             continue;
         }
         let start = range
@@ -92,7 +102,7 @@ pub fn load_bias(pid: u32, lowest_vaddr: u64) -> Result<u64, ProcError> {
     }
     Err(ProcError::NotMapped {
         pid,
-        exe: exe_str.into_owned(),
+        exe: exe_path(pid)?.display().to_string(),
     })
 }
 

@@ -5,7 +5,6 @@ mod target;
 use std::{
     collections::{HashMap, HashSet},
     io::Write,
-    sync::Arc,
     time::Instant,
 };
 
@@ -15,12 +14,12 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-pub use self::target::{BinaryKey, Target, TargetError};
+pub use self::target::{Binaries, BinaryKey, Target, TargetError};
 use crate::{
-    bpf::{BpfError, Probes},
+    bpf::{BpfError, Probes, Stats},
     config::Settings,
     detect::{Detector, Snapshot},
-    go::{GoBinary, GoError},
+    go::GoError,
     output::{Format, Output, ProcessInfo},
     proc::{self, ProcError},
 };
@@ -43,11 +42,15 @@ struct Monitor<W: Write> {
     probes: Probes,
     detector: Detector,
     targets: HashMap<u32, (Target, ProcessInfo)>,
-    binaries: HashMap<BinaryKey, Arc<GoBinary>>,
-    /// Processes found not to be Go (or not supported), by (PID, start time).
-    skipped: HashSet<(u32, u64)>,
+    binaries: Binaries,
+    /// Processes found not to be Go (or not supported): PID -> start time.
+    skipped: HashMap<u32, u64>,
     out: Output<W>,
     settings: Settings,
+    /// `leakmon run`: look for new Go processes (again, after lost exec events).
+    discover: bool,
+    last_stats: Stats,
+    scans: u64,
 }
 
 /// `leakmon watch`: the given processes, until interrupted or until they have all exited.
@@ -62,6 +65,7 @@ pub async fn watch<W: Write>(pids: &[u32], settings: Settings, out: W) -> Result
 /// `leakmon run`: every Go process on the host, found now and on exec.
 pub async fn run<W: Write>(settings: Settings, out: W) -> Result<(), WatchError> {
     let mut m = Monitor::new(settings, Format::Json, out)?;
+    m.discover = true;
     let events = m.probes.proc_events()?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged while the
     // AsyncFd owns the ring buffer.
@@ -89,8 +93,11 @@ impl<W: Write> Monitor<W> {
             probes: Probes::load(settings.max_goroutines)?,
             detector: Detector::new(settings.thresholds),
             targets: HashMap::new(),
-            binaries: HashMap::new(),
-            skipped: HashSet::new(),
+            binaries: Binaries::default(),
+            skipped: HashMap::new(),
+            discover: false,
+            last_stats: Stats::default(),
+            scans: 0,
             out: Output::new(settings.format.unwrap_or(default_format), out),
             settings,
         })
@@ -117,7 +124,7 @@ impl<W: Write> Monitor<W> {
         let Ok((_, start)) = proc::stat(pid) else {
             return;
         };
-        if self.skipped.contains(&(pid, start)) {
+        if self.skipped.get(&pid) == Some(&start) {
             return;
         }
         match self.add(pid) {
@@ -127,11 +134,11 @@ impl<W: Write> Monitor<W> {
                 ..
             })
             | Err(TargetError::Proc(ProcError::NoSuchProcess { .. })) => {
-                self.skipped.insert((pid, start));
+                self.skipped.insert(pid, start);
             }
             Err(e) => {
                 log::warn!("not watching PID {pid}: {e}");
-                self.skipped.insert((pid, start));
+                self.skipped.insert(pid, start);
             }
         }
     }
@@ -166,7 +173,7 @@ impl<W: Write> Monitor<W> {
                         for pid in pids {
                             // Re-judged: an exec replaces the program under the same PID.
                             self.drop_target(pid);
-                            self.skipped.retain(|(p, _)| *p != pid);
+                            self.skipped.remove(&pid);
                             self.try_add(pid);
                         }
                     }
@@ -189,8 +196,40 @@ impl<W: Write> Monitor<W> {
     fn drop_target(&mut self, pid: u32) {
         if let Some((mut target, info)) = self.targets.remove(&pid) {
             target.detach(&mut self.probes);
+            drop(target);
+            self.binaries.evict_unused();
             for t in self.detector.forget(pid) {
                 let _ = self.out.emit(&info, &t);
+            }
+        }
+    }
+
+    /// Warns when the kernel side had to drop something, and recovers what can be: lost exec
+    /// events mean Go processes may have started unseen, so /proc is searched again.
+    fn check_stats(&mut self) {
+        let now = self.probes.stats();
+        let last = std::mem::replace(&mut self.last_stats, now);
+        if now.map_full > last.map_full {
+            log::warn!(
+                "{} goroutine records did not fit in the kernel map (capacity: --max-goroutines)",
+                now.map_full - last.map_full
+            );
+        }
+        if now.read_errors > last.read_errors {
+            log::warn!(
+                "{} goroutine reads failed in the probes",
+                now.read_errors - last.read_errors
+            );
+        }
+        if now.proc_events_lost > last.proc_events_lost {
+            log::warn!(
+                "{} exec events lost (ring buffer full); searching /proc for new Go processes",
+                now.proc_events_lost - last.proc_events_lost
+            );
+            if self.discover {
+                for pid in all_pids() {
+                    self.try_add(pid);
+                }
             }
         }
     }
@@ -201,6 +240,8 @@ impl<W: Write> Monitor<W> {
         let now = proc::monotonic_ns();
         let t = self.settings.thresholds;
         let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.scans += 1;
+        self.check_stats();
         let mut by_pid = self.probes.goroutines();
         let gone: Vec<u32> = self
             .targets
@@ -209,7 +250,7 @@ impl<W: Write> Monitor<W> {
             .map(|(pid, _)| *pid)
             .collect();
         for pid in gone {
-            log::info!("PID {pid} exited");
+            log::info!("PID {pid} exited (or exec'd another program)");
             self.drop_target(pid);
         }
         let mut judged = 0;
@@ -224,13 +265,12 @@ impl<W: Write> Monitor<W> {
                 {
                     goroutines.push(o);
                 } else if is_stale {
-                    stale.push(*goid);
+                    stale.push((*goid, *state));
                 }
             }
-            let live: HashSet<u64> = entries.iter().map(|(g, _)| *g).collect();
-            target.retain_resolved(|g| live.contains(&g));
-            for goid in stale {
-                self.probes.forget_goroutine(*pid, goid);
+            target.retain_resolved(|g| entries.contains_key(&g));
+            for (goid, state) in stale {
+                self.probes.forget_goroutine(*pid, goid, &state);
             }
             judged += goroutines.len();
             let snapshot = Snapshot {
@@ -243,15 +283,19 @@ impl<W: Write> Monitor<W> {
                     .map_err(WatchError::Output)?;
             }
         }
-        // Leftovers of processes no longer watched (exited before their exit was seen).
-        for pid in by_pid.keys() {
-            self.probes.forget_process(*pid);
+        // Records of processes no longer watched (exited, or exec'd), in one walk.
+        let leftovers: HashSet<u32> = by_pid.into_keys().collect();
+        self.probes.forget_processes(&leftovers);
+        // Forget skipped processes that have gone (PIDs are reused), now and then.
+        if self.scans.is_multiple_of(64) {
+            self.skipped
+                .retain(|pid, start| proc::stat(*pid).is_ok_and(|(_, s)| s == *start));
         }
         log::debug!(
             "scan: {} processes, {judged} goroutines judged in {:?}; {:?}",
             self.targets.len(),
             started.elapsed(),
-            self.probes.stats()
+            self.last_stats
         );
         Ok(())
     }

@@ -36,12 +36,73 @@ pub enum TargetError {
     Bpf(#[from] BpfError),
 }
 
-/// Identity of an executable file, for the cache of inspected binaries.
+/// Identity of an executable file (device, inode, mtime), not its path: a redeploy replaces
+/// the file under the same path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BinaryKey {
     dev: u64,
     ino: u64,
     mtime: i64,
+}
+
+impl BinaryKey {
+    /// The executable `pid` runs now.
+    pub fn of(pid: u32) -> Result<Self, ProcError> {
+        let m = std::fs::metadata(format!("/proc/{pid}/exe")).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound && proc::is_alive(pid) {
+                ProcError::NoExecutable { pid }
+            } else {
+                ProcError::Access {
+                    pid,
+                    what: "exe",
+                    source,
+                }
+            }
+        })?;
+        Ok(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            mtime: m.mtime(),
+        })
+    }
+}
+
+/// Inspected executables, shared by the processes that run them, and the ones found not to be
+/// Go (so a host's other programs are looked at once, not at every exec).
+#[derive(Default)]
+pub struct Binaries {
+    go: HashMap<BinaryKey, Arc<GoBinary>>,
+    not_go: HashSet<BinaryKey>,
+}
+
+impl Binaries {
+    fn open(&mut self, pid: u32, key: BinaryKey) -> Result<Arc<GoBinary>, GoError> {
+        if let Some(b) = self.go.get(&key) {
+            return Ok(Arc::clone(b));
+        }
+        if self.not_go.contains(&key) {
+            return Err(GoError::NotGo);
+        }
+        // Read through /proc so a binary in another mount namespace is found.
+        match GoBinary::open(&PathBuf::from(format!("/proc/{pid}/exe"))) {
+            Ok(b) => {
+                let b = Arc::new(b);
+                self.go.insert(key, Arc::clone(&b));
+                Ok(b)
+            }
+            Err(e) => {
+                if matches!(e, GoError::NotGo | GoError::NotElf { .. }) {
+                    self.not_go.insert(key);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops binaries no watched process runs any more (their file stays open otherwise).
+    pub fn evict_unused(&mut self) {
+        self.go.retain(|_, b| Arc::strong_count(b) > 1);
+    }
 }
 
 /// What a goroutine's `g` and stack said, keyed by the phase start it was read for.
@@ -83,6 +144,7 @@ impl Interner {
 pub struct Target {
     pub pid: u32,
     start_time: u64,
+    key: BinaryKey,
     pub exe: PathBuf,
     pub binary: Arc<GoBinary>,
     pub container: Container,
@@ -93,6 +155,8 @@ pub struct Target {
     interned: Interner,
     /// Parks seen by the last goroutine-table scan, by goid.
     parks: HashMap<u64, Park>,
+    /// Entry function name by start PC (naming a wrapper's callee reads code).
+    entries: HashMap<u64, Arc<str>>,
 }
 
 /// Upper bound on goroutines read per scan (allgs includes dead ones awaiting reuse).
@@ -100,7 +164,9 @@ const MAX_GS: usize = 4 << 20;
 
 /// A park seen by scanning, and since when it has looked the same.
 struct Park {
-    signature: (u64, u64, u8, u8),
+    /// (stack depth, wait reason, trackingSeq). Not sched.pc: every park saves the same
+    /// return address in gopark. Not sched.sp: the GC moves parked goroutines' stacks.
+    signature: (u64, u8, u8),
     since_ns: u64,
 }
 
@@ -123,7 +189,7 @@ impl Target {
     pub fn attach(
         pid: u32,
         probes: &mut Probes,
-        binaries: &mut HashMap<BinaryKey, Arc<GoBinary>>,
+        binaries: &mut Binaries,
     ) -> Result<Self, TargetError> {
         let nz = NonZeroU32::new(pid).ok_or(ProcError::NoSuchProcess { pid })?;
         let exe = proc::exe_path(pid)?;
@@ -133,29 +199,8 @@ impl Target {
             exe: exe.clone(),
             source,
         };
-        // The same file (device, inode, mtime), not the same path: a redeploy replaces it.
-        let key = std::fs::metadata(format!("/proc/{pid}/exe"))
-            .map(|m| BinaryKey {
-                dev: m.dev(),
-                ino: m.ino(),
-                mtime: m.mtime(),
-            })
-            .map_err(|e| ProcError::Access {
-                pid,
-                what: "exe",
-                source: e,
-            })?;
-        let binary = match binaries.get(&key) {
-            Some(b) => Arc::clone(b),
-            None => {
-                // Read through /proc so a binary in another mount namespace is found.
-                let b = Arc::new(
-                    GoBinary::open(&PathBuf::from(format!("/proc/{pid}/exe"))).map_err(go_err)?,
-                );
-                binaries.insert(key, Arc::clone(&b));
-                b
-            }
-        };
+        let key = BinaryKey::of(pid)?;
+        let binary = binaries.open(pid, key).map_err(go_err)?;
         let site = |f| binary.probe_site(f).map_err(go_err).map(|s| s.file_offset);
         // Parks are found by scanning the goroutine table when its address is known; else
         // (stripped binaries) by probing every park and exit, which costs on the hot path.
@@ -178,6 +223,7 @@ impl Target {
         let target = Self {
             pid,
             start_time,
+            key,
             exe,
             container: proc::container_of(pid),
             binary,
@@ -187,6 +233,7 @@ impl Target {
             resolved: HashMap::new(),
             interned: Interner::default(),
             parks: HashMap::new(),
+            entries: HashMap::new(),
         };
         log::info!(
             "watching PID {pid} ({}, {}, offsets from {:?}, parks seen by {})",
@@ -203,8 +250,11 @@ impl Target {
     }
 
     /// Whether the process still runs (the same one: PIDs are reused).
+    /// Whether the process still runs the program attached to (PIDs are reused, and an exec
+    /// keeps the PID and start time but replaces the program).
     pub fn is_alive(&self) -> bool {
         proc::stat(self.pid).is_ok_and(|(state, start)| state != 'Z' && start == self.start_time)
+            && BinaryKey::of(self.pid).ok() == Some(self.key)
     }
 
     pub fn detach(&mut self, probes: &mut Probes) {
@@ -214,8 +264,8 @@ impl Target {
     }
 
     /// Parked goroutines from the goroutine table (`runtime.allgs`), for binaries whose symbol
-    /// table gives its address. A goroutine counts as parked since the first scan that saw it
-    /// parked with the same stack pointer, PC, wait reason and `trackingSeq` (which moves on
+    /// table or code gives its address. A goroutine counts as parked since the first scan that
+    /// saw it parked with the same stack depth, wait reason and `trackingSeq` (which moves on
     /// every park and wake), so a worker re-parking at the same place between scans is a new
     /// park. Those parked at least `min_parked_ns` are returned for judging.
     pub fn scan_parked(&mut self, now_ns: u64, min_parked_ns: u64) -> Vec<Observation> {
@@ -231,7 +281,7 @@ impl Target {
             if rec.status != task::G_WAITING {
                 continue;
             }
-            let signature = (rec.sched_sp, rec.sched_pc, rec.waitreason, rec.tracking_seq);
+            let signature = (rec.stack_depth, rec.waitreason, rec.tracking_seq);
             let since_ns = match previous.get(&rec.goid) {
                 Some(p) if p.signature == signature => p.since_ns,
                 _ => now_ns,
@@ -301,8 +351,10 @@ impl Target {
                 },
             ));
         }
-        // Runnable or running, and rescheduled at least once without parking.
-        (matches!(rec.status, 1 | 2) && state.runs >= 2).then(|| {
+        // Runnable or running, rescheduled at least once without parking, and no transition
+        // out of running since the last preemption (else it parked or made a system call).
+        let same_run = rec.tracking_seq == state.seq.wrapping_add(1);
+        (matches!(rec.status, 1 | 2) && state.runs >= 2 && same_run).then(|| {
             self.judge(
                 &rec,
                 Seen::Running {
@@ -360,19 +412,21 @@ impl Target {
 
     fn resolve(&mut self, rec: &GRecord, since_ns: u64, parked: bool) -> Resolved {
         let created_at = pick_site(&self.frames_at([rec.gopc]));
-        let mut entry = self
-            .binary
-            .func_name(rec.startpc.wrapping_sub(self.bias))
-            .unwrap_or("?");
-        // Since go1.22 `go f(x)` starts a compiler wrapper `caller.gowrapN`; name f.
-        if entry.contains(".gowrap")
-            && let Some(callee) = self
-                .binary
-                .wrapped_call(rec.startpc.wrapping_sub(self.bias))
-        {
-            entry = callee;
-        }
-        let entry = self.interned.name(entry);
+        let entry = match self.entries.get(&rec.startpc) {
+            Some(e) => Arc::clone(e),
+            None => {
+                let pc = rec.startpc.wrapping_sub(self.bias);
+                let name = self.binary.func_name(pc).unwrap_or("?");
+                // Since go1.22 `go f(x)` starts a compiler wrapper `caller.gowrapN`; name f.
+                let callee = name
+                    .contains(".gowrap")
+                    .then(|| self.binary.wrapped_call(pc))
+                    .flatten();
+                let e = self.interned.name(callee.as_deref().unwrap_or(name));
+                self.entries.insert(rec.startpc, Arc::clone(&e));
+                e
+            }
+        };
         // A running goroutine's saved registers are stale (its stack moved on): no stack.
         let blocked_at = if parked {
             pick_site(&self.frames_at(task::stack(&self.mem, rec)))
