@@ -45,6 +45,7 @@ pub struct FileConfig {
     pub scan_interval: Option<String>,
     pub max_goroutines: Option<u32>,
     pub format: Option<Format>,
+    pub probe_parks: Option<bool>,
 }
 
 pub const DEFAULT_PATH: &str = "/etc/leakmon/leakmon.toml";
@@ -100,6 +101,10 @@ pub struct DetectArgs {
     /// Output format of alerts on stdout [default: text for watch, json for run]
     #[arg(long, env = "LEAKMON_FORMAT", value_enum)]
     pub format: Option<Format>,
+    /// Trace every park with a uprobe on runtime.gopark (exact park times) instead of
+    /// scanning the goroutine table; costs about 1 us per park in the watched program
+    #[arg(long, env = "LEAKMON_PROBE_PARKS", num_args = 0..=1, default_missing_value = "true")]
+    pub probe_parks: Option<bool>,
 }
 
 /// Effective settings.
@@ -109,6 +114,7 @@ pub struct Settings {
     pub max_goroutines: Option<u32>,
     /// None: the command's own default (people read `watch`, machines read `run`).
     pub format: Option<Format>,
+    pub probe_parks: bool,
 }
 
 impl TryFrom<(&DetectArgs, FileConfig)> for Settings {
@@ -176,6 +182,7 @@ impl TryFrom<(&DetectArgs, FileConfig)> for Settings {
             thresholds,
             max_goroutines,
             format: args.format.or(file.format),
+            probe_parks: args.probe_parks.or(file.probe_parks).unwrap_or(false),
         })
     }
 }

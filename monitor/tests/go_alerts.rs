@@ -248,32 +248,54 @@ fn healthy_service_is_silent() {
 }
 
 /// A stripped binary (`-ldflags=-s -w`): offsets from the built-in table, sites from
-/// .gopclntab.
+/// .gopclntab, the goroutine table located from `runtime.allgadd`'s code; and the same with
+/// parks traced by the `gopark` probe instead of scanned (`--probe-parks`), which must also
+/// forget exited goroutines (`goexit1`) so a release resolves.
 #[test]
-fn stripped_binary_leak_and_spin() {
+fn stripped_binary_scanned_and_probed() {
     require_root();
     let versions = fixture_versions();
-    let version = &versions[versions.len() / 2];
     let markers = markers();
-    let bin = fixture(version, "leaky", true);
-    for (mode, kind) in [("send", "goroutine_leak"), ("spin", "goroutine_spinning")] {
-        let fx = start_fixture(&bin, &["-mode", mode]);
-        let mut lm = Leakmon::watch(&[fx.pid()], &[]);
-        let alert = lm.expect(&format!("{kind} for stripped go{version}"), |a| {
-            a["kind"] == kind && a["state"] == "firing"
-        });
-        assert_eq!(alert["created_at"]["line"], markers[mode].0, "{alert:#}");
-        if mode == "send" {
-            assert_eq!(alert["blocked_at"]["line"], markers[mode].1, "{alert:#}");
+    for version in [&versions[0], &versions[versions.len() - 1]] {
+        let bin = fixture(version, "leaky", true);
+        for (mode, kind, probe) in [
+            ("send", "goroutine_leak", false),
+            ("spin", "goroutine_spinning", false),
+            ("send", "goroutine_leak", true),
+        ] {
+            let what = format!("{mode} on stripped go{version}, probe_parks={probe}");
+            let fx = start_fixture(&bin, &["-mode", mode]);
+            let extra: &[&str] = if probe { &["--probe-parks"] } else { &[] };
+            let mut lm = Leakmon::watch(&[fx.pid()], extra);
+            let alert = lm.expect(&format!("{kind} for {what}"), |a| {
+                a["kind"] == kind && a["state"] == "firing"
+            });
             assert_eq!(
-                alert["blocked_at"]["function"], "main.sendForever",
-                "{alert:#}"
+                alert["created_at"]["line"], markers[mode].0,
+                "{what}: {alert:#}"
             );
+            if mode == "send" {
+                assert_eq!(
+                    alert["blocked_at"]["line"], markers[mode].1,
+                    "{what}: {alert:#}"
+                );
+                assert_eq!(
+                    alert["blocked_at"]["function"], "main.sendForever",
+                    "{what}"
+                );
+                fx.signal(libc::SIGUSR1);
+                lm.expect(&format!("{kind} resolved for {what}"), |a| {
+                    a["kind"] == kind && a["state"] == "resolved"
+                });
+            }
+            let stderr = lm.stderr();
+            assert!(stderr.contains("offsets from Table"), "{what}: {stderr}");
+            let how = if probe {
+                "parks seen by gopark probe"
+            } else {
+                "parks seen by scanning runtime.allgs"
+            };
+            assert!(stderr.contains(how), "{what}: {stderr}");
         }
-        assert!(
-            lm.stderr().contains("offsets from Table"),
-            "{}",
-            lm.stderr()
-        );
     }
 }

@@ -104,7 +104,12 @@ impl<W: Write> Monitor<W> {
     }
 
     fn add(&mut self, pid: u32) -> Result<(), TargetError> {
-        let target = Target::attach(pid, &mut self.probes, &mut self.binaries)?;
+        let target = Target::attach(
+            pid,
+            &mut self.probes,
+            &mut self.binaries,
+            self.settings.probe_parks,
+        )?;
         let info = ProcessInfo {
             pid,
             exe: target.exe.display().to_string(),

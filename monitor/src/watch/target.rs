@@ -157,6 +157,8 @@ pub struct Target {
     parks: HashMap<u64, Park>,
     /// Entry function name by start PC (naming a wrapper's callee reads code).
     entries: HashMap<u64, Arc<str>>,
+    /// Address of `runtime.allgs` when parks are found by scanning; `None` when probed.
+    scan: Option<u64>,
 }
 
 /// Upper bound on goroutines read per scan (allgs includes dead ones awaiting reuse).
@@ -190,6 +192,7 @@ impl Target {
         pid: u32,
         probes: &mut Probes,
         binaries: &mut Binaries,
+        probe_parks: bool,
     ) -> Result<Self, TargetError> {
         let nz = NonZeroU32::new(pid).ok_or(ProcError::NoSuchProcess { pid })?;
         let exe = proc::exe_path(pid)?;
@@ -202,10 +205,12 @@ impl Target {
         let key = BinaryKey::of(pid)?;
         let binary = binaries.open(pid, key).map_err(go_err)?;
         let site = |f| binary.probe_site(f).map_err(go_err).map(|s| s.file_offset);
-        // Parks are found by scanning the goroutine table when its address is known; else
-        // (stripped binaries) by probing every park and exit, which costs on the hot path.
+        // Parks are found by scanning the goroutine table, or (asked for, or the table cannot
+        // be found) by probing every park and exit, which costs on the hot path.
         let mut go_probes = vec![(names::GO_PREEMPT, site(go::GOSCHED_IMPL)?)];
-        if binary.allgs.is_none() {
+        // Scan unless told to probe, or the goroutine table cannot be found.
+        let scan = (!probe_parks).then_some(binary.allgs).flatten();
+        if scan.is_none() {
             go_probes.push((names::GO_PARK, site(go::GOPARK)?));
             go_probes.push((names::GO_EXIT, site(go::GOEXIT1)?));
         }
@@ -234,16 +239,17 @@ impl Target {
             interned: Interner::default(),
             parks: HashMap::new(),
             entries: HashMap::new(),
+            scan,
         };
         log::info!(
             "watching PID {pid} ({}, {}, offsets from {:?}, parks seen by {})",
             target.exe.display(),
             target.binary.version,
             target.binary.offset_source,
-            if target.binary.allgs.is_some() {
+            if target.scan.is_some() {
                 "scanning runtime.allgs"
             } else {
-                "gopark probe (stripped binary)"
+                "gopark probe"
             },
         );
         Ok(target)
@@ -269,7 +275,7 @@ impl Target {
     /// every park and wake), so a worker re-parking at the same place between scans is a new
     /// park. Those parked at least `min_parked_ns` are returned for judging.
     pub fn scan_parked(&mut self, now_ns: u64, min_parked_ns: u64) -> Vec<Observation> {
-        let Some(allgs) = self.binary.allgs else {
+        let Some(allgs) = self.scan else {
             return Vec::new();
         };
         let previous = std::mem::take(&mut self.parks);
