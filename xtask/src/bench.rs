@@ -30,7 +30,6 @@ pub fn run(ws: &Workspace, roundtrips: u64, http_seconds: u64, goroutines: u64) 
     ws.build(&tools, true)?;
     let go = setup::GO_FIXTURE_VERSIONS[setup::GO_FIXTURE_VERSIONS.len() - 1];
     let pingpong = build_fixture(ws, &tools, go, "pingpong", false)?;
-    let pingpong_stripped = build_fixture(ws, &tools, go, "pingpong", true)?;
     let http = build_fixture(ws, &tools, go, "httpserver", false)?;
     let leaky = build_fixture(ws, &tools, go, "leaky", false)?;
     let leakmon = ws.binary(true);
@@ -41,9 +40,9 @@ pub fn run(ws: &Workspace, roundtrips: u64, http_seconds: u64, goroutines: u64) 
         cpus()
     );
 
-    for (binary, what) in [
-        (&pingpong, "parks found by scanning"),
-        (&pingpong_stripped, "stripped binary, gopark probe"),
+    for (extra, what) in [
+        (&[][..], "parks found by scanning (default)"),
+        (&["--probe-parks"][..], "--probe-parks (gopark probe)"),
     ] {
         println!(
             "\n## Go channel ping-pong, {what}, {roundtrips} round trips \
@@ -51,8 +50,8 @@ pub fn run(ws: &Workspace, roundtrips: u64, http_seconds: u64, goroutines: u64) 
         );
         let (mut bare, mut watched) = (Vec::new(), Vec::new());
         for _ in 0..RUNS {
-            bare.push(pingpong_run(binary, roundtrips, None)?);
-            watched.push(pingpong_run(binary, roundtrips, Some(&leakmon))?);
+            bare.push(pingpong_run(&pingpong, roundtrips, None, extra)?);
+            watched.push(pingpong_run(&pingpong, roundtrips, Some(&leakmon), extra)?);
         }
         report("ns/round trip", &bare, &watched, false);
     }
@@ -107,7 +106,7 @@ fn attach(leakmon: &Path, pid: u32, extra: &[&str]) -> Result<Child> {
     Ok(child)
 }
 
-fn pingpong_run(bin: &Path, n: u64, leakmon: Option<&Path>) -> Result<f64> {
+fn pingpong_run(bin: &Path, n: u64, leakmon: Option<&Path>, extra: &[&str]) -> Result<f64> {
     let mut child = Command::new(bin)
         .args(["-n", &n.to_string(), "-wait"])
         .stdin(Stdio::piped())
@@ -120,7 +119,7 @@ fn pingpong_run(bin: &Path, n: u64, leakmon: Option<&Path>) -> Result<f64> {
     if line.trim() != "ready" {
         bail!("pingpong said {line:?}");
     }
-    let mut watcher = leakmon.map(|l| attach(l, child.id(), &[])).transpose()?;
+    let mut watcher = leakmon.map(|l| attach(l, child.id(), extra)).transpose()?;
     writeln!(child.stdin.take().context("pingpong stdin")?)?;
     line.clear();
     stdout.read_line(&mut line)?;
