@@ -78,10 +78,6 @@ impl Detector {
         }
     }
 
-    pub fn thresholds(&self) -> &Thresholds {
-        &self.thresholds
-    }
-
     /// Takes one snapshot of `pid` and returns the alerts that started or ended.
     pub fn observe(&mut self, pid: u32, snapshot: &Snapshot) -> Vec<Transition> {
         let t = self.thresholds;
@@ -213,14 +209,6 @@ impl Detector {
                 }
             })
             .collect()
-    }
-
-    /// Alerts currently firing for `pid`.
-    pub fn firing(&self, pid: u32) -> Vec<&Alert> {
-        self.processes
-            .get(&pid)
-            .map(|s| s.firing.keys().filter_map(|k| s.last.get(k)).collect())
-            .unwrap_or_default()
     }
 }
 

@@ -15,12 +15,6 @@ pub struct Container {
     pub pod_name: Option<String>,
 }
 
-impl Container {
-    pub fn is_empty(&self) -> bool {
-        self.container_id.is_none() && self.pod_uid.is_none()
-    }
-}
-
 /// Reads /proc/PID/cgroup and, inside a pod, HOSTNAME from /proc/PID/environ.
 pub fn container_of(pid: u32) -> Container {
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
@@ -85,6 +79,9 @@ mod tests {
         let c = parse_cgroup(&format!("0::/docker/{id}"));
         assert_eq!(c.container_id.as_deref(), Some(id.as_str()));
         assert_eq!(c.pod_uid, None);
-        assert!(parse_cgroup("0::/user.slice/user-0.slice/session-1.scope").is_empty());
+        assert_eq!(
+            parse_cgroup("0::/user.slice/user-0.slice/session-1.scope"),
+            Container::default()
+        );
     }
 }

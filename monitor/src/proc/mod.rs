@@ -61,13 +61,6 @@ pub fn exe_path(pid: u32) -> Result<PathBuf, ProcError> {
     std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|e| proc_err(pid, "exe", e))
 }
 
-/// `comm`, the short process name.
-pub fn comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim_end().to_owned())
-        .unwrap_or_default()
-}
-
 /// How far the executable was moved when loaded (0 for Go's default non-PIE executables):
 /// the start of its first mapping minus the lowest address its segments ask for.
 pub fn load_bias(pid: u32, lowest_vaddr: u64) -> Result<u64, ProcError> {
