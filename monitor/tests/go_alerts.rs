@@ -299,3 +299,34 @@ fn stripped_binary_scanned_and_probed() {
         }
     }
 }
+
+/// Attaching and detaching, in both parking modes, leaves the program running and responsive:
+/// no crash, no stall, probes removed (a leftover uprobe on a freed program would crash it).
+#[test]
+fn attach_and_detach_leave_the_program_healthy() {
+    require_root();
+    let versions = fixture_versions();
+    let bin = fixture(&versions[versions.len() - 1], "leaky", false);
+    let mut fx = start_fixture(&bin, &["-mode", "healthy"]);
+    for round in 0..4 {
+        let extra: &[&str] = if round % 2 == 1 {
+            &["--probe-parks"]
+        } else {
+            &[]
+        };
+        let mut lm = Leakmon::watch(&[fx.pid()], extra);
+        lm.wait_stderr("watching PID");
+        std::thread::sleep(Duration::from_millis(700));
+        lm.proc.signal(libc::SIGINT);
+        let status = lm.proc.child.wait().unwrap();
+        assert!(status.success(), "leakmon exit: {status}; {}", lm.stderr());
+        assert!(lm.stderr().contains("detached"), "{}", lm.stderr());
+        assert!(
+            fx.child.try_wait().unwrap().is_none(),
+            "the watched program died in round {round}"
+        );
+    }
+    // Still serving its signal handler: it answers a release at once.
+    fx.signal(libc::SIGUSR1);
+    fx.expect_line("released");
+}
