@@ -126,7 +126,14 @@ impl Workspace {
             "--",
             "-D",
             "warnings",
-        ]))
+        ]))?;
+        // The kernel programs are compiled out on the host: lint them for the BPF target.
+        run(self
+            .cargo(tools)
+            .arg(format!("+{}", tools.nightly))
+            .args(["clippy", "--package", "monitor-ebpf", "--bins"])
+            .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+            .args(["--target-dir", "target/bpf-lint", "--", "-D", "warnings"]))
     }
 
     pub fn binary(&self, release: bool) -> PathBuf {

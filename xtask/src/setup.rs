@@ -27,6 +27,7 @@ pub const GO_FIXTURE_VERSIONS: [&str; 3] = ["1.21.13", "1.24.11", "1.27.3"];
 pub struct Tools {
     pub dir: PathBuf,
     pub bpf_linker_dir: PathBuf,
+    pub nightly: String,
 }
 
 impl Tools {
@@ -67,7 +68,20 @@ pub fn all(ws: &Workspace) -> Result<Tools> {
     let tools = Tools {
         bpf_linker_dir: dir.join(format!("bpf-linker-{BPF_LINKER_VERSION}-{nightly}")),
         dir,
+        nightly: nightly.clone(),
     };
+    // rust-src to build core for the BPF target, clippy to lint the kernel programs; a no-op
+    // when present (machines set up before clippy was added get it here).
+    run(Command::new("rustup")
+        .args([
+            "component",
+            "add",
+            "--toolchain",
+            &nightly,
+            "rust-src",
+            "clippy",
+        ])
+        .stderr(std::process::Stdio::null()))?;
     bpf_linker(&tools, &nightly)?;
     for version in GO_VERSIONS {
         go(&tools, version)?;
