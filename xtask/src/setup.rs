@@ -50,8 +50,9 @@ pub fn tools_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("LEAKMON_TOOLS") {
         return Ok(PathBuf::from(dir));
     }
-    let home = std::env::var_os("HOME").context("HOME is not set; set LEAKMON_TOOLS")?;
-    Ok(PathBuf::from(home).join(".cache/leakmon"))
+    // home_dir falls back to the password database when HOME is unset.
+    let home = std::env::home_dir().context("no home directory; set LEAKMON_TOOLS")?;
+    Ok(home.join(".cache/leakmon"))
 }
 
 pub fn nightly(ws: &Workspace) -> Result<String> {

@@ -1,5 +1,5 @@
-//! Test support: finds Go toolchains under `~/.cache/leakmon/go/<ver>/go`
-//! (override the directory with `LEAKMON_GO_DIR`) and builds a small
+//! Test support: finds Go toolchains under `$LEAKMON_TOOLS/go/<ver>/go` (default
+//! `~/.cache/leakmon`; override the directory with `LEAKMON_GO_DIR`) and builds a small
 //! program with each, normal and stripped, once per test process.
 //!
 //! `LEAKMON_GO_VERSIONS=1.21.13,1.24.11` makes those versions mandatory.
@@ -74,7 +74,11 @@ fn go_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("LEAKMON_GO_DIR") {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    // `./x test` passes the tools directory it installed into.
+    if let Some(tools) = std::env::var_os("LEAKMON_TOOLS") {
+        return PathBuf::from(tools).join("go");
+    }
+    let home = std::env::home_dir().unwrap_or_else(|| PathBuf::from("/root"));
     home.join(".cache/leakmon/go")
 }
 

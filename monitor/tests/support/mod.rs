@@ -35,9 +35,11 @@ pub fn repo_root() -> PathBuf {
 }
 
 fn tools_dir() -> PathBuf {
+    // `./x test` passes the tools directory it installed into.
     std::env::var_os("LEAKMON_TOOLS").map_or_else(
         || {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+            std::env::home_dir()
+                .unwrap_or_else(|| PathBuf::from("/root"))
                 .join(".cache/leakmon")
         },
         PathBuf::from,
