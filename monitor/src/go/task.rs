@@ -35,8 +35,8 @@ pub struct GRecord {
     pub stack_depth: u64,
 }
 
-/// Reads the `g` at `addr` in one read, from its start (`stack`) to the last field used.
-pub fn read_g(mem: &ProcMem, addr: u64, off: &GOffsets) -> Option<GRecord> {
+/// Bytes of a `g` that [`parse_g`] needs: from its start (`stack`) to the last field used.
+fn g_span(off: &GOffsets) -> usize {
     let fields = [
         off.goid,
         off.atomicstatus,
@@ -48,18 +48,35 @@ pub fn read_g(mem: &ProcMem, addr: u64, off: &GOffsets) -> Option<GRecord> {
         off.sched_bp,
         off.tracking_seq,
     ];
-    let hi = *fields.iter().max()? as usize + 8;
-    let mut buf = vec![0u8; hi];
-    if !mem.read(addr, &mut buf) {
-        return None;
-    }
+    fields.iter().max().map_or(0, |m| *m as usize + 8)
+}
+
+/// Reads the `g` at `addr`.
+pub fn read_g(mem: &ProcMem, addr: u64, off: &GOffsets) -> Option<GRecord> {
+    let mut buf = vec![0u8; g_span(off)];
+    mem.read(addr, &mut buf).then(|| parse_g(&buf, off))
+}
+
+/// Reads the `g`s at `addrs`, many per system call (a scan reads every goroutine).
+pub fn read_gs(mem: &ProcMem, addrs: &[u64], off: &GOffsets) -> Vec<Option<GRecord>> {
+    let span = g_span(off);
+    let (buf, ok) = mem.read_many(addrs, span);
+    ok.iter()
+        .enumerate()
+        .map(|(i, ok)| ok.then(|| parse_g(&buf[i * span..(i + 1) * span], off)))
+        .collect()
+}
+
+fn parse_g(buf: &[u8], off: &GOffsets) -> GRecord {
     let at = |o: u32, n: usize| -> u64 {
         let s = o as usize;
         let mut b = [0u8; 8];
-        b[..n].copy_from_slice(&buf[s..s + n]);
+        if let Some(src) = buf.get(s..s + n) {
+            b[..n].copy_from_slice(src);
+        }
         u64::from_le_bytes(b)
     };
-    Some(GRecord {
+    GRecord {
         goid: at(off.goid, 8),
         status: at(off.atomicstatus, 4) as u32 & !G_SCAN,
         waitreason: at(off.waitreason, 1) as u8,
@@ -70,7 +87,7 @@ pub fn read_g(mem: &ProcMem, addr: u64, off: &GOffsets) -> Option<GRecord> {
         sched_bp: at(off.sched_bp, 8),
         tracking_seq: at(off.tracking_seq, 1) as u8,
         stack_depth: at(STACK_HI_OFFSET as u32, 8).wrapping_sub(at(off.sched_sp, 8)),
-    })
+    }
 }
 
 /// PCs of a parked goroutine's stack, innermost first: `sched.pc` then the return addresses

@@ -280,8 +280,9 @@ impl Target {
         };
         let previous = std::mem::take(&mut self.parks);
         let mut judged = Vec::new();
-        for g in task::all_gs(&self.mem, allgs.wrapping_add(self.bias), MAX_GS) {
-            let Some(rec) = task::read_g(&self.mem, g, &self.binary.offsets) else {
+        let gs = task::all_gs(&self.mem, allgs.wrapping_add(self.bias), MAX_GS);
+        for rec in task::read_gs(&self.mem, &gs, &self.binary.offsets) {
+            let Some(rec) = rec else {
                 continue;
             };
             if rec.status != task::G_WAITING {
