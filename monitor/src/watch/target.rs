@@ -163,6 +163,8 @@ pub struct Target {
 
 /// Upper bound on goroutines read per scan (allgs includes dead ones awaiting reuse).
 const MAX_GS: usize = 4 << 20;
+/// Goroutines read per batch of `process_vm_readv` calls.
+const READ_CHUNK: usize = 4096;
 
 /// A park seen by scanning, and since when it has looked the same.
 struct Park {
@@ -281,33 +283,34 @@ impl Target {
         let previous = std::mem::take(&mut self.parks);
         let mut judged = Vec::new();
         let gs = task::all_gs(&self.mem, allgs.wrapping_add(self.bias), MAX_GS);
-        for rec in task::read_gs(&self.mem, &gs, &self.binary.offsets) {
-            let Some(rec) = rec else {
-                continue;
-            };
-            if rec.status != task::G_WAITING {
-                continue;
-            }
-            let signature = (rec.stack_depth, rec.waitreason, rec.tracking_seq);
-            let since_ns = match previous.get(&rec.goid) {
-                Some(p) if p.signature == signature => p.since_ns,
-                _ => now_ns,
-            };
-            self.parks.insert(
-                rec.goid,
-                Park {
-                    signature,
-                    since_ns,
-                },
-            );
-            if now_ns.saturating_sub(since_ns) >= min_parked_ns {
-                judged.push(self.judge(
-                    &rec,
-                    Seen::Parked {
+        // In chunks: one buffer for a whole table of 100k goroutines would be ~30 MiB.
+        for chunk in gs.chunks(READ_CHUNK) {
+            let records = task::read_gs(&self.mem, chunk, &self.binary.offsets);
+            for rec in records.into_iter().flatten() {
+                if rec.status != task::G_WAITING {
+                    continue;
+                }
+                let signature = (rec.stack_depth, rec.waitreason, rec.tracking_seq);
+                let since_ns = match previous.get(&rec.goid) {
+                    Some(p) if p.signature == signature => p.since_ns,
+                    _ => now_ns,
+                };
+                self.parks.insert(
+                    rec.goid,
+                    Park {
+                        signature,
                         since_ns,
-                        reason: rec.waitreason,
                     },
-                ));
+                );
+                if now_ns.saturating_sub(since_ns) >= min_parked_ns {
+                    judged.push(self.judge(
+                        &rec,
+                        Seen::Parked {
+                            since_ns,
+                            reason: rec.waitreason,
+                        },
+                    ));
+                }
             }
         }
         judged
