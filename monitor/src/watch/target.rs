@@ -157,6 +157,8 @@ pub struct Target {
     parks: HashMap<u64, Park>,
     /// Entry function name by start PC (naming a wrapper's callee reads code).
     entries: HashMap<u64, Arc<str>>,
+    /// Creation site by `go`-statement PC: a leak's goroutines share one.
+    creation_sites: HashMap<u64, Option<Arc<Site>>>,
     /// Address of `runtime.allgs` when parks are found by scanning; `None` when probed.
     scan: Option<u64>,
 }
@@ -241,6 +243,7 @@ impl Target {
             interned: Interner::default(),
             parks: HashMap::new(),
             entries: HashMap::new(),
+            creation_sites: HashMap::new(),
             scan,
         };
         log::info!(
@@ -421,7 +424,14 @@ impl Target {
     }
 
     fn resolve(&mut self, rec: &GRecord, since_ns: u64, parked: bool) -> Resolved {
-        let created_at = pick_site(&self.frames_at([rec.gopc]));
+        let created_at = match self.creation_sites.get(&rec.gopc) {
+            Some(site) => site.clone(),
+            None => {
+                let site = pick_site(&self.frames_at([rec.gopc])).map(|s| self.interned.site(s));
+                self.creation_sites.insert(rec.gopc, site.clone());
+                site
+            }
+        };
         let entry = match self.entries.get(&rec.startpc) {
             Some(e) => Arc::clone(e),
             None => {
@@ -445,7 +455,7 @@ impl Target {
         };
         Resolved {
             since_ns,
-            created_at: created_at.map(|s| self.interned.site(s)),
+            created_at,
             entry,
             blocked_at: blocked_at.map(|s| self.interned.site(s)),
         }

@@ -34,15 +34,11 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// Where `./x test` installed the Go toolchains (it decides the default, and passes it).
 fn tools_dir() -> PathBuf {
-    // `./x test` passes the tools directory it installed into.
-    std::env::var_os("LEAKMON_TOOLS").map_or_else(
-        || {
-            std::env::home_dir()
-                .unwrap_or_else(|| PathBuf::from("/root"))
-                .join(".cache/leakmon")
-        },
-        PathBuf::from,
+    std::env::var_os("LEAKMON_TOOLS").map(PathBuf::from).expect(
+        "LEAKMON_TOOLS is not set: run the tests through `./x test`, which installs the Go \
+         toolchains",
     )
 }
 
