@@ -13,6 +13,19 @@ pub mod names {
     pub const GO_PREEMPT: &str = "go_preempt";
     pub const GO_EXIT: &str = "go_exit";
     pub const PROC_EXEC: &str = "proc_exec";
+
+    pub const THREAD_WAITS: &str = "THREAD_WAITS";
+    pub const THREADS: &str = "THREADS";
+
+    pub const FUTEX_ENTER: &str = "futex_enter";
+    pub const FUTEX_EXIT: &str = "futex_exit";
+    pub const FUTEX_WAITV_ENTER: &str = "futex_waitv_enter";
+    pub const FUTEX_WAITV_EXIT: &str = "futex_waitv_exit";
+    pub const FUTEX_WAIT_ENTER: &str = "futex_wait_enter";
+    pub const FUTEX_WAIT_EXIT: &str = "futex_wait_exit";
+    pub const SCHED_SWITCH: &str = "sched_switch";
+    pub const THREAD_FORK: &str = "thread_fork";
+    pub const THREAD_EXIT: &str = "thread_exit";
 }
 
 /// Default capacity of [`names::GOROUTINES`]; userspace may resize it before load.
@@ -21,6 +34,11 @@ pub const MAX_GOROUTINES: u32 = 262_144;
 pub const MAX_GO_PROCS: u32 = 4_096;
 /// Size in bytes of the process exec ring buffer.
 pub const PROC_EVENTS_BYTES: u32 = 64 * 1024;
+
+/// Capacity of [`names::THREAD_WAITS`]: futex waits in flight at once, host-wide.
+pub const MAX_THREAD_WAITS: u32 = 65_536;
+/// Capacity of [`names::THREADS`]: threads known at once, host-wide.
+pub const MAX_THREADS: u32 = 131_072;
 
 /// Per-process parameters the probes need: read from the binary by userspace.
 #[repr(C)]
@@ -90,7 +108,15 @@ pub mod stat {
     pub const READ_ERRORS: u32 = 4;
     /// An exec event did not fit in the ring buffer.
     pub const PROC_EVENTS_LOST: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Futex waits entered (any thread on the host).
+    pub const FUTEX_WAITS: u32 = 6;
+    /// A futex wait could not be recorded: [`super::names::THREAD_WAITS`] was full.
+    pub const THREAD_WAITS_FULL: u32 = 7;
+    /// A thread could not be recorded: [`super::names::THREADS`] was full.
+    pub const THREADS_FULL: u32 = 8;
+    /// Context switches seen.
+    pub const SWITCHES: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// Process event sent to userspace through [`names::PROC_EVENTS`].
@@ -103,6 +129,46 @@ pub struct ProcEvent {
 }
 pub const PROC_EVENT_EXEC: u32 = 1;
 
+/// A futex wait in flight, keyed by thread id in [`names::THREAD_WAITS`]: written when the
+/// thread enters the wait, removed when the system call returns or the thread exits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FutexWait {
+    pub tgid: u32,
+    /// The futex operation as passed (`FUTEX_WAIT_PRIVATE`, ...); [`FUTEX_OP_WAITV`] for
+    /// `futex_waitv` and [`FUTEX_OP_WAIT2`] for `futex_wait`.
+    pub op: u32,
+    /// The futex word waited on (the first one for `futex_waitv`).
+    pub uaddr: u64,
+    /// The value the caller expected the word to hold.
+    pub val: u32,
+    /// [`WAIT_TIMED`], [`WAIT_FROM_PROC`].
+    pub flags: u32,
+    /// `bpf_ktime_get_ns` when the wait began (when leakmon started, for [`WAIT_FROM_PROC`]).
+    pub since_ns: u64,
+}
+
+/// The wait has a timeout: it ends by itself.
+pub const WAIT_TIMED: u32 = 1;
+/// Recorded by userspace from /proc at start, not by a probe: the wait began earlier.
+pub const WAIT_FROM_PROC: u32 = 2;
+/// [`FutexWait::op`] of a `futex_waitv` wait.
+pub const FUTEX_OP_WAITV: u32 = 0x1_0000;
+/// [`FutexWait::op`] of a futex2 `futex_wait` wait.
+pub const FUTEX_OP_WAIT2: u32 = 0x2_0000;
+
+/// What the scheduler probes know of one thread, keyed by thread id in [`names::THREADS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadState {
+    pub tgid: u32,
+    pub _pad: u32,
+    /// When the thread was created (0: before leakmon started).
+    pub created_ns: u64,
+    /// When it last left a CPU: while it is off-CPU, since when.
+    pub off_cpu_since_ns: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all are #[repr(C)] plain integers with explicit padding: any byte pattern is valid.
@@ -110,4 +176,6 @@ mod pod {
     unsafe impl aya::Pod for super::GoKey {}
     unsafe impl aya::Pod for super::GoState {}
     unsafe impl aya::Pod for super::ProcEvent {}
+    unsafe impl aya::Pod for super::FutexWait {}
+    unsafe impl aya::Pod for super::ThreadState {}
 }

@@ -8,6 +8,11 @@
 //! for stripped binaries are `gopark` (every park: the hot path) and `goexit1` probed. They are uprobes on plain entry points (never
 //! uretprobes: Go copies stacks and would meet the trampoline's return address), placed by
 //! userspace after the stack-bound check of the prologue where x86 emulates the instruction.
+//!
+//! Thread probes watch every process on the host: futex waits in flight (`THREAD_WAITS`, one
+//! entry per waiting thread, removed when the wait returns) and when each thread last left a
+//! CPU (`THREADS`). Both are updated in place; no event leaves the kernel per wait or switch,
+//! and stacks are taken by userspace, only for the few waits that last.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -15,13 +20,14 @@
 mod probes {
     use aya_ebpf::{
         helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
-        macros::{btf_tracepoint, map, uprobe},
+        macros::{btf_tracepoint, map, tracepoint, uprobe},
         maps::{HashMap, PerCpuArray, RingBuf},
-        programs::{BtfTracePointContext, ProbeContext},
+        programs::{BtfTracePointContext, ProbeContext, TracePointContext},
     };
     use monitor_ebpf::{
-        GoKey, GoPhase, GoProc, GoState, MAX_GO_PROCS, MAX_GOROUTINES, PROC_EVENT_EXEC,
-        PROC_EVENTS_BYTES, ProcEvent, stat,
+        FUTEX_OP_WAIT2, FUTEX_OP_WAITV, FutexWait, GoKey, GoPhase, GoProc, GoState, MAX_GO_PROCS,
+        MAX_GOROUTINES, MAX_THREAD_WAITS, MAX_THREADS, PROC_EVENT_EXEC, PROC_EVENTS_BYTES,
+        ProcEvent, ThreadState, WAIT_TIMED, stat,
     };
 
     /// BPF_F_NO_PREALLOC: memory follows the live goroutine count, not the capacity.
@@ -39,6 +45,14 @@ mod probes {
 
     #[map]
     static PROC_EVENTS: RingBuf = RingBuf::with_byte_size(PROC_EVENTS_BYTES, 0);
+
+    #[map]
+    static THREAD_WAITS: HashMap<u32, FutexWait> = HashMap::with_max_entries(MAX_THREAD_WAITS, 0);
+
+    /// Not preallocated: sized for a busy host, paid for by the threads that exist. Entries
+    /// are updated in place, so only a thread's first switch allocates.
+    #[map]
+    static THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(MAX_THREADS, NO_PREALLOC);
 
     #[inline(always)]
     fn count(index: u32) {
@@ -189,6 +203,191 @@ mod probes {
     #[btf_tracepoint(function = "sched_process_exec")]
     pub fn proc_exec(_ctx: BtfTracePointContext) -> i32 {
         send_proc_event(PROC_EVENT_EXEC);
+        0
+    }
+
+    /// The calling thread: (tgid, tid).
+    #[inline(always)]
+    fn current() -> (u32, u32) {
+        let id = bpf_get_current_pid_tgid();
+        ((id >> 32) as u32, id as u32)
+    }
+
+    #[inline(always)]
+    fn record_wait(op: u32, uaddr: u64, val: u32, timed: bool) {
+        count(stat::FUTEX_WAITS);
+        let (tgid, tid) = current();
+        let wait = FutexWait {
+            tgid,
+            op,
+            uaddr,
+            val,
+            flags: if timed { WAIT_TIMED } else { 0 },
+            since_ns: unsafe { bpf_ktime_get_ns() },
+        };
+        if THREAD_WAITS.insert(&tid, &wait, 0).is_err() {
+            count(stat::THREAD_WAITS_FULL);
+        }
+    }
+
+    #[inline(always)]
+    fn end_wait() {
+        let (_, tid) = current();
+        let _ = THREAD_WAITS.remove(&tid);
+    }
+
+    /// `futex(u32 *uaddr, int op, u32 val, const struct __kernel_timespec *utime, ...)`
+    /// (syscalls/sys_enter_futex: uaddr at 16, op at 24, val at 32, utime at 40). Only the
+    /// operations that block: FUTEX_WAIT, FUTEX_LOCK_PI, FUTEX_WAIT_BITSET,
+    /// FUTEX_WAIT_REQUEUE_PI, FUTEX_LOCK_PI2.
+    #[tracepoint(category = "syscalls", name = "sys_enter_futex")]
+    pub fn futex_enter(ctx: TracePointContext) -> u32 {
+        // SAFETY: offsets from the tracepoint's format; each read is bounds-checked.
+        let Ok(op) = (unsafe { ctx.read_at::<u64>(24) }) else {
+            return 0;
+        };
+        let op = op as u32;
+        // Without FUTEX_PRIVATE_FLAG (128) and FUTEX_CLOCK_REALTIME (256).
+        if !matches!(op & 127, 0 | 6 | 9 | 11 | 13) {
+            return 0;
+        }
+        let (Ok(uaddr), Ok(val), Ok(utime)) = (unsafe {
+            (
+                ctx.read_at::<u64>(16),
+                ctx.read_at::<u64>(32),
+                ctx.read_at::<u64>(40),
+            )
+        }) else {
+            return 0;
+        };
+        record_wait(op, uaddr, val as u32, utime != 0);
+        0
+    }
+
+    /// Every futex call returns through here; removing an absent key is a cheap miss.
+    #[tracepoint(category = "syscalls", name = "sys_exit_futex")]
+    pub fn futex_exit(_ctx: TracePointContext) -> u32 {
+        end_wait();
+        0
+    }
+
+    /// `futex_waitv(struct futex_waitv *waiters, unsigned int nr_futexes, unsigned int flags,
+    /// struct __kernel_timespec *timeout, clockid_t clockid)`: waiters at 16, timeout at 40.
+    /// Records the first futex (`struct futex_waitv { u64 val; u64 uaddr; ... }`).
+    #[tracepoint(category = "syscalls", name = "sys_enter_futex_waitv")]
+    pub fn futex_waitv_enter(ctx: TracePointContext) -> u32 {
+        let (Ok(waiters), Ok(timeout)) =
+            (unsafe { (ctx.read_at::<u64>(16), ctx.read_at::<u64>(40)) })
+        else {
+            return 0;
+        };
+        // SAFETY: bpf_probe_read_user validates the user address.
+        let (val, uaddr) = unsafe {
+            (
+                bpf_probe_read_user(waiters as *const u64).unwrap_or(0),
+                bpf_probe_read_user((waiters + 8) as *const u64).unwrap_or(0),
+            )
+        };
+        record_wait(FUTEX_OP_WAITV, uaddr, val as u32, timeout != 0);
+        0
+    }
+
+    #[tracepoint(category = "syscalls", name = "sys_exit_futex_waitv")]
+    pub fn futex_waitv_exit(_ctx: TracePointContext) -> u32 {
+        end_wait();
+        0
+    }
+
+    /// futex2 `futex_wait(void *uaddr, unsigned long val, unsigned long mask, unsigned int
+    /// flags, struct __kernel_timespec *timeout, clockid_t clockid)` (Linux 6.7+): uaddr at
+    /// 16, val at 24, timeout at 48.
+    #[tracepoint(category = "syscalls", name = "sys_enter_futex_wait")]
+    pub fn futex_wait_enter(ctx: TracePointContext) -> u32 {
+        let (Ok(uaddr), Ok(val), Ok(timeout)) = (unsafe {
+            (
+                ctx.read_at::<u64>(16),
+                ctx.read_at::<u64>(24),
+                ctx.read_at::<u64>(48),
+            )
+        }) else {
+            return 0;
+        };
+        record_wait(FUTEX_OP_WAIT2, uaddr, val as u32, timeout != 0);
+        0
+    }
+
+    #[tracepoint(category = "syscalls", name = "sys_exit_futex_wait")]
+    pub fn futex_wait_exit(_ctx: TracePointContext) -> u32 {
+        end_wait();
+        0
+    }
+
+    /// `TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
+    /// unsigned int prev_state)` (Linux 5.18+). Runs on every context switch, in `prev`'s
+    /// context: records when it left the CPU. A dying thread's last switch drops it.
+    #[btf_tracepoint(function = "sched_switch")]
+    pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
+        count(stat::SWITCHES);
+        let (tgid, tid) = current();
+        if tid == 0 {
+            return 0;
+        }
+        let prev_state: u32 = ctx.arg(3);
+        // TASK_DEAD
+        if prev_state & 0x80 != 0 {
+            let _ = THREADS.remove(&tid);
+            let _ = THREAD_WAITS.remove(&tid);
+            return 0;
+        }
+        let now = unsafe { bpf_ktime_get_ns() };
+        match THREADS.get_ptr_mut(&tid) {
+            Some(state) => {
+                // SAFETY: only this thread's own switches write its entry.
+                let state = unsafe { &mut *state };
+                state.tgid = tgid;
+                state.off_cpu_since_ns = now;
+            }
+            None => {
+                let state = ThreadState {
+                    tgid,
+                    _pad: 0,
+                    created_ns: 0,
+                    off_cpu_since_ns: now,
+                };
+                if THREADS.insert(&tid, &state, 0).is_err() {
+                    count(stat::THREADS_FULL);
+                }
+            }
+        }
+        0
+    }
+
+    /// sched/sched_process_fork: `child_pid` at 20. Fires for new threads and new processes
+    /// alike, in the parent: a new process is corrected to its own tgid at its first switch.
+    #[tracepoint(category = "sched", name = "sched_process_fork")]
+    pub fn thread_fork(ctx: TracePointContext) -> u32 {
+        let Ok(child) = (unsafe { ctx.read_at::<i32>(20) }) else {
+            return 0;
+        };
+        let (tgid, _) = current();
+        let now = unsafe { bpf_ktime_get_ns() };
+        let state = ThreadState {
+            tgid,
+            _pad: 0,
+            created_ns: now,
+            off_cpu_since_ns: now,
+        };
+        if THREADS.insert(&(child as u32), &state, 0).is_err() {
+            count(stat::THREADS_FULL);
+        }
+        0
+    }
+
+    /// `TP_PROTO(struct task_struct *p, bool group_dead)`: a thread is exiting; a wait it was
+    /// killed in never returns through `sys_exit_futex`.
+    #[btf_tracepoint(function = "sched_process_exit")]
+    pub fn thread_exit(_ctx: BtfTracePointContext) -> i32 {
+        end_wait();
         0
     }
 

@@ -11,7 +11,8 @@ use crate::config::{DetectArgs, FileConfig, Settings};
 #[command(
     name = "leakmon",
     version,
-    about = "Finds leaked, stuck and spinning goroutines in running Go programs, through eBPF"
+    about = "Finds leaked, stuck and spinning goroutines in Go programs, and deadlocked, stuck and \
+             leaking threads in any program, through eBPF"
 )]
 pub struct Cli {
     /// Config file (TOML) [default: /etc/leakmon/leakmon.toml if present]
@@ -34,7 +35,8 @@ pub enum Command {
         #[command(flatten)]
         detect: DetectArgs,
     },
-    /// The daemon: watch every Go process on the host, found at start and on exec
+    /// The daemon: watch every process on the host (goroutines of Go programs, found at start
+    /// and on exec; threads of all)
     Run {
         #[command(flatten)]
         detect: DetectArgs,

@@ -46,6 +46,7 @@ pub struct FileConfig {
     pub max_goroutines: Option<u32>,
     pub format: Option<Format>,
     pub probe_parks: Option<bool>,
+    pub threads: Option<bool>,
 }
 
 pub const DEFAULT_PATH: &str = "/etc/leakmon/leakmon.toml";
@@ -105,6 +106,10 @@ pub struct DetectArgs {
     /// scanning the goroutine table; costs about 1 us per park in the watched program
     #[arg(long, env = "LEAKMON_PROBE_PARKS", num_args = 0..=1, default_missing_value = "true")]
     pub probe_parks: Option<bool>,
+    /// Trace OS threads (futex waits, context switches) of every process: deadlocks, stuck
+    /// locks, thread leaks, hung processes [default: true]
+    #[arg(long, env = "LEAKMON_THREADS", num_args = 0..=1, default_missing_value = "true")]
+    pub threads: Option<bool>,
 }
 
 /// Effective settings.
@@ -115,6 +120,7 @@ pub struct Settings {
     /// None: the command's own default (people read `watch`, machines read `run`).
     pub format: Option<Format>,
     pub probe_parks: bool,
+    pub threads: bool,
 }
 
 impl TryFrom<(&DetectArgs, FileConfig)> for Settings {
@@ -183,6 +189,7 @@ impl TryFrom<(&DetectArgs, FileConfig)> for Settings {
             max_goroutines,
             format: args.format.or(file.format),
             probe_parks: args.probe_parks.or(file.probe_parks).unwrap_or(false),
+            threads: args.threads.or(file.threads).unwrap_or(true),
         })
     }
 }

@@ -1,4 +1,5 @@
-//! leakmon: finds leaked, stuck and spinning goroutines in running Go programs through eBPF.
+//! leakmon: finds leaked, stuck and spinning goroutines in running Go programs, and deadlocked,
+//! stuck and leaking OS threads in any program, through eBPF.
 //!
 //! The binary is a thin CLI over this library; detection (`detect`) runs on plain observations
 //! so it is tested without a kernel.
@@ -12,4 +13,5 @@ pub mod go;
 pub mod output;
 pub mod proc;
 pub mod sys;
+pub mod threads;
 pub mod watch;

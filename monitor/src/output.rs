@@ -22,6 +22,7 @@ pub struct ProcessInfo {
     pub pid: u32,
     pub exe: String,
     pub runtime: &'static str,
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub runtime_version: String,
     #[serde(flatten)]
     pub container: Container,
@@ -47,6 +48,9 @@ struct AlertLine<'a> {
     entry: Entry<'a>,
     blocked_at: Option<&'a Site>,
     hint: &'static str,
+    /// Thread alerts: the threads involved.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    threads: &'a [crate::detect::ThreadReport],
     /// Seconds since the Unix epoch.
     time: f64,
 }
@@ -79,6 +83,7 @@ impl<W: Write> Output<W> {
                     },
                     blocked_at: a.group.blocked_at.as_deref(),
                     hint: hint(a.kind, a.group.wait_reason.as_deref()),
+                    threads: &a.threads,
                     time: std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map(|d| d.as_secs_f64())
@@ -100,17 +105,25 @@ pub fn text(p: &ProcessInfo, t: &Transition) -> String {
         AlertState::Firing => "FIRING",
         AlertState::Resolved => "RESOLVED",
     };
+    let version = if p.runtime_version.is_empty() {
+        p.runtime
+    } else {
+        &p.runtime_version
+    };
     let mut s = format!(
-        "{state} {} PID {} ({}, {}",
+        "{state} {} PID {} ({}, {version}",
         a.kind.as_str(),
         p.pid,
         p.exe,
-        p.runtime_version
     );
     if let Some(pod) = &p.container.pod_name {
         s.push_str(&format!(", pod {pod}"));
     }
-    s.push_str(&format!("): {} goroutines", a.count));
+    if a.kind.is_thread() {
+        s.push_str(&format!("): {} threads", a.count));
+    } else {
+        s.push_str(&format!("): {} goroutines", a.count));
+    }
     if let Some(c) = &a.group.created_at {
         s.push_str(&format!(" created at {c}"));
     }
@@ -125,6 +138,19 @@ pub fn text(p: &ProcessInfo, t: &Transition) -> String {
         s.push_str(&format!(", +{g:.0}/min"));
     }
     if t.state == AlertState::Firing {
+        for th in &a.threads {
+            s.push_str(&format!("\n  thread {} ({})", th.tid, th.name));
+            if let Some(lock) = &th.waits_on {
+                s.push_str(&format!(" waits on {lock}"));
+            }
+            if let Some(owner) = th.owner_tid {
+                s.push_str(&format!(" held by thread {owner}"));
+            }
+            s.push_str(&format!(" for {:.0}s", th.waited_seconds));
+            if let Some(site) = &th.blocked_at {
+                s.push_str(&format!(" at {site}"));
+            }
+        }
         s.push_str(&format!(
             "\n  hint: {}",
             hint(a.kind, a.group.wait_reason.as_deref())

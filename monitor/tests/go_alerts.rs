@@ -230,7 +230,8 @@ fn loop_that_never_exits_is_spinning() {
     });
 }
 
-/// Idle worker pool, idle HTTP server, ticker, short timeouts, short-lived goroutines: silent.
+/// Idle worker pool, idle HTTP server, ticker, short timeouts, short-lived goroutines: silent,
+/// at goroutine and at thread level (`watch` traces the process's threads too).
 #[test]
 fn healthy_service_is_silent() {
     require_root();

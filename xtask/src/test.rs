@@ -15,7 +15,7 @@ pub fn run_all(ws: &Workspace, args: &[String]) -> Result<()> {
     require_root("the integration tests load eBPF programs")?;
     ws.lint(&tools)?;
     let mut cmd = ws.cargo(&tools);
-    cmd.args(["test", "--workspace"])
+    cmd.args(["test", "--workspace", "--no-fail-fast"])
         .env("LEAKMON_TOOLS", &tools.dir)
         // Every listed toolchain must be there: a missing one is a failure, not a skip.
         .env("LEAKMON_GO_VERSIONS", setup::GO_VERSIONS.join(","))

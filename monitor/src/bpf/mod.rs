@@ -1,5 +1,9 @@
 //! Loading leakmon's kernel programs, attaching them to processes, and reading what they keep.
 
+mod threads;
+
+pub use threads::ThreadTables;
+
 use std::{
     collections::{HashMap, HashSet},
     io,
@@ -15,7 +19,7 @@ use aya::{
         uprobe::{UProbeLinkId, UProbeScope},
     },
 };
-use monitor_ebpf::{GoKey, GoProc, GoState, MAX_GOROUTINES, names, stat};
+use monitor_ebpf::{FutexWait, GoKey, GoProc, GoState, MAX_GOROUTINES, ThreadState, names, stat};
 
 use crate::sys::caps;
 
@@ -82,6 +86,10 @@ pub struct Stats {
     pub map_full: u64,
     pub read_errors: u64,
     pub proc_events_lost: u64,
+    pub futex_waits: u64,
+    pub thread_waits_full: u64,
+    pub threads_full: u64,
+    pub switches: u64,
 }
 
 pub struct Probes {
@@ -89,6 +97,13 @@ pub struct Probes {
     procs: BpfHashMap<MapData, u32, GoProc>,
     goroutines: BpfHashMap<MapData, GoKey, GoState>,
     stats: PerCpuArray<MapData, u64>,
+    /// Set once the thread probes are attached ([`Probes::attach_threads`]).
+    threads: Option<ThreadMaps>,
+}
+
+struct ThreadMaps {
+    waits: BpfHashMap<MapData, u32, FutexWait>,
+    states: BpfHashMap<MapData, u32, ThreadState>,
 }
 
 const GO_PROGRAMS: [&str; 3] = [names::GO_PARK, names::GO_PREEMPT, names::GO_EXIT];
@@ -125,6 +140,7 @@ impl Probes {
             procs,
             goroutines,
             stats,
+            threads: None,
         })
     }
 
@@ -248,6 +264,10 @@ impl Probes {
             map_full: total(stat::MAP_FULL),
             read_errors: total(stat::READ_ERRORS),
             proc_events_lost: total(stat::PROC_EVENTS_LOST),
+            futex_waits: total(stat::FUTEX_WAITS),
+            thread_waits_full: total(stat::THREAD_WAITS_FULL),
+            threads_full: total(stat::THREADS_FULL),
+            switches: total(stat::SWITCHES),
         }
     }
 

@@ -19,6 +19,14 @@ pub enum AlertKind {
     GoroutineStuck,
     /// Goroutines running past the spin threshold without ever parking.
     GoroutineSpinning,
+    /// Threads waiting on each other's locks in a cycle.
+    ThreadDeadlock,
+    /// Threads blocked on a lock past the threshold.
+    ThreadStuck,
+    /// Blocked threads piling up while the process's thread count keeps growing.
+    ThreadLeak,
+    /// Every thread of the process blocked past the threshold, at least one on a lock.
+    ProcessHung,
 }
 
 impl AlertKind {
@@ -27,7 +35,19 @@ impl AlertKind {
             Self::GoroutineLeak => "goroutine_leak",
             Self::GoroutineStuck => "goroutine_stuck",
             Self::GoroutineSpinning => "goroutine_spinning",
+            Self::ThreadDeadlock => "thread_deadlock",
+            Self::ThreadStuck => "thread_stuck",
+            Self::ThreadLeak => "thread_leak",
+            Self::ProcessHung => "process_hung",
         }
+    }
+
+    /// Whether the alert is about OS threads rather than goroutines.
+    pub fn is_thread(self) -> bool {
+        matches!(
+            self,
+            Self::ThreadDeadlock | Self::ThreadStuck | Self::ThreadLeak | Self::ProcessHung
+        )
     }
 }
 
@@ -47,6 +67,8 @@ pub struct Alert {
     pub oldest_seconds: f64,
     /// Net growth per minute over the leak window (None until the window is covered).
     pub growth_per_minute: Option<f64>,
+    /// Thread alerts: the threads involved (at most a few; `count` has the total).
+    pub threads: Vec<super::ThreadReport>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -174,6 +196,7 @@ impl Detector {
                 count: members.count,
                 oldest_seconds: now.saturating_sub(members.oldest_since_ns) as f64 / 1e9,
                 growth_per_minute,
+                threads: Vec::new(),
             };
             if state.firing.insert(key.clone(), kind).is_none() {
                 transitions.push(Transition {

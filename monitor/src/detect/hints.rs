@@ -5,6 +5,26 @@ use super::AlertKind;
 /// A one-line remedy for an alert of `kind` whose goroutines wait for `wait_reason`.
 pub fn hint(kind: AlertKind, wait_reason: Option<&str>) -> &'static str {
     match (kind, wait_reason.unwrap_or_default()) {
+        (AlertKind::ThreadDeadlock, _) => {
+            "threads hold locks while waiting for each other's: take locks in one global order \
+             (or all at once, e.g. std::scoped_lock), never call out while holding a lock, or use \
+             pthread_mutex_timedlock and back off"
+        }
+        (AlertKind::ThreadStuck, _) => {
+            "threads wait on a lock that is never released: make sure every path unlocks (RAII \
+             guards, pthread_cleanup_push), keep lock order consistent, and bound waits with a \
+             timed lock"
+        }
+        (AlertKind::ThreadLeak, _) => {
+            "threads are started faster than they finish and stay blocked: use a fixed-size \
+             thread pool or a semaphore to bound them, join or detach every thread, and give \
+             blocked threads a way out (timeouts, cancellation, closing what they wait on)"
+        }
+        (AlertKind::ProcessHung, _) => {
+            "every thread is blocked and at least one waits on a lock: the process cannot make \
+             progress; look for a lock cycle or a lock held by a thread that exited, and restart \
+             it after taking a core dump (gcore) for diagnosis"
+        }
         (AlertKind::GoroutineSpinning, _) => {
             "a loop never blocks or exits: give it an exit condition (check ctx.Done() or a quit \
              channel each iteration) and wait on a channel, sync.Cond or time.Ticker instead of \

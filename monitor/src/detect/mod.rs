@@ -1,4 +1,4 @@
-//! Turning goroutine observations into alerts. Input is plain data (what the probes and the
+//! Turning goroutine and thread observations into alerts. Input is plain data (what the probes and the
 //! process memory said at one instant), so every rule here runs on recorded observations in
 //! tests without eBPF.
 
@@ -8,11 +8,13 @@ mod alerts;
 mod groups;
 mod hints;
 mod rules;
+mod threads;
 
 pub use alerts::{Alert, AlertKind, AlertState, Detector, Transition};
 pub use groups::{GroupKey, Site};
 pub use hints::hint;
 pub use rules::{Thresholds, WaitClass, classify_wait};
+pub use threads::{FutexObs, ThreadDetector, ThreadObs, ThreadReport, ThreadSnapshot};
 
 /// One goroutine as seen at a scan. Sites and names are shared (`Arc`): thousands of
 /// goroutines of one group point at the same few.

@@ -1,6 +1,7 @@
 //! The monitoring loop: attach to Go processes, scan what the probes keep, judge, report.
 
 mod target;
+mod threads;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -15,6 +16,7 @@ use tokio::{
 };
 
 pub use self::target::{Binaries, BinaryKey, Target, TargetError};
+use self::threads::ThreadWatch;
 use crate::{
     bpf::{BpfError, Probes, Stats},
     config::Settings,
@@ -51,13 +53,33 @@ struct Monitor<W: Write> {
     discover: bool,
     last_stats: Stats,
     scans: u64,
+    /// Thread-level monitoring (unless disabled).
+    threads: Option<ThreadWatch>,
 }
 
 /// `leakmon watch`: the given processes, until interrupted or until they have all exited.
+/// Go programs get goroutine and thread detection; any other program thread detection.
 pub async fn watch<W: Write>(pids: &[u32], settings: Settings, out: W) -> Result<(), WatchError> {
     let mut m = Monitor::new(settings, Format::Text, out)?;
+    let with_threads = m.settings.threads;
     for pid in pids {
-        m.add(*pid)?;
+        match m.add(*pid) {
+            Ok(()) => {}
+            Err(TargetError::Go {
+                source: GoError::NotGo,
+                ..
+            }) if with_threads => {
+                log::info!("PID {pid} is not a Go program: watching its threads only");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if with_threads {
+        m.threads = Some(ThreadWatch::start(
+            &mut m.probes,
+            m.settings.thresholds,
+            Some(pids.iter().copied().collect()),
+        )?);
     }
     m.run_loop(None, true).await
 }
@@ -74,7 +96,22 @@ pub async fn run<W: Write>(settings: Settings, out: W) -> Result<(), WatchError>
     for pid in all_pids() {
         m.try_add(pid);
     }
-    log::info!("watching {} Go processes", m.targets.len());
+    if m.settings.threads {
+        m.threads = Some(ThreadWatch::start(
+            &mut m.probes,
+            m.settings.thresholds,
+            None,
+        )?);
+    }
+    log::info!(
+        "watching {} Go processes{}",
+        m.targets.len(),
+        if m.threads.is_some() {
+            ", and the threads of every process"
+        } else {
+            ""
+        }
+    );
     m.run_loop(Some(events), false).await
 }
 
@@ -98,6 +135,7 @@ impl<W: Write> Monitor<W> {
             discover: false,
             last_stats: Stats::default(),
             scans: 0,
+            threads: None,
             out: Output::new(settings.format.unwrap_or(default_format), out),
             settings,
         })
@@ -160,8 +198,11 @@ impl<W: Write> Monitor<W> {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    // Checked before the scan: a process that died before it has had its
+                    // alerts resolved by it.
+                    let threads_alive = self.threads.as_ref().is_some_and(ThreadWatch::any_alive);
                     self.scan()?;
-                    if exit_when_empty && self.targets.is_empty() {
+                    if exit_when_empty && self.targets.is_empty() && !threads_alive {
                         log::info!("every watched process has exited");
                         break;
                     }
@@ -226,6 +267,14 @@ impl<W: Write> Monitor<W> {
                 now.read_errors - last.read_errors
             );
         }
+        if now.thread_waits_full > last.thread_waits_full || now.threads_full > last.threads_full {
+            log::warn!(
+                "{} futex waits and {} threads did not fit in the kernel maps; thread alerts may \
+                 miss them",
+                now.thread_waits_full - last.thread_waits_full,
+                now.threads_full - last.threads_full
+            );
+        }
         if now.proc_events_lost > last.proc_events_lost {
             log::warn!(
                 "{} exec events lost (ring buffer full); searching /proc for new Go processes",
@@ -285,6 +334,19 @@ impl<W: Write> Monitor<W> {
             for transition in self.detector.observe(*pid, &snapshot) {
                 self.out
                     .emit(info, &transition)
+                    .map_err(WatchError::Output)?;
+            }
+        }
+        if let Some(threads) = &mut self.threads {
+            let targets = &self.targets;
+            let go_info = |pid| {
+                targets
+                    .get(&pid)
+                    .map(|(_, info): &(Target, ProcessInfo)| info.clone())
+            };
+            for (info, transition) in threads.scan(&mut self.probes, now, go_info) {
+                self.out
+                    .emit(&info, &transition)
                     .map_err(WatchError::Output)?;
             }
         }

@@ -100,6 +100,52 @@ pub fn fixture(version: &str, name: &str, stripped: bool) -> PathBuf {
     out
 }
 
+/// Builds a native fixture from fixtures/native (once per test binary): `threads` from
+/// threads.c with gcc, `deadlock` from deadlock.rs with rustc. Both keep debug info, as a
+/// service's build usually does in its debug package.
+pub fn native_fixture(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
+    if let Some(p) = built.get(name) {
+        return p.clone();
+    }
+    let src = repo_root().join("fixtures/native");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures/native");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(name);
+    let status = match name {
+        "threads" => Command::new("gcc")
+            .args(["-g", "-O1", "-pthread", "-o"])
+            .arg(&out)
+            .arg(src.join("threads.c"))
+            .status(),
+        "deadlock" => Command::new("rustc")
+            .args(["-g", "-O", "--edition", "2024", "-o"])
+            .arg(&out)
+            .arg(src.join("deadlock.rs"))
+            .status(),
+        _ => panic!("no native fixture {name}"),
+    }
+    .unwrap_or_else(|e| panic!("building native fixture {name}: {e} (is gcc installed?)"));
+    assert!(status.success(), "building native fixture {name} failed");
+    built.insert(name.to_owned(), out.clone());
+    out
+}
+
+/// Line of the `// @block:<tag>` marker in a fixture source file.
+pub fn block_line(file: &str, tag: &str) -> u64 {
+    let src = std::fs::read_to_string(repo_root().join(file)).unwrap();
+    let marker = format!("// @block:{tag}");
+    let lines: Vec<u64> = src
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.trim_end().ends_with(&marker))
+        .map(|(i, _)| i as u64 + 1)
+        .collect();
+    assert_eq!(lines.len(), 1, "marker {marker} in {file}");
+    lines[0]
+}
+
 /// A child process killed when dropped.
 pub struct Proc {
     pub child: Child,

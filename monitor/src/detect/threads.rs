@@ -1,0 +1,533 @@
+//! Judging a process's OS threads: lock cycles (`thread_deadlock`), locks never acquired
+//! (`thread_stuck`), threads that pile up blocked (`thread_leak`) and processes whose every
+//! thread is blocked (`process_hung`). Input is plain data, like the goroutine rules.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use serde::Serialize;
+
+use super::{
+    Alert, AlertKind, AlertState, GroupKey, Site, Transition,
+    rules::{History, Thresholds},
+};
+use crate::threads::futex::{LockFlavor, WaitKind};
+
+/// A futex wait a thread is in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FutexObs {
+    pub uaddr: u64,
+    pub since_ns: u64,
+    pub kind: WaitKind,
+    pub flavor: LockFlavor,
+    /// The lock's owner (host thread id), where the lock records it.
+    pub owner_tid: Option<u32>,
+}
+
+/// One thread as seen at a scan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ThreadObs {
+    pub tid: u32,
+    pub name: Arc<str>,
+    /// Off a CPU (sleeping) since; None while it runs or waits to run.
+    pub off_cpu_since_ns: Option<u64>,
+    pub wait: Option<FutexObs>,
+    /// First frame in the program's own code, and the outermost one (where the thread
+    /// started); known for threads blocked past the threshold.
+    pub blocked_at: Option<Arc<Site>>,
+    pub entry: Option<Arc<str>>,
+    pub stack: Arc<[String]>,
+}
+
+impl ThreadObs {
+    /// Since when it has been blocked: in its futex wait, or off-CPU.
+    fn blocked_since(&self) -> Option<u64> {
+        self.wait
+            .as_ref()
+            .map(|w| w.since_ns)
+            .or(self.off_cpu_since_ns)
+    }
+
+    fn reason(&self) -> &'static str {
+        match &self.wait {
+            Some(w) => w.kind.reason(w.flavor),
+            None => "blocked",
+        }
+    }
+}
+
+/// All threads of one process at one instant.
+#[derive(Clone, Debug)]
+pub struct ThreadSnapshot {
+    pub now_ns: u64,
+    pub threads: Vec<ThreadObs>,
+}
+
+/// One thread in an alert's `threads` list.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ThreadReport {
+    pub tid: u32,
+    pub name: Arc<str>,
+    /// The futex (lock) address, hex.
+    pub waits_on: Option<String>,
+    pub owner_tid: Option<u32>,
+    pub waited_seconds: f64,
+    /// First frame in the program's own code.
+    pub blocked_at: Option<Arc<Site>>,
+    /// Innermost first, "function (file:line)" or "function (library)".
+    pub stack: Arc<[String]>,
+}
+
+/// Threads listed per alert at most (`count` has them all).
+const MAX_REPORTED: usize = 16;
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Key {
+    /// The lock addresses of the cycle, sorted.
+    Deadlock(Vec<u64>),
+    Stuck(GroupKey),
+    Leak(GroupKey),
+    Hung,
+}
+
+#[derive(Debug, Default)]
+struct ProcessState {
+    leak_histories: HashMap<GroupKey, History>,
+    thread_count: History,
+    firing: BTreeMap<Key, Alert>,
+}
+
+#[derive(Debug)]
+pub struct ThreadDetector {
+    thresholds: Thresholds,
+    processes: HashMap<u32, ProcessState>,
+}
+
+impl ThreadDetector {
+    pub fn new(thresholds: Thresholds) -> Self {
+        Self {
+            thresholds,
+            processes: HashMap::new(),
+        }
+    }
+
+    /// Takes one snapshot of `pid`'s threads and returns the alerts that started or ended.
+    pub fn observe(&mut self, pid: u32, snapshot: &ThreadSnapshot) -> Vec<Transition> {
+        let t = self.thresholds;
+        let now = snapshot.now_ns;
+        let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let block = ns(t.block);
+        let state = self.processes.entry(pid).or_default();
+        let by_tid: HashMap<u32, &ThreadObs> =
+            snapshot.threads.iter().map(|t| (t.tid, t)).collect();
+        let age = |since: u64| now.saturating_sub(since);
+        let report = |t: &ThreadObs| ThreadReport {
+            tid: t.tid,
+            name: t.name.clone(),
+            waits_on: t.wait.as_ref().map(|w| format!("{:#x}", w.uaddr)),
+            owner_tid: t.wait.as_ref().and_then(|w| w.owner_tid),
+            waited_seconds: t.blocked_since().map_or(0.0, |s| age(s) as f64 / 1e9),
+            blocked_at: t.blocked_at.clone(),
+            stack: t.stack.clone(),
+        };
+        let group_key = |t: &ThreadObs| GroupKey {
+            created_at: None,
+            entry: t.entry.clone().unwrap_or_else(|| t.name.clone()),
+            blocked_at: t.blocked_at.clone(),
+            wait_reason: Some(t.reason().into()),
+        };
+        let mut wanted: BTreeMap<Key, Alert> = BTreeMap::new();
+
+        // Lock waits, and the wait-for graph through the owners the locks record. A cycle is
+        // final once it has held for a scan interval; a lone wait only past the threshold.
+        let settled = ns(t.scan_interval).min(block);
+        let mut in_cycle = BTreeSet::new();
+        for start in snapshot.threads.iter().filter(|t| lock_wait(t).is_some()) {
+            let mut path = vec![start.tid];
+            let mut tid = start.tid;
+            while let Some(owner) = by_tid
+                .get(&tid)
+                .and_then(|t| lock_wait(t))
+                .and_then(|w| w.owner_tid)
+            {
+                if let Some(i) = path.iter().position(|p| *p == owner) {
+                    let cycle = &path[i..];
+                    let members: Vec<&ThreadObs> = cycle
+                        .iter()
+                        .filter_map(|t| by_tid.get(t).copied())
+                        .collect();
+                    let settled = members
+                        .iter()
+                        .all(|m| lock_wait(m).is_some_and(|w| age(w.since_ns) >= settled));
+                    if let Some(first) = members.first()
+                        && settled
+                        && cycle.iter().all(|t| !in_cycle.contains(t))
+                    {
+                        in_cycle.extend(cycle.iter().copied());
+                        let mut locks: Vec<u64> = members
+                            .iter()
+                            .filter_map(|m| lock_wait(m).map(|w| w.uaddr))
+                            .collect();
+                        locks.sort_unstable();
+                        let oldest = members
+                            .iter()
+                            .filter_map(|m| m.blocked_since())
+                            .min()
+                            .unwrap_or(now);
+                        wanted.insert(
+                            Key::Deadlock(locks),
+                            Alert {
+                                kind: AlertKind::ThreadDeadlock,
+                                group: group_key(first),
+                                count: members.len() as u64,
+                                oldest_seconds: age(oldest) as f64 / 1e9,
+                                growth_per_minute: None,
+                                threads: members.iter().map(|m| report(m)).collect(),
+                            },
+                        );
+                    }
+                    break;
+                }
+                if path.len() > 64 {
+                    break;
+                }
+                path.push(owner);
+                tid = owner;
+            }
+        }
+
+        // Other lock waits past the threshold, grouped by where they wait.
+        let mut stuck: BTreeMap<GroupKey, Vec<&ThreadObs>> = BTreeMap::new();
+        for t in &snapshot.threads {
+            if let Some(w) = lock_wait(t)
+                && age(w.since_ns) >= block
+                && !in_cycle.contains(&t.tid)
+            {
+                stuck.entry(group_key(t)).or_default().push(t);
+            }
+        }
+        for (key, members) in stuck {
+            wanted.insert(
+                Key::Stuck(key.clone()),
+                group_alert(AlertKind::ThreadStuck, key, &members, now, None, &report),
+            );
+        }
+
+        // Threads that stay blocked, by where: a leak when a group and the process's thread
+        // count both keep growing.
+        state
+            .thread_count
+            .push(now, snapshot.threads.len() as u64, t.leak_window);
+        let mut blocked: BTreeMap<GroupKey, Vec<&ThreadObs>> = BTreeMap::new();
+        for t in &snapshot.threads {
+            if t.blocked_since().is_some_and(|s| age(s) >= block) {
+                blocked.entry(group_key(t)).or_default().push(t);
+            }
+        }
+        for (key, members) in &blocked {
+            state.leak_histories.entry(key.clone()).or_default().push(
+                now,
+                members.len() as u64,
+                t.leak_window,
+            );
+        }
+        for (key, history) in state.leak_histories.iter_mut() {
+            if !blocked.contains_key(key) {
+                history.push(now, 0, t.leak_window);
+            }
+        }
+        let process_grows = state
+            .thread_count
+            .keeps_growing(now, t.leak_window, t.leak_min_growth);
+        for (key, members) in &blocked {
+            let Some(history) = state.leak_histories.get(key) else {
+                continue;
+            };
+            let was_leaking = state.firing.contains_key(&Key::Leak(key.clone()));
+            let leaking = if was_leaking {
+                history.growth(now, t.leak_window).is_none_or(|g| g > 0)
+            } else {
+                process_grows && history.keeps_growing(now, t.leak_window, t.leak_min_growth)
+            };
+            if leaking {
+                let growth = history
+                    .growth(now, t.leak_window)
+                    .map(|g| g as f64 * 60.0 / t.leak_window.as_secs_f64().max(1e-9));
+                wanted.insert(
+                    Key::Leak(key.clone()),
+                    group_alert(
+                        AlertKind::ThreadLeak,
+                        key.clone(),
+                        members,
+                        now,
+                        growth,
+                        &report,
+                    ),
+                );
+            }
+        }
+
+        // Every thread blocked past the threshold with no way out by itself (no timeout, no
+        // I/O), at least one on a lock.
+        let all_stuck = !snapshot.threads.is_empty()
+            && snapshot.threads.iter().all(|t| {
+                t.off_cpu_since_ns.is_some_and(|s| age(s) >= block)
+                    && t.wait
+                        .as_ref()
+                        .is_some_and(|w| w.kind != WaitKind::Timed && age(w.since_ns) >= block)
+            })
+            && snapshot.threads.iter().any(|t| lock_wait(t).is_some());
+        if all_stuck {
+            let members: Vec<&ThreadObs> = snapshot.threads.iter().collect();
+            if let Some(first_lock) = snapshot.threads.iter().find(|t| lock_wait(t).is_some()) {
+                wanted.insert(
+                    Key::Hung,
+                    group_alert(
+                        AlertKind::ProcessHung,
+                        group_key(first_lock),
+                        &members,
+                        now,
+                        None,
+                        &report,
+                    ),
+                );
+            }
+        }
+
+        let mut transitions = Vec::new();
+        let firing: Vec<Key> = state.firing.keys().cloned().collect();
+        for key in firing {
+            if !wanted.contains_key(&key)
+                && let Some(mut alert) = state.firing.remove(&key)
+            {
+                alert.count = 0;
+                transitions.push(Transition {
+                    state: AlertState::Resolved,
+                    alert,
+                });
+            }
+        }
+        for (key, alert) in wanted {
+            if !state.firing.contains_key(&key) {
+                transitions.push(Transition {
+                    state: AlertState::Firing,
+                    alert: alert.clone(),
+                });
+            }
+            state.firing.insert(key, alert);
+        }
+        let firing = &state.firing;
+        state
+            .leak_histories
+            .retain(|key, h| firing.contains_key(&Key::Leak(key.clone())) || !h.is_idle());
+        transitions
+    }
+
+    /// The process is gone: resolve its alerts and drop its state.
+    pub fn forget(&mut self, pid: u32) -> Vec<Transition> {
+        let Some(state) = self.processes.remove(&pid) else {
+            return Vec::new();
+        };
+        state
+            .firing
+            .into_values()
+            .map(|mut alert| {
+                alert.count = 0;
+                Transition {
+                    state: AlertState::Resolved,
+                    alert,
+                }
+            })
+            .collect()
+    }
+}
+
+fn lock_wait(t: &ThreadObs) -> Option<&FutexObs> {
+    t.wait.as_ref().filter(|w| w.kind == WaitKind::Lock)
+}
+
+fn group_alert(
+    kind: AlertKind,
+    group: GroupKey,
+    members: &[&ThreadObs],
+    now: u64,
+    growth_per_minute: Option<f64>,
+    report: &dyn Fn(&ThreadObs) -> ThreadReport,
+) -> Alert {
+    let oldest = members
+        .iter()
+        .filter_map(|m| m.blocked_since())
+        .min()
+        .unwrap_or(now);
+    let mut threads: Vec<ThreadReport> = members.iter().map(|m| report(m)).collect();
+    threads.sort_by(|a, b| b.waited_seconds.total_cmp(&a.waited_seconds));
+    threads.truncate(MAX_REPORTED);
+    Alert {
+        kind,
+        group,
+        count: members.len() as u64,
+        oldest_seconds: now.saturating_sub(oldest) as f64 / 1e9,
+        growth_per_minute,
+        threads,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn thresholds() -> Thresholds {
+        Thresholds {
+            block: Duration::from_secs(2),
+            spin: Duration::from_secs(3),
+            leak_window: Duration::from_secs(6),
+            leak_min_growth: 3,
+            scan_interval: Duration::from_secs(1),
+        }
+    }
+
+    fn thread(tid: u32, since: u64, wait: Option<(u64, WaitKind, Option<u32>)>) -> ThreadObs {
+        ThreadObs {
+            tid,
+            name: format!("t{tid}").into(),
+            off_cpu_since_ns: Some(since * S),
+            wait: wait.map(|(uaddr, kind, owner_tid)| FutexObs {
+                uaddr,
+                since_ns: since * S,
+                kind,
+                flavor: LockFlavor::PthreadMutex,
+                owner_tid,
+            }),
+            blocked_at: Some(Arc::new(Site {
+                function: "worker".into(),
+                file: "/src/w.c".into(),
+                line: 10 + tid,
+            })),
+            entry: Some("worker".into()),
+            stack: Arc::from([]),
+        }
+    }
+
+    fn snapshot(now: u64, threads: Vec<ThreadObs>) -> ThreadSnapshot {
+        ThreadSnapshot {
+            now_ns: now * S,
+            threads,
+        }
+    }
+
+    fn kinds(transitions: &[Transition]) -> Vec<(AlertKind, AlertState)> {
+        transitions
+            .iter()
+            .map(|t| (t.alert.kind, t.state))
+            .collect()
+    }
+
+    #[test]
+    fn a_cycle_is_one_deadlock_once_settled() {
+        let mut d = ThreadDetector::new(thresholds());
+        let cycle = |now| {
+            snapshot(
+                now,
+                vec![
+                    thread(1, 0, Some((0xa, WaitKind::Lock, Some(2)))),
+                    thread(2, 0, Some((0xb, WaitKind::Lock, Some(1)))),
+                    // Running: the process is not hung.
+                    ThreadObs {
+                        off_cpu_since_ns: None,
+                        ..thread(3, 0, None)
+                    },
+                ],
+            )
+        };
+        // Younger than a scan interval: not yet.
+        assert!(d.observe(7, &snapshot(0, cycle(0).threads)).is_empty());
+        let fired = d.observe(7, &cycle(1));
+        assert_eq!(
+            kinds(&fired),
+            [(AlertKind::ThreadDeadlock, AlertState::Firing)]
+        );
+        let alert = &fired[0].alert;
+        assert_eq!(alert.count, 2);
+        assert_eq!(alert.threads[0].owner_tid, Some(2));
+        assert_eq!(alert.threads[0].waits_on.as_deref(), Some("0xa"));
+        // Past the block threshold the cycle is still one deadlock, not also stuck.
+        assert!(d.observe(7, &cycle(5)).is_empty());
+        let resolved = d.observe(7, &snapshot(6, Vec::new()));
+        assert_eq!(
+            kinds(&resolved),
+            [(AlertKind::ThreadDeadlock, AlertState::Resolved)]
+        );
+    }
+
+    #[test]
+    fn owner_less_locks_are_stuck_idle_waits_are_not() {
+        let mut d = ThreadDetector::new(thresholds());
+        let threads = vec![
+            thread(1, 0, Some((0xa, WaitKind::Lock, None))),
+            thread(2, 0, Some((0xc, WaitKind::Idle, None))),
+            thread(3, 0, Some((0xd, WaitKind::Timed, None))),
+            thread(4, 0, None),
+        ];
+        assert!(d.observe(7, &snapshot(1, threads.clone())).is_empty());
+        let fired = d.observe(7, &snapshot(3, threads));
+        // Not hung: one thread sleeps with a timeout.
+        assert_eq!(
+            kinds(&fired),
+            [(AlertKind::ThreadStuck, AlertState::Firing)]
+        );
+        assert_eq!(fired[0].alert.count, 1);
+        assert_eq!(
+            fired[0].alert.group.blocked_at.as_ref().map(|s| s.line),
+            Some(11)
+        );
+    }
+
+    #[test]
+    fn every_thread_on_untimed_waits_with_a_lock_is_hung() {
+        let mut d = ThreadDetector::new(thresholds());
+        let threads = vec![
+            thread(1, 0, Some((0xa, WaitKind::Lock, None))),
+            thread(2, 0, Some((0xc, WaitKind::Idle, None))),
+        ];
+        let fired = d.observe(7, &snapshot(3, threads));
+        assert_eq!(
+            kinds(&fired),
+            [
+                (AlertKind::ThreadStuck, AlertState::Firing),
+                (AlertKind::ProcessHung, AlertState::Firing)
+            ]
+        );
+        let resolved = d.forget(7);
+        assert_eq!(resolved.len(), 2);
+    }
+
+    #[test]
+    fn growing_blocked_threads_leak_a_fixed_pool_does_not() {
+        let mut leaky = ThreadDetector::new(thresholds());
+        let mut pool = ThreadDetector::new(thresholds());
+        let mut fired = Vec::new();
+        for now in 0..=12u64 {
+            // One more blocked thread per second, all at the same place.
+            let threads = (0..=now as u32)
+                .map(|i| ThreadObs {
+                    blocked_at: thread(0, 0, None).blocked_at,
+                    ..thread(100 + i, u64::from(i), Some((0x1, WaitKind::Idle, None)))
+                })
+                .collect();
+            fired.extend(leaky.observe(1, &snapshot(now, threads)));
+            let idle = (0..8)
+                .map(|i| thread(i, 0, Some((0x2, WaitKind::Idle, None))))
+                .collect();
+            assert!(pool.observe(1, &snapshot(now, idle)).is_empty(), "t={now}");
+        }
+        assert_eq!(kinds(&fired), [(AlertKind::ThreadLeak, AlertState::Firing)]);
+        assert!(fired[0].alert.growth_per_minute.is_some_and(|g| g > 0.0));
+        assert!(fired[0].alert.threads.len() <= MAX_REPORTED);
+    }
+}

@@ -1,0 +1,274 @@
+//! What a futex wait is for: a lock (with an owner when the lock records one), an idle wait,
+//! or a wait that ends by itself.
+
+use monitor_ebpf::{FUTEX_OP_WAIT2, FUTEX_OP_WAITV, FutexWait, WAIT_TIMED};
+
+/// `op` without FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME.
+const CMD_MASK: u32 = 127;
+const FUTEX_WAIT: u32 = 0;
+const FUTEX_LOCK_PI: u32 = 6;
+const FUTEX_LOCK_PI2: u32 = 13;
+/// PI futex words hold the owner's thread id in these bits.
+const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
+/// glibc's x86_64 `pthread_mutex_t`: `int __lock; unsigned __count; int __owner; ...`.
+pub const PTHREAD_MUTEX_OWNER_OFFSET: u64 = 8;
+/// The "locked, with waiters" state of glibc's low-level locks and Rust std's futex mutex.
+const CONTENDED: u32 = 2;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WaitKind {
+    /// Waiting to acquire a lock.
+    Lock,
+    /// Waiting for work, a signal or another thread's exit (condition variables, semaphores,
+    /// joins, runtime parking): normal however long it lasts.
+    Idle,
+    /// A wait with a timeout: it ends by itself.
+    Timed,
+}
+
+impl WaitKind {
+    /// The wait reason alerts print.
+    pub fn reason(self, lock: LockFlavor) -> &'static str {
+        match (self, lock) {
+            (Self::Lock, LockFlavor::PthreadMutex) => "pthread mutex",
+            (Self::Lock, LockFlavor::PiMutex) => "PI mutex",
+            (Self::Lock, LockFlavor::Other) => "lock",
+            (Self::Idle, _) => "idle futex wait",
+            (Self::Timed, _) => "timed futex wait",
+        }
+    }
+}
+
+/// Which kind of lock, which says where its owner is recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LockFlavor {
+    /// glibc `pthread_mutex_t`: owner in `__owner`.
+    PthreadMutex,
+    /// A priority-inheritance futex: owner in the futex word.
+    PiMutex,
+    /// Owner not recorded (Rust std, most language runtimes' locks).
+    Other,
+}
+
+/// Functions that settle what a wait is for, innermost frame first; the first frame that
+/// matches decides (a condition variable re-taking its mutex is a lock wait).
+const LOCK_FUNCTIONS: [&str; 9] = [
+    "__lll_lock_wait",
+    "pthread_mutex_lock",
+    "pthread_mutex_timedlock",
+    "pthread_mutex_clocklock",
+    "pthread_rwlock_rdlock",
+    "pthread_rwlock_wrlock",
+    "lock_contended",
+    "read_contended",
+    "write_contended",
+];
+const IDLE_FUNCTIONS: [&str; 11] = [
+    "pthread_cond_wait",
+    "pthread_cond_timedwait",
+    "pthread_cond_clockwait",
+    "pthread_join",
+    "pthread_clockjoin",
+    "pthread_timedjoin",
+    "sem_wait",
+    "sem_timedwait",
+    "pthread_barrier_wait",
+    "Condvar",
+    "park",
+];
+
+/// Judges one wait: `frames` are the symbol names of its stack, innermost first (empty when
+/// unknown); `word` is the futex word now; `in_go_runtime` says the wait was entered from a
+/// Go binary's own code (the runtime parking an idle thread).
+pub fn classify(
+    wait: &FutexWait,
+    word: Option<u32>,
+    frames: &[&str],
+    in_go_runtime: bool,
+) -> (WaitKind, LockFlavor) {
+    let cmd = wait.op & CMD_MASK;
+    let pi = wait.op & (FUTEX_OP_WAITV | FUTEX_OP_WAIT2) == 0
+        && matches!(cmd, FUTEX_LOCK_PI | FUTEX_LOCK_PI2);
+    if wait.flags & WAIT_TIMED != 0 {
+        return (WaitKind::Timed, LockFlavor::Other);
+    }
+    if pi {
+        return (WaitKind::Lock, LockFlavor::PiMutex);
+    }
+    if in_go_runtime {
+        return (WaitKind::Idle, LockFlavor::Other);
+    }
+    for frame in frames {
+        if LOCK_FUNCTIONS.iter().any(|f| frame.contains(f)) {
+            let flavor = if frame.contains("pthread_mutex") || frame.contains("__lll_lock_wait") {
+                LockFlavor::PthreadMutex
+            } else {
+                LockFlavor::Other
+            };
+            return (WaitKind::Lock, flavor);
+        }
+        if IDLE_FUNCTIONS.iter().any(|f| frame.contains(f)) {
+            return (WaitKind::Idle, LockFlavor::Other);
+        }
+    }
+    // No telling frame (stripped code): a contended lock word that stays contended.
+    if wait.val == CONTENDED && word == Some(CONTENDED) {
+        // glibc's mutexes wait with plain FUTEX_WAIT; Rust std's with FUTEX_WAIT_BITSET.
+        let flavor = if wait.op & (FUTEX_OP_WAITV | FUTEX_OP_WAIT2) == 0 && cmd == FUTEX_WAIT {
+            LockFlavor::PthreadMutex
+        } else {
+            LockFlavor::Other
+        };
+        return (WaitKind::Lock, flavor);
+    }
+    (WaitKind::Idle, LockFlavor::Other)
+}
+
+/// The owner of a PI futex word, in the process's PID namespace (0: none).
+pub fn pi_owner(word: u32) -> u32 {
+    word & FUTEX_TID_MASK
+}
+
+/// Parses a futex wait from /proc/PID/task/TID/syscall ("202 0xuaddr 0xop 0xval 0xutime ...
+/// sp pc"): for threads already waiting when leakmon started. None unless it is a futex
+/// call in a blocking operation.
+pub fn from_proc_syscall(line: &str, tgid: u32, since_ns: u64) -> Option<FutexWait> {
+    const SYS_FUTEX: u64 = 202;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .map(|f| match f.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => f.parse().ok(),
+        })
+        .collect::<Option<_>>()?;
+    if fields.len() < 9 || fields[0] != SYS_FUTEX {
+        return None;
+    }
+    let op = fields[2] as u32;
+    if !matches!(op & CMD_MASK, 0 | 6 | 9 | 11 | 13) {
+        return None;
+    }
+    Some(FutexWait {
+        tgid,
+        op,
+        uaddr: fields[1],
+        val: fields[3] as u32,
+        flags: monitor_ebpf::WAIT_FROM_PROC | if fields[4] != 0 { WAIT_TIMED } else { 0 },
+        since_ns,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait(op: u32, val: u32) -> FutexWait {
+        FutexWait {
+            op,
+            val,
+            ..FutexWait::default()
+        }
+    }
+
+    #[test]
+    fn frames_decide_innermost_first() {
+        let mutex = wait(128, 2);
+        assert_eq!(
+            classify(
+                &mutex,
+                Some(2),
+                &["__lll_lock_wait", "pthread_mutex_lock", "worker"],
+                false
+            ),
+            (WaitKind::Lock, LockFlavor::PthreadMutex)
+        );
+        let cond = wait(137 | 256, 0);
+        assert_eq!(
+            classify(
+                &cond,
+                Some(0),
+                &[
+                    "__futex_abstimed_wait_common",
+                    "pthread_cond_wait@@GLIBC_2.3.2"
+                ],
+                false
+            )
+            .0,
+            WaitKind::Idle
+        );
+        let rust = wait(137, 2);
+        assert_eq!(
+            classify(
+                &rust,
+                Some(2),
+                &["std::sys::sync::mutex::futex::Mutex::lock_contended"],
+                false
+            ),
+            (WaitKind::Lock, LockFlavor::Other)
+        );
+    }
+
+    #[test]
+    fn without_frames_the_lock_word_decides() {
+        assert_eq!(
+            classify(&wait(128, 2), Some(2), &[], false).1,
+            LockFlavor::PthreadMutex
+        );
+        assert_eq!(
+            classify(&wait(137, 2), Some(2), &[], false),
+            (WaitKind::Lock, LockFlavor::Other)
+        );
+        // Condition variables and thread parking wait on other values.
+        assert_eq!(
+            classify(&wait(137, 0), Some(0), &[], false).0,
+            WaitKind::Idle
+        );
+        assert_eq!(
+            classify(&wait(137, u32::MAX), Some(u32::MAX), &[], false).0,
+            WaitKind::Idle
+        );
+        // A lock released since the wait began.
+        assert_eq!(
+            classify(&wait(128, 2), Some(0), &[], false).0,
+            WaitKind::Idle
+        );
+    }
+
+    #[test]
+    fn timeouts_pi_and_go_runtime() {
+        let mut timed = wait(128, 2);
+        timed.flags = WAIT_TIMED;
+        assert_eq!(
+            classify(&timed, Some(2), &["pthread_mutex_lock"], false).0,
+            WaitKind::Timed
+        );
+        assert_eq!(
+            classify(&wait(6 | 128, 0), None, &[], false),
+            (WaitKind::Lock, LockFlavor::PiMutex)
+        );
+        assert_eq!(
+            classify(&wait(128, 2), Some(2), &[], true).0,
+            WaitKind::Idle
+        );
+        assert_eq!(pi_owner(0x8000_0000 | 4242), 4242);
+    }
+
+    #[test]
+    fn proc_syscall_lines() {
+        let w = from_proc_syscall(
+            "202 0x55beaf82f240 0x80 0x2 0x0 0x0 0x0 0x7fce29fa2ea8 0x7fce2a02d12b",
+            7,
+            99,
+        )
+        .unwrap();
+        assert_eq!(
+            (w.uaddr, w.op, w.val, w.tgid, w.since_ns),
+            (0x55be_af82_f240, 128, 2, 7, 99)
+        );
+        assert_eq!(w.flags, monitor_ebpf::WAIT_FROM_PROC);
+        // A wake, another system call, a running thread.
+        assert!(from_proc_syscall("202 0x1 0x81 0x1 0x0 0x0 0x0 0x7 0x8", 7, 0).is_none());
+        assert!(from_proc_syscall("7 0x1 0x1 0x0 0x0 0x0 0x0 0x7 0x8", 7, 0).is_none());
+        assert!(from_proc_syscall("running", 7, 0).is_none());
+    }
+}

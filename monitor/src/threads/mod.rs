@@ -1,0 +1,388 @@
+//! OS threads of any process: what the thread probes recorded, completed from /proc (names,
+//! states, stacks of long waits, lock owners), as per-process snapshots for
+//! [`crate::detect::ThreadDetector`].
+
+pub mod futex;
+pub mod stack;
+pub mod symbols;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use monitor_ebpf::{FutexWait, ThreadState};
+
+use self::{
+    futex::{LockFlavor, PTHREAD_MUTEX_OWNER_OFFSET, WaitKind},
+    stack::StackReader,
+    symbols::{Frame, Symbolizer},
+};
+use crate::{
+    bpf::{Probes, ThreadTables},
+    detect::{FutexObs, Site, ThreadObs, ThreadSnapshot},
+    proc::ProcMem,
+};
+
+/// What is kept of a thread's long wait between scans: its stack does not change while the
+/// wait lasts.
+#[derive(Clone, Debug)]
+struct Seen {
+    /// The wait (or off-CPU period) this was computed for.
+    since_ns: u64,
+    name: Arc<str>,
+    blocked_at: Option<Arc<Site>>,
+    entry: Option<Arc<str>>,
+    stack: Arc<[String]>,
+    /// Futex wait judged: kind, flavor, lock owner (namespace thread id).
+    futex: Option<(WaitKind, LockFlavor, Option<u32>)>,
+}
+
+/// Builds thread snapshots; keeps symbols and judged waits across scans.
+#[derive(Default)]
+pub struct ThreadScanner {
+    symbolizer: Symbolizer,
+    seen: HashMap<u32, Seen>,
+}
+
+impl ThreadScanner {
+    /// Seeds the probes' tables with the threads of `pids` as /proc shows them now: threads
+    /// that were already asleep or in a futex wait when leakmon started are otherwise unseen
+    /// until they next run.
+    pub fn seed(&mut self, probes: &mut Probes, pids: impl IntoIterator<Item = u32>, now_ns: u64) {
+        for pid in pids {
+            for tid in tasks(pid) {
+                let Ok(state) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
+                else {
+                    continue;
+                };
+                if task_state(&state) == Some('R') {
+                    continue;
+                }
+                let wait = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall"))
+                    .ok()
+                    .and_then(|line| futex::from_proc_syscall(&line, pid, now_ns));
+                let state = ThreadState {
+                    tgid: pid,
+                    _pad: 0,
+                    created_ns: 0,
+                    off_cpu_since_ns: now_ns,
+                };
+                probes.seed_thread(tid, state, wait);
+            }
+        }
+    }
+
+    /// Groups the probes' tables by process, skipping `exclude` (leakmon itself).
+    pub fn by_process(tables: ThreadTables, exclude: u32) -> HashMap<u32, ProcessThreads> {
+        let mut out: HashMap<u32, ProcessThreads> = HashMap::new();
+        for (tid, state) in tables.threads {
+            if state.tgid != exclude {
+                out.entry(state.tgid)
+                    .or_default()
+                    .threads
+                    .push((tid, state));
+            }
+        }
+        for (tid, wait) in tables.waits {
+            if wait.tgid != exclude {
+                out.entry(wait.tgid).or_default().waits.insert(tid, wait);
+            }
+        }
+        out
+    }
+
+    /// One process's snapshot. Threads blocked at least `deep_ns` get a name, a stack and a
+    /// judged wait; futex waits already after `settle_ns` (so that lock cycles are found
+    /// early). Records found stale are dropped from the probes' maps.
+    pub fn snapshot(
+        &mut self,
+        probes: &mut Probes,
+        pid: u32,
+        mut process: ProcessThreads,
+        now_ns: u64,
+        settle_ns: u64,
+        deep_ns: u64,
+    ) -> ThreadSnapshot {
+        let age = |since: u64| now_ns.saturating_sub(since);
+        // Threads known only from a wait (seeded, or the switch record was lost) count too.
+        let known: HashSet<u32> = process.threads.iter().map(|(tid, _)| *tid).collect();
+        for (tid, wait) in &process.waits {
+            if !known.contains(tid) {
+                process.threads.push((
+                    *tid,
+                    ThreadState {
+                        tgid: pid,
+                        _pad: 0,
+                        created_ns: 0,
+                        off_cpu_since_ns: wait.since_ns,
+                    },
+                ));
+            }
+        }
+        let is_deep = |state: &ThreadState, wait: Option<&FutexWait>| {
+            age(wait.map_or(state.off_cpu_since_ns, |w| w.since_ns)) >= deep_ns
+                || wait.is_some_and(|w| age(w.since_ns) >= settle_ns)
+        };
+        // Stacks are read only for processes with a long wait.
+        let any_deep = process
+            .threads
+            .iter()
+            .any(|(tid, state)| is_deep(state, process.waits.get(tid)));
+        let mut reader = if any_deep {
+            ProcMem::open(pid)
+                .ok()
+                .zip(self.symbolizer.process(pid))
+                .map(|(mem, symbols)| StackReader::new(mem, symbols))
+        } else {
+            None
+        };
+        let mut ns_tids: Option<HashMap<u32, u32>> = None;
+        let mut threads = Vec::with_capacity(process.threads.len());
+        for (tid, state) in &process.threads {
+            let wait = process.waits.get(tid);
+            if !is_deep(state, wait) {
+                threads.push(ThreadObs {
+                    tid: *tid,
+                    name: "".into(),
+                    off_cpu_since_ns: Some(state.off_cpu_since_ns),
+                    wait: None,
+                    blocked_at: None,
+                    entry: None,
+                    stack: Arc::from([]),
+                });
+                continue;
+            }
+            // A long one: confirm from /proc that it still sleeps, in the same wait.
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
+                probes.forget_thread(*tid);
+                self.seen.remove(tid);
+                continue;
+            };
+            let syscall = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall"))
+                .unwrap_or_default();
+            let running = matches!(task_state(&stat), Some('R') | None);
+            let wait = wait.filter(|w| {
+                let still = futex::from_proc_syscall(&syscall, pid, 0)
+                    .is_some_and(|now| now.uaddr == w.uaddr);
+                if !still {
+                    probes.forget_wait(*tid, w);
+                }
+                still
+            });
+            if running && wait.is_none() {
+                threads.push(ThreadObs {
+                    tid: *tid,
+                    name: "".into(),
+                    off_cpu_since_ns: None,
+                    wait: None,
+                    blocked_at: None,
+                    entry: None,
+                    stack: Arc::from([]),
+                });
+                continue;
+            }
+            let since = wait.map_or(state.off_cpu_since_ns, |w| w.since_ns);
+            let seen = match self.seen.get(tid).filter(|s| s.since_ns == since) {
+                Some(seen) => seen.clone(),
+                None => {
+                    let seen = judge(pid, *tid, since, wait, &syscall, reader.as_mut());
+                    self.seen.insert(*tid, seen.clone());
+                    seen
+                }
+            };
+            let futex = wait
+                .zip(seen.futex)
+                .map(|(w, (kind, flavor, owner))| FutexObs {
+                    uaddr: w.uaddr,
+                    since_ns: w.since_ns,
+                    kind,
+                    flavor,
+                    owner_tid: owner.and_then(|owner| {
+                        let map = ns_tids.get_or_insert_with(|| namespace_tids(pid));
+                        map.get(&owner).copied()
+                    }),
+                });
+            threads.push(ThreadObs {
+                tid: *tid,
+                name: seen.name,
+                off_cpu_since_ns: (!running).then_some(state.off_cpu_since_ns),
+                wait: futex,
+                blocked_at: seen.blocked_at,
+                entry: seen.entry,
+                stack: seen.stack,
+            });
+        }
+        ThreadSnapshot { now_ns, threads }
+    }
+
+    /// Forgets what was kept for threads no longer known, and modules no process maps.
+    pub fn retain(&mut self, live_tids: &HashSet<u32>) {
+        self.seen.retain(|tid, _| live_tids.contains(tid));
+    }
+
+    pub fn symbolizer(&mut self) -> &mut Symbolizer {
+        &mut self.symbolizer
+    }
+}
+
+/// One process's records from the probes.
+#[derive(Debug, Default)]
+pub struct ProcessThreads {
+    pub threads: Vec<(u32, ThreadState)>,
+    pub waits: HashMap<u32, FutexWait>,
+}
+
+/// Names a long wait: the thread's name and stack, and what the futex is for.
+fn judge(
+    pid: u32,
+    tid: u32,
+    since_ns: u64,
+    wait: Option<&FutexWait>,
+    syscall: &str,
+    mut reader: Option<&mut StackReader<'_>>,
+) -> Seen {
+    let name: Arc<str> = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+        .map(|c| c.trim_end().into())
+        .unwrap_or_else(|_| "?".into());
+    let (addresses, frames) = match (stack::registers(syscall), reader.as_deref_mut()) {
+        (Some((sp, pc)), Some(reader)) => {
+            let addresses = reader.addresses(sp, pc);
+            let frames = reader.frames(&addresses);
+            (addresses, frames)
+        }
+        _ => (Vec::new(), Vec::new()),
+    };
+    let own: Vec<&Frame> = frames.iter().filter(|f| !is_library(f)).collect();
+    let site = |f: &Frame| {
+        Arc::new(Site {
+            function: f.function.to_string(),
+            file: f.file.as_deref().unwrap_or(&f.module).to_owned(),
+            line: f.line,
+        })
+    };
+    let futex = wait.map(|w| {
+        let (word, in_go_runtime) = match reader.as_deref_mut() {
+            Some(r) => (
+                r.read_u32(w.uaddr),
+                addresses.first().is_some_and(|pc| r.is_go_code(*pc)),
+            ),
+            None => (None, false),
+        };
+        let names: Vec<&str> = frames.iter().map(|f| &*f.function).collect();
+        let (kind, flavor) = futex::classify(w, word, &names, in_go_runtime);
+        let owner = match (kind, flavor) {
+            (WaitKind::Lock, LockFlavor::PthreadMutex) => reader
+                .as_deref()
+                .and_then(|r| r.read_u32(w.uaddr + PTHREAD_MUTEX_OWNER_OFFSET))
+                .filter(|o| *o != 0),
+            (WaitKind::Lock, LockFlavor::PiMutex) => word.map(futex::pi_owner).filter(|o| *o != 0),
+            _ => None,
+        };
+        (kind, flavor, owner)
+    });
+    Seen {
+        since_ns,
+        name,
+        blocked_at: own.first().map(|f| site(f)),
+        entry: own.last().map(|f| f.function.clone()),
+        stack: frames.iter().map(ToString::to_string).collect(),
+        futex,
+    }
+}
+
+/// Code that is not the program's own: the C library and loader, language runtimes'
+/// standard libraries, thread start-up.
+fn is_library(frame: &Frame) -> bool {
+    const LIBRARIES: [&str; 7] = [
+        "libc.so",
+        "libc-",
+        "libpthread",
+        "ld-linux",
+        "libstdc++",
+        "libgcc_s",
+        "libm.so",
+    ];
+    const FUNCTIONS: [&str; 8] = [
+        "std::", "core::", "alloc::", "<std::", "<core::", "<alloc::", "runtime.", "__",
+    ];
+    let module = frame.module.rsplit('/').next().unwrap_or_default();
+    LIBRARIES.iter().any(|l| module.starts_with(l))
+        || FUNCTIONS.iter().any(|f| frame.function.starts_with(f))
+        || matches!(
+            &*frame.function,
+            "start_thread" | "clone" | "clone3" | "_start" | "?"
+        )
+}
+
+fn tasks(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The state letter of a /proc stat line.
+fn task_state(stat: &str) -> Option<char> {
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
+/// Thread ids as the process sees them (its PID namespace) -> host thread ids. Locks record
+/// owners in the process's namespace.
+fn namespace_tids(pid: u32) -> HashMap<u32, u32> {
+    tasks(pid)
+        .into_iter()
+        .filter_map(|tid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+            let ns = status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))?
+                .split_whitespace()
+                .last()?
+                .parse()
+                .ok()?;
+            Some((ns, tid))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_and_library_frames() {
+        assert_eq!(task_state("42 (a b) c) S 1 2"), Some('S'));
+        let frame = |function: &str, module: &str| Frame {
+            function: function.into(),
+            file: None,
+            line: 0,
+            module: module.into(),
+        };
+        assert!(is_library(&frame(
+            "pthread_mutex_lock",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6"
+        )));
+        assert!(is_library(&frame(
+            "std::sys::sync::mutex::futex::Mutex::lock_contended",
+            "/app"
+        )));
+        assert!(!is_library(&frame("locker_a", "/app")));
+        assert!(!is_library(&frame("deadlock::main::{{closure}}", "/app")));
+    }
+
+    #[test]
+    fn own_namespace_maps_to_itself() {
+        let pid = std::process::id();
+        let map = namespace_tids(pid);
+        assert_eq!(map.get(&pid), Some(&pid));
+    }
+}
