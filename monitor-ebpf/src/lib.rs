@@ -17,12 +17,6 @@ pub mod names {
     pub const THREAD_WAITS: &str = "THREAD_WAITS";
     pub const THREADS: &str = "THREADS";
 
-    pub const FUTEX_ENTER: &str = "futex_enter";
-    pub const FUTEX_EXIT: &str = "futex_exit";
-    pub const FUTEX_WAITV_ENTER: &str = "futex_waitv_enter";
-    pub const FUTEX_WAITV_EXIT: &str = "futex_waitv_exit";
-    pub const FUTEX_WAIT_ENTER: &str = "futex_wait_enter";
-    pub const FUTEX_WAIT_EXIT: &str = "futex_wait_exit";
     pub const SCHED_SWITCH: &str = "sched_switch";
     pub const THREAD_FORK: &str = "thread_fork";
     pub const THREAD_EXIT: &str = "thread_exit";
@@ -108,15 +102,11 @@ pub mod stat {
     pub const READ_ERRORS: u32 = 4;
     /// An exec event did not fit in the ring buffer.
     pub const PROC_EVENTS_LOST: u32 = 5;
-    /// Futex waits entered (any thread on the host).
-    pub const FUTEX_WAITS: u32 = 6;
     /// A futex wait could not be recorded: [`super::names::THREAD_WAITS`] was full.
-    pub const THREAD_WAITS_FULL: u32 = 7;
+    pub const THREAD_WAITS_FULL: u32 = 6;
     /// A thread could not be recorded: [`super::names::THREADS`] was full.
-    pub const THREADS_FULL: u32 = 8;
-    /// Context switches seen.
-    pub const SWITCHES: u32 = 9;
-    pub const COUNT: u32 = 10;
+    pub const THREADS_FULL: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// Process event sent to userspace through [`names::PROC_EVENTS`].
@@ -129,14 +119,15 @@ pub struct ProcEvent {
 }
 pub const PROC_EVENT_EXEC: u32 = 1;
 
-/// A futex wait in flight, keyed by thread id in [`names::THREAD_WAITS`]: written when the
-/// thread enters the wait, removed when the system call returns or the thread exits.
+/// The last futex wait a thread slept in, keyed by thread id in [`names::THREAD_WAITS`]:
+/// written when it goes to sleep in one, removed when it exits. It may be over: userspace
+/// checks /proc before judging a wait that looks long.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FutexWait {
     pub tgid: u32,
-    /// The futex operation as passed (`FUTEX_WAIT_PRIVATE`, ...); [`FUTEX_OP_WAITV`] for
-    /// `futex_waitv` and [`FUTEX_OP_WAIT2`] for `futex_wait`.
+    /// The kind of wait: [`FUTEX_WAIT`] (also FUTEX_WAIT_BITSET and futex2's futex_wait),
+    /// [`FUTEX_LOCK_PI`], [`FUTEX_WAIT_REQUEUE_PI`] or [`FUTEX_OP_WAITV`].
     pub op: u32,
     /// The futex word waited on (the first one for `futex_waitv`).
     pub uaddr: u64,
@@ -152,10 +143,11 @@ pub struct FutexWait {
 pub const WAIT_TIMED: u32 = 1;
 /// Recorded by userspace from /proc at start, not by a probe: the wait began earlier.
 pub const WAIT_FROM_PROC: u32 = 2;
-/// [`FutexWait::op`] of a `futex_waitv` wait.
+/// [`FutexWait::op`] values: the futex(2) commands, and one for `futex_waitv`.
+pub const FUTEX_WAIT: u32 = 0;
+pub const FUTEX_LOCK_PI: u32 = 6;
+pub const FUTEX_WAIT_REQUEUE_PI: u32 = 11;
 pub const FUTEX_OP_WAITV: u32 = 0x1_0000;
-/// [`FutexWait::op`] of a futex2 `futex_wait` wait.
-pub const FUTEX_OP_WAIT2: u32 = 0x2_0000;
 
 /// What the scheduler probes know of one thread, keyed by thread id in [`names::THREADS`].
 #[repr(C)]

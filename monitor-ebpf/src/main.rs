@@ -9,25 +9,30 @@
 //! uretprobes: Go copies stacks and would meet the trampoline's return address), placed by
 //! userspace after the stack-bound check of the prologue where x86 emulates the instruction.
 //!
-//! Thread probes watch every process on the host: futex waits in flight (`THREAD_WAITS`, one
-//! entry per waiting thread, removed when the wait returns) and when each thread last left a
-//! CPU (`THREADS`). Both are updated in place; no event leaves the kernel per wait or switch,
-//! and stacks are taken by userspace, only for the few waits that last.
+//! Thread probes watch every process on the host from the scheduler: when each thread last
+//! left a CPU (`THREADS`) and, for threads asleep in a futex wait, the wait (`THREAD_WAITS`,
+//! one entry per thread, replaced or dropped at its next switch). Both are updated in place;
+//! no event leaves the kernel per wait or switch, and stacks are taken by userspace, only for
+//! the few waits that last.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod probes {
     use aya_ebpf::{
-        helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+        bindings::pt_regs,
+        helpers::{
+            bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+            generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+        },
         macros::{btf_tracepoint, map, tracepoint, uprobe},
         maps::{HashMap, PerCpuArray, RingBuf},
         programs::{BtfTracePointContext, ProbeContext, TracePointContext},
     };
     use monitor_ebpf::{
-        FUTEX_OP_WAIT2, FUTEX_OP_WAITV, FutexWait, GoKey, GoPhase, GoProc, GoState, MAX_GO_PROCS,
-        MAX_GOROUTINES, MAX_THREAD_WAITS, MAX_THREADS, PROC_EVENT_EXEC, PROC_EVENTS_BYTES,
-        ProcEvent, ThreadState, WAIT_TIMED, stat,
+        FUTEX_LOCK_PI, FUTEX_OP_WAITV, FUTEX_WAIT, FUTEX_WAIT_REQUEUE_PI, FutexWait, GoKey,
+        GoPhase, GoProc, GoState, MAX_GO_PROCS, MAX_GOROUTINES, MAX_THREAD_WAITS, MAX_THREADS,
+        PROC_EVENT_EXEC, PROC_EVENTS_BYTES, ProcEvent, ThreadState, WAIT_TIMED, stat,
     };
 
     /// BPF_F_NO_PREALLOC: memory follows the live goroutine count, not the capacity.
@@ -213,121 +218,75 @@ mod probes {
         ((id >> 32) as u32, id as u32)
     }
 
+    /// The futex wait a thread that is going to sleep is entering, from the system call it is
+    /// in (its user registers): (op, uaddr, val, timed). None when it sleeps for anything
+    /// else. Reading it here, when a thread blocks, costs nothing to system calls: tracing
+    /// the futex syscall tracepoints would send every system call of every task through the
+    /// kernel's slow tracing path, and fentry needs ftrace, which hosts may forbid.
     #[inline(always)]
-    fn record_wait(op: u32, uaddr: u64, val: u32, timed: bool) {
-        count(stat::FUTEX_WAITS);
-        let (tgid, tid) = current();
-        let wait = FutexWait {
-            tgid,
-            op,
-            uaddr,
-            val,
-            flags: if timed { WAIT_TIMED } else { 0 },
-            since_ns: unsafe { bpf_ktime_get_ns() },
-        };
-        if THREAD_WAITS.insert(&tid, &wait, 0).is_err() {
-            count(stat::THREAD_WAITS_FULL);
+    fn futex_wait_of_current() -> Option<(u32, u64, u32, bool)> {
+        const SYS_FUTEX: u64 = 202;
+        const SYS_FUTEX_WAITV: u64 = 449;
+        const SYS_FUTEX_WAIT: u64 = 455;
+        // SAFETY: the BTF task pointer of the current task; its saved user registers are read
+        // with bpf_probe_read_kernel.
+        // bpf_task_pt_regs returns a BTF pointer: the verifier lets fields be loaded from it
+        // directly (fault-safe loads), far cheaper than bpf_probe_read_kernel.
+        let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs };
+        // SAFETY: a BTF-typed kernel pointer; loads from it are checked and fault-safe.
+        let field = |f: *const u64| unsafe { core::ptr::read_volatile(f) };
+        // The system call number first: most sleeps are not in a futex wait.
+        let nr = field(unsafe { core::ptr::addr_of!((*regs).orig_rax) });
+        if !matches!(nr, SYS_FUTEX | SYS_FUTEX_WAITV | SYS_FUTEX_WAIT) {
+            return None;
         }
-    }
-
-    #[inline(always)]
-    fn end_wait() {
-        let (_, tid) = current();
-        let _ = THREAD_WAITS.remove(&tid);
-    }
-
-    /// `futex(u32 *uaddr, int op, u32 val, const struct __kernel_timespec *utime, ...)`
-    /// (syscalls/sys_enter_futex: uaddr at 16, op at 24, val at 32, utime at 40). Only the
-    /// operations that block: FUTEX_WAIT, FUTEX_LOCK_PI, FUTEX_WAIT_BITSET,
-    /// FUTEX_WAIT_REQUEUE_PI, FUTEX_LOCK_PI2.
-    #[tracepoint(category = "syscalls", name = "sys_enter_futex")]
-    pub fn futex_enter(ctx: TracePointContext) -> u32 {
-        // SAFETY: offsets from the tracepoint's format; each read is bounds-checked.
-        let Ok(op) = (unsafe { ctx.read_at::<u64>(24) }) else {
-            return 0;
+        let arg = |i: usize| {
+            field(unsafe {
+                match i {
+                    0 => core::ptr::addr_of!((*regs).rdi),
+                    1 => core::ptr::addr_of!((*regs).rsi),
+                    2 => core::ptr::addr_of!((*regs).rdx),
+                    3 => core::ptr::addr_of!((*regs).r10),
+                    _ => core::ptr::addr_of!((*regs).r8),
+                }
+            })
         };
-        let op = op as u32;
-        // Without FUTEX_PRIVATE_FLAG (128) and FUTEX_CLOCK_REALTIME (256).
-        if !matches!(op & 127, 0 | 6 | 9 | 11 | 13) {
-            return 0;
+        match nr {
+            // futex(uaddr, op, val, utime, ...): the operations that block.
+            SYS_FUTEX => {
+                let op = match arg(1) as u32 & 127 {
+                    0 | 9 => FUTEX_WAIT,
+                    6 | 13 => FUTEX_LOCK_PI,
+                    11 => FUTEX_WAIT_REQUEUE_PI,
+                    _ => return None,
+                };
+                Some((op, arg(0), arg(2) as u32, arg(3) != 0))
+            }
+            // futex_waitv(waiters, nr, flags, timeout, clockid): the first futex of
+            // `struct futex_waitv { u64 val; u64 uaddr; ... }`.
+            SYS_FUTEX_WAITV => {
+                let waiters = arg(0);
+                // SAFETY: bpf_probe_read_user validates the user address.
+                let (val, uaddr) = unsafe {
+                    (
+                        bpf_probe_read_user(waiters as *const u64).unwrap_or(0),
+                        bpf_probe_read_user((waiters + 8) as *const u64).unwrap_or(0),
+                    )
+                };
+                Some((FUTEX_OP_WAITV, uaddr, val as u32, arg(3) != 0))
+            }
+            // futex2 futex_wait(uaddr, val, mask, flags, timeout, clockid) (Linux 6.7+).
+            SYS_FUTEX_WAIT => Some((FUTEX_WAIT, arg(0), arg(1) as u32, arg(4) != 0)),
+            _ => None,
         }
-        let (Ok(uaddr), Ok(val), Ok(utime)) = (unsafe {
-            (
-                ctx.read_at::<u64>(16),
-                ctx.read_at::<u64>(32),
-                ctx.read_at::<u64>(40),
-            )
-        }) else {
-            return 0;
-        };
-        record_wait(op, uaddr, val as u32, utime != 0);
-        0
-    }
-
-    /// Every futex call returns through here; removing an absent key is a cheap miss.
-    #[tracepoint(category = "syscalls", name = "sys_exit_futex")]
-    pub fn futex_exit(_ctx: TracePointContext) -> u32 {
-        end_wait();
-        0
-    }
-
-    /// `futex_waitv(struct futex_waitv *waiters, unsigned int nr_futexes, unsigned int flags,
-    /// struct __kernel_timespec *timeout, clockid_t clockid)`: waiters at 16, timeout at 40.
-    /// Records the first futex (`struct futex_waitv { u64 val; u64 uaddr; ... }`).
-    #[tracepoint(category = "syscalls", name = "sys_enter_futex_waitv")]
-    pub fn futex_waitv_enter(ctx: TracePointContext) -> u32 {
-        let (Ok(waiters), Ok(timeout)) =
-            (unsafe { (ctx.read_at::<u64>(16), ctx.read_at::<u64>(40)) })
-        else {
-            return 0;
-        };
-        // SAFETY: bpf_probe_read_user validates the user address.
-        let (val, uaddr) = unsafe {
-            (
-                bpf_probe_read_user(waiters as *const u64).unwrap_or(0),
-                bpf_probe_read_user((waiters + 8) as *const u64).unwrap_or(0),
-            )
-        };
-        record_wait(FUTEX_OP_WAITV, uaddr, val as u32, timeout != 0);
-        0
-    }
-
-    #[tracepoint(category = "syscalls", name = "sys_exit_futex_waitv")]
-    pub fn futex_waitv_exit(_ctx: TracePointContext) -> u32 {
-        end_wait();
-        0
-    }
-
-    /// futex2 `futex_wait(void *uaddr, unsigned long val, unsigned long mask, unsigned int
-    /// flags, struct __kernel_timespec *timeout, clockid_t clockid)` (Linux 6.7+): uaddr at
-    /// 16, val at 24, timeout at 48.
-    #[tracepoint(category = "syscalls", name = "sys_enter_futex_wait")]
-    pub fn futex_wait_enter(ctx: TracePointContext) -> u32 {
-        let (Ok(uaddr), Ok(val), Ok(timeout)) = (unsafe {
-            (
-                ctx.read_at::<u64>(16),
-                ctx.read_at::<u64>(24),
-                ctx.read_at::<u64>(48),
-            )
-        }) else {
-            return 0;
-        };
-        record_wait(FUTEX_OP_WAIT2, uaddr, val as u32, timeout != 0);
-        0
-    }
-
-    #[tracepoint(category = "syscalls", name = "sys_exit_futex_wait")]
-    pub fn futex_wait_exit(_ctx: TracePointContext) -> u32 {
-        end_wait();
-        0
     }
 
     /// `TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
     /// unsigned int prev_state)` (Linux 5.18+). Runs on every context switch, in `prev`'s
-    /// context: records when it left the CPU. A dying thread's last switch drops it.
+    /// context: records when it left the CPU and, when it goes to sleep in a futex wait, the
+    /// wait. A dying thread's last switch drops it.
     #[btf_tracepoint(function = "sched_switch")]
     pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
-        count(stat::SWITCHES);
         let (tgid, tid) = current();
         if tid == 0 {
             return 0;
@@ -359,6 +318,32 @@ mod probes {
                 }
             }
         }
+        // Asleep (not preempted) in a futex wait: record it, in place when the thread has a
+        // record (an update would take and free an element each time). A record left by an
+        // earlier wait is not removed here, which would cost every other sleep a lookup:
+        // userspace checks in /proc that a long wait is still on.
+        if prev_state == 0 {
+            return 0;
+        }
+        if let Some((op, uaddr, val, timed)) = futex_wait_of_current() {
+            let wait = FutexWait {
+                tgid,
+                op,
+                uaddr,
+                val,
+                flags: if timed { WAIT_TIMED } else { 0 },
+                since_ns: now,
+            };
+            match THREAD_WAITS.get_ptr_mut(&tid) {
+                // SAFETY: only this thread's own switches write its entry.
+                Some(slot) => unsafe { *slot = wait },
+                None => {
+                    if THREAD_WAITS.insert(&tid, &wait, 0).is_err() {
+                        count(stat::THREAD_WAITS_FULL);
+                    }
+                }
+            }
+        }
         0
     }
 
@@ -383,11 +368,12 @@ mod probes {
         0
     }
 
-    /// `TP_PROTO(struct task_struct *p, bool group_dead)`: a thread is exiting; a wait it was
-    /// killed in never returns through `sys_exit_futex`.
+    /// `TP_PROTO(struct task_struct *p, bool group_dead)`: a thread is exiting (its last
+    /// context switch, with TASK_DEAD, drops the rest).
     #[btf_tracepoint(function = "sched_process_exit")]
     pub fn thread_exit(_ctx: BtfTracePointContext) -> i32 {
-        end_wait();
+        let (_, tid) = current();
+        let _ = THREAD_WAITS.remove(&tid);
         0
     }
 

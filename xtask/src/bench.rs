@@ -19,9 +19,28 @@ use crate::{
 };
 
 /// Runs of each variant; the median is reported.
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 
-pub fn run(ws: &Workspace, roundtrips: u64, http_seconds: u64, goroutines: u64) -> Result<()> {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Suite {
+    /// Go channel ping-pong
+    Go,
+    /// Go HTTP server under wrk
+    Http,
+    /// Daemon CPU and memory with many goroutines
+    Footprint,
+    /// C futex ping-pong and futex system calls (the thread probes)
+    Threads,
+}
+
+pub fn run(
+    ws: &Workspace,
+    only: Option<Suite>,
+    roundtrips: u64,
+    http_seconds: u64,
+    goroutines: u64,
+) -> Result<()> {
+    let wanted = |suite| only.is_none_or(|o| o == suite);
     let tools = setup::all(ws)?;
     require_root("leakmon loads eBPF programs")?;
     if Command::new("wrk").arg("--version").output().is_err() {
@@ -40,10 +59,16 @@ pub fn run(ws: &Workspace, roundtrips: u64, http_seconds: u64, goroutines: u64) 
         cpus()
     );
 
+    if wanted(Suite::Threads) {
+        threads(ws, &leakmon)?;
+    }
     for (extra, what) in [
         (&[][..], "parks found by scanning (default)"),
         (&["--probe-parks"][..], "--probe-parks (gopark probe)"),
     ] {
+        if !wanted(Suite::Go) {
+            break;
+        }
         println!(
             "\n## Go channel ping-pong, {what}, {roundtrips} round trips \
              (ns per round trip, median of {RUNS})"
@@ -56,26 +81,127 @@ pub fn run(ws: &Workspace, roundtrips: u64, http_seconds: u64, goroutines: u64) 
         report("ns/round trip", &bare, &watched, false);
     }
 
+    if wanted(Suite::Http) {
+        http_suite(&http, &leakmon, http_seconds)?;
+    }
+    if wanted(Suite::Footprint) {
+        println!(
+            "\n## Daemon footprint with {goroutines} live goroutines blocked on channel sends"
+        );
+        footprint(&leaky, &leakmon, goroutines)?;
+    }
+    Ok(())
+}
+
+/// The thread probes see every futex call and context switch on the host: a C program
+/// that does little else, watched by `leakmon run` (all processes).
+fn threads(ws: &Workspace, leakmon: &Path) -> Result<()> {
+    let dir = ws.root.join("target/fixtures/native");
+    std::fs::create_dir_all(&dir)?;
+    let bin = dir.join("pingpong");
+    output(
+        Command::new("gcc")
+            .args(["-O2", "-pthread", "-o"])
+            .arg(&bin)
+            .arg(ws.root.join("fixtures/native/pingpong.c")),
+    )
+    .context("building fixtures/native/pingpong.c (is gcc installed?)")?;
+    // Both threads on one CPU: each round trip is two plain context switches, not two
+    // cross-CPU wake-ups (tens of microseconds on a VM, which would drown the probe's cost).
+    for (mode, n, what) in [
+        (
+            "switch",
+            "200000",
+            "two threads on one CPU handing a futex back and forth (ns per round trip)",
+        ),
+        (
+            "syscall",
+            "3000000",
+            "futex(FUTEX_WAKE) with no waiter (ns per call)",
+        ),
+    ] {
+        println!("\n## C {what}, `leakmon run` watching every process; median of {RUNS}");
+        let (mut bare, mut watched) = (Vec::new(), Vec::new());
+        for _ in 0..RUNS {
+            bare.push(native_run(&bin, mode, n, None)?);
+            watched.push(native_run(&bin, mode, n, Some(leakmon))?);
+        }
+        report("ns/op", &bare, &watched, false);
+    }
+    Ok(())
+}
+
+fn native_run(bin: &Path, mode: &str, n: &str, leakmon: Option<&Path>) -> Result<f64> {
+    let mut daemon = leakmon
+        .map(|l| -> Result<Child> {
+            let mut child = Command::new(l)
+                .args(["run", "--format", "json"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("starting leakmon run")?;
+            wait_for(&mut child, "tracing the threads of every process")?;
+            Ok(child)
+        })
+        .transpose()?;
+    let mut child = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(bin)
+        .args([mode, n])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting pingpong")?;
+    let mut stdout = BufReader::new(child.stdout.take().context("pingpong stdout")?);
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    writeln!(child.stdin.take().context("pingpong stdin")?)?;
+    line.clear();
+    stdout.read_line(&mut line)?;
+    let _ = child.wait();
+    if let Some(d) = daemon.as_mut() {
+        stop(d);
+    }
+    line.trim()
+        .strip_prefix("pingpong_ns_per_op ")
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("pingpong printed {line:?}"))
+}
+
+/// Reads `child`'s stderr until a line contains `needle`, then keeps draining it.
+fn wait_for(child: &mut Child, needle: &str) -> Result<()> {
+    let stderr = child.stderr.take().context("leakmon stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains(needle) => break,
+            Some(Ok(_)) => {}
+            _ => bail!("leakmon exited before logging {needle:?}"),
+        }
+    }
+    // Keep draining stderr so leakmon never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(())
+}
+
+fn http_suite(http: &Path, leakmon: &Path, http_seconds: u64) -> Result<()> {
     println!(
         "\n## Go HTTP server under wrk (2 threads, 32 connections, {http_seconds}s; median of {RUNS})"
     );
     let (mut bare, mut watched) = (Vec::new(), Vec::new());
     for i in 0..RUNS {
-        bare.push(http_run(&http, 18_100 + 2 * i as u16, http_seconds, None)?);
+        bare.push(http_run(http, 18_100 + 2 * i as u16, http_seconds, None)?);
         watched.push(http_run(
-            &http,
+            http,
             18_101 + 2 * i as u16,
             http_seconds,
-            Some(&leakmon),
+            Some(leakmon),
         )?);
     }
     let rps = |v: &[(f64, f64)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
     let lat = |v: &[(f64, f64)]| v.iter().map(|x| x.1).collect::<Vec<_>>();
     report("requests/s", &rps(&bare), &rps(&watched), true);
     report("mean latency (us)", &lat(&bare), &lat(&watched), false);
-
-    println!("\n## Daemon footprint with {goroutines} live goroutines blocked on channel sends");
-    footprint(&leaky, &leakmon, goroutines)?;
     Ok(())
 }
 
@@ -83,7 +209,8 @@ fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
-/// Starts `leakmon watch` on `pid` and waits until it has attached.
+/// Starts `leakmon watch` on `pid` and waits until it has attached (goroutine probes, then
+/// thread probes).
 fn attach(leakmon: &Path, pid: u32, extra: &[&str]) -> Result<Child> {
     let mut child = Command::new(leakmon)
         .args(["watch", "--pid", &pid.to_string(), "--format", "json"])
@@ -92,17 +219,7 @@ fn attach(leakmon: &Path, pid: u32, extra: &[&str]) -> Result<Child> {
         .stderr(Stdio::piped())
         .spawn()
         .context("starting leakmon")?;
-    let stderr = child.stderr.take().context("leakmon stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(line)) if line.contains("watching PID") => break,
-            Some(Ok(_)) => {}
-            _ => bail!("leakmon exited before attaching"),
-        }
-    }
-    // Keep draining stderr so leakmon never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
+    wait_for(&mut child, "tracing the threads of")?;
     Ok(child)
 }
 

@@ -50,8 +50,11 @@ enum Cmd {
         #[arg(long, default_value_t = 25)]
         seconds: u64,
     },
-    /// Measure leakmon's overhead on Go workloads (see docs/performance.md)
+    /// Measure leakmon's overhead on Go and native workloads (see docs/performance.md)
     Bench {
+        /// Run one suite only
+        #[arg(long, value_enum)]
+        only: Option<bench::Suite>,
         /// Ping-pong round trips per run
         #[arg(long, default_value_t = 1_000_000)]
         roundtrips: u64,
@@ -80,10 +83,11 @@ fn main() -> Result<()> {
         Cmd::Test { args } => test::run_all(&ws, &args),
         Cmd::Demo { seconds } => demo::run(&ws, seconds),
         Cmd::Bench {
+            only,
             roundtrips,
             http_seconds,
             goroutines,
-        } => bench::run(&ws, roundtrips, http_seconds, goroutines),
+        } => bench::run(&ws, only, roundtrips, http_seconds, goroutines),
     }
 }
 

@@ -86,10 +86,8 @@ pub struct Stats {
     pub map_full: u64,
     pub read_errors: u64,
     pub proc_events_lost: u64,
-    pub futex_waits: u64,
     pub thread_waits_full: u64,
     pub threads_full: u64,
-    pub switches: u64,
 }
 
 pub struct Probes {
@@ -264,10 +262,8 @@ impl Probes {
             map_full: total(stat::MAP_FULL),
             read_errors: total(stat::READ_ERRORS),
             proc_events_lost: total(stat::PROC_EVENTS_LOST),
-            futex_waits: total(stat::FUTEX_WAITS),
             thread_waits_full: total(stat::THREAD_WAITS_FULL),
             threads_full: total(stat::THREADS_FULL),
-            switches: total(stat::SWITCHES),
         }
     }
 

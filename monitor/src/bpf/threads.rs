@@ -1,47 +1,16 @@
-//! The thread probes: futex waits and context switches of every process on the host.
+//! The thread probes: context switches (and the futex waits threads sleep in) of every
+//! process on the host, thread creation and exit.
 
 use std::collections::HashMap;
 
 use aya::{
     Btf,
     maps::HashMap as BpfHashMap,
-    programs::{BtfTracePoint, ProgramError, TracePoint},
+    programs::{BtfTracePoint, TracePoint},
 };
 use monitor_ebpf::{FutexWait, ThreadState, names};
 
 use super::{BpfError, Probes, ThreadMaps, map_err, program, take_map};
-
-/// (program, tracepoint category, tracepoint name, required): futex2 `futex_wait` (Linux
-/// 6.7) and `futex_waitv` (5.16) are traced where the kernel has them.
-const TRACEPOINTS: [(&str, &str, &str, bool); 7] = [
-    (names::FUTEX_ENTER, "syscalls", "sys_enter_futex", true),
-    (names::FUTEX_EXIT, "syscalls", "sys_exit_futex", true),
-    (
-        names::FUTEX_WAITV_ENTER,
-        "syscalls",
-        "sys_enter_futex_waitv",
-        false,
-    ),
-    (
-        names::FUTEX_WAITV_EXIT,
-        "syscalls",
-        "sys_exit_futex_waitv",
-        false,
-    ),
-    (
-        names::FUTEX_WAIT_ENTER,
-        "syscalls",
-        "sys_enter_futex_wait",
-        false,
-    ),
-    (
-        names::FUTEX_WAIT_EXIT,
-        "syscalls",
-        "sys_exit_futex_wait",
-        false,
-    ),
-    (names::THREAD_FORK, "sched", "sched_process_fork", true),
-];
 
 const BTF_TRACEPOINTS: [(&str, &str); 2] = [
     (names::SCHED_SWITCH, "sched_switch"),
@@ -74,24 +43,14 @@ impl Probes {
                     source: Box::new(source),
                 })?;
         }
-        for (name, category, tracepoint, required) in TRACEPOINTS {
-            let program: &mut TracePoint = program(&mut self.ebpf, name)?;
-            let attached = program
-                .load()
-                .and_then(|()| program.attach(category, tracepoint).map(drop));
-            match attached {
-                Ok(()) => {}
-                Err(ProgramError::TracePointError(e)) if !required => {
-                    log::info!("not tracing {tracepoint}: this kernel lacks it ({e})");
-                }
-                Err(source) => {
-                    return Err(BpfError::Program {
-                        name,
-                        source: Box::new(source),
-                    });
-                }
-            }
-        }
+        let program: &mut TracePoint = program(&mut self.ebpf, names::THREAD_FORK)?;
+        program
+            .load()
+            .and_then(|()| program.attach("sched", "sched_process_fork").map(drop))
+            .map_err(|source| BpfError::Program {
+                name: names::THREAD_FORK,
+                source: Box::new(source),
+            })?;
         let waits = BpfHashMap::try_from(take_map(&mut self.ebpf, names::THREAD_WAITS)?)
             .map_err(map_err(names::THREAD_WAITS))?;
         let states = BpfHashMap::try_from(take_map(&mut self.ebpf, names::THREADS)?)

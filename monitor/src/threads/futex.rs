@@ -1,12 +1,11 @@
 //! What a futex wait is for: a lock (with an owner when the lock records one), an idle wait,
 //! or a wait that ends by itself.
 
-use monitor_ebpf::{FUTEX_OP_WAIT2, FUTEX_OP_WAITV, FutexWait, WAIT_TIMED};
+use monitor_ebpf::{FUTEX_LOCK_PI, FUTEX_WAIT, FUTEX_WAIT_REQUEUE_PI, FutexWait, WAIT_TIMED};
 
-/// `op` without FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME.
+/// A futex(2) `op` without FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME.
 const CMD_MASK: u32 = 127;
-const FUTEX_WAIT: u32 = 0;
-const FUTEX_LOCK_PI: u32 = 6;
+const FUTEX_WAIT_BITSET: u32 = 9;
 const FUTEX_LOCK_PI2: u32 = 13;
 /// PI futex words hold the owner's thread id in these bits.
 const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
@@ -86,13 +85,10 @@ pub fn classify(
     frames: &[&str],
     in_go_runtime: bool,
 ) -> (WaitKind, LockFlavor) {
-    let cmd = wait.op & CMD_MASK;
-    let pi = wait.op & (FUTEX_OP_WAITV | FUTEX_OP_WAIT2) == 0
-        && matches!(cmd, FUTEX_LOCK_PI | FUTEX_LOCK_PI2);
     if wait.flags & WAIT_TIMED != 0 {
         return (WaitKind::Timed, LockFlavor::Other);
     }
-    if pi {
+    if wait.op == FUTEX_LOCK_PI {
         return (WaitKind::Lock, LockFlavor::PiMutex);
     }
     if in_go_runtime {
@@ -111,15 +107,10 @@ pub fn classify(
             return (WaitKind::Idle, LockFlavor::Other);
         }
     }
-    // No telling frame (stripped code): a contended lock word that stays contended.
+    // No telling frame (stripped code): a contended lock word that stays contended. Whose
+    // lock it is cannot be told, so no owner is read.
     if wait.val == CONTENDED && word == Some(CONTENDED) {
-        // glibc's mutexes wait with plain FUTEX_WAIT; Rust std's with FUTEX_WAIT_BITSET.
-        let flavor = if wait.op & (FUTEX_OP_WAITV | FUTEX_OP_WAIT2) == 0 && cmd == FUTEX_WAIT {
-            LockFlavor::PthreadMutex
-        } else {
-            LockFlavor::Other
-        };
-        return (WaitKind::Lock, flavor);
+        return (WaitKind::Lock, LockFlavor::Other);
     }
     (WaitKind::Idle, LockFlavor::Other)
 }
@@ -144,10 +135,13 @@ pub fn from_proc_syscall(line: &str, tgid: u32, since_ns: u64) -> Option<FutexWa
     if fields.len() < 9 || fields[0] != SYS_FUTEX {
         return None;
     }
-    let op = fields[2] as u32;
-    if !matches!(op & CMD_MASK, 0 | 6 | 9 | 11 | 13) {
-        return None;
-    }
+    // As the probes record it.
+    let op = match fields[2] as u32 & CMD_MASK {
+        FUTEX_WAIT | FUTEX_WAIT_BITSET => FUTEX_WAIT,
+        FUTEX_LOCK_PI | FUTEX_LOCK_PI2 => FUTEX_LOCK_PI,
+        FUTEX_WAIT_REQUEUE_PI => FUTEX_WAIT_REQUEUE_PI,
+        _ => return None,
+    };
     Some(FutexWait {
         tgid,
         op,
@@ -172,7 +166,7 @@ mod tests {
 
     #[test]
     fn frames_decide_innermost_first() {
-        let mutex = wait(128, 2);
+        let mutex = wait(FUTEX_WAIT, 2);
         assert_eq!(
             classify(
                 &mutex,
@@ -182,7 +176,7 @@ mod tests {
             ),
             (WaitKind::Lock, LockFlavor::PthreadMutex)
         );
-        let cond = wait(137 | 256, 0);
+        let cond = wait(FUTEX_WAIT, 0);
         assert_eq!(
             classify(
                 &cond,
@@ -196,7 +190,7 @@ mod tests {
             .0,
             WaitKind::Idle
         );
-        let rust = wait(137, 2);
+        let rust = wait(FUTEX_WAIT, 2);
         assert_eq!(
             classify(
                 &rust,
@@ -210,44 +204,41 @@ mod tests {
 
     #[test]
     fn without_frames_the_lock_word_decides() {
+        // Whose lock cannot be told without frames: no owner is read.
         assert_eq!(
-            classify(&wait(128, 2), Some(2), &[], false).1,
-            LockFlavor::PthreadMutex
-        );
-        assert_eq!(
-            classify(&wait(137, 2), Some(2), &[], false),
+            classify(&wait(FUTEX_WAIT, 2), Some(2), &[], false),
             (WaitKind::Lock, LockFlavor::Other)
         );
         // Condition variables and thread parking wait on other values.
         assert_eq!(
-            classify(&wait(137, 0), Some(0), &[], false).0,
+            classify(&wait(FUTEX_WAIT, 0), Some(0), &[], false).0,
             WaitKind::Idle
         );
         assert_eq!(
-            classify(&wait(137, u32::MAX), Some(u32::MAX), &[], false).0,
+            classify(&wait(FUTEX_WAIT, u32::MAX), Some(u32::MAX), &[], false).0,
             WaitKind::Idle
         );
         // A lock released since the wait began.
         assert_eq!(
-            classify(&wait(128, 2), Some(0), &[], false).0,
+            classify(&wait(FUTEX_WAIT, 2), Some(0), &[], false).0,
             WaitKind::Idle
         );
     }
 
     #[test]
     fn timeouts_pi_and_go_runtime() {
-        let mut timed = wait(128, 2);
+        let mut timed = wait(FUTEX_WAIT, 2);
         timed.flags = WAIT_TIMED;
         assert_eq!(
             classify(&timed, Some(2), &["pthread_mutex_lock"], false).0,
             WaitKind::Timed
         );
         assert_eq!(
-            classify(&wait(6 | 128, 0), None, &[], false),
+            classify(&wait(FUTEX_LOCK_PI, 0), None, &[], false),
             (WaitKind::Lock, LockFlavor::PiMutex)
         );
         assert_eq!(
-            classify(&wait(128, 2), Some(2), &[], true).0,
+            classify(&wait(FUTEX_WAIT, 2), Some(2), &[], true).0,
             WaitKind::Idle
         );
         assert_eq!(pi_owner(0x8000_0000 | 4242), 4242);
@@ -263,8 +254,10 @@ mod tests {
         .unwrap();
         assert_eq!(
             (w.uaddr, w.op, w.val, w.tgid, w.since_ns),
-            (0x55be_af82_f240, 128, 2, 7, 99)
+            (0x55be_af82_f240, FUTEX_WAIT, 2, 7, 99)
         );
+        let pi = from_proc_syscall("202 0x10 0x86 0x0 0x0 0x0 0x0 0x7 0x8", 7, 0).unwrap();
+        assert_eq!(pi.op, FUTEX_LOCK_PI);
         assert_eq!(w.flags, monitor_ebpf::WAIT_FROM_PROC);
         // A wake, another system call, a running thread.
         assert!(from_proc_syscall("202 0x1 0x81 0x1 0x0 0x0 0x0 0x7 0x8", 7, 0).is_none());
