@@ -2,7 +2,7 @@
 //! then command-line flags (clap reads the environment and the flags; this merges the file
 //! beneath them).
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use serde::Deserialize;
 
@@ -31,6 +31,11 @@ pub enum ConfigError {
     },
     #[error("{what} must be greater than zero")]
     Zero { what: &'static str },
+    #[error(
+        "OTLP endpoint {endpoint:?}: only plain http:// endpoints are supported (run a local \
+         collector or sidecar for TLS)"
+    )]
+    OtlpEndpoint { endpoint: String },
 }
 
 /// The config file (`/etc/leakmon/leakmon.toml` or `--config`). Unknown keys are errors, so a
@@ -47,6 +52,7 @@ pub struct FileConfig {
     pub format: Option<Format>,
     pub probe_parks: Option<bool>,
     pub threads: Option<bool>,
+    pub otlp: Option<crate::export::OtlpFile>,
 }
 
 pub const DEFAULT_PATH: &str = "/etc/leakmon/leakmon.toml";
@@ -110,6 +116,13 @@ pub struct DetectArgs {
     /// locks, thread leaks, hung processes [default: true]
     #[arg(long, env = "LEAKMON_THREADS", num_args = 0..=1, default_missing_value = "true")]
     pub threads: Option<bool>,
+    /// Export alerts and metrics over OTLP to this collector (e.g. http://collector:4317);
+    /// alerts stay on stdout too
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP transport [default: grpc]
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_enum)]
+    pub otlp_protocol: Option<crate::export::Protocol>,
 }
 
 /// Effective settings.
@@ -121,6 +134,8 @@ pub struct Settings {
     pub format: Option<Format>,
     pub probe_parks: bool,
     pub threads: bool,
+    /// None: no export.
+    pub otlp: Option<crate::export::OtlpSettings>,
 }
 
 impl TryFrom<(&DetectArgs, FileConfig)> for Settings {
@@ -184,7 +199,17 @@ impl TryFrom<(&DetectArgs, FileConfig)> for Settings {
                 what: "max_goroutines",
             });
         }
+        let otlp = crate::export::OtlpSettings::resolve(
+            args.otlp_endpoint.as_deref(),
+            args.otlp_protocol,
+            file.otlp.unwrap_or_default(),
+            |name| std::env::var(name).ok(),
+            |what, value| {
+                duration(what, &None, value, Duration::ZERO).map(|d| (!d.is_zero()).then_some(d))
+            },
+        )?;
         Ok(Self {
+            otlp,
             thresholds,
             max_goroutines,
             format: args.format.or(file.format),

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod detect;
 pub mod doctor;
+pub mod export;
 pub mod go;
 pub mod output;
 pub mod proc;

@@ -55,17 +55,47 @@ struct AlertLine<'a> {
     time: f64,
 }
 
+/// Where alert transitions go: stdout always, and the OTLP exporter when one is configured.
 pub struct Output<W: Write> {
     format: Format,
     out: W,
+    otlp: Option<crate::export::Otlp>,
+    fired: u64,
 }
 
 impl<W: Write> Output<W> {
-    pub fn new(format: Format, out: W) -> Self {
-        Self { format, out }
+    pub fn new(format: Format, out: W, otlp: Option<crate::export::Otlp>) -> Self {
+        Self {
+            format,
+            out,
+            otlp,
+            fired: 0,
+        }
+    }
+
+    pub fn otlp(&self) -> Option<&crate::export::Otlp> {
+        self.otlp.as_ref()
+    }
+
+    /// Alerts fired so far.
+    pub fn fired(&self) -> u64 {
+        self.fired
+    }
+
+    /// Flushes and stops the exporter.
+    pub fn close(&mut self) {
+        if let Some(otlp) = self.otlp.take() {
+            otlp.shutdown();
+        }
     }
 
     pub fn emit(&mut self, process: &ProcessInfo, t: &Transition) -> io::Result<()> {
+        if t.state == AlertState::Firing {
+            self.fired += 1;
+        }
+        if let Some(otlp) = &self.otlp {
+            otlp.alert(process, t);
+        }
         let a = &t.alert;
         match self.format {
             Format::Json => {

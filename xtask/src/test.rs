@@ -17,6 +17,7 @@ pub fn run_all(ws: &Workspace, args: &[String]) -> Result<()> {
     let mut cmd = ws.cargo(&tools);
     cmd.args(["test", "--workspace", "--no-fail-fast"])
         .env("LEAKMON_TOOLS", &tools.dir)
+        .env("LEAKMON_ROTEL", tools.rotel())
         // Every listed toolchain must be there: a missing one is a failure, not a skip.
         .env("LEAKMON_GO_VERSIONS", setup::GO_VERSIONS.join(","))
         .env(

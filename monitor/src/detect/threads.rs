@@ -325,6 +325,13 @@ impl ThreadDetector {
         transitions
     }
 
+    /// Every alert firing now, with its process, as of the last scan.
+    pub fn firing(&self) -> impl Iterator<Item = (u32, &Alert)> {
+        self.processes
+            .iter()
+            .flat_map(|(pid, s)| s.firing.values().map(move |alert| (*pid, alert)))
+    }
+
     /// The process is gone: resolve its alerts and drop its state.
     pub fn forget(&mut self, pid: u32) -> Vec<Transition> {
         let Some(state) = self.processes.remove(&pid) else {

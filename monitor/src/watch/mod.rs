@@ -21,6 +21,7 @@ use crate::{
     bpf::{BpfError, Probes, Stats},
     config::Settings,
     detect::{Detector, Snapshot},
+    export::{GroupGauge, Health, MetricsSnapshot},
     go::GoError,
     output::{Format, Output, ProcessInfo},
     proc::{self, ProcError},
@@ -38,6 +39,8 @@ pub enum WatchError {
     Events(#[source] std::io::Error),
     #[error("setting up signal handling")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Export(#[from] crate::export::ExportError),
 }
 
 struct Monitor<W: Write> {
@@ -126,6 +129,18 @@ impl<W: Write> Monitor<W> {
         if let Some(note) = crate::config::scan_note(&settings.thresholds) {
             log::warn!("{note}");
         }
+        let otlp = match &settings.otlp {
+            Some(s) => {
+                log::info!(
+                    "exporting alerts to {} and metrics to {} over OTLP ({:?})",
+                    s.logs_endpoint,
+                    s.metrics_endpoint,
+                    s.protocol
+                );
+                Some(crate::export::Otlp::start(s.clone())?)
+            }
+            None => None,
+        };
         Ok(Self {
             probes: Probes::load(settings.max_goroutines)?,
             detector: Detector::new(settings.thresholds),
@@ -136,7 +151,7 @@ impl<W: Write> Monitor<W> {
             last_stats: Stats::default(),
             scans: 0,
             threads: None,
-            out: Output::new(settings.format.unwrap_or(default_format), out),
+            out: Output::new(settings.format.unwrap_or(default_format), out, otlp),
             settings,
         })
     }
@@ -236,6 +251,7 @@ impl<W: Write> Monitor<W> {
         }
         let stats = self.probes.stats();
         log::info!("detached; probe totals: {stats:?}");
+        self.out.close();
         Ok(())
     }
 
@@ -364,7 +380,41 @@ impl<W: Write> Monitor<W> {
             started.elapsed(),
             self.last_stats
         );
+        self.export_metrics(started.elapsed());
         Ok(())
+    }
+
+    /// Refreshes what the OTLP metrics report.
+    fn export_metrics(&self, scan: std::time::Duration) {
+        let Some(otlp) = self.out.otlp() else {
+            return;
+        };
+        let s = self.last_stats;
+        let mut groups: Vec<GroupGauge> = self
+            .detector
+            .firing()
+            .map(|(pid, alert)| GroupGauge::of(pid, alert))
+            .collect();
+        if let Some(threads) = &self.threads {
+            groups.extend(
+                threads
+                    .firing()
+                    .map(|(pid, alert)| GroupGauge::of(pid, alert)),
+            );
+        }
+        otlp.update_metrics(MetricsSnapshot {
+            groups,
+            health: Health {
+                probe_hits: s.parks + s.preempts + s.exits,
+                events_dropped: s.map_full
+                    + s.proc_events_lost
+                    + s.thread_waits_full
+                    + s.threads_full,
+                last_scan_seconds: scan.as_secs_f64(),
+                processes_attached: self.targets.len() as u64,
+                alerts_fired: self.out.fired(),
+            },
+        });
     }
 }
 

@@ -49,6 +49,11 @@ impl ThreadWatch {
         })
     }
 
+    /// Thread alerts firing now.
+    pub fn firing(&self) -> impl Iterator<Item = (u32, &crate::detect::Alert)> {
+        self.detector.firing()
+    }
+
     /// Whether any process in scope is alive (`watch` ends when none is).
     pub fn any_alive(&self) -> bool {
         self.scope

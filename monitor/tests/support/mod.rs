@@ -204,8 +204,13 @@ pub struct Leakmon {
 
 impl Leakmon {
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_leakmon"))
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -247,6 +252,10 @@ impl Leakmon {
     }
 
     pub fn watch(pids: &[u32], extra: &[&str]) -> Self {
+        Self::watch_with_env(pids, extra, &[])
+    }
+
+    pub fn watch_with_env(pids: &[u32], extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut args = vec!["watch".to_owned()];
         for pid in pids {
             args.extend(["--pid".to_owned(), pid.to_string()]);
@@ -254,7 +263,7 @@ impl Leakmon {
         args.extend(FAST.iter().map(|s| (*s).to_owned()));
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Self::start(&args)
+        Self::start_with_env(&args, env)
     }
 
     pub fn stderr(&self) -> String {

@@ -1,0 +1,208 @@
+//! leakmon's metrics: per alerting group, the tasks and the oldest wait; alerts fired; and the
+//! daemon's own health. Gauges read a snapshot the monitor replaces after each scan.
+
+use std::{
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Duration,
+};
+
+use opentelemetry::{KeyValue, metrics::MeterProvider as _};
+use opentelemetry_otlp::MetricExporter;
+use opentelemetry_sdk::{
+    Resource,
+    metrics::{PeriodicReader, SdkMeterProvider},
+};
+
+use super::ExportStats;
+
+/// One firing alert's group, as metric attributes and values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupGauge {
+    /// process.pid, leakmon.kind, code.* of the site, leakmon.wait_reason, ...
+    pub attributes: Vec<KeyValue>,
+    /// `blocked` or `spinning`.
+    pub state: &'static str,
+    pub tasks: u64,
+    pub oldest_wait_seconds: f64,
+}
+
+/// The daemon's own health.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Health {
+    /// Probe hits so far (goroutine parks, preemptions, exits seen by uprobes).
+    pub probe_hits: u64,
+    /// Records the kernel side could not keep or deliver (full maps, lost exec events).
+    pub events_dropped: u64,
+    pub last_scan_seconds: f64,
+    /// Go processes with probes attached.
+    pub processes_attached: u64,
+    /// Alerts fired so far, all kinds.
+    pub alerts_fired: u64,
+}
+
+impl GroupGauge {
+    pub fn of(pid: u32, alert: &crate::detect::Alert) -> Self {
+        let g = &alert.group;
+        let mut attributes = vec![
+            KeyValue::new("process.pid", i64::from(pid)),
+            KeyValue::new("leakmon.kind", alert.kind.as_str()),
+        ];
+        if let Some(site) = g.blocked_at.as_deref().or(g.created_at.as_deref()) {
+            attributes.push(KeyValue::new("code.function.name", site.function.clone()));
+            attributes.push(KeyValue::new("code.file.path", site.file.clone()));
+            attributes.push(KeyValue::new("code.line.number", i64::from(site.line)));
+        }
+        if let Some(reason) = &g.wait_reason {
+            attributes.push(KeyValue::new("leakmon.wait_reason", reason.to_string()));
+        }
+        Self {
+            attributes,
+            state: if alert.kind == crate::detect::AlertKind::GoroutineSpinning {
+                "spinning"
+            } else {
+                "blocked"
+            },
+            tasks: alert.count,
+            oldest_wait_seconds: alert.oldest_seconds,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct MetricsSnapshot {
+    pub groups: Vec<GroupGauge>,
+    pub health: Health,
+}
+
+/// The meter provider, exporting every `interval` on the SDK's reader thread.
+pub(super) fn provider(
+    exporter: MetricExporter,
+    interval: Duration,
+    resource: Resource,
+    snapshot: Arc<Mutex<MetricsSnapshot>>,
+    stats: Arc<ExportStats>,
+) -> SdkMeterProvider {
+    let reader = PeriodicReader::builder(exporter)
+        .with_interval(interval)
+        .build();
+    let provider = SdkMeterProvider::builder()
+        .with_resource(resource)
+        .with_reader(reader)
+        .build();
+    let meter = provider.meter("leakmon");
+    let read = move |f: &dyn Fn(&MetricsSnapshot)| {
+        if let Ok(s) = snapshot.lock() {
+            f(&s);
+        }
+    };
+    let read = Arc::new(read);
+    {
+        let read = read.clone();
+        meter
+            .u64_observable_gauge("leakmon.group.tasks")
+            .with_description("Tasks (goroutines or threads) in a group with a firing alert")
+            .with_unit("{task}")
+            .with_callback(move |o| {
+                read(&|s| {
+                    for g in &s.groups {
+                        let mut attrs = g.attributes.clone();
+                        attrs.push(KeyValue::new("leakmon.task_state", g.state));
+                        o.observe(g.tasks, &attrs);
+                    }
+                });
+            })
+            .build();
+    }
+    {
+        let read = read.clone();
+        meter
+            .f64_observable_gauge("leakmon.group.oldest_wait")
+            .with_description("Longest wait (or run, when spinning) in a group with a firing alert")
+            .with_unit("s")
+            .with_callback(move |o| {
+                read(&|s| {
+                    for g in &s.groups {
+                        let mut attrs = g.attributes.clone();
+                        attrs.push(KeyValue::new("leakmon.task_state", g.state));
+                        o.observe(g.oldest_wait_seconds, &attrs);
+                    }
+                });
+            })
+            .build();
+    }
+    let health = |name: &'static str,
+                  description: &'static str,
+                  unit: &'static str,
+                  f: fn(&Health) -> u64| {
+        let read = read.clone();
+        meter
+            .u64_observable_counter(name)
+            .with_description(description)
+            .with_unit(unit)
+            .with_callback(move |o| read(&|s| o.observe(f(&s.health), &[])))
+            .build()
+    };
+    let _ = health("leakmon.alerts.fired", "Alerts fired", "{alert}", |h| {
+        h.alerts_fired
+    });
+    let _ = health("leakmon.probe.hits", "Goroutine probe hits", "{hit}", |h| {
+        h.probe_hits
+    });
+    let _ = health(
+        "leakmon.events.dropped",
+        "Kernel records not kept (full maps) or events lost",
+        "{event}",
+        |h| h.events_dropped,
+    );
+    {
+        let read = read.clone();
+        meter
+            .u64_observable_gauge("leakmon.processes.attached")
+            .with_description("Go processes with goroutine probes attached")
+            .with_unit("{process}")
+            .with_callback(move |o| read(&|s| o.observe(s.health.processes_attached, &[])))
+            .build();
+    }
+    {
+        let read = read.clone();
+        meter
+            .f64_observable_gauge("leakmon.scan.duration")
+            .with_description("Duration of the last scan")
+            .with_unit("s")
+            .with_callback(move |o| read(&|s| o.observe(s.health.last_scan_seconds, &[])))
+            .build();
+    }
+    for (name, description, counter) in [
+        (
+            "leakmon.export.failures",
+            "Failed OTLP export attempts (retried)",
+            0,
+        ),
+        (
+            "leakmon.export.dropped",
+            "Alert records dropped: queue full, or undeliverable at exit",
+            1,
+        ),
+        (
+            "leakmon.export.sent",
+            "Alert records the backend accepted",
+            2,
+        ),
+    ] {
+        let stats = stats.clone();
+        meter
+            .u64_observable_counter(name)
+            .with_description(description)
+            .with_unit("{record}")
+            .with_callback(move |o| {
+                let c = match counter {
+                    0 => &stats.failures,
+                    1 => &stats.dropped,
+                    _ => &stats.sent,
+                };
+                o.observe(c.load(Ordering::Relaxed), &[]);
+            })
+            .build();
+    }
+    provider
+}
