@@ -1,8 +1,8 @@
 //! End to end: real C and Rust programs (fixtures/native, built at test time) watched by
 //! leakmon's thread probes. A lock cycle is a `thread_deadlock` naming both threads, their
 //! locks and owners; Rust std's owner-less mutex is `thread_stuck`; threads started and left
-//! blocked are a `thread_leak`; a healthy condition-variable pool, sleepers and timed waits
-//! (and a healthy Go service) raise nothing.
+//! blocked are a `thread_leak`; a healthy condition-variable pool, sleepers and timed waits,
+//! a tokio service at rest (and a healthy Go service) raise nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
 mod support;
@@ -179,6 +179,18 @@ fn healthy_thread_pool_is_silent() {
     // Several leak windows, well past the block threshold.
     let alerts = lm.collect_for(Duration::from_secs(8));
     assert!(alerts.is_empty(), "healthy pool alerted: {alerts:#?}");
+}
+
+/// A tokio service at rest: workers parked on condition variables or in epoll, an accept
+/// loop, a ticker, an idle blocking-pool thread. Nothing at the thread level.
+#[test]
+fn tokio_service_at_rest_is_silent() {
+    require_root();
+    let fx = start_fixture(&native_fixture("tokio-idle"), &[]);
+    let mut lm = Leakmon::watch(&[fx.pid()], &[]);
+    lm.wait_stderr("tracing the threads of 1 process");
+    let alerts = lm.collect_for(Duration::from_secs(8));
+    assert!(alerts.is_empty(), "tokio at rest alerted: {alerts:#?}");
 }
 
 /// The Go runtime parks idle threads on futexes while goroutines block: goroutines stuck on

@@ -101,7 +101,7 @@ pub fn fixture(version: &str, name: &str, stripped: bool) -> PathBuf {
 }
 
 /// Builds a native fixture from fixtures/native (once per test binary): `threads` from
-/// threads.c with gcc, `deadlock` from deadlock.rs with rustc. Both keep debug info, as a
+/// threads.c with gcc, `deadlock` from deadlock.rs with rustc, `tokio-idle` with cargo. Both keep debug info, as a
 /// service's build usually does in its debug package.
 pub fn native_fixture(name: &str) -> PathBuf {
     static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
@@ -124,6 +124,28 @@ pub fn native_fixture(name: &str) -> PathBuf {
             .arg(&out)
             .arg(src.join("deadlock.rs"))
             .status(),
+        // A cargo project of its own, built offline from the registry cache leakmon's build
+        // filled (its Cargo.lock pins what is there).
+        "tokio-idle" => {
+            let target = dir.join("tokio-idle-target");
+            let status = Command::new("cargo")
+                .args([
+                    "build",
+                    "--release",
+                    "--offline",
+                    "--locked",
+                    "--manifest-path",
+                ])
+                .arg(src.join("tokio-idle/Cargo.toml"))
+                .arg("--target-dir")
+                .arg(&target)
+                .env_remove("CARGO_TARGET_DIR")
+                .status();
+            if status.as_ref().is_ok_and(|s| s.success()) {
+                std::fs::copy(target.join("release/tokio-idle"), &out).unwrap();
+            }
+            status
+        }
         _ => panic!("no native fixture {name}"),
     }
     .unwrap_or_else(|e| panic!("building native fixture {name}: {e} (is gcc installed?)"));
