@@ -83,15 +83,22 @@ pub fn run_checks() -> Vec<Check> {
         }
         msg
     };
-    let (load, discovery) = if missing.is_empty() {
+    let (load, discovery, threads) = if missing.is_empty() {
         match crate::bpf::Probes::load(Some(1024)) {
-            // Attaching the exec tracepoint briefly is harmless; dropping detaches it.
-            Ok(mut probes) => (Ok(()), probes.proc_events().map(drop).map_err(errors)),
-            Err(e) => (Err(errors(e)), Err("skipped: programs did not load".into())),
+            // Attaching the tracepoints briefly is harmless; dropping detaches them.
+            Ok(mut probes) => (
+                Ok(()),
+                probes.proc_events().map(drop).map_err(errors),
+                probes.attach_threads().map_err(errors),
+            ),
+            Err(e) => {
+                let skipped = || Err("skipped: programs did not load".to_owned());
+                (Err(errors(e)), skipped(), skipped())
+            }
         }
     } else {
         let skipped = || Err("skipped: missing privileges".to_owned());
-        (skipped(), skipped())
+        (skipped(), skipped(), skipped())
     };
     checks.push(Check {
         name: "load programs",
@@ -102,6 +109,13 @@ pub fn run_checks() -> Vec<Check> {
         name: "discovery",
         detail: "exec tracepoint (tp_btf) for `leakmon run`".into(),
         problem: discovery.err(),
+    });
+    checks.push(Check {
+        name: "thread probes",
+        detail: "sched_switch (tp_btf, Linux 5.18+) and thread fork/exit tracepoints".into(),
+        problem: threads
+            .err()
+            .map(|e| format!("{e} (or run with --threads=false)")),
     });
     checks
 }

@@ -109,6 +109,8 @@ fn doctor_passes_here() {
         "uprobes",
         "tracefs",
         "load programs",
+        "discovery",
+        "thread probes",
     ] {
         assert!(
             stdout
