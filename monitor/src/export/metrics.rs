@@ -18,10 +18,9 @@ use super::ExportStats;
 /// One firing alert's group, as metric attributes and values.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GroupGauge {
-    /// process.pid, leakmon.kind, code.* of the site, leakmon.wait_reason, ...
+    /// process.pid, leakmon.kind, code.* of the site, leakmon.wait_reason,
+    /// leakmon.task_state (`blocked` or `spinning`).
     pub attributes: Vec<KeyValue>,
-    /// `blocked` or `spinning`.
-    pub state: &'static str,
     pub tasks: u64,
     pub oldest_wait_seconds: f64,
 }
@@ -55,13 +54,14 @@ impl GroupGauge {
         if let Some(reason) = &g.wait_reason {
             attributes.push(KeyValue::new("leakmon.wait_reason", reason.to_string()));
         }
+        let state = if alert.kind == crate::detect::AlertKind::GoroutineSpinning {
+            "spinning"
+        } else {
+            "blocked"
+        };
+        attributes.push(KeyValue::new("leakmon.task_state", state));
         Self {
             attributes,
-            state: if alert.kind == crate::detect::AlertKind::GoroutineSpinning {
-                "spinning"
-            } else {
-                "blocked"
-            },
             tasks: alert.count,
             oldest_wait_seconds: alert.oldest_seconds,
         }
@@ -105,9 +105,7 @@ pub(super) fn provider(
             .with_callback(move |o| {
                 read(&|s| {
                     for g in &s.groups {
-                        let mut attrs = g.attributes.clone();
-                        attrs.push(KeyValue::new("leakmon.task_state", g.state));
-                        o.observe(g.tasks, &attrs);
+                        o.observe(g.tasks, &g.attributes);
                     }
                 });
             })
@@ -122,9 +120,7 @@ pub(super) fn provider(
             .with_callback(move |o| {
                 read(&|s| {
                     for g in &s.groups {
-                        let mut attrs = g.attributes.clone();
-                        attrs.push(KeyValue::new("leakmon.task_state", g.state));
-                        o.observe(g.oldest_wait_seconds, &attrs);
+                        o.observe(g.oldest_wait_seconds, &g.attributes);
                     }
                 });
             })

@@ -87,7 +87,8 @@ pub async fn watch<W: Write>(pids: &[u32], settings: Settings, out: W) -> Result
     m.run_loop(None, true).await
 }
 
-/// `leakmon run`: every Go process on the host, found now and on exec.
+/// `leakmon run`: the threads of every process on the host, and the goroutines of every Go
+/// program, found now and on exec.
 pub async fn run<W: Write>(settings: Settings, out: W) -> Result<(), WatchError> {
     let mut m = Monitor::new(settings, Format::Json, out)?;
     m.discover = true;
