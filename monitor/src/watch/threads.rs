@@ -35,11 +35,11 @@ impl ThreadWatch {
             Some(pids) => pids.iter().copied().collect(),
             None => super::all_pids(),
         };
+        scanner.seed(probes, pids, proc::monotonic_ns());
         match &scope {
             Some(pids) => log::info!("tracing the threads of {} process(es)", pids.len()),
             None => log::info!("tracing the threads of every process"),
         }
-        scanner.seed(probes, pids, proc::monotonic_ns());
         Ok(Self {
             scanner,
             detector: ThreadDetector::new(thresholds),
