@@ -172,7 +172,7 @@ fn timed_workload(
     let mut watcher = watch(child.id())?;
     if watcher.is_some() {
         // Let leakmon finish starting up (seeding, first scan) before the clock starts.
-        std::thread::sleep(std::time::Duration::from_secs(1));
+        std::thread::sleep(Duration::from_secs(1));
     }
     writeln!(child.stdin.take().context("workload stdin")?)?;
     line.clear();
