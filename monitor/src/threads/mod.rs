@@ -311,8 +311,9 @@ fn is_library(frame: &Frame) -> bool {
         || FUNCTIONS.iter().any(|f| frame.function.starts_with(f))
         || matches!(
             &*frame.function,
-            "start_thread" | "clone" | "clone3" | "_start" | "?"
+            "start_thread" | "clone" | "clone3" | "_start"
         )
+        || frame.function.starts_with('?')
 }
 
 fn tasks(pid: u32) -> Vec<u32> {
@@ -376,6 +377,8 @@ mod tests {
             "/app"
         )));
         assert!(!is_library(&frame("locker_a", "/app")));
+        // Unknown code is never named as the program's own site.
+        assert!(is_library(&frame("?+0x8a12b", "/app")));
         assert!(!is_library(&frame("deadlock::main::{{closure}}", "/app")));
     }
 

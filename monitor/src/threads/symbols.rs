@@ -232,6 +232,14 @@ impl Module {
         (vaddr < *end).then_some(name)
     }
 
+    /// The symbol at `vaddr`, else `?+0x…` (the address in the file, for `addr2line -e`
+    /// with the module's debug package).
+    fn name(&self, vaddr: u64) -> Arc<str> {
+        self.symbol(vaddr)
+            .cloned()
+            .unwrap_or_else(|| format!("?+{vaddr:#x}").into())
+    }
+
     /// The frames at `vaddr`, innermost (inlined) first.
     fn frames(&self, vaddr: u64, out: &mut Vec<Frame>) {
         let before = out.len();
@@ -244,7 +252,7 @@ impl Module {
                         .demangle()
                         .map(|n| Arc::from(&*n))
                         .unwrap_or_else(|_| "?".into()),
-                    None => self.symbol(vaddr).cloned().unwrap_or_else(|| "?".into()),
+                    None => self.name(vaddr),
                 };
                 let location = frame.location.as_ref();
                 out.push(Frame {
@@ -257,7 +265,7 @@ impl Module {
         }
         if out.len() == before {
             out.push(Frame {
-                function: self.symbol(vaddr).cloned().unwrap_or_else(|| "?".into()),
+                function: self.name(vaddr),
                 file: None,
                 line: 0,
                 module: self.path.clone(),
