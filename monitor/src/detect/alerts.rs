@@ -264,7 +264,7 @@ fn is_lock_wait(reason: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::{sync::Arc, time::Duration};
+    use std::sync::Arc;
 
     use super::*;
     use crate::detect::{Observation, Site, TaskState};
@@ -272,13 +272,7 @@ mod tests {
     const S: u64 = 1_000_000_000;
 
     fn thresholds() -> Thresholds {
-        Thresholds {
-            block: Duration::from_secs(2),
-            spin: Duration::from_secs(3),
-            leak_window: Duration::from_secs(6),
-            leak_min_growth: 3,
-            scan_interval: Duration::from_secs(1),
-        }
+        Thresholds::for_tests()
     }
 
     fn site(function: &str, line: u32) -> Option<Arc<Site>> {

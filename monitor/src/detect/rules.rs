@@ -30,6 +30,20 @@ impl Default for Thresholds {
     }
 }
 
+impl Thresholds {
+    /// Seconds instead of minutes, for the detectors' unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Self {
+        Self {
+            block: Duration::from_secs(2),
+            spin: Duration::from_secs(3),
+            leak_window: Duration::from_secs(6),
+            leak_min_growth: 3,
+            scan_interval: Duration::from_secs(1),
+        }
+    }
+}
+
 /// How a wait reason reads when the wait lasts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WaitClass {

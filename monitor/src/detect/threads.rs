@@ -383,20 +383,13 @@ fn group_alert(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use super::*;
 
     const S: u64 = 1_000_000_000;
 
     fn thresholds() -> Thresholds {
-        Thresholds {
-            block: Duration::from_secs(2),
-            spin: Duration::from_secs(3),
-            leak_window: Duration::from_secs(6),
-            leak_min_growth: 3,
-            scan_interval: Duration::from_secs(1),
-        }
+        Thresholds::for_tests()
     }
 
     fn thread(tid: u32, since: u64, wait: Option<(u64, WaitKind, Option<u32>)>) -> ThreadObs {
