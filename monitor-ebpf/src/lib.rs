@@ -20,6 +20,10 @@ pub mod names {
     pub const SCHED_SWITCH: &str = "sched_switch";
     pub const THREAD_FORK: &str = "thread_fork";
     pub const THREAD_EXIT: &str = "thread_exit";
+
+    /// Global set at load: offset of `pid` in the kernel's `struct task_struct`, from its BTF
+    /// (`tgid` follows it).
+    pub const TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
 }
 
 /// Default capacity of [`names::GOROUTINES`]; userspace may resize it before load.
@@ -31,8 +35,11 @@ pub const PROC_EVENTS_BYTES: u32 = 64 * 1024;
 
 /// Capacity of [`names::THREAD_WAITS`]: futex waits in flight at once, host-wide.
 pub const MAX_THREAD_WAITS: u32 = 65_536;
-/// Capacity of [`names::THREADS`]: threads known at once, host-wide.
-pub const MAX_THREADS: u32 = 131_072;
+/// Default capacity of [`names::THREADS`]: threads known at once, host-wide. Preallocated
+/// (it is written from the scheduler): about 72 bytes of kernel memory per entry.
+pub const MAX_THREADS: u32 = 65_536;
+/// Default share of [`names::GOROUTINES`] one process may fill.
+pub const DEFAULT_GO_QUOTA: u32 = 65_536;
 
 /// Per-process parameters the probes need: read from the binary by userspace.
 #[repr(C)]
@@ -42,6 +49,11 @@ pub struct GoProc {
     pub goid_offset: u32,
     /// Offset of `trackingSeq` (uint8) inside `runtime.g`.
     pub tracking_seq_offset: u32,
+    /// Records this process has in [`names::GOROUTINES`]: counted up by the probes, set to
+    /// the true count by userspace at each scan (64-bit: BPF's atomic add).
+    pub records: u64,
+    /// Records it may have: one process cannot fill the map for every other.
+    pub quota: u64,
 }
 
 /// Key of one goroutine: (process, goroutine id). Goroutine ids are never reused in a process;
@@ -106,7 +118,9 @@ pub mod stat {
     pub const THREAD_WAITS_FULL: u32 = 6;
     /// A thread could not be recorded: [`super::names::THREADS`] was full.
     pub const THREADS_FULL: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// A goroutine was not recorded: its process had its quota of the map.
+    pub const GO_QUOTA_FULL: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Process event sent to userspace through [`names::PROC_EVENTS`].

@@ -22,12 +22,12 @@ mod probes {
     use aya_ebpf::{
         bindings::pt_regs,
         helpers::{
-            bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+            bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
             generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
         },
-        macros::{btf_tracepoint, map, tracepoint, uprobe},
+        macros::{btf_tracepoint, map, uprobe},
         maps::{HashMap, PerCpuArray, RingBuf},
-        programs::{BtfTracePointContext, ProbeContext, TracePointContext},
+        programs::{BtfTracePointContext, ProbeContext},
     };
     use monitor_ebpf::{
         FUTEX_LOCK_PI, FUTEX_OP_WAITV, FUTEX_WAIT, FUTEX_WAIT_REQUEUE_PI, FutexWait, GoKey,
@@ -54,10 +54,15 @@ mod probes {
     #[map]
     static THREAD_WAITS: HashMap<u32, FutexWait> = HashMap::with_max_entries(MAX_THREAD_WAITS, 0);
 
-    /// Not preallocated: sized for a busy host, paid for by the threads that exist. Entries
-    /// are updated in place, so only a thread's first switch allocates.
+    /// Preallocated: written from the scheduler, where allocating is refused or warned about
+    /// on some kernels. Sized by userspace (`max_threads`).
     #[map]
-    static THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(MAX_THREADS, NO_PREALLOC);
+    static THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(MAX_THREADS, 0);
+
+    /// Offset of `pid` in `struct task_struct`, set by userspace from the kernel's BTF at load
+    /// (`tgid` is the next field).
+    #[unsafe(no_mangle)]
+    static TASK_PID_OFFSET: u32 = 0;
 
     #[inline(always)]
     fn count(index: u32) {
@@ -93,10 +98,30 @@ mod probes {
         }
     }
 
+    /// Records a goroutine: in place when it has a record, else as a new one within its
+    /// process's quota.
     #[inline(always)]
     fn store(key: &GoKey, state: &GoState) {
+        if let Some(slot) = GOROUTINES.get_ptr_mut(key) {
+            // SAFETY: the goroutine runs on one thread at a time, so its entry has one writer.
+            unsafe { *slot = *state };
+            return;
+        }
+        let Some(proc) = GO_PROCS.get_ptr_mut(&key.tgid) else {
+            return;
+        };
+        // SAFETY: a live map value. The count is not atomic (the BPF target has no atomic
+        // add here): CPUs racing may lose a count, and userspace sets the true one at each
+        // scan, so the quota holds to within a scan's worth of races.
+        let proc = unsafe { &mut *proc };
+        if proc.records >= proc.quota {
+            count(stat::GO_QUOTA_FULL);
+            return;
+        }
         if GOROUTINES.insert(key, state, 0).is_err() {
             count(stat::MAP_FULL);
+        } else {
+            proc.records += 1;
         }
     }
 
@@ -189,7 +214,13 @@ mod probes {
         count(stat::EXITS);
         if let Some((_, key)) = key_of(regs.r14) {
             // Absent when it started before we attached and never parked since.
-            let _ = GOROUTINES.remove(&key);
+            if GOROUTINES.remove(&key).is_ok()
+                && let Some(proc) = GO_PROCS.get_ptr_mut(&key.tgid)
+            {
+                // SAFETY: a live map value; see `store` for the count's precision.
+                let proc = unsafe { &mut *proc };
+                proc.records = proc.records.saturating_sub(1);
+            }
         }
         0
     }
@@ -347,14 +378,24 @@ mod probes {
         0
     }
 
-    /// sched/sched_process_fork: `child_pid` at 20. Fires for new threads and new processes
-    /// alike, in the parent: a new process is corrected to its own tgid at its first switch.
-    #[tracepoint(category = "sched", name = "sched_process_fork")]
-    pub fn thread_fork(ctx: TracePointContext) -> u32 {
-        let Ok(child) = (unsafe { ctx.read_at::<i32>(20) }) else {
+    /// `TP_PROTO(struct task_struct *parent, struct task_struct *child)`: a new thread or
+    /// process. The child's pid and tgid are read at the offsets the kernel's BTF gives
+    /// (userspace sets them at load), not at a tracepoint layout that changes across kernels.
+    #[btf_tracepoint(function = "sched_process_fork")]
+    pub fn thread_fork(ctx: BtfTracePointContext) -> i32 {
+        let child: u64 = ctx.arg(1);
+        // SAFETY: a plain read of a constant global.
+        let offset = unsafe { core::ptr::read_volatile(&TASK_PID_OFFSET) };
+        if offset == 0 {
+            return 0;
+        }
+        // SAFETY: bpf_probe_read_kernel checks the address; `pid` and `tgid` are adjacent.
+        let Ok(ids) =
+            (unsafe { bpf_probe_read_kernel((child + u64::from(offset)) as *const [i32; 2]) })
+        else {
             return 0;
         };
-        let (tgid, _) = current();
+        let (pid, tgid) = (ids[0] as u32, ids[1] as u32);
         let now = unsafe { bpf_ktime_get_ns() };
         let state = ThreadState {
             tgid,
@@ -362,7 +403,7 @@ mod probes {
             created_ns: now,
             off_cpu_since_ns: now,
         };
-        if THREADS.insert(&(child as u32), &state, 0).is_err() {
+        if THREADS.insert(&pid, &state, 0).is_err() {
             count(stat::THREADS_FULL);
         }
         0

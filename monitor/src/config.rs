@@ -36,6 +36,8 @@ pub enum ConfigError {
          collector or sidecar for TLS)"
     )]
     OtlpEndpoint { endpoint: String },
+    #[error("{what}: invalid size {value:?} (examples: 64MiB, 512KiB, 100000000)")]
+    Size { what: &'static str, value: String },
 }
 
 /// The config file (`/etc/leakmon/leakmon.toml` or `--config`). Unknown keys are errors, so a
@@ -49,9 +51,14 @@ pub struct FileConfig {
     pub leak_min_growth: Option<u64>,
     pub scan_interval: Option<String>,
     pub max_goroutines: Option<u32>,
+    pub max_goroutines_per_process: Option<u32>,
+    pub max_threads: Option<u32>,
     pub format: Option<Format>,
     pub probe_parks: Option<bool>,
     pub threads: Option<bool>,
+    pub target_timeout: Option<String>,
+    pub memory_budget: Option<String>,
+    pub go_unvalidated: Option<bool>,
     pub otlp: Option<crate::export::OtlpFile>,
 }
 
@@ -105,6 +112,14 @@ pub struct DetectArgs {
     /// Capacity of the kernel's goroutine table, all processes together [default: 262144]
     #[arg(long, env = "LEAKMON_MAX_GOROUTINES", value_name = "N")]
     pub max_goroutines: Option<u32>,
+    /// Share of that table one process may fill, so one cannot end spinning detection for the
+    /// rest [default: 65536]
+    #[arg(long, env = "LEAKMON_MAX_GOROUTINES_PER_PROCESS", value_name = "N")]
+    pub max_goroutines_per_process: Option<u32>,
+    /// Capacity of the kernel's thread table, preallocated at about 72 bytes each
+    /// [default: 65536]
+    #[arg(long, env = "LEAKMON_MAX_THREADS", value_name = "N")]
+    pub max_threads: Option<u32>,
     /// Output format of alerts on stdout [default: text for watch, json for run]
     #[arg(long, env = "LEAKMON_FORMAT", value_enum)]
     pub format: Option<Format>,
@@ -116,6 +131,18 @@ pub struct DetectArgs {
     /// locks, thread leaks, hung processes [default: true]
     #[arg(long, env = "LEAKMON_THREADS", num_args = 0..=1, default_missing_value = "true")]
     pub threads: Option<bool>,
+    /// How long work on one process (reading its memory, /proc files, executable) may take
+    /// before it is skipped for that scan, while every other process is watched [default: 5s]
+    #[arg(long, env = "LEAKMON_TARGET_TIMEOUT", value_name = "DURATION")]
+    pub target_timeout: Option<String>,
+    /// Memory the daemon aims to stay within; symbol and unwind caches get half of it and are
+    /// evicted to fit [default: 64MiB]
+    #[arg(long, env = "LEAKMON_MEMORY_BUDGET", value_name = "SIZE")]
+    pub memory_budget: Option<String>,
+    /// Watch Go programs built with a Go version newer than the last one leakmon was
+    /// validated against, trusting their DWARF for the layout [default: false]
+    #[arg(long, env = "LEAKMON_GO_UNVALIDATED", num_args = 0..=1, default_missing_value = "true")]
+    pub go_unvalidated: Option<bool>,
     /// Export alerts and metrics over OTLP to this collector (e.g. http://collector:4317);
     /// alerts stay on stdout too
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
@@ -129,13 +156,52 @@ pub struct DetectArgs {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
     pub thresholds: Thresholds,
-    pub max_goroutines: Option<u32>,
+    /// Kernel map sizes.
+    pub capacity: crate::bpf::Capacity,
     /// None: the command's own default (people read `watch`, machines read `run`).
     pub format: Option<Format>,
     pub probe_parks: bool,
     pub threads: bool,
+    /// How long work on one process may take per scan.
+    pub target_timeout: Duration,
+    /// Bytes the daemon aims to stay within.
+    pub memory_budget: u64,
+    /// Go versions newer than the last validated one are watched.
+    pub go_unvalidated: bool,
     /// None: no export.
     pub otlp: Option<crate::export::OtlpSettings>,
+}
+
+pub const DEFAULT_TARGET_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_MEMORY_BUDGET: u64 = 64 << 20;
+/// Below this the daemon cannot hold its own tables, whatever it evicts.
+const MIN_MEMORY_BUDGET: u64 = 16 << 20;
+
+/// A size such as `64MiB`, `512KiB`, `1GiB` or plain bytes.
+fn parse_size(what: &'static str, value: &str) -> Result<u64, ConfigError> {
+    let v = value.trim();
+    let digits = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (number, unit) = v.split_at(digits);
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" | "k" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        _ => {
+            return Err(ConfigError::Size {
+                what,
+                value: value.to_owned(),
+            });
+        }
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or(ConfigError::Size {
+            what,
+            value: value.to_owned(),
+        })
 }
 
 impl TryFrom<(&DetectArgs, FileConfig)> for Settings {
@@ -193,12 +259,41 @@ impl TryFrom<(&DetectArgs, FileConfig)> for Settings {
                 what: "leak_min_growth",
             });
         }
-        let max_goroutines = args.max_goroutines.or(file.max_goroutines);
-        if max_goroutines == Some(0) {
-            return Err(ConfigError::Zero {
-                what: "max_goroutines",
-            });
-        }
+        let defaults = crate::bpf::Capacity::default();
+        let count = |what, arg: Option<u32>, file: Option<u32>, default| match arg.or(file) {
+            Some(0) => Err(ConfigError::Zero { what }),
+            v => Ok(v.unwrap_or(default)),
+        };
+        let capacity = crate::bpf::Capacity {
+            goroutines: count(
+                "max_goroutines",
+                args.max_goroutines,
+                file.max_goroutines,
+                defaults.goroutines,
+            )?,
+            threads: count(
+                "max_threads",
+                args.max_threads,
+                file.max_threads,
+                defaults.threads,
+            )?,
+            go_quota: count(
+                "max_goroutines_per_process",
+                args.max_goroutines_per_process,
+                file.max_goroutines_per_process,
+                defaults.go_quota,
+            )?,
+        };
+        let target_timeout = duration(
+            "target_timeout",
+            &args.target_timeout,
+            file.target_timeout,
+            DEFAULT_TARGET_TIMEOUT,
+        )?;
+        let memory_budget = match args.memory_budget.clone().or(file.memory_budget) {
+            None => DEFAULT_MEMORY_BUDGET,
+            Some(v) => parse_size("memory_budget", &v)?.max(MIN_MEMORY_BUDGET),
+        };
         let otlp = crate::export::OtlpSettings::resolve(
             args.otlp_endpoint.as_deref(),
             args.otlp_protocol,
@@ -211,7 +306,10 @@ impl TryFrom<(&DetectArgs, FileConfig)> for Settings {
         Ok(Self {
             otlp,
             thresholds,
-            max_goroutines,
+            capacity,
+            target_timeout,
+            memory_budget,
+            go_unvalidated: args.go_unvalidated.or(file.go_unvalidated).unwrap_or(false),
             format: args.format.or(file.format),
             probe_parks: args.probe_parks.or(file.probe_parks).unwrap_or(false),
             threads: args.threads.or(file.threads).unwrap_or(true),
@@ -268,6 +366,15 @@ mod tests {
         };
         let err = Settings::try_from((&args, FileConfig::default())).err();
         assert!(err.is_some_and(|e| e.to_string().contains("spin_threshold: invalid duration")),);
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("m", "64MiB").ok(), Some(64 << 20));
+        assert_eq!(parse_size("m", "512 KiB").ok(), Some(512 << 10));
+        assert_eq!(parse_size("m", "1000").ok(), Some(1000));
+        assert!(parse_size("m", "lots").is_err());
+        assert!(parse_size("m", "99999999999999G").is_err());
     }
 
     #[test]

@@ -84,7 +84,11 @@ pub fn run_checks() -> Vec<Check> {
         msg
     };
     let (load, discovery, threads) = if missing.is_empty() {
-        match crate::bpf::Probes::load(Some(1024)) {
+        match crate::bpf::Probes::load(crate::bpf::Capacity {
+            goroutines: 1024,
+            threads: 1024,
+            go_quota: 1024,
+        }) {
             // Attaching the tracepoints briefly is harmless; dropping detaches them.
             Ok(mut probes) => (
                 Ok(()),

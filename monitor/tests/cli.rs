@@ -46,6 +46,25 @@ fn unknown_pid() {
 }
 
 #[test]
+fn kernel_threads_and_protected_processes_say_so() {
+    require_root();
+    // kthreadd: a /proc entry without an executable.
+    assert_error(
+        &leakmon(&["watch", "--pid", "2"]),
+        "PID 2 has no executable (a kernel thread?)",
+    );
+    // Where the kernel refuses even root (this host's init), the message says that, not
+    // "run as root".
+    if let Err(e) = std::fs::read_link("/proc/1/exe")
+        && e.kind() == std::io::ErrorKind::PermissionDenied
+    {
+        let out = leakmon(&["watch", "--pid", "1"]);
+        assert_error(&out, "PID 1 is protected");
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("run as root"));
+    }
+}
+
+#[test]
 fn not_a_go_program() {
     require_root();
     let mut sleep = Command::new("sleep").arg("60").spawn().unwrap();

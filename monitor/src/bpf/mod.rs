@@ -1,5 +1,6 @@
 //! Loading leakmon's kernel programs, attaching them to processes, and reading what they keep.
 
+mod btf;
 mod threads;
 
 pub use threads::ThreadTables;
@@ -19,7 +20,10 @@ use aya::{
         uprobe::{UProbeLinkId, UProbeScope},
     },
 };
-use monitor_ebpf::{FutexWait, GoKey, GoProc, GoState, MAX_GOROUTINES, ThreadState, names, stat};
+use monitor_ebpf::{
+    DEFAULT_GO_QUOTA, FutexWait, GoKey, GoProc, GoState, MAX_GOROUTINES, MAX_THREADS, ThreadState,
+    names, stat,
+};
 
 use crate::sys::caps;
 
@@ -77,6 +81,24 @@ pub struct GoLinks {
     links: Vec<(&'static str, UProbeLinkId)>,
 }
 
+/// How large the kernel maps are, and each process's share of the goroutine map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub goroutines: u32,
+    pub threads: u32,
+    pub go_quota: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            goroutines: MAX_GOROUTINES,
+            threads: MAX_THREADS,
+            go_quota: DEFAULT_GO_QUOTA,
+        }
+    }
+}
+
 /// Totals of the per-CPU counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -88,6 +110,7 @@ pub struct Stats {
     pub proc_events_lost: u64,
     pub thread_waits_full: u64,
     pub threads_full: u64,
+    pub go_quota_full: u64,
 }
 
 pub struct Probes {
@@ -97,6 +120,9 @@ pub struct Probes {
     stats: PerCpuArray<MapData, u64>,
     /// Set once the thread probes are attached ([`Probes::attach_threads`]).
     threads: Option<ThreadMaps>,
+    go_quota: u32,
+    /// Whether the kernel's BTF gave `task_struct`'s pid offset (thread creation is traced).
+    fork_offset: bool,
 }
 
 struct ThreadMaps {
@@ -108,7 +134,7 @@ const GO_PROGRAMS: [&str; 3] = [names::GO_PARK, names::GO_PREEMPT, names::GO_EXI
 
 impl Probes {
     /// Loads the programs into the kernel (nothing is attached yet).
-    pub fn load(max_goroutines: Option<u32>) -> Result<Self, BpfError> {
+    pub fn load(capacity: Capacity) -> Result<Self, BpfError> {
         let missing = caps::missing(&[caps::CAP_BPF, caps::CAP_PERFMON, caps::CAP_SYS_ADMIN]);
         if !missing.is_empty() {
             return Err(BpfError::Privileges {
@@ -116,8 +142,11 @@ impl Probes {
             });
         }
         raise_memlock_limit();
+        let pid_offset = btf::task_pid_offset();
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::GOROUTINES, max_goroutines.unwrap_or(MAX_GOROUTINES))
+            .map_max_entries(names::GOROUTINES, capacity.goroutines)
+            .map_max_entries(names::THREADS, capacity.threads)
+            .override_global(names::TASK_PID_OFFSET, &pid_offset.unwrap_or(0), true)
             .load(OBJECT)
             .map_err(|e| BpfError::Load(Box::new(e)))?;
         for name in GO_PROGRAMS {
@@ -139,6 +168,8 @@ impl Probes {
             goroutines,
             stats,
             threads: None,
+            go_quota: capacity.go_quota,
+            fork_offset: pid_offset.is_some(),
         })
     }
 
@@ -150,6 +181,11 @@ impl Probes {
         probes: &[GoProbe],
     ) -> Result<GoLinks, BpfError> {
         let raw = pid.get();
+        let proc = GoProc {
+            records: 0,
+            quota: u64::from(self.go_quota),
+            ..proc
+        };
         self.procs
             .insert(&raw, &proc, 0)
             .map_err(map_err(names::GO_PROCS))?;
@@ -220,14 +256,25 @@ impl Probes {
         }
     }
 
-    /// Every goroutine the probes know of, grouped by process.
-    pub fn goroutines(&self) -> HashMap<u32, HashMap<u64, GoState>> {
+    /// Every goroutine the probes know of, grouped by process. Each watched process's record
+    /// count (what its quota is checked against) is set to what the walk found: the probes
+    /// count up, removals from here do not count down.
+    pub fn goroutines(&mut self) -> HashMap<u32, HashMap<u64, GoState>> {
         let mut by_pid: HashMap<u32, HashMap<u64, GoState>> = HashMap::new();
         // Entries removed while iterating come back as errors: skip them. A deletion under
         // the cursor restarts the walk from the first key, so keying by goid drops the
         // repeats.
         for (key, state) in self.goroutines.iter().filter_map(Result::ok) {
             by_pid.entry(key.tgid).or_default().insert(key.goid, state);
+        }
+        let procs: Vec<(u32, GoProc)> = self.procs.iter().filter_map(Result::ok).collect();
+        for (pid, mut proc) in procs {
+            let records = by_pid.get(&pid).map_or(0, |g| g.len() as u64);
+            if proc.records != records {
+                proc.records = records;
+                // BPF_EXIST: a process detached meanwhile stays detached.
+                let _ = self.procs.insert(&pid, &proc, 2);
+            }
         }
         by_pid
     }
@@ -264,6 +311,7 @@ impl Probes {
             proc_events_lost: total(stat::PROC_EVENTS_LOST),
             thread_waits_full: total(stat::THREAD_WAITS_FULL),
             threads_full: total(stat::THREADS_FULL),
+            go_quota_full: total(stat::GO_QUOTA_FULL),
         }
     }
 

@@ -3,18 +3,15 @@
 
 use std::collections::HashMap;
 
-use aya::{
-    Btf,
-    maps::HashMap as BpfHashMap,
-    programs::{BtfTracePoint, TracePoint},
-};
+use aya::{Btf, maps::HashMap as BpfHashMap, programs::BtfTracePoint};
 use monitor_ebpf::{FutexWait, ThreadState, names};
 
 use super::{BpfError, Probes, ThreadMaps, map_err, program, take_map};
 
-const BTF_TRACEPOINTS: [(&str, &str); 2] = [
+const BTF_TRACEPOINTS: [(&str, &str); 3] = [
     (names::SCHED_SWITCH, "sched_switch"),
     (names::THREAD_EXIT, "sched_process_exit"),
+    (names::THREAD_FORK, "sched_process_fork"),
 ];
 
 /// What the thread probes hold at one instant.
@@ -34,6 +31,14 @@ impl Probes {
         }
         let btf = Btf::from_sys_fs().map_err(|e| BpfError::Btf(Box::new(e)))?;
         for (name, function) in BTF_TRACEPOINTS {
+            if name == names::THREAD_FORK && !self.fork_offset {
+                // Threads are then recorded at their first switch, without a creation time.
+                log::warn!(
+                    "the kernel's BTF does not give task_struct's pid and tgid: thread \
+                     creation is not traced (thread_leak growth is seen later)"
+                );
+                continue;
+            }
             let program: &mut BtfTracePoint = program(&mut self.ebpf, name)?;
             program
                 .load(function, &btf)
@@ -43,14 +48,6 @@ impl Probes {
                     source: Box::new(source),
                 })?;
         }
-        let program: &mut TracePoint = program(&mut self.ebpf, names::THREAD_FORK)?;
-        program
-            .load()
-            .and_then(|()| program.attach("sched", "sched_process_fork").map(drop))
-            .map_err(|source| BpfError::Program {
-                name: names::THREAD_FORK,
-                source: Box::new(source),
-            })?;
         let waits = BpfHashMap::try_from(take_map(&mut self.ebpf, names::THREAD_WAITS)?)
             .map_err(map_err(names::THREAD_WAITS))?;
         let states = BpfHashMap::try_from(take_map(&mut self.ebpf, names::THREADS)?)

@@ -92,8 +92,15 @@ enum Key {
     Hung,
 }
 
+/// A lock cycle as seen once: its (thread, lock) pairs, sorted.
+type CycleId = Vec<(u32, u64)>;
+
 #[derive(Debug, Default)]
 struct ProcessState {
+    /// Cycles seen in the previous snapshot: a cycle is reported only when the owners read
+    /// afresh at two scans in a row make the same one (a lock changes hands between waiters,
+    /// and one read can pair an old owner with a new wait).
+    cycles: BTreeSet<CycleId>,
     leak_histories: HashMap<GroupKey, History>,
     thread_count: History,
     firing: BTreeMap<Key, Alert>,
@@ -141,9 +148,11 @@ impl ThreadDetector {
         let mut wanted: BTreeMap<Key, Alert> = BTreeMap::new();
 
         // Lock waits, and the wait-for graph through the owners the locks record. A cycle is
-        // final once it has held for a scan interval; a lone wait only past the threshold.
+        // final once it has held for a scan interval and two snapshots in a row show it; a
+        // lone wait only past the threshold.
         let settled = ns(t.scan_interval).min(block);
         let mut in_cycle = BTreeSet::new();
+        let mut cycles = BTreeSet::new();
         for start in snapshot.threads.iter().filter(|t| lock_wait(t).is_some()) {
             let mut path = vec![start.tid];
             let mut tid = start.tid;
@@ -161,11 +170,23 @@ impl ThreadDetector {
                     let settled = members
                         .iter()
                         .all(|m| lock_wait(m).is_some_and(|w| age(w.since_ns) >= settled));
+                    let mut id: CycleId = members
+                        .iter()
+                        .filter_map(|m| lock_wait(m).map(|w| (m.tid, w.uaddr)))
+                        .collect();
+                    id.sort_unstable();
+                    let confirmed = state.cycles.contains(&id);
+                    let fresh = cycle.iter().all(|t| !in_cycle.contains(t));
+                    if fresh {
+                        // Not reported as stuck meanwhile, confirmed or not.
+                        in_cycle.extend(cycle.iter().copied());
+                        cycles.insert(id);
+                    }
                     if let Some(first) = members.first()
                         && settled
-                        && cycle.iter().all(|t| !in_cycle.contains(t))
+                        && confirmed
+                        && fresh
                     {
-                        in_cycle.extend(cycle.iter().copied());
                         let mut locks: Vec<u64> = members
                             .iter()
                             .filter_map(|m| lock_wait(m).map(|w| w.uaddr))
@@ -197,6 +218,8 @@ impl ThreadDetector {
                 tid = owner;
             }
         }
+
+        state.cycles = cycles;
 
         // Other lock waits past the threshold, grouped by where they wait.
         let mut stuck: BTreeMap<GroupKey, Vec<&ThreadObs>> = BTreeMap::new();
@@ -463,6 +486,42 @@ mod tests {
             kinds(&resolved),
             [(AlertKind::ThreadDeadlock, AlertState::Resolved)]
         );
+    }
+
+    #[test]
+    fn a_cycle_read_once_is_not_a_deadlock() {
+        // A holds M and B, C wait on it; M passes to B while the owner read still says A,
+        // and A then waits on a lock B holds: one read pairs the old owner with the new wait.
+        let mut d = ThreadDetector::new(thresholds());
+        let stale = snapshot(
+            2,
+            vec![
+                thread(1, 0, Some((0xb, WaitKind::Lock, Some(2)))),
+                thread(2, 0, Some((0xa, WaitKind::Lock, Some(1)))),
+                thread(3, 0, Some((0xa, WaitKind::Lock, Some(1)))),
+            ],
+        );
+        let deadlock = (AlertKind::ThreadDeadlock, AlertState::Firing);
+        assert!(!kinds(&d.observe(7, &stale)).contains(&deadlock));
+        // Read afresh: B owns M and runs; A waits on B's lock, C on M: no cycle.
+        let fresh = snapshot(
+            3,
+            vec![
+                thread(1, 0, Some((0xb, WaitKind::Lock, Some(2)))),
+                ThreadObs {
+                    off_cpu_since_ns: None,
+                    ..thread(2, 0, None)
+                },
+                thread(3, 0, Some((0xa, WaitKind::Lock, Some(2)))),
+            ],
+        );
+        let fired = d.observe(7, &fresh);
+        assert!(!kinds(&fired).contains(&deadlock), "{fired:?}");
+        // The same cycle on two fresh reads in a row is one.
+        let once = snapshot(4, stale.threads.clone());
+        assert!(!kinds(&d.observe(7, &once)).contains(&deadlock));
+        let twice = snapshot(5, stale.threads.clone());
+        assert!(kinds(&d.observe(7, &twice)).contains(&deadlock));
     }
 
     #[test]

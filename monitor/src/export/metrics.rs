@@ -37,6 +37,16 @@ pub struct Health {
     pub processes_attached: u64,
     /// Alerts fired so far, all kinds.
     pub alerts_fired: u64,
+    /// The daemon's resident memory.
+    pub memory_bytes: u64,
+    /// Bytes held by the symbol and unwind cache, and modules evicted from it so far.
+    pub cache_bytes: u64,
+    pub cache_evicted: u64,
+    /// Processes skipped because work on them overran its deadline.
+    pub targets_unresponsive: u64,
+    /// Worker threads alive, and results that came after their deadline so far.
+    pub workers: u64,
+    pub late_results: u64,
 }
 
 impl GroupGauge {
@@ -149,6 +159,54 @@ pub(super) fn provider(
         "Kernel records not kept (full maps) or events lost",
         "{event}",
         |h| h.events_dropped,
+    );
+    let _ = health(
+        "leakmon.cache.evicted",
+        "Modules (symbols, unwind tables) evicted from the cache",
+        "{module}",
+        |h| h.cache_evicted,
+    );
+    let _ = health(
+        "leakmon.targets.late",
+        "Scans of a process that overran their deadline and came back later",
+        "{scan}",
+        |h| h.late_results,
+    );
+    let gauge = |name: &'static str,
+                 description: &'static str,
+                 unit: &'static str,
+                 f: fn(&Health) -> u64| {
+        let read = read.clone();
+        meter
+            .u64_observable_gauge(name)
+            .with_description(description)
+            .with_unit(unit)
+            .with_callback(move |o| read(&|s| o.observe(f(&s.health), &[])))
+            .build()
+    };
+    let _ = gauge(
+        "leakmon.memory.usage",
+        "The daemon's resident memory",
+        "By",
+        |h| h.memory_bytes,
+    );
+    let _ = gauge(
+        "leakmon.cache.usage",
+        "Bytes held by the symbol and unwind cache",
+        "By",
+        |h| h.cache_bytes,
+    );
+    let _ = gauge(
+        "leakmon.targets.unresponsive",
+        "Processes skipped because reading them overran the target timeout",
+        "{process}",
+        |h| h.targets_unresponsive,
+    );
+    let _ = gauge(
+        "leakmon.workers",
+        "Worker threads alive (stuck ones included)",
+        "{thread}",
+        |h| h.workers,
     );
     {
         let read = read.clone();

@@ -15,6 +15,9 @@ use super::GoError;
 
 pub(crate) type Cache = ReadCache<File>;
 
+/// Largest section read or inflated (pclntab of the largest Go binaries is ~100 MiB).
+const MAX_SECTION_BYTES: u64 = super::MAX_SECTION_MIB << 20;
+
 /// A PT_LOAD segment, kept after the ELF is closed to turn probe addresses
 /// into file offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,15 +101,27 @@ impl<'a> Elf<'a> {
     }
 
     /// Section contents (decompressed if SHF_COMPRESSED or `.zdebug_*`) and
-    /// address, or `None` if the section does not exist.
+    /// address, or `None` if the section does not exist. A section that declares more than
+    /// [`MAX_SECTION_BYTES`] is an error: the file says its own sizes.
     pub(crate) fn section(&self, name: &str) -> Result<Option<SectionData<'a>>, GoError> {
         let Some(section) = self.file.section_by_name(name) else {
             return Ok(None);
         };
-        let data = section.uncompressed_data().map_err(|source| GoError::Elf {
+        let elf_err = |source| GoError::Elf {
             what: format!("section {name}"),
             source,
-        })?;
+        };
+        let size = section
+            .compressed_data()
+            .map_err(elf_err)?
+            .uncompressed_size;
+        if size > MAX_SECTION_BYTES {
+            return Err(GoError::SectionTooLarge {
+                name: name.to_owned(),
+                size,
+            });
+        }
+        let data = section.uncompressed_data().map_err(elf_err)?;
         Ok(Some(SectionData {
             addr: section.address(),
             data,

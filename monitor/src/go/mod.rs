@@ -46,6 +46,8 @@ pub const PROBED: [&str; 3] = [GOPARK, GOSCHED_IMPL, GOEXIT1];
 /// Newest minor version with a built-in table. Newer versions still work
 /// when the binary has DWARF and a symbol table.
 pub const MAX_TABLE_MINOR: u32 = 27;
+/// Largest section read or inflated from a binary, in MiB.
+pub(crate) const MAX_SECTION_MIB: u64 = 256;
 
 /// Errors from inspecting a Go binary.
 #[derive(Debug, Error)]
@@ -78,6 +80,16 @@ pub enum GoError {
     BadVersion(String),
     #[error("{version} is not supported (supported: go1.{MIN_MINOR} to go1.{MAX_TABLE_MINOR})")]
     UnsupportedVersion { version: GoVersion },
+    #[error(
+        "{version} is newer than go1.{MAX_TABLE_MINOR}, the last version leakmon was validated \
+         against (goroutine status codes and field meanings may have changed); set \
+         go_unvalidated = true (--go-unvalidated) to watch it anyway"
+    )]
+    NotValidated { version: GoVersion },
+    #[error(
+        "section {name} declares {size} bytes, over the {MAX_SECTION_MIB} MiB read from one section"
+    )]
+    SectionTooLarge { name: String, size: u64 },
     #[error("no .gopclntab section: cannot map addresses to functions; rebuild with the Go linker")]
     NoPclntab,
     #[error(
@@ -191,15 +203,22 @@ pub struct GoBinary {
 }
 
 impl GoBinary {
-    /// Opens and inspects a Go executable.
+    /// Opens and inspects a Go executable of a validated Go version.
     pub fn open(path: &Path) -> Result<GoBinary, GoError> {
-        let io_err = |source| GoError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file = File::open(path).map_err(io_err)?;
+        Self::open_with(path, false)
+    }
+
+    /// Opens and inspects a Go executable; `unvalidated` accepts Go versions newer than the
+    /// last one validated when the binary's DWARF gives the layout.
+    pub fn open_with(path: &Path, unvalidated: bool) -> Result<GoBinary, GoError> {
+        let file = crate::proc::files::open_checked(path, None)
+            .map_err(|e| GoError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(e),
+            })?
+            .file;
         let cache = object::ReadCache::new(file);
-        let inspected = inspect(&cache)?;
+        let inspected = inspect(&cache, unvalidated)?;
         let file = cache.into_inner();
         let mut binary = GoBinary {
             path: path.to_path_buf(),
@@ -319,7 +338,7 @@ struct Inspected {
     segments: Vec<Segment>,
 }
 
-fn inspect(cache: &elf::Cache) -> Result<Inspected, GoError> {
+fn inspect(cache: &elf::Cache, unvalidated: bool) -> Result<Inspected, GoError> {
     let elf = Elf::parse(cache)?;
 
     let buildinfo = elf.section(".go.buildinfo")?.ok_or(GoError::NotGo)?;
@@ -329,6 +348,7 @@ fn inspect(cache: &elf::Cache) -> Result<Inspected, GoError> {
     if version.major != 1 || version.minor < MIN_MINOR {
         return Err(GoError::UnsupportedVersion { version });
     }
+    let validated = version.minor <= MAX_TABLE_MINOR;
 
     // External linking of PIE puts it in RELRO under this name.
     let pcln = match elf.section(".gopclntab")? {
@@ -346,6 +366,9 @@ fn inspect(cache: &elf::Cache) -> Result<Inspected, GoError> {
         (None, Some(t)) => (t.offsets, OffsetSource::Table, t.moduledata),
         (None, None) => return Err(GoError::NoOffsets { version }),
     };
+    if !validated && !unvalidated {
+        return Err(GoError::NotValidated { version });
+    }
 
     let wait_reasons = match (waitreasons::from_symtab(&elf)?, table) {
         (Some(w), _) => w,

@@ -254,7 +254,10 @@ impl Pclntab {
         let mut p = self.data.get(self.pctab.checked_add(table as usize)?..)?;
         let (mut val, mut cur) = (-1i32, entry);
         let mut first = true;
-        loop {
+        // Each entry of a well-formed table advances the pc: a table that does not is walked
+        // no further than the function, not to the end of the section.
+        let steps = pc.checked_sub(entry)?.saturating_add(2);
+        for _ in 0..steps {
             let (uvdelta, n) = uvarint(p)?;
             if uvdelta == 0 && !first {
                 return None;
@@ -271,6 +274,7 @@ impl Pclntab {
                 return Some(val);
             }
         }
+        None
     }
 
     fn file_name(&self, f: &Func, fileno: i32) -> Option<&str> {

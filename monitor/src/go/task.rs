@@ -96,7 +96,10 @@ fn parse_g(buf: &[u8], off: &GOffsets) -> GRecord {
 pub fn stack(mem: &ProcMem, g: &GRecord) -> Vec<u64> {
     let mut pcs = vec![g.sched_pc];
     let mut bp = g.sched_bp;
-    while pcs.len() < MAX_FRAMES && bp != 0 {
+    // Frames lie on the goroutine's own stack, between its saved sp and stack.hi: a frame
+    // pointer outside it is a torn read or a hostile value, not a frame.
+    let hi = g.sched_sp.saturating_add(g.stack_depth);
+    while pcs.len() < MAX_FRAMES && bp >= g.sched_sp && bp.saturating_add(16) <= hi {
         let mut frame = [0u8; 16];
         if !mem.read(bp, &mut frame) {
             break;
@@ -124,18 +127,30 @@ pub fn all_gs(mem: &ProcMem, allgs_addr: u64, limit: usize) -> Vec<u64> {
         return Vec::new();
     }
     let ptr = u64::from_le_bytes(header[..8].try_into().unwrap_or_default());
-    let len = u64::from_le_bytes(header[8..].try_into().unwrap_or_default()) as usize;
-    let len = len.min(limit);
-    let mut raw = vec![0u8; len * 8];
-    if len == 0 || !mem.read(ptr, &mut raw) {
-        return Vec::new();
+    let len = u64::from_le_bytes(header[8..].try_into().unwrap_or_default());
+    let len = usize::try_from(len).unwrap_or(usize::MAX).min(limit);
+    // Read in chunks into a growing list: the buffer stays small whatever the header says,
+    // and a length past the mapping ends at the first unreadable chunk.
+    const CHUNK: usize = 4096;
+    let mut gs = Vec::new();
+    let mut raw = vec![0u8; CHUNK * 8];
+    let mut i = 0;
+    while i < len {
+        let n = (len - i).min(CHUNK);
+        let buf = &mut raw[..n * 8];
+        if !mem.read(ptr.wrapping_add(i as u64 * 8), buf) {
+            break;
+        }
+        gs.extend(
+            buf.as_chunks::<8>()
+                .0
+                .iter()
+                .map(|c| u64::from_le_bytes(*c))
+                .filter(|g| *g != 0),
+        );
+        i += n;
     }
-    raw.as_chunks::<8>()
-        .0
-        .iter()
-        .map(|c| u64::from_le_bytes(*c))
-        .filter(|g| *g != 0)
-        .collect()
+    gs
 }
 
 /// Whether a function belongs to the program rather than the Go distribution: standard-library

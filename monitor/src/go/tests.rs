@@ -328,8 +328,12 @@ fn version_gates() {
              rebuild without -ldflags=-s -w"
         )
     );
-    // With DWARF and a symbol table an unknown newer version still works.
-    let bin = open(&testutil::with_version(&b.normal, "future", &future));
+    // Newer than validated: refused, unless asked for; then DWARF gives the layout.
+    let newer = testutil::with_version(&b.normal, "future", &future);
+    let err = GoBinary::open(&newer).unwrap_err();
+    assert!(matches!(err, GoError::NotValidated { .. }), "{err}");
+    assert!(err.to_string().contains("go_unvalidated = true"), "{err}");
+    let bin = GoBinary::open_with(&newer, true).unwrap();
     assert_eq!(bin.version.minor, 99);
     assert_eq!(bin.offset_source, OffsetSource::Dwarf);
 }

@@ -2,6 +2,7 @@
 //! container.
 
 mod container;
+pub mod files;
 mod mem;
 
 use std::{io, path::PathBuf};
@@ -22,16 +23,40 @@ pub enum ProcError {
     },
     #[error("PID {pid} has no executable (a kernel thread?): nothing to watch")]
     NoExecutable { pid: u32 },
+    #[error(
+        "the kernel refuses access to /proc/{pid}/{what} although leakmon has CAP_SYS_PTRACE: \
+         PID {pid} is protected (the host's init or a process in a sandbox whose security \
+         policy forbids inspecting it); it cannot be watched"
+    )]
+    Protected {
+        pid: u32,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("PID {pid}: the executable {exe} is not mapped in /proc/{pid}/maps")]
     NotMapped { pid: u32, exe: String },
 }
 
 fn proc_err(pid: u32, what: &'static str, source: io::Error) -> ProcError {
-    if source.kind() == io::ErrorKind::NotFound {
-        ProcError::NoSuchProcess { pid }
-    } else {
-        ProcError::Access { pid, what, source }
+    match source.kind() {
+        // A kernel thread has a /proc entry but no executable.
+        io::ErrorKind::NotFound if what == "exe" && is_alive(pid) => {
+            ProcError::NoExecutable { pid }
+        }
+        io::ErrorKind::NotFound => ProcError::NoSuchProcess { pid },
+        io::ErrorKind::PermissionDenied
+            if crate::sys::caps::missing(&[crate::sys::caps::CAP_SYS_PTRACE]).is_empty() =>
+        {
+            ProcError::Protected { pid, what, source }
+        }
+        _ => ProcError::Access { pid, what, source },
     }
+}
+
+/// What failing to reach `pid`'s executable means.
+pub fn exe_error(pid: u32, source: io::Error) -> ProcError {
+    proc_err(pid, "exe", source)
 }
 
 /// Whether `pid` is alive (not a zombie).
@@ -70,8 +95,9 @@ pub fn load_bias(pid: u32, lowest_vaddr: u64) -> Result<u64, ProcError> {
     let inode = std::fs::metadata(format!("/proc/{pid}/exe"))
         .map_err(|e| proc_err(pid, "exe", e))?
         .ino();
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+    let maps = files::read_proc_capped(&format!("/proc/{pid}/maps"), 16 << 20)
         .map_err(|e| proc_err(pid, "maps", e))?;
+    let maps = String::from_utf8_lossy(&maps);
     for line in maps.lines() {
         // start-end perms offset dev inode path
         let mut fields = line.split_whitespace();

@@ -1,6 +1,7 @@
 //! OS threads of any process: what the thread probes recorded, completed from /proc (names,
 //! states, stacks of long waits, lock owners), as per-process snapshots for
-//! [`crate::detect::ThreadDetector`].
+//! [`crate::detect::ThreadDetector`]. Snapshots read what the target controls and run on
+//! workers; the probes' maps are read and written by the loop only.
 
 pub mod futex;
 pub mod stack;
@@ -19,13 +20,14 @@ use self::{
     symbols::{Frame, Symbolizer},
 };
 use crate::{
-    bpf::{Probes, ThreadTables},
+    bpf::ThreadTables,
     detect::{FutexObs, Site, ThreadObs, ThreadSnapshot},
     proc::ProcMem,
 };
 
 /// What is kept of a thread's long wait between scans: its stack does not change while the
-/// wait lasts.
+/// wait lasts. The lock owner is not kept: it is read again at every scan (a mutex passes
+/// from one waiter to another while the wait goes on).
 #[derive(Clone, Debug)]
 struct Seen {
     /// The wait (or off-CPU period) this was computed for.
@@ -34,76 +36,88 @@ struct Seen {
     blocked_at: Option<Arc<Site>>,
     entry: Option<Arc<str>>,
     stack: Arc<[String]>,
-    /// Futex wait judged: kind, flavor, lock owner (namespace thread id).
-    futex: Option<(WaitKind, LockFlavor, Option<u32>)>,
+    /// Futex wait judged: kind and flavor.
+    futex: Option<(WaitKind, LockFlavor)>,
 }
 
-/// Builds thread snapshots; keeps symbols and judged waits across scans.
+/// What is kept of one process's threads between scans. Moved into the worker that takes the
+/// process's snapshot, and back.
 #[derive(Default)]
-pub struct ThreadScanner {
-    symbolizer: Symbolizer,
+pub struct ProcessState {
     seen: HashMap<u32, Seen>,
 }
 
-impl ThreadScanner {
-    /// Seeds the probes' tables with the threads of `pids` as /proc shows them now: threads
-    /// that were already asleep or in a futex wait when leakmon started are otherwise unseen
-    /// until they next run.
-    pub fn seed(&mut self, probes: &mut Probes, pids: impl IntoIterator<Item = u32>, now_ns: u64) {
-        for pid in pids {
-            for tid in tasks(pid) {
-                let Ok(state) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
-                else {
-                    continue;
-                };
-                if task_state(&state) == Some('R') {
-                    continue;
-                }
-                let wait = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall"))
-                    .ok()
-                    .and_then(|line| futex::from_proc_syscall(&line, pid, now_ns));
-                let state = ThreadState {
-                    tgid: pid,
-                    _pad: 0,
-                    created_ns: 0,
-                    off_cpu_since_ns: now_ns,
-                };
-                probes.seed_thread(tid, state, wait);
+/// Records the probes keep that a snapshot found stale: the loop drops them from the maps.
+#[derive(Debug, Default)]
+pub struct Stale {
+    pub threads: Vec<u32>,
+    pub waits: Vec<(u32, FutexWait)>,
+}
+
+/// The threads of `pid` as /proc shows them now, for seeding the probes' tables: threads that
+/// were already asleep or in a futex wait when leakmon started are otherwise unseen until they
+/// next run. Reads the target's /proc files, so it runs on a worker.
+pub fn seed(pid: u32, now_ns: u64) -> Vec<(u32, ThreadState, Option<FutexWait>)> {
+    tasks(pid)
+        .into_iter()
+        .filter_map(|tid| {
+            let state = read_small(&format!("/proc/{pid}/task/{tid}/stat"))?;
+            if task_state(&state) == Some('R') {
+                return None;
             }
+            let wait = read_small(&format!("/proc/{pid}/task/{tid}/syscall"))
+                .and_then(|line| futex::from_proc_syscall(&line, pid, now_ns));
+            let state = ThreadState {
+                tgid: pid,
+                _pad: 0,
+                created_ns: 0,
+                off_cpu_since_ns: now_ns,
+            };
+            Some((tid, state, wait))
+        })
+        .collect()
+}
+
+/// Groups the probes' tables by process, skipping `exclude` (leakmon itself).
+pub fn by_process(tables: ThreadTables, exclude: u32) -> HashMap<u32, ProcessThreads> {
+    let mut out: HashMap<u32, ProcessThreads> = HashMap::new();
+    for (tid, state) in tables.threads {
+        if state.tgid != exclude {
+            out.entry(state.tgid)
+                .or_default()
+                .threads
+                .push((tid, state));
         }
     }
-
-    /// Groups the probes' tables by process, skipping `exclude` (leakmon itself).
-    pub fn by_process(tables: ThreadTables, exclude: u32) -> HashMap<u32, ProcessThreads> {
-        let mut out: HashMap<u32, ProcessThreads> = HashMap::new();
-        for (tid, state) in tables.threads {
-            if state.tgid != exclude {
-                out.entry(state.tgid)
-                    .or_default()
-                    .threads
-                    .push((tid, state));
-            }
+    for (tid, wait) in tables.waits {
+        if wait.tgid != exclude {
+            out.entry(wait.tgid).or_default().waits.insert(tid, wait);
         }
-        for (tid, wait) in tables.waits {
-            if wait.tgid != exclude {
-                out.entry(wait.tgid).or_default().waits.insert(tid, wait);
-            }
-        }
-        out
     }
+    out
+}
 
-    /// One process's snapshot. Threads blocked at least `deep_ns` get a name, a stack and a
-    /// judged wait; futex waits already after `settle_ns` (so that lock cycles are found
-    /// early). Records found stale are dropped from the probes' maps.
+/// When a snapshot looks closer at threads: those blocked at least `deep_ns` get a name, a
+/// stack and a judged wait; futex waits already after `settle_ns` (so that lock cycles are
+/// found early).
+#[derive(Clone, Copy, Debug)]
+pub struct Depth {
+    pub settle_ns: u64,
+    pub deep_ns: u64,
+}
+
+impl ProcessState {
+    /// One process's snapshot, taken on a worker (it reads the target's /proc files, memory
+    /// and mapped files). Returns it with the records found stale.
     pub fn snapshot(
         &mut self,
-        probes: &mut Probes,
+        symbolizer: &Symbolizer,
         pid: u32,
         mut process: ProcessThreads,
         now_ns: u64,
-        settle_ns: u64,
-        deep_ns: u64,
-    ) -> ThreadSnapshot {
+        depth: Depth,
+    ) -> (ThreadSnapshot, Stale) {
+        let mut stale = Stale::default();
         let age = |since: u64| now_ns.saturating_sub(since);
         // Threads known only from a wait (seeded, or the switch record was lost) count too.
         let known: HashSet<u32> = process.threads.iter().map(|(tid, _)| *tid).collect();
@@ -121,8 +135,8 @@ impl ThreadScanner {
             }
         }
         let is_deep = |state: &ThreadState, wait: Option<&FutexWait>| {
-            age(wait.map_or(state.off_cpu_since_ns, |w| w.since_ns)) >= deep_ns
-                || wait.is_some_and(|w| age(w.since_ns) >= settle_ns)
+            age(wait.map_or(state.off_cpu_since_ns, |w| w.since_ns)) >= depth.deep_ns
+                || wait.is_some_and(|w| age(w.since_ns) >= depth.settle_ns)
         };
         // Stacks are read only for processes with a long wait.
         let any_deep = process
@@ -132,54 +146,47 @@ impl ThreadScanner {
         let mut reader = if any_deep {
             ProcMem::open(pid)
                 .ok()
-                .zip(self.symbolizer.process(pid))
+                .zip(symbolizer.process(pid))
                 .map(|(mem, symbols)| StackReader::new(mem, symbols))
         } else {
             None
         };
         let mut ns_tids: Option<HashMap<u32, u32>> = None;
         let mut threads = Vec::with_capacity(process.threads.len());
+        let shallow = |tid: u32, off_cpu_since_ns: Option<u64>| ThreadObs {
+            tid,
+            name: "".into(),
+            off_cpu_since_ns,
+            wait: None,
+            blocked_at: None,
+            entry: None,
+            stack: Arc::from([]),
+        };
         for (tid, state) in &process.threads {
             let wait = process.waits.get(tid);
             if !is_deep(state, wait) {
-                threads.push(ThreadObs {
-                    tid: *tid,
-                    name: "".into(),
-                    off_cpu_since_ns: Some(state.off_cpu_since_ns),
-                    wait: None,
-                    blocked_at: None,
-                    entry: None,
-                    stack: Arc::from([]),
-                });
+                threads.push(shallow(*tid, Some(state.off_cpu_since_ns)));
                 continue;
             }
             // A long one: confirm from /proc that it still sleeps, in the same wait.
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
-                probes.forget_thread(*tid);
+            let Some(stat) = read_small(&format!("/proc/{pid}/task/{tid}/stat")) else {
+                stale.threads.push(*tid);
                 self.seen.remove(tid);
                 continue;
             };
-            let syscall = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall"))
-                .unwrap_or_default();
+            let syscall =
+                read_small(&format!("/proc/{pid}/task/{tid}/syscall")).unwrap_or_default();
             let running = matches!(task_state(&stat), Some('R') | None);
             let wait = wait.filter(|w| {
                 let still = futex::from_proc_syscall(&syscall, pid, 0)
                     .is_some_and(|now| now.uaddr == w.uaddr);
                 if !still {
-                    probes.forget_wait(*tid, w);
+                    stale.waits.push((*tid, **w));
                 }
                 still
             });
             if running && wait.is_none() {
-                threads.push(ThreadObs {
-                    tid: *tid,
-                    name: "".into(),
-                    off_cpu_since_ns: None,
-                    wait: None,
-                    blocked_at: None,
-                    entry: None,
-                    stack: Arc::from([]),
-                });
+                threads.push(shallow(*tid, None));
                 continue;
             }
             let since = wait.map_or(state.off_cpu_since_ns, |w| w.since_ns);
@@ -191,9 +198,10 @@ impl ThreadScanner {
                     seen
                 }
             };
-            let futex = wait
-                .zip(seen.futex)
-                .map(|(w, (kind, flavor, owner))| FutexObs {
+            let futex = wait.zip(seen.futex).map(|(w, (kind, flavor))| {
+                // Read now, at every scan: who holds a lock changes while waiters wait.
+                let owner = lock_owner(reader.as_ref(), w, kind, flavor);
+                FutexObs {
                     uaddr: w.uaddr,
                     since_ns: w.since_ns,
                     kind,
@@ -202,7 +210,8 @@ impl ThreadScanner {
                         let map = ns_tids.get_or_insert_with(|| namespace_tids(pid));
                         map.get(&owner).copied()
                     }),
-                });
+                }
+            });
             threads.push(ThreadObs {
                 tid: *tid,
                 name: seen.name,
@@ -213,17 +222,36 @@ impl ThreadScanner {
                 stack: seen.stack,
             });
         }
-        ThreadSnapshot { now_ns, threads }
+        let live: HashSet<u32> = process.threads.iter().map(|(tid, _)| *tid).collect();
+        self.seen.retain(|tid, _| live.contains(tid));
+        (ThreadSnapshot { now_ns, threads }, stale)
     }
+}
 
-    /// Forgets what was kept for threads no longer known, and modules no process maps.
-    pub fn retain(&mut self, live_tids: &HashSet<u32>) {
-        self.seen.retain(|tid, _| live_tids.contains(tid));
+/// The owner a lock records (in the process's PID namespace), read from its memory.
+fn lock_owner(
+    reader: Option<&StackReader>,
+    wait: &FutexWait,
+    kind: WaitKind,
+    flavor: LockFlavor,
+) -> Option<u32> {
+    let reader = reader?;
+    match (kind, flavor) {
+        (WaitKind::Lock, LockFlavor::PthreadMutex) => reader
+            .read_u32(wait.uaddr + PTHREAD_MUTEX_OWNER_OFFSET)
+            .filter(|o| *o != 0),
+        (WaitKind::Lock, LockFlavor::PiMutex) => reader
+            .read_u32(wait.uaddr)
+            .map(futex::pi_owner)
+            .filter(|o| *o != 0),
+        _ => None,
     }
+}
 
-    pub fn symbolizer(&mut self) -> &mut Symbolizer {
-        &mut self.symbolizer
-    }
+/// A small /proc file of a target (stat, syscall, comm, status lines), bounded.
+fn read_small(path: &str) -> Option<String> {
+    let bytes = crate::proc::files::read_proc_capped(path, 64 << 10).ok()?;
+    String::from_utf8(bytes).ok()
 }
 
 /// One process's records from the probes.
@@ -240,11 +268,11 @@ fn judge(
     since_ns: u64,
     wait: Option<&FutexWait>,
     syscall: &str,
-    mut reader: Option<&mut StackReader<'_>>,
+    mut reader: Option<&mut StackReader>,
 ) -> Seen {
-    let name: Arc<str> = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+    let name: Arc<str> = read_small(&format!("/proc/{pid}/task/{tid}/comm"))
         .map(|c| c.trim_end().into())
-        .unwrap_or_else(|_| "?".into());
+        .unwrap_or_else(|| "?".into());
     let (addresses, frames) = match (stack::registers(syscall), reader.as_deref_mut()) {
         (Some((sp, pc)), Some(reader)) => {
             let addresses = reader.addresses(sp, pc);
@@ -262,7 +290,7 @@ fn judge(
         })
     };
     let futex = wait.map(|w| {
-        let (word, in_go_runtime) = match reader.as_deref_mut() {
+        let (word, in_go_runtime) = match reader {
             Some(r) => (
                 r.read_u32(w.uaddr),
                 addresses.first().is_some_and(|pc| r.is_go_code(*pc)),
@@ -270,16 +298,7 @@ fn judge(
             None => (None, false),
         };
         let names: Vec<&str> = frames.iter().map(|f| &*f.function).collect();
-        let (kind, flavor) = futex::classify(w, word, &names, in_go_runtime);
-        let owner = match (kind, flavor) {
-            (WaitKind::Lock, LockFlavor::PthreadMutex) => reader
-                .as_deref()
-                .and_then(|r| r.read_u32(w.uaddr + PTHREAD_MUTEX_OWNER_OFFSET))
-                .filter(|o| *o != 0),
-            (WaitKind::Lock, LockFlavor::PiMutex) => word.map(futex::pi_owner).filter(|o| *o != 0),
-            _ => None,
-        };
-        (kind, flavor, owner)
+        futex::classify(w, word, &names, in_go_runtime)
     });
     Seen {
         since_ns,
@@ -342,7 +361,7 @@ fn namespace_tids(pid: u32) -> HashMap<u32, u32> {
     tasks(pid)
         .into_iter()
         .filter_map(|tid| {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+            let status = read_small(&format!("/proc/{pid}/task/{tid}/status"))?;
             let ns = status
                 .lines()
                 .find_map(|l| l.strip_prefix("NSpid:"))?

@@ -62,14 +62,14 @@ fn ends_with_call(code: &[u8; 8]) -> bool {
 
 /// Takes stacks of blocked threads of one process, remembering which code addresses are
 /// return addresses.
-pub struct StackReader<'a> {
+pub struct StackReader {
     mem: ProcMem,
-    symbols: ProcessSymbols<'a>,
+    symbols: ProcessSymbols,
     is_return: HashMap<u64, bool>,
 }
 
-impl<'a> StackReader<'a> {
-    pub fn new(mem: ProcMem, symbols: ProcessSymbols<'a>) -> Self {
+impl StackReader {
+    pub fn new(mem: ProcMem, symbols: ProcessSymbols) -> Self {
         Self {
             mem,
             symbols,

@@ -2,10 +2,23 @@
 //! symbols and, when it has DWARF, inlined functions with file:line. Files are loaded once per
 //! (device, inode) and shared by every process that maps them.
 
-use std::{borrow::Cow, collections::HashMap, sync::Arc};
+use std::{
+    borrow::Cow,
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use gimli::{EndianArcSlice, LittleEndian};
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
+
+use crate::proc::files::{self, FileError, section_bytes};
+
+/// Caps on what one module may keep: its unwind tables, its DWARF (over it: symbol names
+/// only), its symbols; and on a process's maps text.
+const MAX_UNWIND_BYTES: u64 = 16 << 20;
+const MAX_DWARF_BYTES: u64 = 24 << 20;
+const MAX_SYMBOLS: usize = 1 << 20;
+const MAX_MAPS_BYTES: u64 = 8 << 20;
 
 /// One mapping of /proc/PID/maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,7 +82,8 @@ struct Module {
     symbols: Vec<(u64, u64, Arc<str>)>,
     /// (file offset, vaddr, size) of each loadable segment.
     segments: Vec<(u64, u64, u64)>,
-    lines: Option<addr2line::Context<EndianArcSlice<LittleEndian>>>,
+    /// Behind a lock: the context fills its caches as it is asked, and workers share modules.
+    lines: Option<Mutex<addr2line::Context<EndianArcSlice<LittleEndian>>>>,
     unwind: Option<Unwind>,
     is_go: bool,
 }
@@ -94,31 +108,36 @@ pub struct UnwindRow {
 }
 
 impl Unwind {
-    fn load(file: &object::File) -> Option<Self> {
+    fn load<'d, R: object::ReadRef<'d>>(file: &object::File<'d, R>) -> Option<(Self, u64)> {
         let section = |name: &str| {
             let s = file.section_by_name(name)?;
-            let data = s.uncompressed_data().ok()?;
+            let data = section_bytes(&s, MAX_UNWIND_BYTES)?;
             Some((
                 s.address(),
                 EndianArcSlice::new(Arc::from(&*data), LittleEndian),
             ))
         };
         let (eh_addr, eh_data) = section(".eh_frame")?;
+        let mut bytes = eh_data.len() as u64;
         let mut bases = gimli::BaseAddresses::default().set_eh_frame(eh_addr);
         if let Some(text) = file.section_by_name(".text") {
             bases = bases.set_text(text.address());
         }
         let hdr = section(".eh_frame_hdr").and_then(|(addr, data)| {
+            bytes += data.len() as u64;
             bases = bases.clone().set_eh_frame_hdr(addr);
             gimli::EhFrameHdr::from(data).parse(&bases, 8).ok()
         });
         let mut eh_frame = gimli::EhFrame::from(eh_data);
         eh_frame.set_address_size(8);
-        Some(Self {
-            eh_frame,
-            hdr,
-            bases,
-        })
+        Some((
+            Self {
+                eh_frame,
+                hdr,
+                bases,
+            },
+            bytes,
+        ))
     }
 
     fn row(&self, vaddr: u64) -> Option<UnwindRow> {
@@ -164,22 +183,36 @@ impl Unwind {
 }
 
 impl Module {
-    fn load(pid: u32, mapping: &Mapping) -> Option<Self> {
-        // Through the process's root: the path is in its mount namespace.
-        let data = std::fs::read(format!("/proc/{pid}/root{}", mapping.path))
-            .or_else(|_| std::fs::read(&*mapping.path))
-            .ok()?;
-        let file = object::File::parse(&*data).ok()?;
-        let mut symbols: Vec<(u64, u64, Arc<str>)> = file
-            .symbols()
-            .chain(file.dynamic_symbols())
-            .filter(|s| s.kind() == SymbolKind::Text && s.address() != 0)
-            .filter_map(|s| {
-                let name = s.name().ok()?;
-                let name = format!("{:#}", rustc_demangle::demangle(name));
-                Some((s.address(), s.address() + s.size().max(1), name.into()))
-            })
-            .collect();
+    /// Loads what symbolising and unwinding need from the file `pid` maps at `mapping`, and
+    /// says how many bytes it keeps. Each part is capped: a module over a cap loses that part
+    /// (DWARF lines, unwind tables), not the process its monitoring.
+    fn load(pid: u32, mapping: &Mapping) -> Result<(Self, u64), FileError> {
+        let opened = files::open_mapped(
+            pid,
+            mapping.start,
+            mapping.end,
+            mapping.file.1,
+            &mapping.path,
+        )?;
+        // Read on demand: only the sections used are read, and dropped once parsed.
+        let cache = object::ReadCache::new(opened.file);
+        let Ok(file) = object::File::parse(&cache) else {
+            return Ok((Self::opaque(mapping), 0));
+        };
+        let mut bytes = 0u64;
+        let mut symbols: Vec<(u64, u64, Arc<str>)> = Vec::new();
+        for s in file.symbols().chain(file.dynamic_symbols()) {
+            if symbols.len() >= MAX_SYMBOLS {
+                break;
+            }
+            if s.kind() != SymbolKind::Text || s.address() == 0 {
+                continue;
+            }
+            let Ok(name) = s.name() else { continue };
+            let name = format!("{:#}", rustc_demangle::demangle(name));
+            bytes += (name.len() + 48) as u64;
+            symbols.push((s.address(), s.address() + s.size().max(1), name.into()));
+        }
         symbols.sort_by_key(|s| (s.0, std::cmp::Reverse(s.1)));
         symbols.dedup_by_key(|s| s.0);
         let segments = file
@@ -191,29 +224,72 @@ impl Module {
             .collect();
         let is_go = file.section_by_name(".gopclntab").is_some()
             || file.section_by_name(".go.buildinfo").is_some();
-        let lines = if file.section_by_name(".debug_info").is_some() && !is_go {
+        let debug_bytes: u64 = file
+            .sections()
+            .filter(|s| s.name().is_ok_and(|n| n.starts_with(".debug_")))
+            .map(|s| {
+                s.compressed_data()
+                    .map_or(u64::MAX, |c| c.uncompressed_size)
+            })
+            .fold(0, u64::saturating_add);
+        let lines = if file.section_by_name(".debug_info").is_some()
+            && !is_go
+            && debug_bytes <= MAX_DWARF_BYTES
+        {
             let load =
                 |id: gimli::SectionId| -> Result<EndianArcSlice<LittleEndian>, gimli::Error> {
                     let data = file
                         .section_by_name(id.name())
-                        .and_then(|s| s.uncompressed_data().ok())
+                        .and_then(|s| section_bytes(&s, MAX_DWARF_BYTES))
                         .unwrap_or(Cow::Borrowed(&[]));
                     Ok(EndianArcSlice::new(Arc::from(&*data), LittleEndian))
                 };
-            gimli::Dwarf::load(load)
+            let context = gimli::Dwarf::load(load)
                 .ok()
                 .and_then(|dwarf| addr2line::Context::from_dwarf(dwarf).ok())
+                .map(Mutex::new);
+            // addr2line parses units as they are asked for: count it at twice the sections.
+            bytes += context
+                .as_ref()
+                .map_or(0, |_| debug_bytes.saturating_mul(2));
+            context
         } else {
+            if debug_bytes > MAX_DWARF_BYTES && debug_bytes != u64::MAX {
+                log::info!(
+                    "{}: {debug_bytes} bytes of DWARF, over the {MAX_DWARF_BYTES}-byte cap: \
+                     symbol names only",
+                    mapping.path
+                );
+            }
             None
         };
-        Some(Self {
+        let unwind = Unwind::load(&file).map(|(u, b)| {
+            bytes += b;
+            u
+        });
+        Ok((
+            Self {
+                path: mapping.path.clone(),
+                symbols,
+                segments,
+                lines,
+                unwind,
+                is_go,
+            },
+            bytes,
+        ))
+    }
+
+    /// A mapped file that is not ELF: named by its path only.
+    fn opaque(mapping: &Mapping) -> Self {
+        Self {
             path: mapping.path.clone(),
-            symbols,
-            segments,
-            lines,
-            unwind: Unwind::load(&file),
-            is_go,
-        })
+            symbols: Vec::new(),
+            segments: Vec::new(),
+            lines: None,
+            unwind: None,
+            is_go: false,
+        }
     }
 
     fn vaddr(&self, file_offset: u64) -> Option<u64> {
@@ -243,7 +319,11 @@ impl Module {
     /// The frames at `vaddr`, innermost (inlined) first.
     fn frames(&self, vaddr: u64, out: &mut Vec<Frame>) {
         let before = out.len();
-        if let Some(lines) = &self.lines
+        let lines = self
+            .lines
+            .as_ref()
+            .map(|l| l.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        if let Some(lines) = &lines
             && let Ok(mut frames) = lines.find_frames(vaddr).skip_all_loads()
         {
             while let Ok(Some(frame)) = frames.next() {
@@ -274,37 +354,163 @@ impl Module {
     }
 }
 
-/// Symbolises addresses of any process; modules are cached across processes and scans.
-#[derive(Default)]
+/// Symbolises addresses of any process. Modules are shared by every process and scan, within
+/// a byte budget: a module no process used for [`IDLE_TICKS`] scans is dropped, and the least
+/// recently used go first when the budget is reached. Loading happens outside the lock, in
+/// whichever worker asked (a file on a hung mount stalls that worker only).
+#[derive(Clone)]
 pub struct Symbolizer {
-    modules: HashMap<(String, u64), Option<Arc<Module>>>,
+    cache: Arc<Mutex<ModuleCache>>,
 }
 
-/// One process's view: its mappings, with the modules they resolve to.
-pub struct ProcessSymbols<'a> {
-    pid: u32,
-    maps: Vec<Mapping>,
-    symbolizer: &'a mut Symbolizer,
+struct ModuleCache {
+    modules: HashMap<(String, u64), Cached>,
+    bytes: u64,
+    budget: u64,
+    tick: u64,
+    evicted: u64,
+}
+
+struct Cached {
+    /// None: not loadable (not ELF, not a regular file, gone), remembered to not retry.
+    module: Option<Arc<Module>>,
+    bytes: u64,
+    last_used: u64,
+}
+
+/// Scans a module may go unused before it is dropped.
+pub const IDLE_TICKS: u64 = 4;
+
+/// What the module cache holds and has dropped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub modules: usize,
+    pub bytes: u64,
+    pub evicted: u64,
 }
 
 impl Symbolizer {
+    pub fn new(budget: u64) -> Self {
+        Self {
+            cache: Arc::new(Mutex::new(ModuleCache {
+                modules: HashMap::new(),
+                bytes: 0,
+                budget,
+                tick: 0,
+                evicted: 0,
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ModuleCache> {
+        // A worker that panicked mid-update leaves counts, not broken invariants.
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Reads `pid`'s mappings (None when the process is gone).
-    pub fn process(&mut self, pid: u32) -> Option<ProcessSymbols<'_>> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    pub fn process(&self, pid: u32) -> Option<ProcessSymbols> {
+        let text = files::read_proc_capped(&format!("/proc/{pid}/maps"), MAX_MAPS_BYTES).ok()?;
         Some(ProcessSymbols {
             pid,
-            maps: parse_maps(&text),
-            symbolizer: self,
+            maps: parse_maps(&String::from_utf8_lossy(&text)),
+            symbolizer: self.clone(),
+            local: HashMap::new(),
         })
     }
 
-    /// Forgets modules no longer mapped by `live` processes' mappings (called now and then).
-    pub fn retain(&mut self, keep: impl Fn(&(String, u64)) -> bool) {
-        self.modules.retain(|k, _| keep(k));
+    /// Called once per scan: drops modules unused for [`IDLE_TICKS`] scans, then the least
+    /// recently used while over budget. Returns how many were dropped.
+    pub fn tick(&self) -> u64 {
+        let mut cache = self.lock();
+        cache.tick += 1;
+        let (tick, before) = (cache.tick, cache.modules.len());
+        cache
+            .modules
+            .retain(|_, c| c.last_used + IDLE_TICKS >= tick);
+        while cache.bytes_held() > cache.budget {
+            let Some(oldest) = cache
+                .modules
+                .iter()
+                .filter(|(_, c)| c.bytes > 0)
+                .min_by_key(|(_, c)| c.last_used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            cache.modules.remove(&oldest);
+        }
+        cache.bytes = cache.bytes_held();
+        let dropped = (before - cache.modules.len()) as u64;
+        cache.evicted += dropped;
+        dropped
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let cache = self.lock();
+        CacheStats {
+            modules: cache.modules.len(),
+            bytes: cache.bytes,
+            evicted: cache.evicted,
+        }
+    }
+
+    fn get(&self, pid: u32, m: &Mapping) -> Option<Arc<Module>> {
+        {
+            let mut cache = self.lock();
+            let tick = cache.tick;
+            if let Some(c) = cache.modules.get_mut(&m.file) {
+                c.last_used = tick;
+                return c.module.clone();
+            }
+        }
+        let (module, bytes) = match Module::load(pid, m) {
+            Ok((module, bytes)) => (Some(Arc::new(module)), bytes),
+            Err(e) => {
+                log::debug!("PID {pid}: not symbolising {}: {e}", m.path);
+                (None, 0)
+            }
+        };
+        let mut cache = self.lock();
+        if bytes > cache.budget {
+            log::info!(
+                "{}: {bytes} bytes of symbols and unwind tables, over the whole cache budget: \
+                 used once, not kept",
+                m.path
+            );
+            return module;
+        }
+        let tick = cache.tick;
+        cache.bytes += bytes;
+        cache.modules.insert(
+            m.file.clone(),
+            Cached {
+                module: module.clone(),
+                bytes,
+                last_used: tick,
+            },
+        );
+        module
     }
 }
 
-impl ProcessSymbols<'_> {
+impl ModuleCache {
+    fn bytes_held(&self) -> u64 {
+        self.modules.values().map(|c| c.bytes).sum()
+    }
+}
+
+/// One process's view: its mappings, with the modules they resolve to.
+pub struct ProcessSymbols {
+    pid: u32,
+    maps: Vec<Mapping>,
+    symbolizer: Symbolizer,
+    /// Modules this view has used, so a stack takes the shared lock once per module.
+    local: HashMap<(String, u64), Option<Arc<Module>>>,
+}
+
+impl ProcessSymbols {
     /// Whether `addr` is in an executable file mapping (a plausible return address).
     pub fn is_code(&self, addr: u64) -> bool {
         self.mapping(addr).is_some_and(|m| m.exec)
@@ -321,12 +527,14 @@ impl ProcessSymbols<'_> {
 
     fn module(&mut self, addr: u64) -> Option<(Arc<Module>, u64)> {
         let m = self.mapping(addr)?.clone();
-        let module = self
-            .symbolizer
-            .modules
-            .entry(m.file.clone())
-            .or_insert_with(|| Module::load(self.pid, &m).map(Arc::new))
-            .clone()?;
+        let module = match self.local.get(&m.file) {
+            Some(module) => module.clone(),
+            None => {
+                let module = self.symbolizer.get(self.pid, &m);
+                self.local.insert(m.file.clone(), module.clone());
+                module
+            }
+        }?;
         let vaddr = module.vaddr(addr - m.start + m.offset)?;
         Some((module, vaddr))
     }
@@ -382,7 +590,7 @@ mod tests {
 
     #[test]
     fn symbolises_this_test_binary() {
-        let mut symbolizer = Symbolizer::default();
+        let symbolizer = Symbolizer::new(64 << 20);
         let pid = std::process::id();
         let mut process = symbolizer.process(pid).unwrap();
         let addr = symbolises_this_test_binary as *const () as u64;

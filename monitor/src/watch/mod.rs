@@ -1,4 +1,9 @@
 //! The monitoring loop: attach to Go processes, scan what the probes keep, judge, report.
+//!
+//! Everything read from a target (its memory, /proc files, executable, mapped files) is read
+//! on workers with a deadline ([`crate::sys::workers`]): a process that does not answer is
+//! skipped until it does, and the loop goes on with every other one. The loop itself touches
+//! only the kernel maps, the detectors and the output, so it always sees a stop request.
 
 mod target;
 mod threads;
@@ -6,25 +11,28 @@ mod threads;
 use std::{
     collections::{HashMap, HashSet},
     io::Write,
+    os::fd::OwnedFd,
     time::Instant,
 };
 
-use monitor_ebpf::{PROC_EVENT_EXEC, ProcEvent};
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    signal::unix::{SignalKind, signal},
-};
+use monitor_ebpf::{GoState, PROC_EVENT_EXEC, ProcEvent};
+use tokio::io::{Interest, unix::AsyncFd};
 
 pub use self::target::{Binaries, BinaryKey, Target, TargetError};
 use self::threads::ThreadWatch;
 use crate::{
-    bpf::{BpfError, Probes, Stats},
+    bpf::{BpfError, GoLinks, Probes, Stats},
     config::Settings,
-    detect::{Detector, Snapshot},
+    detect::{Detector, Observation, Snapshot},
     export::{GroupGauge, Health, MetricsSnapshot},
     go::GoError,
     output::{Format, Output, ProcessInfo},
     proc::{self, ProcError},
+    sys::{
+        memory, signals,
+        workers::{NotDone, Outcome, Pending, Slot, Workers},
+    },
+    threads::symbols::Symbolizer,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -39,15 +47,48 @@ pub enum WatchError {
     Events(#[source] std::io::Error),
     #[error("setting up signal handling")]
     Signals(#[source] std::io::Error),
+    #[error(
+        "PID {pid} did not answer within {timeout:?} (its executable or memory blocks: a hung mount?)"
+    )]
+    Unresponsive {
+        pid: u32,
+        timeout: std::time::Duration,
+    },
     #[error(transparent)]
     Export(#[from] crate::export::ExportError),
+}
+
+/// What one scan of a Go target brings back: observations to judge, probe records found stale.
+type GoScan = (Vec<Observation>, Vec<(u64, GoState)>);
+
+/// A Go process with probes attached.
+struct GoWatched {
+    info: ProcessInfo,
+    start_time: u64,
+    key: BinaryKey,
+    /// Held here, not in the target, so detaching never waits for a worker.
+    links: Option<GoLinks>,
+    slot: Slot<Box<Target>, GoScan>,
+}
+
+impl GoWatched {
+    /// Whether the process still runs the program attached to (PIDs are reused, and an exec
+    /// keeps the PID and start time but replaces the program).
+    fn is_alive(&self, pid: u32) -> bool {
+        proc::stat(pid).is_ok_and(|(state, start)| state != 'Z' && start == self.start_time)
+            && BinaryKey::of(pid).ok() == Some(self.key)
+    }
 }
 
 struct Monitor<W: Write> {
     probes: Probes,
     detector: Detector,
-    targets: HashMap<u32, (Target, ProcessInfo)>,
+    targets: HashMap<u32, GoWatched>,
+    /// Processes being inspected on a worker (`leakmon run`), taken in at the next scan.
+    attaching: HashMap<u32, Pending<Result<Target, TargetError>>>,
     binaries: Binaries,
+    symbolizer: Symbolizer,
+    workers: Workers,
     /// Processes found not to be Go (or not supported): PID -> start time.
     skipped: HashMap<u32, u64>,
     out: Output<W>,
@@ -58,6 +99,8 @@ struct Monitor<W: Write> {
     scans: u64,
     /// Thread-level monitoring (unless disabled).
     threads: Option<ThreadWatch>,
+    /// Readable once SIGTERM or SIGINT arrived.
+    stop: OwnedFd,
 }
 
 /// `leakmon watch`: the given processes, until interrupted or until they have all exited.
@@ -66,21 +109,24 @@ pub async fn watch<W: Write>(pids: &[u32], settings: Settings, out: W) -> Result
     let mut m = Monitor::new(settings, Format::Text, out)?;
     let with_threads = m.settings.threads;
     for pid in pids {
-        match m.add(*pid) {
+        match m.add_now(*pid) {
             Ok(()) => {}
-            Err(TargetError::Go {
+            Err(WatchError::Target(TargetError::Go {
                 source: GoError::NotGo,
                 ..
-            }) if with_threads => {
+            })) if with_threads => {
                 log::info!("PID {pid} is not a Go program: watching its threads only");
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
     if with_threads {
         m.threads = Some(ThreadWatch::start(
             &mut m.probes,
+            &m.workers,
+            m.symbolizer.clone(),
             m.settings.thresholds,
+            m.settings.target_timeout,
             Some(pids.iter().copied().collect()),
         )?);
     }
@@ -100,10 +146,15 @@ pub async fn run<W: Write>(settings: Settings, out: W) -> Result<(), WatchError>
     for pid in all_pids() {
         m.try_add(pid);
     }
+    let deadline = Instant::now() + m.settings.target_timeout;
+    m.take_attached(Some(deadline));
     if m.settings.threads {
         m.threads = Some(ThreadWatch::start(
             &mut m.probes,
+            &m.workers,
+            m.symbolizer.clone(),
             m.settings.thresholds,
+            m.settings.target_timeout,
             None,
         )?);
     }
@@ -123,6 +174,7 @@ type Events = AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>;
 
 impl<W: Write> Monitor<W> {
     fn new(settings: Settings, default_format: Format, out: W) -> Result<Self, WatchError> {
+        let stop = signals::install().map_err(WatchError::Signals)?;
         if let Err(e) = crate::sys::tracefs::ensure_mounted() {
             // Not needed for perf-based uprobes; say so and go on.
             log::warn!("{e}");
@@ -143,10 +195,14 @@ impl<W: Write> Monitor<W> {
             None => None,
         };
         Ok(Self {
-            probes: Probes::load(settings.max_goroutines)?,
+            probes: Probes::load(settings.capacity)?,
             detector: Detector::new(settings.thresholds),
             targets: HashMap::new(),
-            binaries: Binaries::default(),
+            attaching: HashMap::new(),
+            binaries: Binaries::new(settings.go_unvalidated),
+            // Caches get half the budget; the rest is the daemon's own tables and buffers.
+            symbolizer: Symbolizer::new(settings.memory_budget / 2),
+            workers: Workers::default(),
             skipped: HashMap::new(),
             discover: false,
             last_stats: Stats::default(),
@@ -154,30 +210,59 @@ impl<W: Write> Monitor<W> {
             threads: None,
             out: Output::new(settings.format.unwrap_or(default_format), out, otlp),
             settings,
+            stop,
         })
     }
 
-    fn add(&mut self, pid: u32) -> Result<(), TargetError> {
-        let target = Target::attach(
-            pid,
-            &mut self.probes,
-            &mut self.binaries,
-            self.settings.probe_parks,
-        )?;
+    /// Inspects `pid` on a worker (it reads what the target controls).
+    fn inspect(&self, pid: u32) -> Pending<Result<Target, TargetError>> {
+        let binaries = self.binaries.clone();
+        let probe_parks = self.settings.probe_parks;
+        self.workers
+            .run(move || Target::inspect(pid, &binaries, probe_parks))
+    }
+
+    /// `leakmon watch`: attaches to `pid` now, or says why not.
+    fn add_now(&mut self, pid: u32) -> Result<(), WatchError> {
+        let deadline = Instant::now() + self.settings.target_timeout;
+        match self.inspect(pid).wait(deadline, signals::stop_requested) {
+            Ok(target) => Ok(self.attach(target?)?),
+            Err(_) => Err(WatchError::Unresponsive {
+                pid,
+                timeout: self.settings.target_timeout,
+            }),
+        }
+    }
+
+    fn attach(&mut self, target: Target) -> Result<(), TargetError> {
+        let links = target.attach(&mut self.probes)?;
         let info = ProcessInfo {
-            pid,
+            pid: target.pid,
             exe: target.exe.display().to_string(),
             runtime: "go",
             runtime_version: target.binary.version.to_string(),
             container: target.container.clone(),
         };
-        self.targets.insert(pid, (target, info));
+        self.targets.insert(
+            target.pid,
+            GoWatched {
+                info,
+                start_time: target.start_time,
+                key: target.key,
+                links: Some(links),
+                slot: Slot::new(Box::new(target)),
+            },
+        );
         Ok(())
     }
 
-    /// Attaches to `pid` if it is a Go program; anything else is remembered and skipped.
+    /// `leakmon run`: starts inspecting `pid` if it may be a Go program not yet watched;
+    /// anything else is remembered and skipped.
     fn try_add(&mut self, pid: u32) {
-        if pid == std::process::id() || self.targets.contains_key(&pid) {
+        if pid == std::process::id()
+            || self.targets.contains_key(&pid)
+            || self.attaching.contains_key(&pid)
+        {
             return;
         }
         let Ok((_, start)) = proc::stat(pid) else {
@@ -186,18 +271,61 @@ impl<W: Write> Monitor<W> {
         if self.skipped.get(&pid) == Some(&start) {
             return;
         }
-        match self.add(pid) {
-            Ok(()) => {}
-            Err(TargetError::Go {
-                source: GoError::NotGo | GoError::NotElf { .. },
-                ..
-            })
-            | Err(TargetError::Proc(ProcError::NoSuchProcess { .. })) => {
+        match BinaryKey::of(pid) {
+            Ok(key) if self.binaries.known_not_go(&key) => {
                 self.skipped.insert(pid, start);
             }
-            Err(e) => {
-                log::warn!("not watching PID {pid}: {e}");
+            // Kernel threads, and processes gone since.
+            Err(_) => {
                 self.skipped.insert(pid, start);
+            }
+            Ok(_) => {
+                let pending = self.inspect(pid);
+                self.attaching.insert(pid, pending);
+            }
+        }
+    }
+
+    /// Takes in the inspections that are done (waiting for them until `deadline`, if given).
+    fn take_attached(&mut self, deadline: Option<Instant>) {
+        let pids: Vec<u32> = self.attaching.keys().copied().collect();
+        for pid in pids {
+            let Some(pending) = self.attaching.get(&pid) else {
+                continue;
+            };
+            let result = match deadline {
+                Some(d) => pending.wait(d, signals::stop_requested),
+                None => pending.try_take(),
+            };
+            let result = match result {
+                Ok(r) => r,
+                Err(NotDone::Late) => {
+                    if deadline.is_some() {
+                        log::warn!(
+                            "PID {pid} did not answer within {:?} while its executable was \
+                             inspected: tried again when it does",
+                            self.settings.target_timeout
+                        );
+                    }
+                    continue;
+                }
+                Err(NotDone::Lost) => Err(TargetError::Proc(ProcError::NoSuchProcess { pid })),
+            };
+            self.attaching.remove(&pid);
+            let start = proc::stat(pid).map_or(0, |(_, s)| s);
+            match result.and_then(|t| self.attach(t)) {
+                Ok(()) => {}
+                Err(TargetError::Go {
+                    source: GoError::NotGo | GoError::NotElf { .. },
+                    ..
+                })
+                | Err(TargetError::Proc(ProcError::NoSuchProcess { .. })) => {
+                    self.skipped.insert(pid, start);
+                }
+                Err(e) => {
+                    log::warn!("not watching PID {pid}: {e}");
+                    self.skipped.insert(pid, start);
+                }
             }
         }
     }
@@ -207,11 +335,13 @@ impl<W: Write> Monitor<W> {
         mut events: Option<Events>,
         exit_when_empty: bool,
     ) -> Result<(), WatchError> {
-        let mut sigterm = signal(SignalKind::terminate()).map_err(WatchError::Signals)?;
-        let mut sigint = signal(SignalKind::interrupt()).map_err(WatchError::Signals)?;
+        let stop_fd = self.stop.try_clone().map_err(WatchError::Signals)?;
+        // SAFETY: the AsyncFd owns the descriptor, which stays open while it is registered.
+        let stop = unsafe { AsyncFd::register_with_interest(stop_fd, Interest::READABLE) }
+            .map_err(|e| WatchError::Signals(e.into_parts().1))?;
         let mut tick = tokio::time::interval(self.settings.thresholds.scan_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        while !signals::stop_requested() {
             tokio::select! {
                 _ = tick.tick() => {
                     // Checked before the scan: a process that died before it has had its
@@ -235,19 +365,23 @@ impl<W: Write> Monitor<W> {
                         for pid in pids {
                             // Re-judged: an exec replaces the program under the same PID.
                             self.drop_target(pid);
+                            self.attaching.remove(&pid);
                             self.skipped.remove(&pid);
                             self.try_add(pid);
                         }
                     }
                 }
-                _ = sigterm.recv() => break,
-                _ = sigint.recv() => break,
+                _ = stop.readable() => break,
             }
         }
+        // Whatever happens from here, the process ends within the limit.
+        signals::arm_shutdown_limit();
         let pids: Vec<u32> = self.targets.keys().copied().collect();
         for pid in pids {
-            if let Some((mut t, _)) = self.targets.remove(&pid) {
-                t.detach(&mut self.probes);
+            if let Some(mut w) = self.targets.remove(&pid)
+                && let Some(links) = w.links.take()
+            {
+                self.probes.detach_go(links);
             }
         }
         let stats = self.probes.stats();
@@ -257,9 +391,12 @@ impl<W: Write> Monitor<W> {
     }
 
     fn drop_target(&mut self, pid: u32) {
-        if let Some((mut target, info)) = self.targets.remove(&pid) {
-            target.detach(&mut self.probes);
-            drop(target);
+        if let Some(mut w) = self.targets.remove(&pid) {
+            if let Some(links) = w.links.take() {
+                self.probes.detach_go(links);
+            }
+            let info = w.info.clone();
+            drop(w);
             self.binaries.evict_unused();
             for t in self.detector.forget(pid) {
                 let _ = self.out.emit(&info, &t);
@@ -284,6 +421,13 @@ impl<W: Write> Monitor<W> {
                 now.read_errors - last.read_errors
             );
         }
+        if now.go_quota_full > last.go_quota_full {
+            log::warn!(
+                "{} goroutine records refused: a process had its share of the kernel map \
+                 (--max-goroutines-per-process)",
+                now.go_quota_full - last.go_quota_full
+            );
+        }
         if now.thread_waits_full > last.thread_waits_full || now.threads_full > last.threads_full {
             log::warn!(
                 "{} futex waits and {} threads did not fit in the kernel maps; thread alerts may \
@@ -305,7 +449,8 @@ impl<W: Write> Monitor<W> {
         }
     }
 
-    /// One pass over every watched process.
+    /// One pass over every watched process: work on targets goes to the workers, all of it
+    /// at once, and what comes back by the deadline is judged.
     fn scan(&mut self) -> Result<(), WatchError> {
         let started = Instant::now();
         let now = proc::monotonic_ns();
@@ -313,33 +458,55 @@ impl<W: Write> Monitor<W> {
         let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         self.scans += 1;
         self.check_stats();
+        self.take_attached(None);
         let mut by_pid = self.probes.goroutines();
         let gone: Vec<u32> = self
             .targets
             .iter()
-            .filter(|(_, (target, _))| !target.is_alive())
+            .filter(|(pid, w)| !w.is_alive(**pid))
             .map(|(pid, _)| *pid)
             .collect();
         for pid in gone {
             log::info!("PID {pid} exited (or exec'd another program)");
             self.drop_target(pid);
         }
-        let mut judged = 0;
-        for (pid, (target, info)) in self.targets.iter_mut() {
+        let (block, spin) = (ns(t.block), ns(t.spin));
+        for (pid, w) in &mut self.targets {
+            // A target away with a worker keeps its records for when it is back.
             let entries = by_pid.remove(pid).unwrap_or_default();
-            let mut goroutines = target.scan_parked(now, ns(t.block));
-            let mut stale = Vec::new();
-            for (goid, state) in &entries {
-                let mut is_stale = false;
-                if let Some(o) =
-                    target.observe(*goid, state, now, ns(t.block), ns(t.spin), &mut is_stale)
-                {
-                    goroutines.push(o);
-                } else if is_stale {
-                    stale.push((*goid, *state));
-                }
+            if w.slot.reclaim() {
+                log::info!("PID {pid} answers again: its goroutines are judged again");
             }
-            target.retain_resolved(|g| entries.contains_key(&g));
+            w.slot.dispatch(&self.workers, move |target| {
+                target.scan(&entries, now, block, spin)
+            });
+        }
+        if let Some(threads) = &mut self.threads {
+            threads.dispatch(&self.probes, &self.workers, now);
+        }
+        let deadline = Instant::now() + self.settings.target_timeout;
+        let mut judged = 0;
+        let mut lost = Vec::new();
+        for (pid, w) in &mut self.targets {
+            let (goroutines, stale) = match w.slot.settle(deadline, signals::stop_requested) {
+                Outcome::Done(scan) => scan,
+                Outcome::Late { first } => {
+                    if first {
+                        log::warn!(
+                            "PID {pid} did not answer within {:?} (its memory blocks: a hung \
+                             mount?): its goroutines are skipped until it does; every other \
+                             process is still watched",
+                            self.settings.target_timeout
+                        );
+                    }
+                    continue;
+                }
+                Outcome::Lost => {
+                    lost.push(*pid);
+                    continue;
+                }
+                Outcome::Idle => continue,
+            };
             for (goid, state) in stale {
                 self.probes.forget_goroutine(*pid, goid, &state);
             }
@@ -350,36 +517,46 @@ impl<W: Write> Monitor<W> {
             };
             for transition in self.detector.observe(*pid, &snapshot) {
                 self.out
-                    .emit(info, &transition)
+                    .emit(&w.info, &transition)
                     .map_err(WatchError::Output)?;
             }
         }
+        for pid in lost {
+            log::warn!("PID {pid}: a worker failed while scanning it; attaching again");
+            self.drop_target(pid);
+            self.try_add(pid);
+        }
         if let Some(threads) = &mut self.threads {
             let targets = &self.targets;
-            let go_info = |pid| {
-                targets
-                    .get(&pid)
-                    .map(|(_, info): &(Target, ProcessInfo)| info.clone())
-            };
-            for (info, transition) in threads.scan(&mut self.probes, now, go_info) {
+            let go_info = |pid| targets.get(&pid).map(|w: &GoWatched| w.info.clone());
+            for (info, transition) in threads.collect(&mut self.probes, deadline, go_info) {
                 self.out
                     .emit(&info, &transition)
                     .map_err(WatchError::Output)?;
             }
         }
         // Records of processes no longer watched (exited, or exec'd), in one walk.
-        let leftovers: HashSet<u32> = by_pid.into_keys().collect();
+        let leftovers: HashSet<u32> = by_pid
+            .into_keys()
+            .filter(|pid| !self.attaching.contains_key(pid))
+            .collect();
         self.probes.forget_processes(&leftovers);
         // Forget skipped processes that have gone (PIDs are reused), now and then.
         if self.scans.is_multiple_of(64) {
             self.skipped
                 .retain(|pid, start| proc::stat(*pid).is_ok_and(|(_, s)| s == *start));
         }
+        self.binaries.evict_unused();
+        if self.symbolizer.tick() > 0 {
+            memory::release_free();
+        }
         log::debug!(
-            "scan: {} processes, {judged} goroutines judged in {:?}; {:?}",
+            "scan: {} processes, {judged} goroutines judged in {:?}; {:?}; caches {:?}; {} KiB",
             self.targets.len(),
             started.elapsed(),
-            self.last_stats
+            self.last_stats,
+            self.symbolizer.stats(),
+            memory::rss_bytes() >> 10,
         );
         self.export_metrics(started.elapsed());
         Ok(())
@@ -391,6 +568,10 @@ impl<W: Write> Monitor<W> {
             return;
         };
         let s = self.last_stats;
+        let cache = self.symbolizer.stats();
+        let (workers, late) = self.workers.stats();
+        let stuck = self.targets.values().filter(|w| w.slot.is_stuck()).count()
+            + self.threads.as_ref().map_or(0, ThreadWatch::stuck);
         let mut groups: Vec<GroupGauge> = self
             .detector
             .firing()
@@ -408,12 +589,19 @@ impl<W: Write> Monitor<W> {
             health: Health {
                 probe_hits: s.parks + s.preempts + s.exits,
                 events_dropped: s.map_full
+                    + s.go_quota_full
                     + s.proc_events_lost
                     + s.thread_waits_full
                     + s.threads_full,
                 last_scan_seconds: scan.as_secs_f64(),
                 processes_attached: self.targets.len() as u64,
                 alerts_fired: self.out.fired(),
+                memory_bytes: memory::rss_bytes(),
+                cache_bytes: cache.bytes,
+                cache_evicted: cache.evicted,
+                targets_unresponsive: stuck as u64,
+                workers: workers as u64,
+                late_results: late,
             },
         });
     }

@@ -6,7 +6,7 @@ use std::{
     num::NonZeroU32,
     os::unix::fs::MetadataExt,
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use monitor_ebpf::{GoPhase, GoProc, GoState, names};
@@ -48,17 +48,8 @@ pub struct BinaryKey {
 impl BinaryKey {
     /// The executable `pid` runs now.
     pub fn of(pid: u32) -> Result<Self, ProcError> {
-        let m = std::fs::metadata(format!("/proc/{pid}/exe")).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound && proc::is_alive(pid) {
-                ProcError::NoExecutable { pid }
-            } else {
-                ProcError::Access {
-                    pid,
-                    what: "exe",
-                    source,
-                }
-            }
-        })?;
+        let m = std::fs::metadata(format!("/proc/{pid}/exe"))
+            .map_err(|source| proc::exe_error(pid, source))?;
         Ok(Self {
             dev: m.dev(),
             ino: m.ino(),
@@ -68,31 +59,67 @@ impl BinaryKey {
 }
 
 /// Inspected executables, shared by the processes that run them, and the ones found not to be
-/// Go (so a host's other programs are looked at once, not at every exec).
-#[derive(Default)]
+/// Go (so a host's other programs are looked at once, not at every exec). Shared with the
+/// workers that inspect processes; the lock is held for lookups only, never while reading.
+#[derive(Clone, Default)]
 pub struct Binaries {
+    inner: Arc<Mutex<BinaryCache>>,
+    /// Go versions newer than the last validated one are accepted.
+    unvalidated: bool,
+}
+
+#[derive(Default)]
+struct BinaryCache {
     go: HashMap<BinaryKey, Arc<GoBinary>>,
     not_go: HashSet<BinaryKey>,
 }
 
+/// Executables remembered as not Go, at most (then the set starts again).
+const MAX_NOT_GO: usize = 16_384;
+
 impl Binaries {
-    fn open(&mut self, pid: u32, key: BinaryKey) -> Result<Arc<GoBinary>, GoError> {
-        if let Some(b) = self.go.get(&key) {
-            return Ok(Arc::clone(b));
+    pub fn new(unvalidated: bool) -> Self {
+        Self {
+            inner: Arc::default(),
+            unvalidated,
         }
-        if self.not_go.contains(&key) {
-            return Err(GoError::NotGo);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BinaryCache> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether `key` is known not to be a Go program.
+    pub fn known_not_go(&self, key: &BinaryKey) -> bool {
+        self.lock().not_go.contains(key)
+    }
+
+    fn open(&self, pid: u32, key: BinaryKey) -> Result<Arc<GoBinary>, GoError> {
+        {
+            let cache = self.lock();
+            if let Some(b) = cache.go.get(&key) {
+                return Ok(Arc::clone(b));
+            }
+            if cache.not_go.contains(&key) {
+                return Err(GoError::NotGo);
+            }
         }
         // Read through /proc so a binary in another mount namespace is found.
-        match GoBinary::open(&PathBuf::from(format!("/proc/{pid}/exe"))) {
+        match GoBinary::open_with(&PathBuf::from(format!("/proc/{pid}/exe")), self.unvalidated) {
             Ok(b) => {
                 let b = Arc::new(b);
-                self.go.insert(key, Arc::clone(&b));
+                self.lock().go.insert(key, Arc::clone(&b));
                 Ok(b)
             }
             Err(e) => {
                 if matches!(e, GoError::NotGo | GoError::NotElf { .. }) {
-                    self.not_go.insert(key);
+                    let mut cache = self.lock();
+                    if cache.not_go.len() >= MAX_NOT_GO {
+                        cache.not_go.clear();
+                    }
+                    cache.not_go.insert(key);
                 }
                 Err(e)
             }
@@ -100,8 +127,8 @@ impl Binaries {
     }
 
     /// Drops binaries no watched process runs any more (their file stays open otherwise).
-    pub fn evict_unused(&mut self) {
-        self.go.retain(|_, b| Arc::strong_count(b) > 1);
+    pub fn evict_unused(&self) {
+        self.lock().go.retain(|_, b| Arc::strong_count(b) > 1);
     }
 }
 
@@ -143,14 +170,15 @@ impl Interner {
 
 pub struct Target {
     pub pid: u32,
-    start_time: u64,
-    key: BinaryKey,
+    pub start_time: u64,
+    pub key: BinaryKey,
     pub exe: PathBuf,
     pub binary: Arc<GoBinary>,
     pub container: Container,
     bias: u64,
     mem: ProcMem,
-    links: Option<GoLinks>,
+    /// Where the probes go: (program, file offset), read from the executable at inspection.
+    pub probe_sites: Vec<(&'static str, u64)>,
     resolved: HashMap<u64, Resolved>,
     interned: Interner,
     /// Parks seen by the last goroutine-table scan, by goid.
@@ -191,14 +219,9 @@ enum Seen {
 }
 
 impl Target {
-    /// Inspects `pid`'s executable and attaches the probes.
-    pub fn attach(
-        pid: u32,
-        probes: &mut Probes,
-        binaries: &mut Binaries,
-        probe_parks: bool,
-    ) -> Result<Self, TargetError> {
-        let nz = NonZeroU32::new(pid).ok_or(ProcError::NoSuchProcess { pid })?;
+    /// Inspects `pid`: its executable, memory and container, and where its probes go. Reads
+    /// only what the target controls, so it runs on a worker, with a deadline.
+    pub fn inspect(pid: u32, binaries: &Binaries, probe_parks: bool) -> Result<Self, TargetError> {
         let exe = proc::exe_path(pid)?;
         let (_, start_time) = proc::stat(pid)?;
         let go_err = |source| TargetError::Go {
@@ -211,12 +234,11 @@ impl Target {
         let site = |f| binary.probe_site(f).map_err(go_err).map(|s| s.file_offset);
         // Parks are found by scanning the goroutine table, or (asked for, or the table cannot
         // be found) by probing every park and exit, which costs on the hot path.
-        let mut go_probes = vec![(names::GO_PREEMPT, site(go::GOSCHED_IMPL)?)];
-        // Scan unless told to probe, or the goroutine table cannot be found.
+        let mut probe_sites = vec![(names::GO_PREEMPT, site(go::GOSCHED_IMPL)?)];
         let scan = (!probe_parks).then_some(binary.allgs).flatten();
         if scan.is_none() {
-            go_probes.push((names::GO_PARK, site(go::GOPARK)?));
-            go_probes.push((names::GO_EXIT, site(go::GOEXIT1)?));
+            probe_sites.push((names::GO_PARK, site(go::GOPARK)?));
+            probe_sites.push((names::GO_EXIT, site(go::GOEXIT1)?));
         }
         let bias = if binary.pie {
             proc::load_bias(pid, binary.lowest_vaddr())?
@@ -224,12 +246,7 @@ impl Target {
             0
         };
         let mem = ProcMem::open(pid)?;
-        let proc_params = GoProc {
-            goid_offset: binary.offsets.goid,
-            tracking_seq_offset: binary.offsets.tracking_seq,
-        };
-        let links = probes.attach_go(nz, proc_params, &go_probes)?;
-        let target = Self {
+        Ok(Self {
             pid,
             start_time,
             key,
@@ -238,40 +255,67 @@ impl Target {
             binary,
             bias,
             mem,
-            links: Some(links),
+            probe_sites,
             resolved: HashMap::new(),
             interned: Interner::default(),
             parks: HashMap::new(),
             entries: HashMap::new(),
             creation_sites: HashMap::new(),
             scan,
+        })
+    }
+
+    /// Whether the process still runs the program inspected.
+    fn is_alive(&self) -> bool {
+        proc::stat(self.pid).is_ok_and(|(state, start)| state != 'Z' && start == self.start_time)
+            && BinaryKey::of(self.pid).ok() == Some(self.key)
+    }
+
+    /// Attaches the probes found by [`Target::inspect`].
+    pub fn attach(&self, probes: &mut Probes) -> Result<GoLinks, TargetError> {
+        let nz = NonZeroU32::new(self.pid).ok_or(ProcError::NoSuchProcess { pid: self.pid })?;
+        let params = GoProc {
+            goid_offset: self.binary.offsets.goid,
+            tracking_seq_offset: self.binary.offsets.tracking_seq,
+            ..GoProc::default()
         };
+        let links = probes.attach_go(nz, params, &self.probe_sites)?;
         log::info!(
-            "watching PID {pid} ({}, {}, offsets from {:?}, parks seen by {})",
-            target.exe.display(),
-            target.binary.version,
-            target.binary.offset_source,
-            if target.scan.is_some() {
+            "watching PID {} ({}, {}, offsets from {:?}, parks seen by {})",
+            self.pid,
+            self.exe.display(),
+            self.binary.version,
+            self.binary.offset_source,
+            if self.scan.is_some() {
                 "scanning runtime.allgs"
             } else {
                 "gopark probe"
             },
         );
-        Ok(target)
+        Ok(links)
     }
 
-    /// Whether the process still runs (the same one: PIDs are reused).
-    /// Whether the process still runs the program attached to (PIDs are reused, and an exec
-    /// keeps the PID and start time but replaces the program).
-    pub fn is_alive(&self) -> bool {
-        proc::stat(self.pid).is_ok_and(|(state, start)| state != 'Z' && start == self.start_time)
-            && BinaryKey::of(self.pid).ok() == Some(self.key)
-    }
-
-    pub fn detach(&mut self, probes: &mut Probes) {
-        if let Some(links) = self.links.take() {
-            probes.detach_go(links);
+    /// One scan of this process, on a worker: parked goroutines from its table, and the probes'
+    /// records (`entries`) read and judged. Returns what to judge and the records found stale.
+    pub fn scan(
+        &mut self,
+        entries: &HashMap<u64, GoState>,
+        now_ns: u64,
+        block_ns: u64,
+        spin_ns: u64,
+    ) -> (Vec<Observation>, Vec<(u64, GoState)>) {
+        let mut goroutines = self.scan_parked(now_ns, block_ns);
+        let mut stale = Vec::new();
+        for (goid, state) in entries {
+            let mut is_stale = false;
+            if let Some(o) = self.observe(*goid, state, now_ns, block_ns, spin_ns, &mut is_stale) {
+                goroutines.push(o);
+            } else if is_stale {
+                stale.push((*goid, *state));
+            }
         }
+        self.retain_resolved(|g| entries.contains_key(&g));
+        (goroutines, stale)
     }
 
     /// Parked goroutines from the goroutine table (`runtime.allgs`), for binaries whose symbol
@@ -279,7 +323,7 @@ impl Target {
     /// saw it parked with the same stack depth, wait reason and `trackingSeq` (which moves on
     /// every park and wake), so a worker re-parking at the same place between scans is a new
     /// park. Those parked at least `min_parked_ns` are returned for judging.
-    pub fn scan_parked(&mut self, now_ns: u64, min_parked_ns: u64) -> Vec<Observation> {
+    fn scan_parked(&mut self, now_ns: u64, min_parked_ns: u64) -> Vec<Observation> {
         let Some(allgs) = self.scan else {
             return Vec::new();
         };
@@ -322,7 +366,7 @@ impl Target {
     /// Turns the probes' record of one goroutine into an observation worth judging, or `None`
     /// when it is not (too young, not running long) or no longer true (then `stale` is set:
     /// drop the record).
-    pub fn observe(
+    fn observe(
         &mut self,
         goid: u64,
         state: &GoState,
@@ -417,7 +461,7 @@ impl Target {
     }
 
     /// Forgets cached sites of goroutines neither the probes nor the last scan list.
-    pub fn retain_resolved(&mut self, live: impl Fn(u64) -> bool) {
+    fn retain_resolved(&mut self, live: impl Fn(u64) -> bool) {
         let parks = &self.parks;
         self.resolved
             .retain(|goid, _| live(*goid) || parks.contains_key(goid));

@@ -1,51 +1,101 @@
 //! Thread-level monitoring inside the loop: which processes are judged, with what identity.
+//! Each process's snapshot is taken on a worker; a process that does not answer in time is
+//! skipped (and said so, once) while the others are judged.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
 
 use crate::{
     bpf::{BpfError, Probes},
-    detect::{ThreadDetector, Thresholds, Transition},
+    detect::{ThreadDetector, ThreadSnapshot, Thresholds, Transition},
     output::ProcessInfo,
     proc,
-    threads::ThreadScanner,
+    sys::{
+        signals,
+        workers::{Outcome, Slot, Workers},
+    },
+    threads::{self, Depth, ProcessState, Stale, symbols::Symbolizer},
 };
+
+/// What a worker brings back from one process.
+struct Scanned {
+    /// Set when the process was identified on this trip.
+    identity: Option<Option<ProcessInfo>>,
+    snapshot: ThreadSnapshot,
+    stale: Stale,
+}
+
+struct Watched {
+    start: u64,
+    /// None until identified; Some(None) for processes not to judge (kernel threads).
+    info: Option<Option<ProcessInfo>>,
+    slot: Slot<ProcessState, Scanned>,
+}
 
 /// Judges the threads of every process (`leakmon run`) or of the watched ones.
 pub struct ThreadWatch {
-    scanner: ThreadScanner,
     detector: ThreadDetector,
+    symbolizer: Symbolizer,
     /// None: every process on the host.
     scope: Option<HashSet<u32>>,
-    /// Identity of processes judged (not Go targets, whose identity the caller has), with
-    /// their start time against PID reuse; None for processes not to judge (kernel threads).
-    infos: HashMap<u32, (u64, Option<ProcessInfo>)>,
+    procs: HashMap<u32, Watched>,
     thresholds: Thresholds,
+    /// How long a process's snapshot may take.
+    timeout: Duration,
 }
 
 impl ThreadWatch {
     /// Attaches the thread probes and seeds them with what /proc shows of `scope`.
     pub fn start(
         probes: &mut Probes,
+        workers: &Workers,
+        symbolizer: Symbolizer,
         thresholds: Thresholds,
+        timeout: Duration,
         scope: Option<HashSet<u32>>,
     ) -> Result<Self, BpfError> {
         probes.attach_threads()?;
-        let mut scanner = ThreadScanner::default();
         let pids: Vec<u32> = match &scope {
             Some(pids) => pids.iter().copied().collect(),
             None => super::all_pids(),
         };
-        scanner.seed(probes, pids, proc::monotonic_ns());
+        let now = proc::monotonic_ns();
+        let pending: Vec<_> = pids
+            .into_iter()
+            .map(|pid| workers.run(move || threads::seed(pid, now)))
+            .collect();
+        let deadline = Instant::now() + timeout;
+        let mut unanswered = 0;
+        for p in pending {
+            match p.wait(deadline, signals::stop_requested) {
+                Ok(seeds) => {
+                    for (tid, state, wait) in seeds {
+                        probes.seed_thread(tid, state, wait);
+                    }
+                }
+                Err(_) => unanswered += 1,
+            }
+        }
+        if unanswered > 0 {
+            log::warn!(
+                "{unanswered} process(es) did not answer in {:?} while their threads were \
+                 listed: their waits count from when they are next seen",
+                timeout
+            );
+        }
         match &scope {
             Some(pids) => log::info!("tracing the threads of {} process(es)", pids.len()),
             None => log::info!("tracing the threads of every process"),
         }
         Ok(Self {
-            scanner,
             detector: ThreadDetector::new(thresholds),
+            symbolizer,
             scope,
-            infos: HashMap::new(),
+            procs: HashMap::new(),
             thresholds,
+            timeout,
         })
     }
 
@@ -61,91 +111,141 @@ impl ThreadWatch {
             .is_none_or(|pids| pids.iter().any(|pid| proc::is_alive(*pid)))
     }
 
-    /// One pass: snapshots every process in scope and returns the alert transitions with the
-    /// process they are about. `go_info` names Go targets.
-    pub fn scan(
-        &mut self,
-        probes: &mut Probes,
-        now_ns: u64,
-        go_info: impl Fn(u32) -> Option<ProcessInfo>,
-    ) -> Vec<(ProcessInfo, Transition)> {
-        let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        let (block, settle) = (
-            ns(self.thresholds.block),
-            ns(self.thresholds.scan_interval.min(self.thresholds.block)),
-        );
-        let tables = probes.thread_tables();
-        let live: HashSet<u32> = tables
-            .threads
-            .keys()
-            .chain(tables.waits.keys())
-            .copied()
-            .collect();
-        let by_process = ThreadScanner::by_process(tables, std::process::id());
-        let mut out = Vec::new();
+    /// Processes skipped because a worker still has them past its deadline.
+    pub fn stuck(&self) -> usize {
+        self.procs.values().filter(|w| w.slot.is_stuck()).count()
+    }
+
+    /// First half of a scan: sends a snapshot of every process in scope to the workers.
+    pub fn dispatch(&mut self, probes: &Probes, workers: &Workers, now_ns: u64) {
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let depth = Depth {
+            deep_ns: ns(self.thresholds.block),
+            settle_ns: ns(self.thresholds.scan_interval.min(self.thresholds.block)),
+        };
+        let by_process = threads::by_process(probes.thread_tables(), std::process::id());
         for (pid, threads) in by_process {
             if self.scope.as_ref().is_some_and(|s| !s.contains(&pid)) {
                 continue;
             }
-            let info = match go_info(pid) {
-                Some(info) => {
-                    if let Ok((_, start)) = proc::stat(pid) {
-                        self.infos.insert(pid, (start, Some(info.clone())));
-                    }
-                    info
-                }
-                None => match self.info(pid) {
-                    Some(info) => info,
-                    None => continue,
-                },
+            let Ok((_, start)) = proc::stat(pid) else {
+                continue;
             };
-            let snapshot = self
-                .scanner
-                .snapshot(probes, pid, threads, now_ns, settle, block);
-            for t in self.detector.observe(pid, &snapshot) {
+            let w = self.procs.entry(pid).or_insert_with(|| Watched {
+                start,
+                info: None,
+                slot: Slot::new(ProcessState::default()),
+            });
+            if w.start != start {
+                // The PID was reused: the gone check resolves the old one's alerts.
+                continue;
+            }
+            if w.slot.reclaim() {
+                log::info!("PID {pid} answers again: its threads are judged again");
+            }
+            if matches!(w.info, Some(None)) {
+                continue;
+            }
+            let identify = w.info.is_none();
+            let symbolizer = self.symbolizer.clone();
+            w.slot.dispatch(workers, move |state| {
+                let identity = identify.then(|| identify_process(pid));
+                let (snapshot, stale) = state.snapshot(&symbolizer, pid, threads, now_ns, depth);
+                Scanned {
+                    identity,
+                    snapshot,
+                    stale,
+                }
+            });
+        }
+    }
+
+    /// Second half: takes the snapshots back (until `deadline`), judges them, and resolves
+    /// what processes that are gone had firing. Returns the transitions with their process;
+    /// `go_info` names Go targets.
+    pub fn collect(
+        &mut self,
+        probes: &mut Probes,
+        deadline: Instant,
+        go_info: impl Fn(u32) -> Option<ProcessInfo>,
+    ) -> Vec<(ProcessInfo, Transition)> {
+        let mut out = Vec::new();
+        let mut lost = Vec::new();
+        for (pid, w) in &mut self.procs {
+            let scanned = match w.slot.settle(deadline, signals::stop_requested) {
+                Outcome::Done(s) => s,
+                Outcome::Late { first } => {
+                    if first {
+                        log::warn!(
+                            "PID {pid} did not answer within {:?} (its memory or /proc files \
+                             block: a hung mount?): its threads are skipped until it does; \
+                             every other process is still watched",
+                            self.timeout
+                        );
+                    }
+                    continue;
+                }
+                Outcome::Lost => {
+                    lost.push(*pid);
+                    continue;
+                }
+                Outcome::Idle => continue,
+            };
+            for tid in scanned.stale.threads {
+                probes.forget_thread(tid);
+            }
+            for (tid, wait) in &scanned.stale.waits {
+                probes.forget_wait(*tid, wait);
+            }
+            if let Some(identity) = scanned.identity {
+                w.info = Some(identity);
+            }
+            let Some(info) = go_info(*pid).or_else(|| w.info.clone().flatten()) else {
+                continue;
+            };
+            for t in self.detector.observe(*pid, &scanned.snapshot) {
                 out.push((info.clone(), t));
             }
         }
-        // Processes gone: resolve what they had firing.
+        for pid in lost {
+            log::warn!("PID {pid}: a worker failed while taking its threads' snapshot");
+            self.procs.remove(&pid);
+        }
+        // Processes gone (exited: a zombie counts, it runs no more; or the PID was reused):
+        // resolve what they had firing.
         let gone: Vec<u32> = self
-            .infos
+            .procs
             .iter()
-            .filter(|(pid, (start, _))| {
-                // Exited (a zombie counts: it runs no more), or the PID was reused.
+            .filter(|(pid, w)| {
                 proc::stat(**pid)
                     .ok()
-                    .is_none_or(|(state, s)| state == 'Z' || s != *start)
+                    .is_none_or(|(state, s)| state == 'Z' || s != w.start)
             })
             .map(|(pid, _)| *pid)
             .collect();
         for pid in gone {
-            if let Some((_, Some(info))) = self.infos.remove(&pid) {
+            if let Some(w) = self.procs.remove(&pid)
+                && let Some(info) = go_info(pid).or_else(|| w.info.flatten())
+            {
                 for t in self.detector.forget(pid) {
                     out.push((info.clone(), t));
                 }
             }
         }
-        self.scanner.retain(&live);
         out
     }
+}
 
-    /// The identity of a non-Go process, looked up once.
-    fn info(&mut self, pid: u32) -> Option<ProcessInfo> {
-        let start = proc::stat(pid).ok()?.1;
-        if let Some((s, info)) = self.infos.get(&pid)
-            && *s == start
-        {
-            return info.clone();
-        }
-        // Kernel threads have no executable: nothing to judge.
-        let info = proc::exe_path(pid).ok().map(|exe| ProcessInfo {
-            pid,
-            exe: exe.display().to_string(),
-            runtime: "native",
-            runtime_version: String::new(),
-            container: proc::container_of(pid),
-        });
-        self.infos.insert(pid, (start, info.clone()));
-        info
-    }
+/// The identity of a process that is not a Go target, looked up once, on a worker (its
+/// environment is read for the pod name).
+fn identify_process(pid: u32) -> Option<ProcessInfo> {
+    // Kernel threads have no executable: nothing to judge.
+    let exe = proc::exe_path(pid).ok()?;
+    Some(ProcessInfo {
+        pid,
+        exe: exe.display().to_string(),
+        runtime: "native",
+        runtime_version: String::new(),
+        container: proc::container_of(pid),
+    })
 }

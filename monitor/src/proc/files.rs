@@ -1,0 +1,203 @@
+//! Opening the files a target maps or runs. The target controls them: a mapped library's path
+//! may since name a FIFO (open blocks for ever), a device (/dev/zero reads without end) or a
+//! huge file. So a file is reached through /proc/PID/map_files (the inode actually mapped,
+//! deleted or not, in any mount namespace), looked at with O_PATH before anything opens it
+//! for reading, and accepted only as a regular file of the mapped inode within a size cap.
+
+use std::{
+    fs::File,
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd},
+        unix::fs::{MetadataExt, OpenOptionsExt},
+    },
+    path::{Path, PathBuf},
+};
+
+/// Largest file read from a target (executables with debug info run to a few hundred MiB).
+pub const MAX_FILE_BYTES: u64 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a regular file (a FIFO, device or directory): not read")]
+    NotRegular { path: PathBuf },
+    #[error("{path} is not the file the process mapped (inode {found}, mapped {expected})")]
+    Replaced {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    #[error(
+        "{path} has {size} bytes, over the {MAX_FILE_BYTES}-byte limit for files read from targets"
+    )]
+    TooLarge { path: PathBuf, size: u64 },
+}
+
+/// A regular file opened for reading, with its size when opened.
+#[derive(Debug)]
+pub struct TargetFile {
+    pub file: File,
+    pub size: u64,
+    pub ino: u64,
+}
+
+/// Opens a file `pid` maps at `start..end`, which must be inode `ino` (from /proc/PID/maps).
+/// Through map_files first; else through the process's root at `path` (a path ending in
+/// " (deleted)" names no file).
+pub fn open_mapped(
+    pid: u32,
+    start: u64,
+    end: u64,
+    ino: u64,
+    path: &str,
+) -> Result<TargetFile, FileError> {
+    let via_map = PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"));
+    match open_checked(&via_map, Some(ino)) {
+        Err(FileError::Open { .. }) if !path.ends_with(" (deleted)") => {
+            open_checked(&PathBuf::from(format!("/proc/{pid}/root{path}")), Some(ino))
+        }
+        other => other,
+    }
+}
+
+/// Opens `path` for reading if it is a regular file (of inode `ino`, when given) within the
+/// size cap. Nothing is opened for reading before that is known: an O_PATH descriptor is
+/// checked, then reopened, and the reopened file is checked again.
+pub fn open_checked(path: &Path, ino: Option<u64>) -> Result<TargetFile, FileError> {
+    let open_err = |source| FileError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| open_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: a valid NUL-terminated path; O_PATH neither reads nor runs a driver's open.
+    let fd = unsafe { libc::open(c_path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(open_err(io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just opened and is owned here.
+    let handle = unsafe { File::from_raw_fd(fd) };
+    check(path, &handle, ino)?;
+    // Reopen the very inode checked, for reading; O_NONBLOCK in case it changed kind anyway.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+        .map_err(open_err)?;
+    let (size, ino) = check(path, &file, ino)?;
+    Ok(TargetFile { file, size, ino })
+}
+
+fn check(path: &Path, file: &File, ino: Option<u64>) -> Result<(u64, u64), FileError> {
+    let meta = file.metadata().map_err(|source| FileError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.file_type().is_file() {
+        return Err(FileError::NotRegular {
+            path: path.to_path_buf(),
+        });
+    }
+    if let Some(expected) = ino
+        && meta.ino() != expected
+    {
+        return Err(FileError::Replaced {
+            path: path.to_path_buf(),
+            found: meta.ino(),
+            expected,
+        });
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(FileError::TooLarge {
+            path: path.to_path_buf(),
+            size: meta.len(),
+        });
+    }
+    Ok((meta.len(), meta.ino()))
+}
+
+/// A section's contents, decompressed, when it declares at most `cap` bytes: compressed
+/// sections say their own inflated size, which a hostile file sets to anything.
+pub fn section_bytes<'d, S: object::ObjectSection<'d>>(
+    section: &S,
+    cap: u64,
+) -> Option<std::borrow::Cow<'d, [u8]>> {
+    let data = section.compressed_data().ok()?;
+    if data.uncompressed_size > cap {
+        return None;
+    }
+    data.decompress().ok()
+}
+
+/// Reads at most `limit` bytes of a `/proc` file (the target's own text, of its own size).
+pub fn read_proc_capped(path: &str, limit: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    File::open(path)?.take(limit).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_fifos_devices_and_other_inodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Returns at once (no reader or writer needed), and refuses.
+        assert!(matches!(
+            open_checked(&fifo, None),
+            Err(FileError::NotRegular { .. })
+        ));
+        assert!(matches!(
+            open_checked(Path::new("/dev/zero"), None),
+            Err(FileError::NotRegular { .. })
+        ));
+        let link = dir.path().join("zero");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        assert!(matches!(
+            open_checked(&link, None),
+            Err(FileError::NotRegular { .. })
+        ));
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"abc").unwrap();
+        let opened = open_checked(&plain, None).unwrap();
+        assert_eq!(opened.size, 3);
+        assert!(matches!(
+            open_checked(&plain, Some(opened.ino + 1)),
+            Err(FileError::Replaced { .. })
+        ));
+    }
+
+    #[test]
+    fn opens_own_mappings_through_map_files() {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let exe = std::fs::metadata("/proc/self/exe").unwrap().ino();
+        let line = maps
+            .lines()
+            .find(|l| l.split_whitespace().nth(4) == Some(&exe.to_string()))
+            .unwrap();
+        let (range, rest) = line.split_once(' ').unwrap();
+        let (s, e) = range.split_once('-').unwrap();
+        let path = rest.split_whitespace().nth(4).unwrap();
+        let opened = open_mapped(
+            std::process::id(),
+            u64::from_str_radix(s, 16).unwrap(),
+            u64::from_str_radix(e, 16).unwrap(),
+            exe,
+            path,
+        )
+        .unwrap();
+        assert_eq!(opened.ino, exe);
+    }
+}
