@@ -47,6 +47,7 @@ pub enum Command {
 
 /// Runs the CLI; the binary's `main` is this.
 pub fn main() -> anyhow::Result<std::process::ExitCode> {
+    crate::sys::memory::tune_malloc();
     let cli = Cli::parse();
     env_logger::Builder::new()
         .parse_filters(&cli.log)

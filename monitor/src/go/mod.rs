@@ -359,8 +359,14 @@ fn inspect(cache: &elf::Cache, unvalidated: bool) -> Result<Inspected, GoError> 
     };
     let mut pclntab = Pclntab::parse(pcln.data.into_owned(), pcln.addr)?;
 
-    let dwarf = offsets::from_dwarf(&elf)?;
+    // A validated version's built-in table (generated from its toolchain and checked against
+    // its DWARF) is used as is: parsing the binary's DWARF costs tens of MiB and a fraction of
+    // a second per executable. DWARF is for versions without a table.
     let table = offsets::table_entry(version);
+    let dwarf = match table {
+        Some(_) => None,
+        None => offsets::from_dwarf(&elf)?,
+    };
     let (goffsets, offset_source, md_offsets) = match (dwarf, table) {
         (Some(d), _) => (d.offsets, OffsetSource::Dwarf, d.moduledata),
         (None, Some(t)) => (t.offsets, OffsetSource::Table, t.moduledata),
@@ -380,7 +386,7 @@ fn inspect(cache: &elf::Cache, unvalidated: bool) -> Result<Inspected, GoError> 
 
     Ok(Inspected {
         version,
-        has_dwarf: dwarf.is_some(),
+        has_dwarf: elf.has_section(".debug_info") || elf.has_section(".zdebug_info"),
         offsets: goffsets,
         offset_source,
         wait_reasons,

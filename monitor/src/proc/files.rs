@@ -128,11 +128,11 @@ pub fn section_bytes<'d, S: object::ObjectSection<'d>>(
     section: &S,
     cap: u64,
 ) -> Option<std::borrow::Cow<'d, [u8]>> {
-    let data = section.compressed_data().ok()?;
-    if data.uncompressed_size > cap {
+    // The size first, from the section or compression header alone.
+    if section.compressed_file_range().ok()?.uncompressed_size > cap {
         return None;
     }
-    data.decompress().ok()
+    section.uncompressed_data().ok()
 }
 
 /// Reads at most `limit` bytes of a `/proc` file (the target's own text, of its own size).

@@ -20,3 +20,18 @@ pub fn release_free() {
     // SAFETY: malloc_trim has no preconditions.
     unsafe { libc::malloc_trim(0) };
 }
+
+/// Tunes glibc's malloc for a daemon whose big allocations are short-lived (a file's tables,
+/// read, parsed and dropped). Two arenas: by default each worker thread gets one, and memory
+/// freed there stays with it (malloc_trim does not hand it back): measured here, 100 MiB kept
+/// after twenty short-lived Go programs came and went, 10 MiB with this. A fixed mmap
+/// threshold: buffers over 256 KiB are mapped and unmapped on free, instead of the threshold
+/// rising after the first such free and later ones fragmenting the heap (48 MiB peaks while
+/// five Go programs were inspected, against 30 MiB). Call before starting threads.
+pub fn tune_malloc() {
+    // SAFETY: mallopt has no preconditions; both take a plain value.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
+}

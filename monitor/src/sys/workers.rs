@@ -2,8 +2,8 @@
 //! it maps can block for as long as the process wants (a page fault on a hung FUSE or NFS
 //! mount, a userfaultfd nobody serves, a lock held in its mm). Such work runs on worker
 //! threads; the loop waits for it up to a deadline and goes on without it. A worker stuck in
-//! the kernel stays stuck, but only that process waits for it: new workers are started for
-//! the rest, up to a bound, and idle ones end after a while.
+//! the kernel stays stuck, but only that process waits for it: when every worker has been on
+//! one job for a while, another is started, up to a bound; idle ones end after a while.
 
 use std::{
     collections::VecDeque,
@@ -20,6 +20,11 @@ type Job = Box<dyn FnOnce() + Send>;
 /// Threads at most, stuck ones included: past that, work waits in the queue (and its caller
 /// times out) until a stuck one comes back.
 const MAX_WORKERS: usize = 32;
+/// Threads started whenever work waits (each costs its stack's touched pages).
+const BASE_WORKERS: usize = 2;
+/// A job running this long makes its worker count as held up: work waiting then gets a new
+/// worker.
+const HELD_UP: Duration = Duration::from_millis(500);
 /// How long an idle worker waits for work before it ends.
 const IDLE: Duration = Duration::from_secs(30);
 
@@ -28,6 +33,9 @@ struct Queue {
     jobs: VecDeque<Job>,
     workers: usize,
     idle: usize,
+    /// Start times of the jobs running, by job number.
+    running: Vec<(u64, Instant)>,
+    next_job: u64,
 }
 
 #[derive(Default)]
@@ -66,7 +74,14 @@ impl Workers {
         });
         let mut q = self.lock();
         q.jobs.push_back(job);
-        if q.idle == 0 && q.workers < MAX_WORKERS {
+        let now = Instant::now();
+        let held_up = q
+            .running
+            .iter()
+            .filter(|(_, t)| now.duration_since(*t) >= HELD_UP)
+            .count();
+        let wanted = BASE_WORKERS + held_up;
+        if q.idle == 0 && q.workers < wanted.min(MAX_WORKERS) {
             let shared = Arc::clone(&self.shared);
             let spawned = std::thread::Builder::new()
                 .name("leakmon-worker".into())
@@ -104,10 +119,14 @@ fn worker(shared: &Shared) {
     let mut q = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
     loop {
         if let Some(job) = q.jobs.pop_front() {
+            let id = q.next_job;
+            q.next_job += 1;
+            q.running.push((id, Instant::now()));
             drop(q);
             // A panic ends the job (its caller sees `Lost`), not the worker's accounting.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
             q = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            q.running.retain(|(j, _)| *j != id);
             continue;
         }
         q.idle += 1;
@@ -265,6 +284,75 @@ impl<T: Send + 'static, O: Send + 'static> Slot<T, O> {
     }
 }
 
+/// Lets one memory-heavy piece of work run at a time (loading a module's symbols, inspecting
+/// a Go executable: each reads whole tables of a file), so their transient memory does not
+/// add up across workers. A holder that outlasts `stuck_after` (a file on a hung mount) no
+/// longer keeps others out, up to `max` holders.
+pub struct Gate {
+    holders: Mutex<Vec<(u64, Instant)>>,
+    freed: Condvar,
+    next: AtomicU64,
+    stuck_after: Duration,
+    max: usize,
+}
+
+/// A place in a [`Gate`], given back when dropped.
+pub struct Entered<'a> {
+    gate: &'a Gate,
+    id: u64,
+}
+
+impl Gate {
+    pub fn new(stuck_after: Duration, max: usize) -> Self {
+        Self {
+            holders: Mutex::new(Vec::new()),
+            freed: Condvar::new(),
+            next: AtomicU64::new(0),
+            stuck_after,
+            max,
+        }
+    }
+
+    /// Enters once nobody (but stuck holders) is in, waiting at most `wait`.
+    pub fn enter(&self, wait: Duration) -> Option<Entered<'_>> {
+        let started = Instant::now();
+        let mut holders = self.holders.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let now = Instant::now();
+            let active = holders
+                .iter()
+                .filter(|(_, t)| now.duration_since(*t) < self.stuck_after)
+                .count();
+            if active == 0 && holders.len() < self.max {
+                let id = self.next.fetch_add(1, Ordering::Relaxed);
+                holders.push((id, now));
+                return Some(Entered { gate: self, id });
+            }
+            let left = wait.checked_sub(started.elapsed())?;
+            // Woken when a holder leaves; else in time to see one turn stuck.
+            let slice = left.min(self.stuck_after);
+            holders = self
+                .freed
+                .wait_timeout(holders, slice)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        let mut holders = self
+            .gate
+            .holders
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        holders.retain(|(id, _)| *id != self.id);
+        drop(holders);
+        self.gate.freed.notify_all();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,6 +371,23 @@ mod tests {
         release.send(()).unwrap();
         let later = Instant::now() + Duration::from_secs(5);
         assert_eq!(blocked.wait(later, || false), Ok(true));
+    }
+
+    #[test]
+    fn a_gate_lets_one_in_and_moves_past_a_stuck_holder() {
+        let gate = Gate::new(Duration::from_millis(300), 2);
+        let first = gate.enter(Duration::ZERO).unwrap();
+        // Busy: nobody else now, nor within a short wait.
+        assert!(gate.enter(Duration::from_millis(50)).is_none());
+        drop(first);
+        let stuck = gate.enter(Duration::ZERO).unwrap();
+        // Once the holder has been in past 300 ms it no longer keeps others out...
+        let second = gate.enter(Duration::from_secs(2)).unwrap();
+        // ...up to two holders in all.
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(gate.enter(Duration::from_millis(400)).is_none());
+        drop((stuck, second));
+        assert!(gate.enter(Duration::ZERO).is_some());
     }
 
     #[test]

@@ -194,7 +194,10 @@ impl ProcessState {
                 Some(seen) => seen.clone(),
                 None => {
                     let seen = judge(pid, *tid, since, wait, &syscall, reader.as_mut());
-                    self.seen.insert(*tid, seen.clone());
+                    // Kept while the wait lasts, unless a module was missing: then again.
+                    if !reader.as_ref().is_some_and(StackReader::incomplete) {
+                        self.seen.insert(*tid, seen.clone());
+                    }
                     seen
                 }
             };

@@ -158,6 +158,12 @@ impl StackReader {
         frames
     }
 
+    /// Whether a module could not be had in time for some frame (see
+    /// [`ProcessSymbols::incomplete`]).
+    pub fn incomplete(&self) -> bool {
+        self.symbols.incomplete
+    }
+
     pub fn is_go_code(&mut self, addr: u64) -> bool {
         self.symbols.is_go_code(addr)
     }

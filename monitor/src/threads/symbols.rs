@@ -6,12 +6,16 @@ use std::{
     borrow::Cow,
     collections::HashMap,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use gimli::{EndianArcSlice, LittleEndian};
-use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSection, ObjectSegment};
 
-use crate::proc::files::{self, FileError, section_bytes};
+use crate::{
+    proc::files::{self, FileError, section_bytes},
+    sys::workers::Gate,
+};
 
 /// Caps on what one module may keep: its unwind tables, its DWARF (over it: symbol names
 /// only), its symbols; and on a process's maps text.
@@ -79,13 +83,71 @@ impl std::fmt::Display for Frame {
 struct Module {
     path: Arc<str>,
     /// (start, end, name), sorted by start.
-    symbols: Vec<(u64, u64, Arc<str>)>,
+    /// Function symbols sorted by address; names stay in the file until asked for (a large
+    /// program's names run to megabytes, its stack needs a handful).
+    symbols: Vec<Sym>,
+    /// The file, for names, and where its two string tables (.strtab, .dynstr) are.
+    names: Option<(std::fs::File, [(u64, u64); 2])>,
     /// (file offset, vaddr, size) of each loadable segment.
     segments: Vec<(u64, u64, u64)>,
     /// Behind a lock: the context fills its caches as it is asked, and workers share modules.
     lines: Option<Mutex<addr2line::Context<EndianArcSlice<LittleEndian>>>>,
     unwind: Option<Unwind>,
     is_go: bool,
+}
+
+/// A function symbol: where it is, and where its name is (offset into string table `table`:
+/// 0 = the symbol table's, 1 = the dynamic symbol table's).
+#[derive(Clone, Copy, Debug)]
+struct Sym {
+    start: u64,
+    len: u32,
+    name: u32,
+    table: u8,
+}
+
+/// Longest symbol name read (longer ones are cut).
+const MAX_NAME: usize = 1024;
+
+/// The function symbols of an ELF file (its symbol table and its dynamic one), sorted by
+/// address, and the file ranges of their string tables. Only the symbol tables are read.
+fn function_symbols(cache: &object::ReadCache<std::fs::File>) -> (Vec<Sym>, [(u64, u64); 2]) {
+    use object::read::elf::{ElfFile64, SectionHeader as _, Sym as _};
+    let mut symbols = Vec::new();
+    let mut tables = [(0, 0); 2];
+    let Ok(elf) = ElfFile64::<object::Endianness, _>::parse(cache) else {
+        return (symbols, tables);
+    };
+    let endian = elf.endian();
+    let sections = elf.elf_section_table();
+    for (k, table) in [elf.elf_symbol_table(), elf.elf_dynamic_symbol_table()]
+        .into_iter()
+        .enumerate()
+    {
+        if let Ok(strings) = sections.section(table.string_section()) {
+            tables[k] = strings.file_range(endian).unwrap_or((0, 0));
+        }
+        for sym in table.iter() {
+            if symbols.len() >= MAX_SYMBOLS {
+                break;
+            }
+            let kind = sym.st_type();
+            let is_function = kind == object::elf::STT_FUNC || kind == object::elf::STT_GNU_IFUNC;
+            let start = sym.st_value(endian);
+            if !is_function || start == 0 || sym.st_shndx(endian) == object::elf::SHN_UNDEF {
+                continue;
+            }
+            symbols.push(Sym {
+                start,
+                len: u32::try_from(sym.st_size(endian)).unwrap_or(u32::MAX),
+                name: sym.st_name(endian),
+                table: k as u8,
+            });
+        }
+    }
+    symbols.sort_by_key(|s| (s.start, std::cmp::Reverse(s.len)));
+    symbols.dedup_by_key(|s| s.start);
+    (symbols, tables)
 }
 
 /// Call frame information (`.eh_frame`, indexed by `.eh_frame_hdr` when present).
@@ -199,22 +261,8 @@ impl Module {
         let Ok(file) = object::File::parse(&cache) else {
             return Ok((Self::opaque(mapping), 0));
         };
-        let mut bytes = 0u64;
-        let mut symbols: Vec<(u64, u64, Arc<str>)> = Vec::new();
-        for s in file.symbols().chain(file.dynamic_symbols()) {
-            if symbols.len() >= MAX_SYMBOLS {
-                break;
-            }
-            if s.kind() != SymbolKind::Text || s.address() == 0 {
-                continue;
-            }
-            let Ok(name) = s.name() else { continue };
-            let name = format!("{:#}", rustc_demangle::demangle(name));
-            bytes += (name.len() + 48) as u64;
-            symbols.push((s.address(), s.address() + s.size().max(1), name.into()));
-        }
-        symbols.sort_by_key(|s| (s.0, std::cmp::Reverse(s.1)));
-        symbols.dedup_by_key(|s| s.0);
+        let (symbols, string_tables) = function_symbols(&cache);
+        let mut bytes = (symbols.len() * size_of::<Sym>()) as u64;
         let segments = file
             .segments()
             .map(|s| {
@@ -228,7 +276,7 @@ impl Module {
             .sections()
             .filter(|s| s.name().is_ok_and(|n| n.starts_with(".debug_")))
             .map(|s| {
-                s.compressed_data()
+                s.compressed_file_range()
                     .map_or(u64::MAX, |c| c.uncompressed_size)
             })
             .fold(0, u64::saturating_add);
@@ -271,6 +319,7 @@ impl Module {
             Self {
                 path: mapping.path.clone(),
                 symbols,
+                names: Some((cache.into_inner(), string_tables)),
                 segments,
                 lines,
                 unwind,
@@ -285,6 +334,7 @@ impl Module {
         Self {
             path: mapping.path.clone(),
             symbols: Vec::new(),
+            names: None,
             segments: Vec::new(),
             lines: None,
             unwind: None,
@@ -299,20 +349,33 @@ impl Module {
         })
     }
 
-    fn symbol(&self, vaddr: u64) -> Option<&Arc<str>> {
+    /// The name of the function at `vaddr`, read from the file's string table now.
+    fn symbol(&self, vaddr: u64) -> Option<Arc<str>> {
+        use std::os::unix::fs::FileExt as _;
         let i = self
             .symbols
-            .partition_point(|s| s.0 <= vaddr)
+            .partition_point(|s| s.start <= vaddr)
             .checked_sub(1)?;
-        let (_, end, name) = &self.symbols[i];
-        (vaddr < *end).then_some(name)
+        let sym = self.symbols[i];
+        if vaddr >= sym.start.saturating_add(u64::from(sym.len.max(1))) {
+            return None;
+        }
+        let (file, tables) = self.names.as_ref()?;
+        let (offset, size) = tables[usize::from(sym.table)];
+        let at = u64::from(sym.name);
+        let mut buf = [0u8; MAX_NAME];
+        let want = usize::try_from(size.checked_sub(at)?).map_or(MAX_NAME, |n| n.min(MAX_NAME));
+        let n = file.read_at(&mut buf[..want], offset + at).ok()?;
+        let raw = &buf[..n];
+        let raw = &raw[..raw.iter().position(|b| *b == 0).unwrap_or(raw.len())];
+        let name = std::str::from_utf8(raw).ok()?;
+        Some(format!("{:#}", rustc_demangle::demangle(name)).into())
     }
 
     /// The symbol at `vaddr`, else `?+0x…` (the address in the file, for `addr2line -e`
     /// with the module's debug package).
     fn name(&self, vaddr: u64) -> Arc<str> {
         self.symbol(vaddr)
-            .cloned()
             .unwrap_or_else(|| format!("?+{vaddr:#x}").into())
     }
 
@@ -356,11 +419,29 @@ impl Module {
 
 /// Symbolises addresses of any process. Modules are shared by every process and scan, within
 /// a byte budget: a module no process used for [`IDLE_TICKS`] scans is dropped, and the least
-/// recently used go first when the budget is reached. Loading happens outside the lock, in
-/// whichever worker asked (a file on a hung mount stalls that worker only).
+/// recently used go first when the budget is reached. Loading happens outside the lock, one
+/// module at a time (a load reads a file's symbol and string tables whole: several at once
+/// would add up), in whichever worker asked; others wait for it a little, then go on without
+/// that module. A load that outlasts [`STUCK_LOAD`] (a hung mount) no longer holds the rest
+/// up, up to [`MAX_LOADS`] loads.
 #[derive(Clone)]
 pub struct Symbolizer {
     cache: Arc<Mutex<ModuleCache>>,
+    gate: Arc<Gate>,
+}
+
+/// How long a worker waits for another's load before going on without the module.
+const LOAD_WAIT: Duration = Duration::from_secs(1);
+/// A load running this long is taken to be stuck.
+const STUCK_LOAD: Duration = Duration::from_secs(2);
+/// Loads under way at most, stuck ones included.
+const MAX_LOADS: usize = 4;
+
+/// A module lookup's result: the module (None: not loadable), or nothing now (another load
+/// held it up; symbolise without it, and do not keep the result).
+enum Lookup {
+    Found(Option<Arc<Module>>),
+    Busy,
 }
 
 struct ModuleCache {
@@ -399,6 +480,7 @@ impl Symbolizer {
                 tick: 0,
                 evicted: 0,
             })),
+            gate: Arc::new(Gate::new(STUCK_LOAD, MAX_LOADS)),
         }
     }
 
@@ -417,6 +499,7 @@ impl Symbolizer {
             maps: parse_maps(&String::from_utf8_lossy(&text)),
             symbolizer: self.clone(),
             local: HashMap::new(),
+            incomplete: false,
         })
     }
 
@@ -456,22 +539,40 @@ impl Symbolizer {
         }
     }
 
-    fn get(&self, pid: u32, m: &Mapping) -> Option<Arc<Module>> {
-        {
-            let mut cache = self.lock();
+    fn get(&self, pid: u32, m: &Mapping) -> Lookup {
+        let started = Instant::now();
+        let cached = |cache: &mut ModuleCache| {
             let tick = cache.tick;
-            if let Some(c) = cache.modules.get_mut(&m.file) {
+            cache.modules.get_mut(&m.file).map(|c| {
                 c.last_used = tick;
-                return c.module.clone();
-            }
+                c.module.clone()
+            })
+        };
+        if let Some(module) = cached(&mut self.lock()) {
+            return Lookup::Found(module);
+        }
+        let Some(entered) = self.gate.enter(LOAD_WAIT) else {
+            return Lookup::Busy;
+        };
+        // Another worker may have loaded it meanwhile.
+        if let Some(module) = cached(&mut self.lock()) {
+            return Lookup::Found(module);
         }
         let (module, bytes) = match Module::load(pid, m) {
-            Ok((module, bytes)) => (Some(Arc::new(module)), bytes),
+            Ok((module, bytes)) => {
+                log::debug!(
+                    "PID {pid}: loaded {} ({bytes} bytes kept) in {:?}",
+                    m.path,
+                    started.elapsed()
+                );
+                (Some(Arc::new(module)), bytes)
+            }
             Err(e) => {
                 log::debug!("PID {pid}: not symbolising {}: {e}", m.path);
                 (None, 0)
             }
         };
+        drop(entered);
         let mut cache = self.lock();
         if bytes > cache.budget {
             log::info!(
@@ -479,7 +580,7 @@ impl Symbolizer {
                  used once, not kept",
                 m.path
             );
-            return module;
+            return Lookup::Found(module);
         }
         let tick = cache.tick;
         cache.bytes += bytes;
@@ -491,7 +592,7 @@ impl Symbolizer {
                 last_used: tick,
             },
         );
-        module
+        Lookup::Found(module)
     }
 }
 
@@ -508,6 +609,9 @@ pub struct ProcessSymbols {
     symbolizer: Symbolizer,
     /// Modules this view has used, so a stack takes the shared lock once per module.
     local: HashMap<(String, u64), Option<Arc<Module>>>,
+    /// Set when a module could not be had in time: what was symbolised is incomplete, and
+    /// not worth keeping.
+    pub incomplete: bool,
 }
 
 impl ProcessSymbols {
@@ -529,11 +633,16 @@ impl ProcessSymbols {
         let m = self.mapping(addr)?.clone();
         let module = match self.local.get(&m.file) {
             Some(module) => module.clone(),
-            None => {
-                let module = self.symbolizer.get(self.pid, &m);
-                self.local.insert(m.file.clone(), module.clone());
-                module
-            }
+            None => match self.symbolizer.get(self.pid, &m) {
+                Lookup::Found(module) => {
+                    self.local.insert(m.file.clone(), module.clone());
+                    module
+                }
+                Lookup::Busy => {
+                    self.incomplete = true;
+                    None
+                }
+            },
         }?;
         let vaddr = module.vaddr(addr - m.start + m.offset)?;
         Some((module, vaddr))

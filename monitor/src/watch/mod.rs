@@ -91,6 +91,8 @@ struct Monitor<W: Write> {
     workers: Workers,
     /// Processes found not to be Go (or not supported): PID -> start time.
     skipped: HashMap<u32, u64>,
+    /// Processes whose inspection waited too long for another: tried again at the next scan.
+    retry: Vec<u32>,
     out: Output<W>,
     settings: Settings,
     /// `leakmon run`: look for new Go processes (again, after lost exec events).
@@ -204,6 +206,7 @@ impl<W: Write> Monitor<W> {
             symbolizer: Symbolizer::new(settings.memory_budget / 2),
             workers: Workers::default(),
             skipped: HashMap::new(),
+            retry: Vec::new(),
             discover: false,
             last_stats: Stats::default(),
             scans: 0,
@@ -315,6 +318,7 @@ impl<W: Write> Monitor<W> {
             let start = proc::stat(pid).map_or(0, |(_, s)| s);
             match result.and_then(|t| self.attach(t)) {
                 Ok(()) => {}
+                Err(TargetError::Busy { .. }) => self.retry.push(pid),
                 Err(TargetError::Go {
                     source: GoError::NotGo | GoError::NotElf { .. },
                     ..
@@ -459,6 +463,9 @@ impl<W: Write> Monitor<W> {
         self.scans += 1;
         self.check_stats();
         self.take_attached(None);
+        for pid in std::mem::take(&mut self.retry) {
+            self.try_add(pid);
+        }
         let mut by_pid = self.probes.goroutines();
         let gone: Vec<u32> = self
             .targets
@@ -547,9 +554,10 @@ impl<W: Write> Monitor<W> {
                 .retain(|pid, start| proc::stat(*pid).is_ok_and(|(_, s)| s == *start));
         }
         self.binaries.evict_unused();
-        if self.symbolizer.tick() > 0 {
-            memory::release_free();
-        }
+        self.symbolizer.tick();
+        // What was freed this scan (evicted modules, processes gone, read buffers) goes back
+        // to the system; without this the footprint only ever grows. About 1 ms.
+        memory::release_free();
         log::debug!(
             "scan: {} processes, {judged} goroutines judged in {:?}; {:?}; caches {:?}; {} KiB",
             self.targets.len(),

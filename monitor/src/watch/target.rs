@@ -7,6 +7,7 @@ use std::{
     os::unix::fs::MetadataExt,
     path::PathBuf,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use monitor_ebpf::{GoPhase, GoProc, GoState, names};
@@ -19,6 +20,7 @@ use crate::{
         task::{self, GRecord, is_user_function},
     },
     proc::{self, Container, ProcError, ProcMem},
+    sys::workers::Gate,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,8 @@ pub enum TargetError {
     },
     #[error(transparent)]
     Bpf(#[from] BpfError),
+    #[error("PID {pid}: another executable is being inspected; tried again at the next scan")]
+    Busy { pid: u32 },
 }
 
 /// Identity of an executable file (device, inode, mtime), not its path: a redeploy replaces
@@ -61,12 +65,18 @@ impl BinaryKey {
 /// Inspected executables, shared by the processes that run them, and the ones found not to be
 /// Go (so a host's other programs are looked at once, not at every exec). Shared with the
 /// workers that inspect processes; the lock is held for lookups only, never while reading.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Binaries {
     inner: Arc<Mutex<BinaryCache>>,
+    /// One inspection at a time: each reads the pclntab and DWARF whole.
+    gate: Arc<Gate>,
     /// Go versions newer than the last validated one are accepted.
     unvalidated: bool,
 }
+
+/// How long an inspection waits for another; when one is taken to be stuck.
+const INSPECT_WAIT: Duration = Duration::from_secs(2);
+const INSPECT_STUCK: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 struct BinaryCache {
@@ -81,6 +91,7 @@ impl Binaries {
     pub fn new(unvalidated: bool) -> Self {
         Self {
             inner: Arc::default(),
+            gate: Arc::new(Gate::new(INSPECT_STUCK, 4)),
             unvalidated,
         }
     }
@@ -96,22 +107,30 @@ impl Binaries {
         self.lock().not_go.contains(key)
     }
 
-    fn open(&self, pid: u32, key: BinaryKey) -> Result<Arc<GoBinary>, GoError> {
-        {
+    /// The inspected executable `pid` runs; Ok(None) when another inspection kept it waiting.
+    fn open(&self, pid: u32, key: BinaryKey) -> Result<Option<Arc<GoBinary>>, GoError> {
+        let cached = || {
             let cache = self.lock();
             if let Some(b) = cache.go.get(&key) {
-                return Ok(Arc::clone(b));
+                return Some(Ok(Some(Arc::clone(b))));
             }
-            if cache.not_go.contains(&key) {
-                return Err(GoError::NotGo);
-            }
+            cache.not_go.contains(&key).then_some(Err(GoError::NotGo))
+        };
+        if let Some(known) = cached() {
+            return known;
+        }
+        let Some(_entered) = self.gate.enter(INSPECT_WAIT) else {
+            return Ok(None);
+        };
+        if let Some(known) = cached() {
+            return known;
         }
         // Read through /proc so a binary in another mount namespace is found.
         match GoBinary::open_with(&PathBuf::from(format!("/proc/{pid}/exe")), self.unvalidated) {
             Ok(b) => {
                 let b = Arc::new(b);
                 self.lock().go.insert(key, Arc::clone(&b));
-                Ok(b)
+                Ok(Some(b))
             }
             Err(e) => {
                 if matches!(e, GoError::NotGo | GoError::NotElf { .. }) {
@@ -230,7 +249,10 @@ impl Target {
             source,
         };
         let key = BinaryKey::of(pid)?;
-        let binary = binaries.open(pid, key).map_err(go_err)?;
+        let binary = binaries
+            .open(pid, key)
+            .map_err(go_err)?
+            .ok_or(TargetError::Busy { pid })?;
         let site = |f| binary.probe_site(f).map_err(go_err).map(|s| s.file_offset);
         // Parks are found by scanning the goroutine table, or (asked for, or the table cannot
         // be found) by probing every park and exit, which costs on the hot path.

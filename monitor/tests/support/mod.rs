@@ -126,6 +126,17 @@ pub fn native_fixture(name: &str) -> PathBuf {
             .status(),
         // A cargo project of its own, built offline from the registry cache leakmon's build
         // filled (its Cargo.lock pins what is there).
+        "hostile" => Command::new("gcc")
+            .args(["-g", "-O1", "-pthread", "-o"])
+            .arg(&out)
+            .arg(src.join("hostile.c"))
+            .arg("-ldl")
+            .status(),
+        "libhostile.so" => Command::new("gcc")
+            .args(["-g", "-O1", "-shared", "-fPIC", "-o"])
+            .arg(&out)
+            .arg(src.join("hostile_lib.c"))
+            .status(),
         "tokio-idle" => {
             let target = dir.join("tokio-idle-target");
             let status = Command::new("cargo")
@@ -230,9 +241,45 @@ impl Leakmon {
     }
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_leakmon"))
-            .args(args)
-            .envs(env.iter().copied())
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_leakmon"));
+        cmd.args(args).envs(env.iter().copied());
+        Self::spawn(cmd)
+    }
+
+    /// `leakmon` started as a member of the cgroup (v1 or v2) directory `cgroup`.
+    pub fn start_in_cgroup(args: &[&str], cgroup: &Path) -> Self {
+        use std::os::unix::process::CommandExt as _;
+        let procs = std::ffi::CString::new(
+            cgroup
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_leakmon"));
+        cmd.args(args);
+        // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" means the writing process itself.
+                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                libc::close(fd);
+                if ok {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        Self::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -326,6 +373,33 @@ impl Leakmon {
             }
         }
         self.seen.clone()
+    }
+
+    /// Kilobytes of a `/proc/PID/status` field of leakmon (VmRSS, VmHWM).
+    pub fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in {status}"))
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns how long it took.
+    pub fn stop(&mut self) -> Duration {
+        let started = Instant::now();
+        self.proc.signal(libc::SIGTERM);
+        let deadline = started + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.proc.child.try_wait().unwrap().is_some() {
+                return started.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "leakmon did not exit within 30 s of SIGTERM; stderr:\n{}",
+            self.stderr()
+        );
     }
 
     /// Waits until stderr contains `needle` (leakmon logs it once attached).
