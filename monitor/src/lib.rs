@@ -10,6 +10,7 @@ pub mod config;
 pub mod detect;
 pub mod doctor;
 pub mod export;
+pub mod fuzzing;
 pub mod go;
 pub mod output;
 pub mod proc;

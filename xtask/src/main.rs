@@ -9,6 +9,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -43,6 +44,12 @@ enum Cmd {
         /// Extra arguments for `cargo test` (e.g. a test name filter)
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Fuzz the parsers of untrusted input (fuzz/) with libFuzzer, each target for a while
+    Fuzz {
+        /// Seconds per target
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Run the bundled leaky demo service under `leakmon watch` and print its alerts
     Demo {
@@ -81,6 +88,10 @@ fn main() -> Result<()> {
             ws.lint(&tools)
         }
         Cmd::Test { args } => test::run_all(&ws, &args),
+        Cmd::Fuzz { seconds } => {
+            let tools = setup::all(&ws)?;
+            fuzz::run_all(&ws, &tools, seconds, true)
+        }
         Cmd::Demo { seconds } => demo::run(&ws, seconds),
         Cmd::Bench {
             only,

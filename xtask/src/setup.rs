@@ -27,6 +27,8 @@ pub const GO_FIXTURE_VERSIONS: [&str; 3] = ["1.21.13", "1.24.11", "1.27.3"];
 /// rotel, a Rust OpenTelemetry collector from PyPI: the real OTLP receiver the export tests
 /// send to.
 pub const ROTEL_VERSION: &str = "0.0.1a15";
+/// cargo-fuzz (libFuzzer driver) for `./x fuzz`.
+pub const CARGO_FUZZ_VERSION: &str = "0.13.1";
 
 pub struct Tools {
     pub dir: PathBuf,
@@ -47,12 +49,23 @@ impl Tools {
 
     /// PATH with bpf-linker first.
     pub fn path_env(&self) -> OsString {
-        let mut path = OsString::from(self.bpf_linker_dir.join("bin"));
+        self.path_env_with(&self.bpf_linker_dir.join("bin"))
+    }
+
+    /// PATH with `dir`, then bpf-linker, first.
+    pub fn path_env_with(&self, dir: &Path) -> OsString {
+        let mut path = OsString::from(dir);
+        path.push(":");
+        path.push(self.bpf_linker_dir.join("bin"));
         if let Some(old) = std::env::var_os("PATH") {
             path.push(":");
             path.push(old);
         }
         path
+    }
+
+    pub fn cargo_fuzz_dir(&self) -> PathBuf {
+        self.dir.join(format!("cargo-fuzz-{CARGO_FUZZ_VERSION}"))
     }
 }
 
@@ -98,7 +111,26 @@ pub fn all(ws: &Workspace) -> Result<Tools> {
         go(&tools, version)?;
     }
     rotel(&tools)?;
+    cargo_fuzz(&tools)?;
     Ok(tools)
+}
+
+fn cargo_fuzz(tools: &Tools) -> Result<()> {
+    let dir = tools.cargo_fuzz_dir();
+    if dir.join("bin/cargo-fuzz").exists() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about 30 s)");
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--root",
+        ])
+        .arg(&dir))
 }
 
 /// bpf-linker must use an LLVM of the nightly's major version; Debian has none that new and no

@@ -37,16 +37,33 @@ pub fn run_all(ws: &Workspace, args: &[String]) -> Result<()> {
         }
     }
     let status = child.wait()?;
+    // The fuzz targets, a fixed time each; each counts as one test.
+    let fuzzed = if status.success() && failed == 0 {
+        crate::fuzz::run_all(ws, &tools, FUZZ_SECONDS, false)
+    } else {
+        Ok(())
+    };
+    match &fuzzed {
+        Ok(()) if status.success() => passed += crate::fuzz::TARGETS.len() as u64,
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            failed += 1;
+        }
+    }
     // One plain total for whoever reads the last line (each test binary prints its own).
     println!("tests: {passed} passed, {failed} failed");
     if !status.success() || failed > 0 {
-        bail!("cargo test failed: {status}");
+        bail!("cargo test or fuzzing failed: {status}");
     }
     if passed == 0 {
         bail!("no test ran");
     }
     Ok(())
 }
+
+/// Seconds each fuzz target runs in `./x test` (`./x fuzz` runs longer).
+const FUZZ_SECONDS: u64 = 30;
 
 /// The number just before `word` in "ok. 45 passed; 0 failed; ...".
 fn count_before(s: &str, word: &str) -> u64 {

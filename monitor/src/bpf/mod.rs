@@ -3,6 +3,7 @@
 mod btf;
 mod threads;
 
+pub use btf::member_offset;
 pub use threads::ThreadTables;
 
 use std::{

@@ -314,6 +314,38 @@ impl GoBinary {
         self.pclntab.func_name(&f)
     }
 
+    /// Every reader of this module, fed the executable in `file` (the fuzz targets' entry):
+    /// build info, pclntab, DWARF offsets, then the whole inspection and lookups at
+    /// addresses spread over the code.
+    pub(crate) fn exercise(path: &Path) {
+        if let Ok(file) = File::open(path) {
+            let cache = object::ReadCache::new(file);
+            if let Ok(elf) = Elf::parse(&cache) {
+                let _ = offsets::from_dwarf(&elf);
+                if let Ok(Some(info)) = elf.section(".go.buildinfo") {
+                    let _ = buildinfo::version_string(&info.data);
+                }
+                if let Ok(Some(pcln)) = elf.section(".gopclntab") {
+                    let _ = Pclntab::parse(pcln.data.into_owned(), pcln.addr);
+                }
+            }
+        }
+        let Ok(binary) = Self::open_with(path, true) else {
+            return;
+        };
+        let start = binary.pclntab.text_start();
+        for i in 0..64u64 {
+            let pc = start.wrapping_add(i.wrapping_mul(4099));
+            let _ = binary.symbolize(pc);
+            let _ = binary.frames(pc);
+            let _ = binary.func_name(pc);
+        }
+        for f in PROBED {
+            let _ = binary.probe_site(f);
+        }
+        let _ = binary.wait_reason(7);
+    }
+
     /// Whether inline trees are available (moduledata was located).
     #[cfg(test)]
     pub(crate) fn has_inline_info(&self) -> bool {

@@ -158,7 +158,6 @@ impl Pclntab {
         self.gofunc.as_ref().map(|g| g.base)
     }
 
-    #[cfg(test)]
     pub(crate) fn text_start(&self) -> u64 {
         self.text_start
     }

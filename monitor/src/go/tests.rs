@@ -428,3 +428,38 @@ fn generate_table() {
         );
     }
 }
+
+/// A compressed section declares its own inflated size: a hostile file says a terabyte. That
+/// is an error, not an allocation; and a newer-than-validated binary whose DWARF says so is
+/// refused with that error.
+#[test]
+fn declared_section_sizes_are_not_trusted() {
+    use object::{Object as _, ObjectSection as _};
+    let Some(b) = testutil::built().last() else {
+        return;
+    };
+    let mut data = std::fs::read(&b.normal).unwrap();
+    let offset = {
+        let file = object::File::parse(&*data).unwrap();
+        let section = file.section_by_name(".debug_info").unwrap();
+        assert!(
+            section.compressed_file_range().unwrap().format != object::CompressionFormat::None,
+            "go{} compresses DWARF",
+            b.toolchain.dir_version
+        );
+        section.file_range().unwrap().0 as usize
+    };
+    // Elf64_Chdr: ch_type, ch_reserved, ch_size (u64), ch_addralign.
+    data[offset + 8..offset + 16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let patched = testutil::write_scratch("huge-dwarf", &data);
+    let cache = object::ReadCache::new(File::open(&patched).unwrap());
+    let elf = Elf::parse(&cache).unwrap();
+    let err = offsets::from_dwarf(&elf).unwrap_err();
+    assert!(matches!(err, GoError::SectionTooLarge { .. }), "{err}");
+    // Through the whole inspection too, for a version with no table (DWARF is then used).
+    let v = &b.toolchain.dir_version;
+    let future =
+        testutil::with_version(&patched, "huge-dwarf-future", &format!("go1.99{}", &v[4..]));
+    let err = GoBinary::open_with(&future, true).unwrap_err();
+    assert!(err.to_string().contains("over the 256 MiB"), "{err}");
+}

@@ -256,10 +256,15 @@ impl Module {
             mapping.file.1,
             &mapping.path,
         )?;
+        Ok(Self::from_file(opened.file, mapping.path.clone()))
+    }
+
+    /// Loads a module from an open file (whatever it holds).
+    fn from_file(file: std::fs::File, path: Arc<str>) -> (Self, u64) {
         // Read on demand: only the sections used are read, and dropped once parsed.
-        let cache = object::ReadCache::new(opened.file);
+        let cache = object::ReadCache::new(file);
         let Ok(file) = object::File::parse(&cache) else {
-            return Ok((Self::opaque(mapping), 0));
+            return (Self::opaque(path), 0);
         };
         let (symbols, string_tables) = function_symbols(&cache);
         let mut bytes = (symbols.len() * size_of::<Sym>()) as u64;
@@ -304,9 +309,8 @@ impl Module {
         } else {
             if debug_bytes > MAX_DWARF_BYTES && debug_bytes != u64::MAX {
                 log::info!(
-                    "{}: {debug_bytes} bytes of DWARF, over the {MAX_DWARF_BYTES}-byte cap: \
-                     symbol names only",
-                    mapping.path
+                    "{path}: {debug_bytes} bytes of DWARF, over the {MAX_DWARF_BYTES}-byte cap: \
+                     symbol names only"
                 );
             }
             None
@@ -315,9 +319,9 @@ impl Module {
             bytes += b;
             u
         });
-        Ok((
+        (
             Self {
-                path: mapping.path.clone(),
+                path,
                 symbols,
                 names: Some((cache.into_inner(), string_tables)),
                 segments,
@@ -326,13 +330,13 @@ impl Module {
                 is_go,
             },
             bytes,
-        ))
+        )
     }
 
     /// A mapped file that is not ELF: named by its path only.
-    fn opaque(mapping: &Mapping) -> Self {
+    fn opaque(path: Arc<str>) -> Self {
         Self {
-            path: mapping.path.clone(),
+            path,
             symbols: Vec::new(),
             names: None,
             segments: Vec::new(),
@@ -415,6 +419,25 @@ impl Module {
             });
         }
     }
+}
+
+/// Every reader of a module (ELF symbols, DWARF lines, `.eh_frame` unwinding) on the file at
+/// `file`, at addresses spread over its segments and symbols (the fuzz targets' entry).
+pub(crate) fn exercise_module(file: std::fs::File) {
+    let (module, _) = Module::from_file(file, "fuzz".into());
+    let mut frames = Vec::new();
+    let mut addrs: Vec<u64> = module.symbols.iter().take(64).map(|s| s.start).collect();
+    for &(_, vaddr, size) in module.segments.iter().take(8) {
+        addrs.extend((0..16u64).map(|i| vaddr.wrapping_add(size / 16 * i)));
+    }
+    for vaddr in addrs {
+        module.frames(vaddr, &mut frames);
+        if let Some(unwind) = &module.unwind {
+            let _ = unwind.row(vaddr);
+        }
+        frames.clear();
+    }
+    let _ = parse_maps("7f00-7f10 r-xp 00000000 08:01 12 /lib/x (deleted)");
 }
 
 /// Symbolises addresses of any process. Modules are shared by every process and scan, within
