@@ -19,6 +19,39 @@ fn check(name: &'static str, ok: bool, detail: String, fix: impl FnOnce() -> Str
     }
 }
 
+/// The running daemon's memory against its budget, from the status it writes after each scan.
+/// Not running is no failure (doctor runs before it starts); over budget is.
+fn daemon_check() -> Check {
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    match crate::status::Status::read(Path::new(crate::status::STATUS_FILE)) {
+        None => check(
+            "daemon",
+            true,
+            format!("not running (no live {})", crate::status::STATUS_FILE),
+            String::new,
+        ),
+        Some(s) => check(
+            "daemon",
+            s.anon_bytes <= s.budget_bytes,
+            format!(
+                "PID {}: {:.1} MiB allocated ({:.1} MiB resident) of a {:.0} MiB budget; \
+                 symbol cache {:.1} MiB in {} modules, {} evicted; {} Go processes; {} \
+                 unresponsive",
+                s.pid,
+                mib(s.anon_bytes),
+                mib(s.rss_bytes),
+                mib(s.budget_bytes),
+                mib(s.cache_bytes),
+                s.cache_modules,
+                s.cache_evicted,
+                s.go_processes,
+                s.unresponsive
+            ),
+            || "the daemon is over its memory budget: raise memory_budget, or report it".into(),
+        ),
+    }
+}
+
 pub fn run_checks() -> Vec<Check> {
     let mut checks = Vec::new();
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -114,6 +147,7 @@ pub fn run_checks() -> Vec<Check> {
         detail: "exec tracepoint (tp_btf) for `leakmon run`".into(),
         problem: discovery.err(),
     });
+    checks.push(daemon_check());
     checks.push(Check {
         name: "thread probes",
         detail: "sched_switch (tp_btf, Linux 5.18+) and thread fork/exit tracepoints".into(),

@@ -14,6 +14,7 @@ pub mod fuzzing;
 pub mod go;
 pub mod output;
 pub mod proc;
+pub mod status;
 pub mod sys;
 pub mod threads;
 pub mod watch;

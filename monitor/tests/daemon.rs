@@ -28,4 +28,19 @@ fn finds_go_processes_at_start_and_on_exec() {
     lm.expect("the exited process's alert resolved", |v| {
         v["pid"] == a && v["kind"] == "goroutine_leak" && v["state"] == "resolved"
     });
+    // `doctor` shows the running daemon's memory against its budget.
+    let doctor = std::process::Command::new(env!("CARGO_BIN_EXE_leakmon"))
+        .arg("doctor")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&doctor.stdout);
+    let line = out
+        .lines()
+        .find(|l| l.contains("daemon"))
+        .unwrap_or_else(|| panic!("no daemon line: {out}"));
+    assert!(line.starts_with("ok"), "{out}");
+    assert!(
+        line.contains(&format!("PID {}:", lm.proc.pid())) && line.contains("of a 64 MiB budget"),
+        "{line}"
+    );
 }

@@ -14,6 +14,18 @@ pub fn rss_bytes() -> u64 {
         .map_or(0, |pages| pages * page)
 }
 
+/// Anonymous resident memory of this process (what it allocated), in bytes.
+pub fn anon_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("RssAnon:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib << 10)
+}
+
 /// Returns freed heap memory to the system: after caches are evicted, glibc would otherwise
 /// keep it, and the daemon's footprint would never come down.
 pub fn release_free() {

@@ -103,6 +103,8 @@ struct Monitor<W: Write> {
     threads: Option<ThreadWatch>,
     /// Readable once SIGTERM or SIGINT arrived.
     stop: OwnedFd,
+    /// Whether failing to write the status file was said.
+    status_warned: bool,
 }
 
 /// `leakmon watch`: the given processes, until interrupted or until they have all exited.
@@ -214,6 +216,7 @@ impl<W: Write> Monitor<W> {
             out: Output::new(settings.format.unwrap_or(default_format), out, otlp),
             settings,
             stop,
+            status_warned: false,
         })
     }
 
@@ -567,7 +570,40 @@ impl<W: Write> Monitor<W> {
             memory::rss_bytes() >> 10,
         );
         self.export_metrics(started.elapsed());
+        if self.discover {
+            self.write_status();
+        }
         Ok(())
+    }
+
+    /// For `leakmon doctor`: the daemon's memory and caches, after each scan.
+    fn write_status(&mut self) {
+        let cache = self.symbolizer.stats();
+        let status = crate::status::Status {
+            pid: std::process::id(),
+            rss_bytes: memory::rss_bytes(),
+            anon_bytes: memory::anon_bytes(),
+            budget_bytes: self.settings.memory_budget,
+            cache_bytes: cache.bytes,
+            cache_modules: cache.modules,
+            cache_evicted: cache.evicted,
+            go_processes: self.targets.len(),
+            unresponsive: self.targets.values().filter(|w| w.slot.is_stuck()).count()
+                + self.threads.as_ref().map_or(0, ThreadWatch::stuck),
+            time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        };
+        let path = std::path::Path::new(crate::status::STATUS_FILE);
+        if let Err(e) = status.write(path)
+            && !self.status_warned
+        {
+            self.status_warned = true;
+            log::info!(
+                "not writing {} ({e}): `leakmon doctor` will not show this daemon's memory",
+                path.display()
+            );
+        }
     }
 
     /// Refreshes what the OTLP metrics report.
