@@ -31,6 +31,8 @@ pub enum Suite {
     Footprint,
     /// C futex ping-pong and futex system calls (the thread probes)
     Threads,
+    /// `leakmon run` at rest, watching 700 processes, and after they are gone
+    Host,
 }
 
 pub fn run(
@@ -43,8 +45,11 @@ pub fn run(
     let wanted = |suite| only.is_none_or(|o| o == suite);
     let tools = setup::all(ws)?;
     require_root("leakmon loads eBPF programs")?;
-    if Command::new("wrk").arg("--version").output().is_err() {
-        bail!("wrk is needed for the HTTP benchmark: apt-get install wrk");
+    if wanted(Suite::Http) && Command::new("wrk").arg("--version").output().is_err() {
+        eprintln!("xtask: installing wrk (Debian) for the HTTP benchmark");
+        crate::run(Command::new("apt-get").args(["install", "-y", "-q", "wrk"])).context(
+            "apt-get install wrk (run apt-get update first if the package is not found)",
+        )?;
     }
     ws.build(&tools, true)?;
     let go = setup::GO_FIXTURE_VERSIONS[setup::GO_FIXTURE_VERSIONS.len() - 1];
@@ -61,6 +66,9 @@ pub fn run(
 
     if wanted(Suite::Threads) {
         threads(ws, &leakmon)?;
+    }
+    if wanted(Suite::Host) {
+        host(ws, &leakmon, &leaky)?;
     }
     for (extra, what) in [
         (&[][..], "parks found by scanning (default)"),
@@ -351,6 +359,81 @@ fn footprint(leaky: &Path, leakmon: &Path, n: u64) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `leakmon run` with production settings (15 s scans, 5 min thresholds) on this host: at
+/// rest, then while 700 more processes run (600 sleepers, 80 C thread pools, 20 Go services
+/// with goroutines stuck on a mutex), then after they are gone.
+fn host(ws: &Workspace, leakmon: &Path, leaky: &Path) -> Result<()> {
+    let dir = ws.root.join("target/fixtures/native");
+    std::fs::create_dir_all(&dir)?;
+    let threads = dir.join("threads");
+    output(
+        Command::new("gcc")
+            .args(["-g", "-O1", "-pthread", "-o"])
+            .arg(&threads)
+            .arg(ws.root.join("fixtures/native/threads.c")),
+    )
+    .context("building fixtures/native/threads.c (is gcc installed?)")?;
+    let mut lm = Command::new(leakmon)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    println!("\n## `leakmon run` on this host, production settings (15 s scans)");
+    println!("| phase | CPU | RSS (allocated) |");
+    let phase = |what: &str, secs: u64, lm: &Child| -> Result<()> {
+        let (cpu0, _, _) = proc_usage(lm.id())?;
+        std::thread::sleep(Duration::from_secs(secs));
+        let (cpu1, rss, hwm) = proc_usage(lm.id())?;
+        let anon = anon_kib(lm.id());
+        println!(
+            "| {what}, {secs} s | {:.2} s ({:.2}% of one core) | {rss} KiB ({anon} KiB), peak {hwm} KiB |",
+            cpu1 - cpu0,
+            (cpu1 - cpu0) / secs as f64 * 100.0
+        );
+        Ok(())
+    };
+    phase("at rest", 60, &lm)?;
+    let mut procs = Vec::new();
+    for _ in 0..600 {
+        procs.push(Command::new("sleep").arg("3600").spawn()?);
+    }
+    for _ in 0..80 {
+        procs.push(
+            Command::new(&threads)
+                .arg("pool")
+                .stdout(Stdio::null())
+                .spawn()?,
+        );
+    }
+    for _ in 0..20 {
+        procs.push(
+            Command::new(leaky)
+                .args(["-mode", "mutex"])
+                .stdout(Stdio::null())
+                .spawn()?,
+        );
+    }
+    phase("700 more processes", 120, &lm)?;
+    for p in &mut procs {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    phase("after they are gone", 90, &lm)?;
+    stop(&mut lm);
+    Ok(())
+}
+
+fn anon_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("RssAnon:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// (CPU seconds, VmRSS KiB, VmHWM KiB) of `pid`.

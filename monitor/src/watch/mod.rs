@@ -58,25 +58,25 @@ pub enum WatchError {
     Export(#[from] crate::export::ExportError),
 }
 
-/// What one scan of a Go target brings back: observations to judge, probe records found stale.
-type GoScan = (Vec<Observation>, Vec<(u64, GoState)>);
+/// What one scan of a Go target brings back: observations to judge, probe records found
+/// stale; None when the process now runs another executable (an exec).
+type GoScan = Option<(Vec<Observation>, Vec<(u64, GoState)>)>;
 
 /// A Go process with probes attached.
 struct GoWatched {
     info: ProcessInfo,
     start_time: u64,
-    key: BinaryKey,
     /// Held here, not in the target, so detaching never waits for a worker.
     links: Option<GoLinks>,
     slot: Slot<Box<Target>, GoScan>,
 }
 
 impl GoWatched {
-    /// Whether the process still runs the program attached to (PIDs are reused, and an exec
-    /// keeps the PID and start time but replaces the program).
+    /// Whether the process still runs (PIDs are reused). An exec, which keeps the PID and
+    /// start time, is seen by the scan itself (on a worker: it asks the executable's file
+    /// system).
     fn is_alive(&self, pid: u32) -> bool {
         proc::stat(pid).is_ok_and(|(state, start)| state != 'Z' && start == self.start_time)
-            && BinaryKey::of(pid).ok() == Some(self.key)
     }
 }
 
@@ -254,7 +254,6 @@ impl<W: Write> Monitor<W> {
             GoWatched {
                 info,
                 start_time: target.start_time,
-                key: target.key,
                 links: Some(links),
                 slot: Slot::new(Box::new(target)),
             },
@@ -277,19 +276,10 @@ impl<W: Write> Monitor<W> {
         if self.skipped.get(&pid) == Some(&start) {
             return;
         }
-        match BinaryKey::of(pid) {
-            Ok(key) if self.binaries.known_not_go(&key) => {
-                self.skipped.insert(pid, start);
-            }
-            // Kernel threads, and processes gone since.
-            Err(_) => {
-                self.skipped.insert(pid, start);
-            }
-            Ok(_) => {
-                let pending = self.inspect(pid);
-                self.attaching.insert(pid, pending);
-            }
-        }
+        // Even the executable's identity is read on a worker: stat() of /proc/PID/exe asks
+        // the file's file system, which may be a hung mount.
+        let pending = self.inspect(pid);
+        self.attaching.insert(pid, pending);
     }
 
     /// Takes in the inspections that are done (waiting for them until `deadline`, if given).
@@ -326,7 +316,9 @@ impl<W: Write> Monitor<W> {
                     source: GoError::NotGo | GoError::NotElf { .. },
                     ..
                 })
-                | Err(TargetError::Proc(ProcError::NoSuchProcess { .. })) => {
+                | Err(TargetError::Proc(
+                    ProcError::NoSuchProcess { .. } | ProcError::NoExecutable { .. },
+                )) => {
                     self.skipped.insert(pid, start);
                 }
                 Err(e) => {
@@ -488,7 +480,9 @@ impl<W: Write> Monitor<W> {
                 log::info!("PID {pid} answers again: its goroutines are judged again");
             }
             w.slot.dispatch(&self.workers, move |target| {
-                target.scan(&entries, now, block, spin)
+                target
+                    .runs_same_program()
+                    .then(|| target.scan(&entries, now, block, spin))
             });
         }
         if let Some(threads) = &mut self.threads {
@@ -499,7 +493,11 @@ impl<W: Write> Monitor<W> {
         let mut lost = Vec::new();
         for (pid, w) in &mut self.targets {
             let (goroutines, stale) = match w.slot.settle(deadline, signals::stop_requested) {
-                Outcome::Done(scan) => scan,
+                Outcome::Done(Some(scan)) => scan,
+                Outcome::Done(None) => {
+                    lost.push(*pid);
+                    continue;
+                }
                 Outcome::Late { first } => {
                     if first {
                         log::warn!(
@@ -531,9 +529,13 @@ impl<W: Write> Monitor<W> {
                     .map_err(WatchError::Output)?;
             }
         }
+        // Exec'd another program, or the worker failed (a bug): judged afresh.
         for pid in lost {
-            log::warn!("PID {pid}: a worker failed while scanning it; attaching again");
+            log::info!(
+                "PID {pid} runs another program now (or its scan failed): inspecting it again"
+            );
             self.drop_target(pid);
+            self.skipped.remove(&pid);
             self.try_add(pid);
         }
         if let Some(threads) = &mut self.threads {

@@ -102,11 +102,6 @@ impl Binaries {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether `key` is known not to be a Go program.
-    pub fn known_not_go(&self, key: &BinaryKey) -> bool {
-        self.lock().not_go.contains(key)
-    }
-
     /// The inspected executable `pid` runs; Ok(None) when another inspection kept it waiting.
     fn open(&self, pid: u32, key: BinaryKey) -> Result<Option<Arc<GoBinary>>, GoError> {
         let cached = || {
@@ -285,6 +280,11 @@ impl Target {
             creation_sites: HashMap::new(),
             scan,
         })
+    }
+
+    /// Whether the process still runs the executable inspected (an exec replaces it).
+    pub fn runs_same_program(&self) -> bool {
+        BinaryKey::of(self.pid).ok() == Some(self.key)
     }
 
     /// Whether the process still runs the program inspected.
