@@ -406,6 +406,39 @@ fn backend_down_never_blocks() {
     assert!(stderr.contains("not sent"), "{stderr}");
 }
 
+/// A collector that accepts connections and never answers (a hung backend, a black-holing
+/// proxy): SIGTERM still ends leakmon within its shutdown limit (it took 24 s before, over the
+/// unit's 20 s stop timeout), over gRPC and over HTTP.
+#[test]
+fn a_collector_that_never_answers_does_not_hold_up_exit() {
+    require_root();
+    let (fx, _) = leak_fixture();
+    for protocol in ["grpc", "http/protobuf"] {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        // Accepted connections are kept open and never read from or written to.
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming().flatten() {
+                held.push(conn);
+            }
+        });
+        let mut lm = Leakmon::watch(
+            &[fx.pid()],
+            &["--otlp-endpoint", &endpoint, "--otlp-protocol", protocol],
+        );
+        lm.expect("leak firing on stdout", |a| a["kind"] == "goroutine_leak");
+        // Let an export be under way, hanging.
+        std::thread::sleep(Duration::from_secs(2));
+        let took = lm.stop();
+        assert!(
+            took < Duration::from_secs(12),
+            "{protocol}: exit took {took:?}; stderr:\n{}",
+            lm.stderr()
+        );
+    }
+}
+
 /// A real collector: rotel, printing what it receives.
 fn rotel(protocol: &str) {
     let bin = PathBuf::from(std::env::var("LEAKMON_ROTEL").expect(

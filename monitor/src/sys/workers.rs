@@ -220,22 +220,21 @@ impl<T: Send + 'static, O: Send + 'static> Slot<T, O> {
         self.away.as_ref().is_some_and(|a| a.reported)
     }
 
-    /// Takes the state back from a worker that came back late; true when it did.
-    pub fn reclaim(&mut self) -> bool {
-        let Some(away) = &self.away else {
-            return false;
-        };
+    /// Takes the state back from a worker that came back late, with what it brought (still
+    /// worth judging: a very large process's scan may take longer than the deadline).
+    pub fn reclaim(&mut self) -> Option<O> {
+        let away = self.away.as_ref()?;
         match away.pending.try_take() {
-            Ok((state, _stale_result)) => {
+            Ok((state, out)) => {
                 away.pending.came_late();
                 self.here = Some(state);
                 self.away = None;
-                true
+                Some(out)
             }
-            Err(NotDone::Late) => false,
+            Err(NotDone::Late) => None,
             Err(NotDone::Lost) => {
                 self.away = None;
-                false
+                None
             }
         }
     }

@@ -58,9 +58,9 @@ pub enum WatchError {
     Export(#[from] crate::export::ExportError),
 }
 
-/// What one scan of a Go target brings back: observations to judge, probe records found
-/// stale; None when the process now runs another executable (an exec).
-type GoScan = Option<(Vec<Observation>, Vec<(u64, GoState)>)>;
+/// What one scan of a Go target brings back: when it was taken, observations to judge, probe
+/// records found stale; None when the process now runs another executable (an exec).
+type GoScan = Option<(u64, Vec<Observation>, Vec<(u64, GoState)>)>;
 
 /// A Go process with probes attached.
 struct GoWatched {
@@ -473,16 +473,21 @@ impl<W: Write> Monitor<W> {
             self.drop_target(pid);
         }
         let (block, spin) = (ns(t.block), ns(t.spin));
+        // Scans that came back after their deadline: judged now, with the time they were
+        // taken at.
+        let mut done: Vec<(u32, GoScan)> = Vec::new();
         for (pid, w) in &mut self.targets {
             // A target away with a worker keeps its records for when it is back.
             let entries = by_pid.remove(pid).unwrap_or_default();
-            if w.slot.reclaim() {
-                log::info!("PID {pid} answers again: its goroutines are judged again");
+            if let Some(late) = w.slot.reclaim() {
+                log::info!("PID {pid}'s scan finished late: judged now");
+                done.push((*pid, late));
             }
             w.slot.dispatch(&self.workers, move |target| {
-                target
-                    .runs_same_program()
-                    .then(|| target.scan(&entries, now, block, spin))
+                target.runs_same_program().then(|| {
+                    let (observations, stale) = target.scan(&entries, now, block, spin);
+                    (now, observations, stale)
+                })
             });
         }
         if let Some(threads) = &mut self.threads {
@@ -492,38 +497,39 @@ impl<W: Write> Monitor<W> {
         let mut judged = 0;
         let mut lost = Vec::new();
         for (pid, w) in &mut self.targets {
-            let (goroutines, stale) = match w.slot.settle(deadline, signals::stop_requested) {
-                Outcome::Done(Some(scan)) => scan,
-                Outcome::Done(None) => {
-                    lost.push(*pid);
-                    continue;
-                }
+            match w.slot.settle(deadline, signals::stop_requested) {
+                Outcome::Done(scan) => done.push((*pid, scan)),
                 Outcome::Late { first } => {
                     if first {
                         log::warn!(
-                            "PID {pid} did not answer within {:?} (its memory blocks: a hung \
-                             mount?): its goroutines are skipped until it does; every other \
-                             process is still watched",
+                            "PID {pid} did not answer within {:?} (a very large process, or \
+                             its memory blocks: a hung mount?): its goroutines are judged when \
+                             its scan is done; every other process is still watched",
                             self.settings.target_timeout
                         );
                     }
-                    continue;
                 }
-                Outcome::Lost => {
-                    lost.push(*pid);
-                    continue;
-                }
-                Outcome::Idle => continue,
+                Outcome::Lost => lost.push(*pid),
+                Outcome::Idle => {}
+            }
+        }
+        for (pid, scan) in done {
+            let Some((taken_ns, goroutines, stale)) = scan else {
+                lost.push(pid);
+                continue;
+            };
+            let Some(w) = self.targets.get(&pid) else {
+                continue;
             };
             for (goid, state) in stale {
-                self.probes.forget_goroutine(*pid, goid, &state);
+                self.probes.forget_goroutine(pid, goid, &state);
             }
             judged += goroutines.len();
             let snapshot = Snapshot {
-                now_ns: now,
+                now_ns: taken_ns,
                 goroutines,
             };
-            for transition in self.detector.observe(*pid, &snapshot) {
+            for transition in self.detector.observe(pid, &snapshot) {
                 self.out
                     .emit(&w.info, &transition)
                     .map_err(WatchError::Output)?;

@@ -44,6 +44,8 @@ pub struct ThreadWatch {
     thresholds: Thresholds,
     /// How long a process's snapshot may take.
     timeout: Duration,
+    /// Snapshots that came back after their deadline, judged at the next collect.
+    late: Vec<(u32, Scanned)>,
 }
 
 impl ThreadWatch {
@@ -96,6 +98,7 @@ impl ThreadWatch {
             procs: HashMap::new(),
             thresholds,
             timeout,
+            late: Vec::new(),
         })
     }
 
@@ -140,8 +143,9 @@ impl ThreadWatch {
                 // The PID was reused: the gone check resolves the old one's alerts.
                 continue;
             }
-            if w.slot.reclaim() {
-                log::info!("PID {pid} answers again: its threads are judged again");
+            if let Some(late) = w.slot.reclaim() {
+                log::info!("PID {pid}'s thread snapshot finished late: judged now");
+                self.late.push((pid, late));
             }
             if matches!(w.info, Some(None)) {
                 continue;
@@ -171,25 +175,27 @@ impl ThreadWatch {
     ) -> Vec<(ProcessInfo, Transition)> {
         let mut out = Vec::new();
         let mut lost = Vec::new();
+        let mut done = std::mem::take(&mut self.late);
         for (pid, w) in &mut self.procs {
-            let scanned = match w.slot.settle(deadline, signals::stop_requested) {
-                Outcome::Done(s) => s,
+            match w.slot.settle(deadline, signals::stop_requested) {
+                Outcome::Done(s) => done.push((*pid, s)),
                 Outcome::Late { first } => {
                     if first {
                         log::warn!(
                             "PID {pid} did not answer within {:?} (its memory or /proc files \
-                             block: a hung mount?): its threads are skipped until it does; \
-                             every other process is still watched",
+                             block: a hung mount?): its threads are judged when its snapshot \
+                             is done; every other process is still watched",
                             self.timeout
                         );
                     }
-                    continue;
                 }
-                Outcome::Lost => {
-                    lost.push(*pid);
-                    continue;
-                }
-                Outcome::Idle => continue,
+                Outcome::Lost => lost.push(*pid),
+                Outcome::Idle => {}
+            }
+        }
+        for (pid, scanned) in done {
+            let Some(w) = self.procs.get_mut(&pid) else {
+                continue;
             };
             for tid in scanned.stale.threads {
                 probes.forget_thread(tid);
@@ -200,10 +206,10 @@ impl ThreadWatch {
             if let Some(identity) = scanned.identity {
                 w.info = Some(identity);
             }
-            let Some(info) = go_info(*pid).or_else(|| w.info.clone().flatten()) else {
+            let Some(info) = go_info(pid).or_else(|| w.info.clone().flatten()) else {
                 continue;
             };
-            for t in self.detector.observe(*pid, &scanned.snapshot) {
+            for t in self.detector.observe(pid, &scanned.snapshot) {
                 out.push((info.clone(), t));
             }
         }
