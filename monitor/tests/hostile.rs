@@ -1,7 +1,8 @@
 //! `leakmon run` beside processes that try to stall or balloon it: libraries replaced by a
 //! FIFO, /dev/zero, a 64 GiB sparse file, a corrupted or truncated ELF, a FIFO named like a
 //! deleted mapping (each in a mount namespace of its own), a stack that cannot be read
-//! (userfaultfd), and a churn of short-lived processes. Throughout, a control program's real
+//! (userfaultfd), a program run from a FUSE mount that never answers leakmon (whose readers
+//! would sleep past SIGKILL), and a churn of short-lived processes. Throughout, a control program's real
 //! deadlock and goroutine leak are reported, the daemon stays within its memory budget under a
 //! cgroup limit, and SIGTERM ends it promptly. Also: a lock that changes hands while two
 //! threads wait on it is no deadlock; and memory comes back once many binaries are gone.
@@ -103,6 +104,47 @@ impl Drop for Cgroup {
     }
 }
 
+/// The tests here each run a host-wide daemon and many processes: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A FUSE mount (fixtures/native/hangfs.c) serving `file` as `prog` to everyone but leakmon;
+/// unmounted when dropped.
+struct HangFs {
+    server: support::Proc,
+    dir: tempfile::TempDir,
+}
+
+impl HangFs {
+    fn mount(file: &Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_fixture(
+            &native_fixture("hangfs"),
+            &[dir.path().to_str().unwrap(), file.to_str().unwrap()],
+        );
+        Self { server, dir }
+    }
+
+    fn prog(&self) -> PathBuf {
+        self.dir.path().join("prog")
+    }
+}
+
+impl Drop for HangFs {
+    fn drop(&mut self) {
+        self.server.signal(libc::SIGTERM);
+        let _ = self.server.child.wait();
+        let path = std::ffi::CString::new(self.dir.path().as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid path; a lazy unmount of our own mount.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
 fn is_firing(a: &Value, pid: u32, kind: &str) -> bool {
     a["pid"] == pid && a["kind"] == kind && a["state"] == "firing"
 }
@@ -110,6 +152,7 @@ fn is_firing(a: &Value, pid: u32, kind: &str) -> bool {
 #[test]
 fn hostile_processes_stall_and_balloon_nothing() {
     require_root();
+    let _serial = serial();
     let versions = fixture_versions();
     let go = fixture(&versions[versions.len() - 1], "leaky", false);
     let threads = native_fixture("threads");
@@ -123,6 +166,9 @@ fn hostile_processes_stall_and_balloon_nothing() {
         .map(|m| start_fixture(&hostile, &[m, lib_arg]))
         .collect();
     let stalled = start_fixture(&hostile, &["uffd"]);
+    // A Go program run from a FUSE mount that never answers leakmon.
+    let fuse = HangFs::mount(&go);
+    let on_fuse = start_fixture(&fuse.prog(), &["-mode", "mutex"]);
 
     let cgroup = Cgroup::new(160 << 20);
     let mut args = vec!["run", "--target-timeout", "2s"];
@@ -185,6 +231,13 @@ fn hostile_processes_stall_and_balloon_nothing() {
         }
     }
 
+    // The FUSE-hosted program is named and left alone (its file is never read).
+    lm.wait_stderr(&format!(
+        "PID {} runs {}, on a FUSE file system: not read",
+        on_fuse.pid(),
+        fuse.prog().display()
+    ));
+
     // A deadlock that starts now is still found.
     let late = start_fixture(&threads, &["deadlock"]);
     lm.expect("a deadlock started later", |a| {
@@ -207,7 +260,7 @@ fn hostile_processes_stall_and_balloon_nothing() {
     assert_eq!(cgroup.oom_events(), 0, "the memory limit was hit");
     let took = lm.stop();
     assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
-    drop(stalled);
+    drop((stalled, on_fuse, fuse));
 }
 
 /// main holds M; taker, then waiter (holding N), wait on M; M passes to taker; main then
@@ -215,6 +268,7 @@ fn hostile_processes_stall_and_balloon_nothing() {
 #[test]
 fn a_lock_handed_between_waiters_is_no_deadlock() {
     require_root();
+    let _serial = serial();
     let bin = native_fixture("threads");
     let mut fx = start_fixture(&bin, &["handoff"]);
     let pid = fx.pid();
@@ -242,6 +296,7 @@ fn a_lock_handed_between_waiters_is_no_deadlock() {
 #[test]
 fn memory_comes_back_after_many_binaries() {
     require_root();
+    let _serial = serial();
     let versions = fixture_versions();
     let go = fixture(&versions[versions.len() - 1], "leaky", false);
     let dir = tempfile::tempdir().unwrap();

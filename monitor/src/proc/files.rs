@@ -135,6 +135,31 @@ pub fn section_bytes<'d, S: object::ObjectSection<'d>>(
     section.uncompressed_data().ok()
 }
 
+/// Devices (as /proc/PID/maps writes them, "MM:mm" in hex) of the FUSE file systems mounted in
+/// `pid`'s mount namespace. Files there are never read: a FUSE request the server does not
+/// answer keeps the reader in uninterruptible sleep, past SIGKILL, until the server answers
+/// or dies, so one hung FUSE mount could keep leakmon from ever exiting. (NFS and other
+/// network file systems wait killably: the deadlines cover them.)
+pub fn fuse_devices(pid: u32) -> std::collections::HashSet<String> {
+    let Ok(text) = read_proc_capped(&format!("/proc/{pid}/mountinfo"), 4 << 20) else {
+        return Default::default();
+    };
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter_map(|line| {
+            // id parent major:minor root mountpoint options [optional...] - fstype source ...
+            let (head, tail) = line.split_once(" - ")?;
+            let fstype = tail.split_whitespace().next()?;
+            if !fstype.starts_with("fuse") {
+                return None;
+            }
+            let (major, minor) = head.split_whitespace().nth(2)?.split_once(':')?;
+            let (major, minor) = (major.parse::<u32>().ok()?, minor.parse::<u32>().ok()?);
+            Some(format!("{major:02x}:{minor:02x}"))
+        })
+        .collect()
+}
+
 /// Reads at most `limit` bytes of a `/proc` file (the target's own text, of its own size).
 pub fn read_proc_capped(path: &str, limit: u64) -> io::Result<Vec<u8>> {
     use std::io::Read as _;

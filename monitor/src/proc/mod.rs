@@ -24,6 +24,11 @@ pub enum ProcError {
     #[error("PID {pid} has no executable (a kernel thread?): nothing to watch")]
     NoExecutable { pid: u32 },
     #[error(
+        "PID {pid} runs {exe}, on a FUSE file system: not read (a FUSE server that stops \
+         answering leaves its readers stuck past SIGKILL); its threads are still watched"
+    )]
+    OnFuse { pid: u32, exe: String },
+    #[error(
         "the kernel refuses access to /proc/{pid}/{what} although leakmon has CAP_SYS_PTRACE: \
          PID {pid} is protected (the host's init or a process in a sandbox whose security \
          policy forbids inspecting it); it cannot be watched"
@@ -52,6 +57,32 @@ fn proc_err(pid: u32, what: &'static str, source: io::Error) -> ProcError {
         }
         _ => ProcError::Access { pid, what, source },
     }
+}
+
+/// Refuses an executable on a FUSE file system (see [`files::fuse_devices`]): looked up in
+/// /proc/PID/maps by the path /proc/PID/exe names, without asking the file's file system.
+pub fn check_exe_not_on_fuse(pid: u32) -> Result<(), ProcError> {
+    let fuse = files::fuse_devices(pid);
+    if fuse.is_empty() {
+        return Ok(());
+    }
+    let exe = exe_path(pid)?;
+    let exe = exe.to_string_lossy();
+    let maps = files::read_proc_capped(&format!("/proc/{pid}/maps"), 16 << 20)
+        .map_err(|e| proc_err(pid, "maps", e))?;
+    let on_fuse = String::from_utf8_lossy(&maps).lines().any(|line| {
+        let mut f = line.split_whitespace();
+        let dev = f.nth(3);
+        let path = f.nth(1);
+        path == Some(&*exe) && dev.is_some_and(|d| fuse.contains(d))
+    });
+    if on_fuse {
+        return Err(ProcError::OnFuse {
+            pid,
+            exe: exe.into_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// What failing to reach `pid`'s executable means.

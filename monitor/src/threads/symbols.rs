@@ -517,9 +517,16 @@ impl Symbolizer {
     /// Reads `pid`'s mappings (None when the process is gone).
     pub fn process(&self, pid: u32) -> Option<ProcessSymbols> {
         let text = files::read_proc_capped(&format!("/proc/{pid}/maps"), MAX_MAPS_BYTES).ok()?;
+        let mut maps = parse_maps(&String::from_utf8_lossy(&text));
+        // Files on FUSE are neither read nor taken for code (reading code checks the bytes
+        // before a return address): see `files::fuse_devices`.
+        let fuse = files::fuse_devices(pid);
+        if !fuse.is_empty() {
+            maps.retain(|m| !fuse.contains(&m.file.0));
+        }
         Some(ProcessSymbols {
             pid,
-            maps: parse_maps(&String::from_utf8_lossy(&text)),
+            maps,
             symbolizer: self.clone(),
             local: HashMap::new(),
             incomplete: false,

@@ -121,6 +121,11 @@ pub async fn watch<W: Write>(pids: &[u32], settings: Settings, out: W) -> Result
             })) if with_threads => {
                 log::info!("PID {pid} is not a Go program: watching its threads only");
             }
+            Err(WatchError::Target(TargetError::Proc(e @ ProcError::OnFuse { .. })))
+                if with_threads =>
+            {
+                log::warn!("{e}");
+            }
             Err(e) => return Err(e),
         }
     }

@@ -236,6 +236,7 @@ impl Target {
     /// Inspects `pid`: its executable, memory and container, and where its probes go. Reads
     /// only what the target controls, so it runs on a worker, with a deadline.
     pub fn inspect(pid: u32, binaries: &Binaries, probe_parks: bool) -> Result<Self, TargetError> {
+        proc::check_exe_not_on_fuse(pid)?;
         let exe = proc::exe_path(pid)?;
         let (_, start_time) = proc::stat(pid)?;
         let go_err = |source| TargetError::Go {

@@ -132,6 +132,11 @@ pub fn native_fixture(name: &str) -> PathBuf {
             .arg(src.join("hostile.c"))
             .arg("-ldl")
             .status(),
+        "hangfs" => Command::new("gcc")
+            .args(["-O1", "-o"])
+            .arg(&out)
+            .arg(src.join("hangfs.c"))
+            .status(),
         "libhostile.so" => Command::new("gcc")
             .args(["-g", "-O1", "-shared", "-fPIC", "-o"])
             .arg(&out)
