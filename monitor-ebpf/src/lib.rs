@@ -50,7 +50,7 @@ pub struct GoProc {
     /// Offset of `trackingSeq` (uint8) inside `runtime.g`.
     pub tracking_seq_offset: u32,
     /// Records this process has in [`names::GOROUTINES`]: counted up by the probes, set to
-    /// the true count by userspace at each scan (64-bit: BPF's atomic add).
+    /// the true count by userspace at each scan (not atomically: see the probes' `store`).
     pub records: u64,
     /// Records it may have: one process cannot fill the map for every other.
     pub quota: u64,

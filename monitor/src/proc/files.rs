@@ -3,6 +3,8 @@
 //! huge file. So a file is reached through /proc/PID/map_files (the inode actually mapped,
 //! deleted or not, in any mount namespace), looked at with O_PATH before anything opens it
 //! for reading, and accepted only as a regular file of the mapped inode within a size cap.
+//! Files on FUSE are not opened at all (`fuse_devices`), nor memory mapped from them read
+//! (`ProcMem` skips those ranges).
 
 use std::{
     fs::File,
@@ -47,23 +49,15 @@ pub struct TargetFile {
     pub ino: u64,
 }
 
-/// Opens a file `pid` maps at `start..end`, which must be inode `ino` (from /proc/PID/maps).
-/// Through map_files first; else through the process's root at `path` (a path ending in
-/// " (deleted)" names no file).
-pub fn open_mapped(
-    pid: u32,
-    start: u64,
-    end: u64,
-    ino: u64,
-    path: &str,
-) -> Result<TargetFile, FileError> {
-    let via_map = PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"));
-    match open_checked(&via_map, Some(ino)) {
-        Err(FileError::Open { .. }) if !path.ends_with(" (deleted)") => {
-            open_checked(&PathBuf::from(format!("/proc/{pid}/root{path}")), Some(ino))
-        }
-        other => other,
-    }
+/// Opens a file `pid` maps at `start..end`, which must be inode `ino` (from /proc/PID/maps),
+/// through map_files only: a path looked up under the process's root could pass through a
+/// mount the process controls (a FUSE server that never answers). map_files needs
+/// CAP_SYS_ADMIN, which loading the probes needs anyway.
+pub fn open_mapped(pid: u32, start: u64, end: u64, ino: u64) -> Result<TargetFile, FileError> {
+    open_checked(
+        &PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}")),
+        Some(ino),
+    )
 }
 
 /// Opens `path` for reading if it is a regular file (of inode `ino`, when given) within the
@@ -160,6 +154,32 @@ pub fn fuse_devices(pid: u32) -> std::collections::HashSet<String> {
         .collect()
 }
 
+/// Address ranges of `pid`'s mappings of files on FUSE (see [`fuse_devices`]).
+pub fn fuse_ranges(pid: u32) -> Vec<(u64, u64)> {
+    let fuse = fuse_devices(pid);
+    if fuse.is_empty() {
+        return Vec::new();
+    }
+    let Ok(maps) = read_proc_capped(&format!("/proc/{pid}/maps"), 16 << 20) else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&maps)
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let (range, dev) = (f.next()?, f.nth(2)?);
+            if !fuse.contains(dev) {
+                return None;
+            }
+            let (a, b) = range.split_once('-')?;
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .collect()
+}
+
 /// Reads at most `limit` bytes of a `/proc` file (the target's own text, of its own size).
 pub fn read_proc_capped(path: &str, limit: u64) -> io::Result<Vec<u8>> {
     use std::io::Read as _;
@@ -215,12 +235,12 @@ mod tests {
         let (range, rest) = line.split_once(' ').unwrap();
         let (s, e) = range.split_once('-').unwrap();
         let path = rest.split_whitespace().nth(4).unwrap();
+        let _ = path;
         let opened = open_mapped(
             std::process::id(),
             u64::from_str_radix(s, 16).unwrap(),
             u64::from_str_radix(e, 16).unwrap(),
             exe,
-            path,
         )
         .unwrap();
         assert_eq!(opened.ino, exe);

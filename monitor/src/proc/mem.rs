@@ -12,12 +12,30 @@ const IOV_MAX: usize = 1024;
 pub struct ProcMem {
     pid: u32,
     file: File,
+    /// Ranges mapped from files on FUSE: never read (a page fault there may wait on a FUSE
+    /// server for ever, past SIGKILL). The target chooses the addresses leakmon reads (stack
+    /// pointers, lock words, goroutine pointers), so it could point them there.
+    fuse: Vec<(u64, u64)>,
 }
 
 impl ProcMem {
     pub fn open(pid: u32) -> Result<Self, ProcError> {
         let file = File::open(format!("/proc/{pid}/mem")).map_err(|e| proc_err(pid, "mem", e))?;
-        Ok(Self { pid, file })
+        Ok(Self {
+            pid,
+            file,
+            fuse: super::files::fuse_ranges(pid),
+        })
+    }
+
+    /// Looks again for FUSE mappings (a long-watched process may have made some).
+    pub fn refresh_fuse_ranges(&mut self) {
+        self.fuse = super::files::fuse_ranges(self.pid);
+    }
+
+    fn touches_fuse(&self, addr: u64, len: usize) -> bool {
+        let end = addr.saturating_add(len as u64);
+        self.fuse.iter().any(|&(s, e)| addr < e && end > s)
     }
 
     /// Reads `len` bytes at each of `addrs` into consecutive `len`-byte slots of one buffer,
@@ -26,6 +44,13 @@ impl ProcMem {
         let mut buf = vec![0u8; addrs.len() * len];
         let mut ok = vec![false; addrs.len()];
         if len == 0 {
+            return (buf, ok);
+        }
+        if addrs.iter().any(|a| self.touches_fuse(*a, len)) {
+            // Rare: one read at a time, each checked.
+            for (j, addr) in addrs.iter().enumerate() {
+                ok[j] = self.read(*addr, &mut buf[j * len..(j + 1) * len]);
+            }
             return (buf, ok);
         }
         let mut i = 0;
@@ -76,7 +101,9 @@ impl ProcMem {
     /// Fills `buf` from `addr`; `false` when the memory is not readable (unmapped, or the
     /// process is gone): callers treat that as "not known now".
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
-        addr != 0 && self.file.read_exact_at(buf, addr).is_ok()
+        addr != 0
+            && !self.touches_fuse(addr, buf.len())
+            && self.file.read_exact_at(buf, addr).is_ok()
     }
 
     pub fn read_u64(&self, addr: u64) -> Option<u64> {

@@ -70,11 +70,12 @@ pub fn check_exe_not_on_fuse(pid: u32) -> Result<(), ProcError> {
     let exe = exe.to_string_lossy();
     let maps = files::read_proc_capped(&format!("/proc/{pid}/maps"), 16 << 20)
         .map_err(|e| proc_err(pid, "maps", e))?;
+    // The whole path (it may hold spaces, or end in " (deleted)" like the link's text).
     let on_fuse = String::from_utf8_lossy(&maps).lines().any(|line| {
         let mut f = line.split_whitespace();
         let dev = f.nth(3);
-        let path = f.nth(1);
-        path == Some(&*exe) && dev.is_some_and(|d| fuse.contains(d))
+        let path = f.skip(1).collect::<Vec<_>>().join(" ");
+        path == exe && dev.is_some_and(|d| fuse.contains(d))
     });
     if on_fuse {
         return Err(ProcError::OnFuse {

@@ -24,8 +24,14 @@ extern "C" fn on_signal(_: libc::c_int) {
     }
     let fd = WAKE_FD.load(Ordering::SeqCst);
     if fd >= 0 {
-        // SAFETY: write is async-signal-safe; the pipe is non-blocking, a full one is fine.
-        let _ = unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
+        // SAFETY: errno is this thread's; write is async-signal-safe, the pipe non-blocking
+        // (a full one is fine). errno is restored: the interrupted code may be reading it.
+        unsafe {
+            let errno = libc::__errno_location();
+            let saved = *errno;
+            let _ = libc::write(fd, b"x".as_ptr().cast(), 1);
+            *errno = saved;
+        }
     }
 }
 

@@ -249,13 +249,7 @@ impl Module {
     /// says how many bytes it keeps. Each part is capped: a module over a cap loses that part
     /// (DWARF lines, unwind tables), not the process its monitoring.
     fn load(pid: u32, mapping: &Mapping) -> Result<(Self, u64), FileError> {
-        let opened = files::open_mapped(
-            pid,
-            mapping.start,
-            mapping.end,
-            mapping.file.1,
-            &mapping.path,
-        )?;
+        let opened = files::open_mapped(pid, mapping.start, mapping.end, mapping.file.1)?;
         Ok(Self::from_file(opened.file, mapping.path.clone()))
     }
 
@@ -569,7 +563,9 @@ impl Symbolizer {
         }
     }
 
-    fn get(&self, pid: u32, m: &Mapping) -> Lookup {
+    /// The module for mapping `m`, loading it if needed, waiting at most `wait` for another
+    /// load.
+    fn get(&self, pid: u32, m: &Mapping, wait: Duration) -> Lookup {
         let started = Instant::now();
         let cached = |cache: &mut ModuleCache| {
             let tick = cache.tick;
@@ -581,7 +577,7 @@ impl Symbolizer {
         if let Some(module) = cached(&mut self.lock()) {
             return Lookup::Found(module);
         }
-        let Some(entered) = self.gate.enter(LOAD_WAIT) else {
+        let Some(entered) = self.gate.enter(wait) else {
             return Lookup::Busy;
         };
         // Another worker may have loaded it meanwhile.
@@ -663,13 +659,23 @@ impl ProcessSymbols {
         let m = self.mapping(addr)?.clone();
         let module = match self.local.get(&m.file) {
             Some(module) => module.clone(),
-            None => match self.symbolizer.get(self.pid, &m) {
+            // Waited once in vain for this view: the next modules are not waited for.
+            None => match self.symbolizer.get(
+                self.pid,
+                &m,
+                if self.incomplete {
+                    Duration::ZERO
+                } else {
+                    LOAD_WAIT
+                },
+            ) {
                 Lookup::Found(module) => {
                     self.local.insert(m.file.clone(), module.clone());
                     module
                 }
                 Lookup::Busy => {
                     self.incomplete = true;
+                    self.local.insert(m.file.clone(), None);
                     None
                 }
             },

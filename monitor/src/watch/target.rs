@@ -285,13 +285,16 @@ impl Target {
 
     /// Whether the process still runs the executable inspected (an exec replaces it).
     pub fn runs_same_program(&self) -> bool {
-        BinaryKey::of(self.pid).ok() == Some(self.key)
+        // Checked for FUSE first: the identity is a stat() of the file, and an exec may have
+        // brought in one on a FUSE mount.
+        proc::check_exe_not_on_fuse(self.pid).is_ok()
+            && BinaryKey::of(self.pid).ok() == Some(self.key)
     }
 
     /// Whether the process still runs the program inspected.
     fn is_alive(&self) -> bool {
         proc::stat(self.pid).is_ok_and(|(state, start)| state != 'Z' && start == self.start_time)
-            && BinaryKey::of(self.pid).ok() == Some(self.key)
+            && self.runs_same_program()
     }
 
     /// Attaches the probes found by [`Target::inspect`].
@@ -327,6 +330,8 @@ impl Target {
         block_ns: u64,
         spin_ns: u64,
     ) -> (Vec<Observation>, Vec<(u64, GoState)>) {
+        // Memory the process maps from FUSE files is not read (see ProcMem).
+        self.mem.refresh_fuse_ranges();
         let mut goroutines = self.scan_parked(now_ns, block_ns);
         let mut stale = Vec::new();
         for (goid, state) in entries {
