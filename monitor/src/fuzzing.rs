@@ -45,7 +45,7 @@ pub fn btf(data: &[u8]) {
 /// /proc/PID/maps text and /proc/PID/task/TID/syscall lines.
 pub fn proc_text(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    let _ = crate::threads::symbols::parse_maps(&text);
+    let _ = crate::proc::maps::parse_maps(&text);
     let _ = crate::threads::stack::registers(&text);
     let _ = crate::threads::futex::from_proc_syscall(&text, 1, 0);
 }

@@ -154,30 +154,15 @@ pub fn fuse_devices(pid: u32) -> std::collections::HashSet<String> {
         .collect()
 }
 
-/// Address ranges of `pid`'s mappings of files on FUSE (see [`fuse_devices`]).
-pub fn fuse_ranges(pid: u32) -> Vec<(u64, u64)> {
+/// `pid`'s mappings of files on FUSE (see [`fuse_devices`]).
+pub fn fuse_mappings(pid: u32) -> Vec<super::maps::Mapping> {
     let fuse = fuse_devices(pid);
     if fuse.is_empty() {
         return Vec::new();
     }
-    let Ok(maps) = read_proc_capped(&format!("/proc/{pid}/maps"), 16 << 20) else {
-        return Vec::new();
-    };
-    String::from_utf8_lossy(&maps)
-        .lines()
-        .filter_map(|line| {
-            let mut f = line.split_whitespace();
-            let (range, dev) = (f.next()?, f.nth(2)?);
-            if !fuse.contains(dev) {
-                return None;
-            }
-            let (a, b) = range.split_once('-')?;
-            Some((
-                u64::from_str_radix(a, 16).ok()?,
-                u64::from_str_radix(b, 16).ok()?,
-            ))
-        })
-        .collect()
+    let mut maps = super::maps::read(pid).unwrap_or_default();
+    maps.retain(|m| fuse.contains(&m.file.0));
+    maps
 }
 
 /// Reads at most `limit` bytes of a `/proc` file (the target's own text, of its own size).
@@ -232,10 +217,8 @@ mod tests {
             .lines()
             .find(|l| l.split_whitespace().nth(4) == Some(&exe.to_string()))
             .unwrap();
-        let (range, rest) = line.split_once(' ').unwrap();
+        let (range, _) = line.split_once(' ').unwrap();
         let (s, e) = range.split_once('-').unwrap();
-        let path = rest.split_whitespace().nth(4).unwrap();
-        let _ = path;
         let opened = open_mapped(
             std::process::id(),
             u64::from_str_radix(s, 16).unwrap(),

@@ -24,13 +24,18 @@ impl ProcMem {
         Ok(Self {
             pid,
             file,
-            fuse: super::files::fuse_ranges(pid),
+            fuse: Vec::new(),
+        })
+        .map(|mut mem| {
+            mem.set_fuse_mappings(&super::files::fuse_mappings(pid));
+            mem
         })
     }
 
-    /// Looks again for FUSE mappings (a long-watched process may have made some).
-    pub fn refresh_fuse_ranges(&mut self) {
-        self.fuse = super::files::fuse_ranges(self.pid);
+    /// The process's mappings of FUSE files, as found now (a long-watched process may have
+    /// made some since it was opened).
+    pub fn set_fuse_mappings(&mut self, fuse: &[super::maps::Mapping]) {
+        self.fuse = fuse.iter().map(|m| (m.start, m.end)).collect();
     }
 
     fn touches_fuse(&self, addr: u64, len: usize) -> bool {

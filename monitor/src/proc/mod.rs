@@ -3,6 +3,7 @@
 
 mod container;
 pub mod files;
+pub mod maps;
 mod mem;
 
 use std::{io, path::PathBuf};
@@ -59,25 +60,17 @@ fn proc_err(pid: u32, what: &'static str, source: io::Error) -> ProcError {
     }
 }
 
-/// Refuses an executable on a FUSE file system (see [`files::fuse_devices`]): looked up in
-/// /proc/PID/maps by the path /proc/PID/exe names, without asking the file's file system.
-pub fn check_exe_not_on_fuse(pid: u32) -> Result<(), ProcError> {
-    let fuse = files::fuse_devices(pid);
+/// Refuses an executable on a FUSE file system: looked up among `pid`'s mappings of FUSE files
+/// (from [`files::fuse_mappings`]) by the path /proc/PID/exe names, without asking the file's
+/// file system.
+pub fn check_exe_not_on_fuse(pid: u32, fuse: &[maps::Mapping]) -> Result<(), ProcError> {
     if fuse.is_empty() {
         return Ok(());
     }
     let exe = exe_path(pid)?;
     let exe = exe.to_string_lossy();
-    let maps = files::read_proc_capped(&format!("/proc/{pid}/maps"), 16 << 20)
-        .map_err(|e| proc_err(pid, "maps", e))?;
     // The whole path (it may hold spaces, or end in " (deleted)" like the link's text).
-    let on_fuse = String::from_utf8_lossy(&maps).lines().any(|line| {
-        let mut f = line.split_whitespace();
-        let dev = f.nth(3);
-        let path = f.skip(1).collect::<Vec<_>>().join(" ");
-        path == exe && dev.is_some_and(|d| fuse.contains(d))
-    });
-    if on_fuse {
+    if fuse.iter().any(|m| *m.path == *exe) {
         return Err(ProcError::OnFuse {
             pid,
             exe: exe.into_owned(),
@@ -127,29 +120,9 @@ pub fn load_bias(pid: u32, lowest_vaddr: u64) -> Result<u64, ProcError> {
     let inode = std::fs::metadata(format!("/proc/{pid}/exe"))
         .map_err(|e| proc_err(pid, "exe", e))?
         .ino();
-    let maps = files::read_proc_capped(&format!("/proc/{pid}/maps"), 16 << 20)
-        .map_err(|e| proc_err(pid, "maps", e))?;
-    let maps = String::from_utf8_lossy(&maps);
-    for line in maps.lines() {
-        // start-end perms offset dev inode path
-        let mut fields = line.split_whitespace();
-        let (Some(range), Some(_perms), Some(offset), Some(_dev), Some(ino)) = (
-            fields.next(),
-            fields.next(),
-            fields.next(),
-            fields.next(),
-            fields.next(),
-        ) else {
-            continue;
-        };
-        if ino.parse() != Ok(inode) || u64::from_str_radix(offset, 16) != Ok(0) {
-            continue;
-        }
-        let start = range
-            .split_once('-')
-            .and_then(|(s, _)| u64::from_str_radix(s, 16).ok())
-            .unwrap_or(0);
-        return Ok(start.wrapping_sub(lowest_vaddr & !0xfff));
+    let maps = maps::read(pid).map_err(|e| proc_err(pid, "maps", e))?;
+    if let Some(m) = maps.iter().find(|m| m.file.1 == inode && m.offset == 0) {
+        return Ok(m.start.wrapping_sub(lowest_vaddr & !0xfff));
     }
     Err(ProcError::NotMapped {
         pid,

@@ -12,54 +12,20 @@ use std::{
 use gimli::{EndianArcSlice, LittleEndian};
 use object::{Object, ObjectSection, ObjectSegment};
 
+pub use crate::proc::maps::Mapping;
 use crate::{
-    proc::files::{self, FileError, section_bytes},
+    proc::{
+        files::{self, FileError, section_bytes},
+        maps,
+    },
     sys::workers::Gate,
 };
 
 /// Caps on what one module may keep: its unwind tables, its DWARF (over it: symbol names
-/// only), its symbols; and on a process's maps text.
+/// only), its symbols.
 const MAX_UNWIND_BYTES: u64 = 16 << 20;
 const MAX_DWARF_BYTES: u64 = 24 << 20;
 const MAX_SYMBOLS: usize = 1 << 20;
-const MAX_MAPS_BYTES: u64 = 8 << 20;
-
-/// One mapping of /proc/PID/maps.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Mapping {
-    pub start: u64,
-    pub end: u64,
-    pub offset: u64,
-    pub exec: bool,
-    /// (device, inode): the file's identity across processes and mount namespaces.
-    pub file: (String, u64),
-    pub path: Arc<str>,
-}
-
-/// Parses /proc/PID/maps; anonymous mappings are left out.
-pub fn parse_maps(text: &str) -> Vec<Mapping> {
-    text.lines()
-        .filter_map(|line| {
-            let mut f = line.split_whitespace();
-            let (range, perms, offset, dev, inode) =
-                (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
-            let path = f.collect::<Vec<_>>().join(" ");
-            let inode: u64 = inode.parse().ok()?;
-            if inode == 0 || !path.starts_with('/') {
-                return None;
-            }
-            let (start, end) = range.split_once('-')?;
-            Some(Mapping {
-                start: u64::from_str_radix(start, 16).ok()?,
-                end: u64::from_str_radix(end, 16).ok()?,
-                offset: u64::from_str_radix(offset, 16).ok()?,
-                exec: perms.contains('x'),
-                file: (dev.to_owned(), inode),
-                path: path.into(),
-            })
-        })
-        .collect()
-}
 
 /// A named code location. `file` and `line` are known where the module has line tables.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -431,14 +397,13 @@ pub(crate) fn exercise_module(file: std::fs::File) {
         }
         frames.clear();
     }
-    let _ = parse_maps("7f00-7f10 r-xp 00000000 08:01 12 /lib/x (deleted)");
 }
 
 /// Symbolises addresses of any process. Modules are shared by every process and scan, within
 /// a byte budget: a module no process used for [`IDLE_TICKS`] scans is dropped, and the least
 /// recently used go first when the budget is reached. Loading happens outside the lock, one
-/// module at a time (a load reads a file's symbol and string tables whole: several at once
-/// would add up), in whichever worker asked; others wait for it a little, then go on without
+/// module at a time (a load reads a file's symbol table, unwind tables and DWARF whole:
+/// several at once would add up), in whichever worker asked; others wait for it a little, then go on without
 /// that module. A load that outlasts [`STUCK_LOAD`] (a hung mount) no longer holds the rest
 /// up, up to [`MAX_LOADS`] loads.
 #[derive(Clone)]
@@ -463,7 +428,6 @@ enum Lookup {
 
 struct ModuleCache {
     modules: HashMap<(String, u64), Cached>,
-    bytes: u64,
     budget: u64,
     tick: u64,
     evicted: u64,
@@ -492,7 +456,6 @@ impl Symbolizer {
         Self {
             cache: Arc::new(Mutex::new(ModuleCache {
                 modules: HashMap::new(),
-                bytes: 0,
                 budget,
                 tick: 0,
                 evicted: 0,
@@ -510,8 +473,7 @@ impl Symbolizer {
 
     /// Reads `pid`'s mappings (None when the process is gone).
     pub fn process(&self, pid: u32) -> Option<ProcessSymbols> {
-        let text = files::read_proc_capped(&format!("/proc/{pid}/maps"), MAX_MAPS_BYTES).ok()?;
-        let mut maps = parse_maps(&String::from_utf8_lossy(&text));
+        let mut maps = maps::read(pid).ok()?;
         // Files on FUSE are neither read nor taken for code (reading code checks the bytes
         // before a return address): see `files::fuse_devices`.
         let fuse = files::fuse_devices(pid);
@@ -548,7 +510,6 @@ impl Symbolizer {
             };
             cache.modules.remove(&oldest);
         }
-        cache.bytes = cache.bytes_held();
         let dropped = (before - cache.modules.len()) as u64;
         cache.evicted += dropped;
         dropped
@@ -558,7 +519,7 @@ impl Symbolizer {
         let cache = self.lock();
         CacheStats {
             modules: cache.modules.len(),
-            bytes: cache.bytes,
+            bytes: cache.bytes_held(),
             evicted: cache.evicted,
         }
     }
@@ -609,7 +570,6 @@ impl Symbolizer {
             return Lookup::Found(module);
         }
         let tick = cache.tick;
-        cache.bytes += bytes;
         cache.modules.insert(
             m.file.clone(),
             Cached {
@@ -718,20 +678,6 @@ impl ProcessSymbols {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn maps_keep_file_mappings() {
-        let maps = parse_maps(
-            "55d0c0a00000-55d0c0a01000 r--p 00000000 fd:01 1311 /usr/bin/cat\n\
-             55d0c0a01000-55d0c0a05000 r-xp 00001000 fd:01 1311 /usr/bin/cat\n\
-             7ffd1c000000-7ffd1c021000 rw-p 00000000 00:00 0 [stack]\n\
-             7f0000000000-7f0000001000 r-xp 00000000 00:00 0 \n",
-        );
-        assert_eq!(maps.len(), 2);
-        assert!(maps[1].exec && !maps[0].exec);
-        assert_eq!((maps[1].start, maps[1].offset), (0x55d0_c0a0_1000, 0x1000));
-        assert_eq!(maps[1].file, ("fd:01".to_owned(), 1311));
-    }
 
     #[test]
     fn symbolises_this_test_binary() {

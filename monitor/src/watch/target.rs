@@ -236,7 +236,7 @@ impl Target {
     /// Inspects `pid`: its executable, memory and container, and where its probes go. Reads
     /// only what the target controls, so it runs on a worker, with a deadline.
     pub fn inspect(pid: u32, binaries: &Binaries, probe_parks: bool) -> Result<Self, TargetError> {
-        proc::check_exe_not_on_fuse(pid)?;
+        proc::check_exe_not_on_fuse(pid, &proc::files::fuse_mappings(pid))?;
         let exe = proc::exe_path(pid)?;
         let (_, start_time) = proc::stat(pid)?;
         let go_err = |source| TargetError::Go {
@@ -284,15 +284,18 @@ impl Target {
     }
 
     /// Whether the process still runs the executable inspected (an exec replaces it).
-    pub fn runs_same_program(&self) -> bool {
+    /// Also brings up to date which of its memory is mapped from FUSE files (not read).
+    pub fn runs_same_program(&mut self) -> bool {
         // Checked for FUSE first: the identity is a stat() of the file, and an exec may have
         // brought in one on a FUSE mount.
-        proc::check_exe_not_on_fuse(self.pid).is_ok()
+        let fuse = proc::files::fuse_mappings(self.pid);
+        self.mem.set_fuse_mappings(&fuse);
+        proc::check_exe_not_on_fuse(self.pid, &fuse).is_ok()
             && BinaryKey::of(self.pid).ok() == Some(self.key)
     }
 
     /// Whether the process still runs the program inspected.
-    fn is_alive(&self) -> bool {
+    fn is_alive(&mut self) -> bool {
         proc::stat(self.pid).is_ok_and(|(state, start)| state != 'Z' && start == self.start_time)
             && self.runs_same_program()
     }
@@ -330,8 +333,6 @@ impl Target {
         block_ns: u64,
         spin_ns: u64,
     ) -> (Vec<Observation>, Vec<(u64, GoState)>) {
-        // Memory the process maps from FUSE files is not read (see ProcMem).
-        self.mem.refresh_fuse_ranges();
         let mut goroutines = self.scan_parked(now_ns, block_ns);
         let mut stale = Vec::new();
         for (goid, state) in entries {

@@ -1,0 +1,69 @@
+//! /proc/PID/maps: the file mappings of a process, read through a cap (the target sets its
+//! length).
+
+use std::sync::Arc;
+
+/// Bytes of /proc/PID/maps read at most (about 100,000 mappings).
+const MAX_MAPS_BYTES: u64 = 8 << 20;
+
+/// One mapping of /proc/PID/maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    pub offset: u64,
+    pub exec: bool,
+    /// (device, inode): the file's identity across processes and mount namespaces.
+    pub file: (String, u64),
+    pub path: Arc<str>,
+}
+
+/// Parses /proc/PID/maps; anonymous mappings are left out.
+pub fn parse_maps(text: &str) -> Vec<Mapping> {
+    text.lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let (range, perms, offset, dev, inode) =
+                (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+            let path = f.collect::<Vec<_>>().join(" ");
+            let inode: u64 = inode.parse().ok()?;
+            if inode == 0 || !path.starts_with('/') {
+                return None;
+            }
+            let (start, end) = range.split_once('-')?;
+            Some(Mapping {
+                start: u64::from_str_radix(start, 16).ok()?,
+                end: u64::from_str_radix(end, 16).ok()?,
+                offset: u64::from_str_radix(offset, 16).ok()?,
+                exec: perms.contains('x'),
+                file: (dev.to_owned(), inode),
+                path: path.into(),
+            })
+        })
+        .collect()
+}
+
+/// `pid`'s file mappings.
+pub fn read(pid: u32) -> std::io::Result<Vec<Mapping>> {
+    let text = super::files::read_proc_capped(&format!("/proc/{pid}/maps"), MAX_MAPS_BYTES)?;
+    Ok(parse_maps(&String::from_utf8_lossy(&text)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_keep_file_mappings() {
+        let maps = parse_maps(
+            "55d0c0a00000-55d0c0a01000 r--p 00000000 fd:01 1311 /usr/bin/cat\n\
+             55d0c0a01000-55d0c0a05000 r-xp 00001000 fd:01 1311 /usr/bin/cat\n\
+             7ffd1c000000-7ffd1c021000 rw-p 00000000 00:00 0 [stack]\n\
+             7f0000000000-7f0000001000 r-xp 00000000 00:00 0 \n",
+        );
+        assert_eq!(maps.len(), 2);
+        assert!(maps[1].exec && !maps[0].exec);
+        assert_eq!((maps[1].start, maps[1].offset), (0x55d0_c0a0_1000, 0x1000));
+        assert_eq!(maps[1].file, ("fd:01".to_owned(), 1311));
+    }
+}
