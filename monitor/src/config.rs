@@ -59,6 +59,8 @@ pub struct FileConfig {
     pub target_timeout: Option<String>,
     pub memory_budget: Option<String>,
     pub go_unvalidated: Option<bool>,
+    pub update_interval: Option<String>,
+    pub reach_budget: Option<String>,
     pub otlp: Option<crate::export::OtlpFile>,
 }
 
@@ -106,9 +108,18 @@ pub struct DetectArgs {
     /// Net growth over the window that makes a leak [default: 3]
     #[arg(long, env = "LEAKMON_LEAK_MIN_GROWTH", value_name = "N")]
     pub leak_min_growth: Option<u64>,
-    /// How often goroutine state is scanned [default: 15s]
+    /// How often goroutine state is scanned [default: a quarter of the smallest threshold,
+    /// at most 15s]
     #[arg(long, env = "LEAKMON_SCAN_INTERVAL", value_name = "DURATION")]
     pub scan_interval: Option<String>,
+    /// Least time between two updates of a firing alert's count, age and growth
+    /// [default: 1m]
+    #[arg(long, env = "LEAKMON_UPDATE_INTERVAL", value_name = "DURATION")]
+    pub update_interval: Option<String>,
+    /// Memory the reachability analysis (which proves leaks) may read per minute, all
+    /// processes together; 0 turns it off [default: 512MiB]
+    #[arg(long, env = "LEAKMON_REACH_BUDGET", value_name = "SIZE")]
+    pub reach_budget: Option<String>,
     /// Capacity of the kernel's goroutine table, all processes together [default: 262144]
     #[arg(long, env = "LEAKMON_MAX_GOROUTINES", value_name = "N")]
     pub max_goroutines: Option<u32>,
@@ -168,11 +179,14 @@ pub struct Settings {
     pub memory_budget: u64,
     /// Go versions newer than the last validated one are watched.
     pub go_unvalidated: bool,
+    /// Bytes of target memory the reachability analysis may read per minute (0: off).
+    pub reach_budget: u64,
     /// None: no export.
     pub otlp: Option<crate::export::OtlpSettings>,
 }
 
 pub const DEFAULT_TARGET_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_REACH_BUDGET: u64 = 512 << 20;
 pub const DEFAULT_MEMORY_BUDGET: u64 = 64 << 20;
 /// Below this the daemon cannot hold its own tables, whatever it evicts.
 const MIN_MEMORY_BUDGET: u64 = 16 << 20;
@@ -247,12 +261,26 @@ impl TryFrom<(&DetectArgs, FileConfig)> for Settings {
                 .leak_min_growth
                 .or(file.leak_min_growth)
                 .unwrap_or(d.leak_min_growth),
+            scan_interval: d.scan_interval,
+            update_interval: duration(
+                "update_interval",
+                &args.update_interval,
+                file.update_interval,
+                d.update_interval,
+            )?,
+        };
+        // Unless set, scans come about four times per smallest threshold (so a short
+        // threshold is usable), never less often than the production default.
+        let follows = (thresholds.block.min(thresholds.spin) / 4)
+            .clamp(Duration::from_millis(250), d.scan_interval);
+        let thresholds = Thresholds {
             scan_interval: duration(
                 "scan_interval",
                 &args.scan_interval,
                 file.scan_interval,
-                d.scan_interval,
+                follows,
             )?,
+            ..thresholds
         };
         if thresholds.leak_min_growth == 0 {
             return Err(ConfigError::Zero {
@@ -303,8 +331,14 @@ impl TryFrom<(&DetectArgs, FileConfig)> for Settings {
                 duration(what, &None, value, Duration::ZERO).map(|d| (!d.is_zero()).then_some(d))
             },
         )?;
+        let reach_budget = match args.reach_budget.clone().or(file.reach_budget) {
+            None => DEFAULT_REACH_BUDGET,
+            Some(v) if v.trim() == "0" => 0,
+            Some(v) => parse_size("reach_budget", &v)?,
+        };
         Ok(Self {
             otlp,
+            reach_budget,
             thresholds,
             capacity,
             target_timeout,
@@ -320,10 +354,13 @@ impl TryFrom<(&DetectArgs, FileConfig)> for Settings {
 /// A short scan interval relative to the thresholds costs CPU for nothing; a long one delays
 /// alerts. Used as a sanity note in logs.
 pub fn scan_note(t: &Thresholds) -> Option<String> {
-    (t.scan_interval > t.block.min(t.spin)).then(|| {
+    let smallest = t.block.min(t.spin);
+    (t.scan_interval > smallest / 2).then(|| {
         format!(
-            "scan interval {} is longer than the thresholds; alerts will lag",
-            humantime::format_duration(t.scan_interval)
+            "scan interval {} is long for a threshold of {}: alerts will lag by up to a scan \
+             (leave scan_interval unset and it follows the thresholds)",
+            humantime::format_duration(t.scan_interval),
+            humantime::format_duration(smallest)
         )
     })
 }

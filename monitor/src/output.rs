@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use serde::Serialize;
 
 use crate::{
-    detect::{Alert, AlertState, Site, Transition, hint},
+    detect::{Alert, AlertState, Site, Transition, WaitsOn, hint},
     proc::Container,
 };
 
@@ -36,8 +36,13 @@ struct Entry<'a> {
 /// The JSON line: field names are part of leakmon's interface.
 #[derive(Serialize)]
 struct AlertLine<'a> {
+    /// Stable for the alert's whole life.
+    id: &'a str,
     kind: &'static str,
     state: AlertState,
+    /// For `changed`: the kind it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous_kind: Option<&'static str>,
     #[serde(flatten)]
     process: &'a ProcessInfo,
     count: u64,
@@ -47,6 +52,16 @@ struct AlertLine<'a> {
     created_at: Option<&'a Site>,
     entry: Entry<'a>,
     blocked_at: Option<&'a Site>,
+    /// `unreachable`: nothing live can reach what the goroutines wait on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proof: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proven: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    waits_on: Option<&'a WaitsOn>,
+    /// One member's whole stack, innermost first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stack: Option<Vec<&'a Site>>,
     hint: &'static str,
     /// Thread alerts: the threads involved.
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
@@ -100,8 +115,10 @@ impl<W: Write> Output<W> {
         match self.format {
             Format::Json => {
                 let line = AlertLine {
+                    id: &t.id,
                     kind: a.kind.as_str(),
                     state: t.state,
+                    previous_kind: t.previous.map(|k| k.as_str()),
                     process,
                     count: a.count,
                     oldest_seconds: round3(a.oldest_seconds),
@@ -112,6 +129,13 @@ impl<W: Write> Output<W> {
                         function: &a.group.entry,
                     },
                     blocked_at: a.group.blocked_at.as_deref(),
+                    proof: a.proof,
+                    proven: a.proof.map(|_| a.proven),
+                    waits_on: a.waits_on.as_deref(),
+                    stack: a
+                        .stack
+                        .as_ref()
+                        .map(|s| s.iter().map(|f| f.as_ref()).collect()),
                     hint: hint(a.kind, a.group.wait_reason.as_deref()),
                     threads: &a.threads,
                     time: std::time::SystemTime::now()
@@ -133,6 +157,8 @@ pub fn text(p: &ProcessInfo, t: &Transition) -> String {
     let a: &Alert = &t.alert;
     let state = match t.state {
         AlertState::Firing => "FIRING",
+        AlertState::Updated => "UPDATE",
+        AlertState::Changed => "CHANGED",
         AlertState::Resolved => "RESOLVED",
     };
     let version = if p.runtime_version.is_empty() {
@@ -167,7 +193,32 @@ pub fn text(p: &ProcessInfo, t: &Transition) -> String {
     if let Some(g) = a.growth_per_minute.filter(|g| *g > 0.0) {
         s.push_str(&format!(", +{g:.0}/min"));
     }
-    if t.state == AlertState::Firing {
+    if let Some(previous) = t.previous {
+        s.push_str(&format!(" (was {})", previous.as_str()));
+    }
+    if a.proof == Some("unreachable") {
+        s.push_str(&format!(
+            "\n  proven: nothing live can reach what {} of them wait on",
+            a.proven
+        ));
+    }
+    if let Some(w) = &a.waits_on {
+        s.push_str(&format!("\n  waits on {} {:#x}", w.kind, w.address));
+        if let Some(c) = &w.channel {
+            s.push_str(&format!(
+                " (capacity {}, length {}, {}, {} senders and {} receivers waiting)",
+                c.capacity,
+                c.length,
+                if c.closed { "closed" } else { "open" },
+                c.waiting_senders,
+                c.waiting_receivers
+            ));
+        }
+        if w.objects > 1 {
+            s.push_str(&format!(" and {} more like it", w.objects - 1));
+        }
+    }
+    if matches!(t.state, AlertState::Firing | AlertState::Changed) {
         for th in &a.threads {
             s.push_str(&format!("\n  thread {} ({})", th.tid, th.name));
             if let Some(lock) = &th.waits_on {

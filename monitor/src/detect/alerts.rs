@@ -1,12 +1,16 @@
 //! Alert state per process: which alerts fire, and the transitions to report.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::Arc,
+};
 
 use serde::Serialize;
 
 use super::{
     Snapshot,
-    groups::{GroupKey, Members, blocked_groups, running_groups},
+    book::AlertBook,
+    groups::{GroupKey, Stack, WaitsOn, blocked_groups, running_groups},
     rules::{History, Thresholds, WaitClass, classify_wait},
 };
 
@@ -55,6 +59,10 @@ impl AlertKind {
 #[serde(rename_all = "snake_case")]
 pub enum AlertState {
     Firing,
+    /// Still firing; its count, age or growth moved.
+    Updated,
+    /// Still firing, as another kind (`Transition::previous` says which).
+    Changed,
     Resolved,
 }
 
@@ -67,22 +75,45 @@ pub struct Alert {
     pub oldest_seconds: f64,
     /// Net growth per minute over the leak window (None until the window is covered).
     pub growth_per_minute: Option<f64>,
+    /// How the leak is known: `unreachable` when nothing live can reach what the goroutines
+    /// wait on (two analyses agreeing); `None` when judged by growth or by age.
+    pub proof: Option<&'static str>,
+    /// Members proven leaked.
+    pub proven: u64,
+    /// What the group waits on.
+    pub waits_on: Option<Arc<WaitsOn>>,
+    /// The full stack of one member, innermost first.
+    pub stack: Option<Stack>,
     /// Thread alerts: the threads involved (at most a few; `count` has the total).
     pub threads: Vec<super::ThreadReport>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Transition {
+    /// Stable for the alert's life (and its group's).
+    pub id: Arc<str>,
     pub state: AlertState,
+    /// For `Changed`: the kind it was.
+    pub previous: Option<AlertKind>,
     pub alert: Alert,
+}
+
+/// What the detector remembers of a blocked group between scans.
+#[derive(Debug, Default)]
+struct GroupState {
+    history: History,
+    /// Members at the last scan: goid -> start of its wait.
+    members: HashMap<u64, u64>,
+    /// When members left (woke, or parked again elsewhere) within the leak window: a group
+    /// whose members come and go is a pool, not a leak.
+    departures: VecDeque<u64>,
+    /// Members judged leaked: the leak holds while any of them is still parked here.
+    leaked: HashSet<u64>,
 }
 
 #[derive(Debug, Default)]
 struct ProcessState {
-    histories: HashMap<GroupKey, History>,
-    firing: BTreeMap<GroupKey, AlertKind>,
-    /// Last content of each firing alert, for the resolved message.
-    last: HashMap<GroupKey, Alert>,
+    groups: HashMap<GroupKey, GroupState>,
 }
 
 /// Judges snapshots of each process against the thresholds.
@@ -90,6 +121,7 @@ struct ProcessState {
 pub struct Detector {
     thresholds: Thresholds,
     processes: HashMap<u32, ProcessState>,
+    book: AlertBook<GroupKey>,
 }
 
 impl Detector {
@@ -97,14 +129,16 @@ impl Detector {
         Self {
             thresholds,
             processes: HashMap::new(),
+            book: AlertBook::new(thresholds.update_interval),
         }
     }
 
-    /// Takes one snapshot of `pid` and returns the alerts that started or ended.
+    /// Takes one snapshot of `pid` and returns the alerts that started, changed or ended.
     pub fn observe(&mut self, pid: u32, snapshot: &Snapshot) -> Vec<Transition> {
         let t = self.thresholds;
         let now = snapshot.now_ns;
         let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let window = ns(t.leak_window);
         let state = self.processes.entry(pid).or_default();
 
         let blocked = blocked_groups(&snapshot.goroutines, now, ns(t.block));
@@ -116,21 +150,40 @@ impl Detector {
         );
 
         // Every group with history gets a sample, 0 when it emptied, so growth and release
-        // are both seen.
-        for (key, members) in &blocked {
-            state
-                .histories
-                .entry(key.clone())
-                .or_default()
-                .push(now, members.count, t.leak_window);
-        }
-        for (key, history) in state.histories.iter_mut() {
+        // are both seen; members that left are departures.
+        for (key, group) in state.groups.iter_mut() {
+            let now_members: HashMap<u64, u64> = blocked
+                .get(key)
+                .map(|m| m.ids.iter().map(|(g, since, _)| (*g, *since)).collect())
+                .unwrap_or_default();
+            let left = group
+                .members
+                .iter()
+                .filter(|(g, since)| now_members.get(g) != Some(since))
+                .count();
+            group.departures.extend(std::iter::repeat_n(now, left));
+            while group
+                .departures
+                .front()
+                .is_some_and(|d| now.saturating_sub(*d) > window)
+            {
+                group.departures.pop_front();
+            }
+            group.leaked.retain(|g| now_members.contains_key(g));
+            group.members = now_members;
             if !blocked.contains_key(key) {
-                history.push(now, 0, t.leak_window);
+                group.history.push(now, 0, t.leak_window);
+            }
+        }
+        for (key, members) in &blocked {
+            let group = state.groups.entry(key.clone()).or_default();
+            group.history.push(now, members.count, t.leak_window);
+            if group.members.is_empty() {
+                group.members = members.ids.iter().map(|(g, s, _)| (*g, *s)).collect();
             }
         }
 
-        let mut wanted: BTreeMap<GroupKey, (AlertKind, &Members)> = BTreeMap::new();
+        let mut holds: Vec<(GroupKey, Alert)> = Vec::new();
         for (key, members) in &blocked {
             let reason = key.wait_reason.as_deref().unwrap_or_default();
             let class = classify_wait(reason);
@@ -142,106 +195,98 @@ impl Detector {
             if is_main_goroutine(&key.entry) && !is_lock_wait(reason) {
                 continue;
             }
-            let Some(history) = state.histories.get(key) else {
+            let Some(group) = state.groups.get_mut(key) else {
                 continue;
             };
-            let leaking = if state.firing.get(key) == Some(&AlertKind::GoroutineLeak) {
-                // Clears when the group stops growing (or empties).
-                history
-                    .growth(now, t.leak_window)
-                    .is_none_or(|growth| growth > 0)
-            } else {
-                history.keeps_growing(now, t.leak_window, t.leak_min_growth)
-            };
-            if leaking {
-                wanted.insert(key.clone(), (AlertKind::GoroutineLeak, members));
-            } else if class == WaitClass::Stuck {
-                wanted.insert(key.clone(), (AlertKind::GoroutineStuck, members));
+            let proven: Vec<u64> = members
+                .ids
+                .iter()
+                .filter(|(_, _, p)| *p)
+                .map(|(g, _, _)| *g)
+                .collect();
+            // A leak is a set that only grows: new members keep joining while the ones
+            // already parked stay (none left within the window).
+            let grows = class == WaitClass::Idle
+                && group.departures.is_empty()
+                && group
+                    .history
+                    .keeps_growing(now, t.leak_window, t.leak_min_growth);
+            if grows || !proven.is_empty() {
+                group.leaked.extend(members.ids.iter().map(|(g, _, _)| *g));
+            } else if !group.leaked.is_empty() {
+                // Still leaking while the goroutines judged leaked remain; those joining
+                // the same place since are counted with them.
+                group.leaked.extend(members.ids.iter().map(|(g, _, _)| *g));
             }
+            let kind = if !group.leaked.is_empty() && class != WaitClass::Stuck {
+                AlertKind::GoroutineLeak
+            } else if class == WaitClass::Stuck {
+                AlertKind::GoroutineStuck
+            } else {
+                continue;
+            };
+            let growth_per_minute = group
+                .history
+                .growth(now, t.leak_window)
+                .map(|g| g as f64 * 60.0 / t.leak_window.as_secs_f64().max(1e-9));
+            let waits_on = members.waits_on.as_ref().map(|w| {
+                let mut w = WaitsOn::clone(w);
+                w.objects = members.objects.len() as u64;
+                Arc::new(w)
+            });
+            holds.push((
+                key.clone(),
+                Alert {
+                    kind,
+                    group: key.clone(),
+                    count: members.count,
+                    oldest_seconds: now.saturating_sub(members.oldest_since_ns) as f64 / 1e9,
+                    growth_per_minute,
+                    proof: (!proven.is_empty()).then_some("unreachable"),
+                    proven: proven.len() as u64,
+                    waits_on,
+                    stack: members.stack.clone(),
+                    threads: Vec::new(),
+                },
+            ));
         }
         for (key, members) in &running {
             if !is_runtime_goroutine(&key.entry) {
-                wanted.insert(key.clone(), (AlertKind::GoroutineSpinning, members));
+                holds.push((
+                    key.clone(),
+                    Alert {
+                        kind: AlertKind::GoroutineSpinning,
+                        group: key.clone(),
+                        count: members.count,
+                        oldest_seconds: now.saturating_sub(members.oldest_since_ns) as f64 / 1e9,
+                        growth_per_minute: None,
+                        proof: None,
+                        proven: 0,
+                        waits_on: None,
+                        stack: None,
+                        threads: Vec::new(),
+                    },
+                ));
             }
-        }
-
-        let mut transitions = Vec::new();
-        // Resolve what no longer holds (or changed kind) before firing the new.
-        let firing: Vec<(GroupKey, AlertKind)> =
-            state.firing.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        for (key, kind) in firing {
-            if wanted.get(&key).map(|(k, _)| *k) != Some(kind) {
-                state.firing.remove(&key);
-                if let Some(mut alert) = state.last.remove(&key) {
-                    if let Some(members) = blocked.get(&key).or_else(|| running.get(&key)) {
-                        alert.count = members.count;
-                    } else {
-                        alert.count = 0;
-                    }
-                    transitions.push(Transition {
-                        state: AlertState::Resolved,
-                        alert,
-                    });
-                }
-            }
-        }
-        for (key, (kind, members)) in wanted {
-            let growth_per_minute = state.histories.get(&key).and_then(|h| {
-                h.growth(now, t.leak_window)
-                    .map(|g| g as f64 * 60.0 / t.leak_window.as_secs_f64().max(1e-9))
-            });
-            let alert = Alert {
-                kind,
-                group: key.clone(),
-                count: members.count,
-                oldest_seconds: now.saturating_sub(members.oldest_since_ns) as f64 / 1e9,
-                growth_per_minute,
-                threads: Vec::new(),
-            };
-            if state.firing.insert(key.clone(), kind).is_none() {
-                transitions.push(Transition {
-                    state: AlertState::Firing,
-                    alert: alert.clone(),
-                });
-            }
-            state.last.insert(key, alert);
         }
 
         // Forget groups that have been empty for a whole window and fire nothing.
-        let firing = &state.firing;
-        state
-            .histories
-            .retain(|key, h| firing.contains_key(key) || !h.is_idle());
-        transitions
+        let book = &self.book;
+        state.groups.retain(|key, g| {
+            book.kind(pid, key).is_some() || !g.history.is_idle() || !g.members.is_empty()
+        });
+        self.book.settle(pid, now, holds)
     }
 
     /// Every alert firing now, with its process, as of the last scan.
     pub fn firing(&self) -> impl Iterator<Item = (u32, &Alert)> {
-        self.processes.iter().flat_map(|(pid, s)| {
-            s.firing
-                .keys()
-                .filter_map(|key| s.last.get(key))
-                .map(move |alert| (*pid, alert))
-        })
+        self.book.firing()
     }
 
     /// The process is gone: resolve its alerts and drop its state.
     pub fn forget(&mut self, pid: u32) -> Vec<Transition> {
-        let Some(mut state) = self.processes.remove(&pid) else {
-            return Vec::new();
-        };
-        state
-            .firing
-            .keys()
-            .filter_map(|key| state.last.remove(key))
-            .map(|mut alert| {
-                alert.count = 0;
-                Transition {
-                    state: AlertState::Resolved,
-                    alert,
-                }
-            })
-            .collect()
+        self.processes.remove(&pid);
+        self.book.forget(pid)
     }
 }
 
@@ -293,6 +338,9 @@ mod tests {
             },
             created_at: site("main.main", 10),
             entry: "main.worker".into(),
+            waits_on: None,
+            proven: false,
+            stack: None,
         }
     }
 
@@ -375,6 +423,9 @@ mod tests {
             },
             created_at: site("main.main", 12),
             entry: "main.spin".into(),
+            waits_on: None,
+            proven: false,
+            stack: None,
         };
         // A goroutine in one long system call: one run, long ago.
         assert!(d.observe(1, &snapshot(10, vec![running(1, 0)])).is_empty());
@@ -424,17 +475,125 @@ mod tests {
             },
             created_at: None,
             entry: "runtime.main".into(),
+            waits_on: None,
+            proven: false,
+            stack: None,
         };
         let fired = d.observe(2, &snapshot(20, vec![spinning_main]));
         assert_eq!(fired[0].alert.kind, AlertKind::GoroutineSpinning);
     }
 
+    fn proven(o: Observation) -> Observation {
+        Observation { proven: true, ..o }
+    }
+
+    #[test]
+    fn a_proven_leak_fires_whatever_its_size_and_stays_until_released() {
+        let mut d = Detector::new(thresholds());
+        let leaked = |proof: bool| -> Vec<Observation> {
+            (0..2)
+                .map(|i| parked(i, 0, "sync.WaitGroup.Wait", 9))
+                .map(|o| if proof { proven(o) } else { o })
+                .collect()
+        };
+        // A fixed WaitGroup wait is not stuck: silent until proven.
+        for now in 3..6 {
+            assert!(d.observe(1, &snapshot(now, leaked(false))).is_empty());
+        }
+        let fired = d.observe(1, &snapshot(6, leaked(true)));
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].alert.kind, AlertKind::GoroutineLeak);
+        assert_eq!(fired[0].alert.proof, Some("unreachable"));
+        assert_eq!(fired[0].alert.proven, 2);
+        // Proof lost for a scan (a torn read): still the same goroutines, still firing.
+        for now in 7..30 {
+            let t = d.observe(1, &snapshot(now, leaked(now % 2 == 0)));
+            assert!(t.iter().all(|t| t.state == AlertState::Updated), "{t:?}");
+        }
+        let resolved = d.observe(1, &snapshot(30, Vec::new()));
+        assert_eq!(resolved[0].state, AlertState::Resolved);
+    }
+
+    #[test]
+    fn a_leak_that_stops_growing_stays_firing_until_released() {
+        let mut d = Detector::new(thresholds());
+        let mut fired = Vec::new();
+        for now in 0..=12 {
+            fired.extend(d.observe(1, &snapshot(now, send_leak_until(now))));
+        }
+        assert_eq!(fired.len(), 1);
+        let id = fired[0].id.clone();
+        // Growth stops at 13 goroutines; they all stay parked.
+        let mut later = Vec::new();
+        for now in 13..=40 {
+            later.extend(d.observe(1, &snapshot(now, send_leak_until(12))));
+        }
+        assert!(
+            later
+                .iter()
+                .all(|t| t.state == AlertState::Updated && t.id == id),
+            "{later:?}"
+        );
+        let resolved = d.observe(1, &snapshot(41, Vec::new()));
+        assert_eq!(resolved.len(), 1);
+        assert_eq!(resolved[0].state, AlertState::Resolved);
+    }
+
+    #[test]
+    fn a_pool_whose_members_come_and_go_is_not_a_leak() {
+        let mut d = Detector::new(thresholds());
+        // 8 workers; the number parked past the threshold grows 2, 4, 6, 8 then one wakes
+        // and re-parks each second (a new wait each time), so the count keeps moving up.
+        for now in 0..=40u64 {
+            let pool: Vec<Observation> = (0..8u64)
+                .filter(|i| *i < (now / 3 + 2).min(8))
+                .map(|i| {
+                    let since = if i == now % 8 { now } else { i };
+                    parked(i, since.saturating_sub(3), "chan receive", 7)
+                })
+                .collect();
+            let t = d.observe(1, &snapshot(now, pool));
+            assert!(t.is_empty(), "t={now}: {t:?}");
+        }
+    }
+
+    #[test]
+    fn a_stuck_group_that_becomes_a_leak_changes_kind_once() {
+        let mut d = Detector::new(thresholds());
+        let mutex = |n: u64| -> Vec<Observation> {
+            (0..n)
+                .map(|i| Observation {
+                    entry: "main.worker".into(),
+                    ..parked(i, i, "chan send", 9)
+                })
+                .collect()
+        };
+        // Fixed count, idle class: silent; then proven: a leak.
+        assert!(d.observe(1, &snapshot(5, mutex(2))).is_empty());
+        let p: Vec<Observation> = mutex(2).into_iter().map(proven).collect();
+        let fired = d.observe(1, &snapshot(6, p.clone()));
+        assert_eq!(fired[0].state, AlertState::Firing);
+        // Locks: stuck then, for the same group key, never a resolution in between.
+        let mut b = AlertBook::new(std::time::Duration::from_secs(60));
+        let a = fired[0].alert.clone();
+        let stuck = Alert {
+            kind: AlertKind::GoroutineStuck,
+            ..a.clone()
+        };
+        assert_eq!(
+            b.settle(1, 0, vec![(1, stuck)])[0].state,
+            AlertState::Firing
+        );
+        let t = b.settle(1, S, vec![(1, a)]);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].state, AlertState::Changed);
+        assert_eq!(t[0].previous, Some(AlertKind::GoroutineStuck));
+    }
+
     #[test]
     fn forgetting_a_process_resolves_its_alerts() {
         let mut d = Detector::new(thresholds());
-        let waiters = (0..3)
-            .map(|i| parked(i, 0, "sync.WaitGroup.Wait", 9))
-            .collect();
+        let waiters = (0..3).map(|i| parked(i, 0, "sync.Mutex.Lock", 9)).collect();
         assert_eq!(d.observe(7, &snapshot(5, waiters)).len(), 1);
         let resolved = d.forget(7);
         assert_eq!(resolved.len(), 1);

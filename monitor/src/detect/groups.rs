@@ -20,6 +20,35 @@ impl std::fmt::Display for Site {
     }
 }
 
+/// A stack, innermost frame first (shared by the goroutines parked at the same place).
+pub type Stack = Arc<[Arc<Site>]>;
+
+/// What a task waits on: the kind of object, its address, and for a channel its state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WaitsOn {
+    pub kind: &'static str,
+    #[serde(serialize_with = "hex")]
+    pub address: u64,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<ChannelState>,
+    /// How many distinct objects the group waits on (one per goroutine for a channel each).
+    pub objects: u64,
+}
+
+fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:#x}"))
+}
+
+/// A channel's state as read from its `hchan`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ChannelState {
+    pub capacity: u64,
+    pub length: u64,
+    pub closed: bool,
+    pub waiting_senders: u32,
+    pub waiting_receivers: u32,
+}
+
 /// Goroutines with the same key leak (or not) together: same `go` statement, same entry
 /// function, blocked at the same place for the same reason. `wait_reason` is `None` and
 /// `blocked_at` is `None` for running goroutines.
@@ -37,6 +66,13 @@ pub struct Members {
     pub count: u64,
     /// Start of the longest wait (or run) among them.
     pub oldest_since_ns: u64,
+    /// Each member: (goid, start of its wait), and whether it is proven leaked.
+    pub ids: Vec<(u64, u64, bool)>,
+    /// What the first member waits on, and its stack.
+    pub waits_on: Option<Arc<WaitsOn>>,
+    pub stack: Option<Stack>,
+    /// Distinct wait objects.
+    pub objects: std::collections::BTreeSet<u64>,
 }
 
 /// Parked goroutines blocked at least `min_age_ns`, grouped.
@@ -64,7 +100,18 @@ pub fn blocked_groups(
             blocked_at: blocked_at.clone(),
             wait_reason: Some(wait_reason.clone()),
         };
-        add(groups.entry(key).or_default(), *since_ns);
+        let m = groups.entry(key).or_default();
+        add(m, *since_ns);
+        m.ids.push((g.goid, *since_ns, g.proven));
+        if let Some(w) = &g.waits_on {
+            m.objects.insert(w.address);
+            if m.waits_on.is_none() {
+                m.waits_on = Some(Arc::clone(w));
+            }
+        }
+        if m.stack.is_none() {
+            m.stack.clone_from(&g.stack);
+        }
     }
     groups
 }

@@ -5,13 +5,15 @@
 use std::sync::Arc;
 
 mod alerts;
+mod book;
 mod groups;
 mod hints;
 mod rules;
 mod threads;
 
 pub use alerts::{Alert, AlertKind, AlertState, Detector, Transition};
-pub use groups::{GroupKey, Site};
+pub use book::AlertBook;
+pub use groups::{ChannelState, GroupKey, Site, Stack, WaitsOn};
 pub use hints::hint;
 pub use rules::{Thresholds, WaitClass, classify_wait};
 pub use threads::{FutexObs, ThreadDetector, ThreadObs, ThreadReport, ThreadSnapshot};
@@ -26,6 +28,13 @@ pub struct Observation {
     pub created_at: Option<Arc<Site>>,
     /// The function it started in.
     pub entry: Arc<str>,
+    /// What it waits on, when parked on a channel, a semaphore or a Cond past the block
+    /// threshold.
+    pub waits_on: Option<Arc<WaitsOn>>,
+    /// Two analyses in a row found that nothing live can reach what it waits on.
+    pub proven: bool,
+    /// Its stack, innermost first, when parked.
+    pub stack: Option<Stack>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

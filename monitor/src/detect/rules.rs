@@ -15,6 +15,8 @@ pub struct Thresholds {
     pub leak_min_growth: u64,
     /// How often snapshots are taken (a spinning goroutine is rescheduled far more often).
     pub scan_interval: Duration,
+    /// Least time between two updates (count, age, growth) of one firing alert.
+    pub update_interval: Duration,
 }
 
 impl Default for Thresholds {
@@ -26,6 +28,7 @@ impl Default for Thresholds {
             leak_window: Duration::from_secs(10 * 60),
             leak_min_growth: 3,
             scan_interval: Duration::from_secs(15),
+            update_interval: Duration::from_secs(60),
         }
     }
 }
@@ -40,6 +43,7 @@ impl Thresholds {
             leak_window: Duration::from_secs(6),
             leak_min_growth: 3,
             scan_interval: Duration::from_secs(1),
+            update_interval: Duration::from_secs(5),
         }
     }
 }
@@ -47,11 +51,12 @@ impl Thresholds {
 /// How a wait reason reads when the wait lasts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WaitClass {
-    /// Waiting for work or input (channel, select, network, timer): fine when bounded, a leak
-    /// only when the group grows.
+    /// Waiting for work, input or other goroutines (channel, select, network, timer,
+    /// WaitGroup, Cond): fine however long, a leak when proven unreachable or when the group
+    /// only grows.
     Idle,
-    /// Waiting on something that should be released soon (locks, WaitGroups, nil channels):
-    /// stuck when it lasts.
+    /// Waiting on a lock, or on what nothing can ever wake (nil channel, `select {}`): stuck
+    /// when it lasts.
     Stuck,
     /// The runtime's own bookkeeping goroutines: never reported.
     Runtime,
@@ -64,9 +69,6 @@ pub fn classify_wait(reason: &str) -> WaitClass {
         "sync.Mutex.Lock"
         | "sync.RWMutex.Lock"
         | "sync.RWMutex.RLock"
-        | "sync.WaitGroup.Wait"
-        | "sync.Cond.Wait"
-        | "semacquire"
         | "chan send (nil chan)"
         | "chan receive (nil chan)"
         | "select (no cases)" => WaitClass::Stuck,
@@ -202,7 +204,9 @@ mod tests {
         assert_eq!(classify_wait("chan send"), WaitClass::Idle);
         assert_eq!(classify_wait("IO wait"), WaitClass::Idle);
         assert_eq!(classify_wait("sync.Mutex.Lock"), WaitClass::Stuck);
-        assert_eq!(classify_wait("semacquire"), WaitClass::Stuck);
+        assert_eq!(classify_wait("semacquire"), WaitClass::Idle);
+        assert_eq!(classify_wait("sync.WaitGroup.Wait"), WaitClass::Idle);
+        assert_eq!(classify_wait("sync.Cond.Wait"), WaitClass::Idle);
         assert_eq!(classify_wait("chan receive (nil chan)"), WaitClass::Stuck);
         assert_eq!(classify_wait("GC worker (idle)"), WaitClass::Runtime);
         assert_eq!(classify_wait("finalizer wait"), WaitClass::Runtime);

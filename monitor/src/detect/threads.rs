@@ -10,7 +10,7 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    Alert, AlertKind, AlertState, GroupKey, Site, Transition,
+    Alert, AlertBook, AlertKind, GroupKey, Site, Transition,
     rules::{History, Thresholds},
 };
 use crate::threads::futex::{LockFlavor, WaitKind};
@@ -103,13 +103,13 @@ struct ProcessState {
     cycles: BTreeSet<CycleId>,
     leak_histories: HashMap<GroupKey, History>,
     thread_count: History,
-    firing: BTreeMap<Key, Alert>,
 }
 
 #[derive(Debug)]
 pub struct ThreadDetector {
     thresholds: Thresholds,
     processes: HashMap<u32, ProcessState>,
+    book: AlertBook<Key>,
 }
 
 impl ThreadDetector {
@@ -117,6 +117,7 @@ impl ThreadDetector {
         Self {
             thresholds,
             processes: HashMap::new(),
+            book: AlertBook::new(thresholds.update_interval),
         }
     }
 
@@ -205,6 +206,10 @@ impl ThreadDetector {
                                 count: members.len() as u64,
                                 oldest_seconds: age(oldest) as f64 / 1e9,
                                 growth_per_minute: None,
+                                proof: None,
+                                proven: 0,
+                                waits_on: None,
+                                stack: None,
                                 threads: members.iter().map(|m| report(m)).collect(),
                             },
                         );
@@ -268,7 +273,7 @@ impl ThreadDetector {
             let Some(history) = state.leak_histories.get(key) else {
                 continue;
             };
-            let was_leaking = state.firing.contains_key(&Key::Leak(key.clone()));
+            let was_leaking = self.book.kind(pid, &Key::Leak(key.clone())).is_some();
             let leaking = if was_leaking {
                 history.growth(now, t.leak_window).is_none_or(|g| g > 0)
             } else {
@@ -319,58 +324,22 @@ impl ThreadDetector {
             }
         }
 
-        let mut transitions = Vec::new();
-        let firing: Vec<Key> = state.firing.keys().cloned().collect();
-        for key in firing {
-            if !wanted.contains_key(&key)
-                && let Some(mut alert) = state.firing.remove(&key)
-            {
-                alert.count = 0;
-                transitions.push(Transition {
-                    state: AlertState::Resolved,
-                    alert,
-                });
-            }
-        }
-        for (key, alert) in wanted {
-            if !state.firing.contains_key(&key) {
-                transitions.push(Transition {
-                    state: AlertState::Firing,
-                    alert: alert.clone(),
-                });
-            }
-            state.firing.insert(key, alert);
-        }
-        let firing = &state.firing;
+        let book = &self.book;
         state
             .leak_histories
-            .retain(|key, h| firing.contains_key(&Key::Leak(key.clone())) || !h.is_idle());
-        transitions
+            .retain(|key, h| book.kind(pid, &Key::Leak(key.clone())).is_some() || !h.is_idle());
+        self.book.settle(pid, now, wanted.into_iter().collect())
     }
 
     /// Every alert firing now, with its process, as of the last scan.
     pub fn firing(&self) -> impl Iterator<Item = (u32, &Alert)> {
-        self.processes
-            .iter()
-            .flat_map(|(pid, s)| s.firing.values().map(move |alert| (*pid, alert)))
+        self.book.firing()
     }
 
     /// The process is gone: resolve its alerts and drop its state.
     pub fn forget(&mut self, pid: u32) -> Vec<Transition> {
-        let Some(state) = self.processes.remove(&pid) else {
-            return Vec::new();
-        };
-        state
-            .firing
-            .into_values()
-            .map(|mut alert| {
-                alert.count = 0;
-                Transition {
-                    state: AlertState::Resolved,
-                    alert,
-                }
-            })
-            .collect()
+        self.processes.remove(&pid);
+        self.book.forget(pid)
     }
 }
 
@@ -400,6 +369,10 @@ fn group_alert(
         count: members.len() as u64,
         oldest_seconds: now.saturating_sub(oldest) as f64 / 1e9,
         growth_per_minute,
+        proof: None,
+        proven: 0,
+        waits_on: None,
+        stack: None,
         threads,
     }
 }
@@ -408,6 +381,7 @@ fn group_alert(
 mod tests {
 
     use super::*;
+    use crate::detect::AlertState;
 
     const S: u64 = 1_000_000_000;
 

@@ -105,6 +105,28 @@ pub fn alert_record(p: &ProcessInfo, t: &Transition) -> AlertRecord {
     if let Some(site) = g.created_at.as_deref() {
         attrs.push(("leakmon.created_at", Value::Str(site.to_string())));
     }
+    attrs.push(("leakmon.alert_id", Value::Str(t.id.to_string())));
+    if let Some(previous) = t.previous {
+        attrs.push((
+            "leakmon.previous_kind",
+            Value::Str(previous.as_str().into()),
+        ));
+    }
+    if let Some(proof) = a.proof {
+        attrs.push(("leakmon.proof", Value::Str(proof.into())));
+        attrs.push(("leakmon.proven", Value::Int(a.proven as i64)));
+    }
+    if let Some(w) = &a.waits_on {
+        attrs.push((
+            "leakmon.waits_on",
+            Value::Str(serde_json::to_string(w.as_ref()).unwrap_or_default()),
+        ));
+    }
+    // The whole stack, so a frame in a dependency is visible too.
+    if let Some(stack) = &a.stack {
+        let text: Vec<String> = stack.iter().map(|s| s.to_string()).collect();
+        attrs.push(("code.stacktrace", Value::Str(text.join("\n"))));
+    }
     if let Some(first) = a.threads.first() {
         attrs.push(("thread.id", Value::Int(i64::from(first.tid))));
         attrs.push(("thread.name", Value::Str(first.name.to_string())));
@@ -135,6 +157,8 @@ pub fn alert_record(p: &ProcessInfo, t: &Transition) -> AlertRecord {
 fn state_str(s: AlertState) -> &'static str {
     match s {
         AlertState::Firing => "firing",
+        AlertState::Updated => "updated",
+        AlertState::Changed => "changed",
         AlertState::Resolved => "resolved",
     }
 }
@@ -149,7 +173,8 @@ fn body(p: &ProcessInfo, t: &Transition) -> String {
         "goroutines"
     };
     let mut s = match t.state {
-        AlertState::Firing => format!("{} {tasks}", thousands(a.count)),
+        AlertState::Firing | AlertState::Updated => format!("{} {tasks}", thousands(a.count)),
+        AlertState::Changed => format!("now {} ({} {tasks}):", a.kind.as_str(), thousands(a.count)),
         AlertState::Resolved => format!("resolved ({} {tasks} left):", thousands(a.count)),
     };
     if let Some(c) = &g.created_at {
@@ -166,6 +191,9 @@ fn body(p: &ProcessInfo, t: &Transition) -> String {
     ));
     if let Some(growth) = a.growth_per_minute.filter(|g| *g > 0.0) {
         s.push_str(&format!(", +{growth:.0}/min"));
+    }
+    if a.proof == Some("unreachable") {
+        s.push_str(", proven: nothing live can reach what they wait on");
     }
     s.push_str(&format!(" ({}, PID {}", a.kind.as_str(), p.pid));
     if let Some(pod) = &p.container.pod_name {
@@ -223,7 +251,9 @@ mod tests {
             },
         };
         let t = Transition {
+            id: "00c0ffee00c0ffee".into(),
             state: AlertState::Firing,
+            previous: None,
             alert: Alert {
                 kind: AlertKind::GoroutineLeak,
                 group: GroupKey {
@@ -235,6 +265,10 @@ mod tests {
                 count: 1204,
                 oldest_seconds: 720.4,
                 growth_per_minute: Some(40.0),
+                proof: None,
+                proven: 0,
+                waits_on: None,
+                stack: None,
                 threads: Vec::new(),
             },
         };

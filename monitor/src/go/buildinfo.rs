@@ -99,9 +99,40 @@ pub(crate) fn version_string(section: &[u8]) -> Result<String, GoError> {
     String::from_utf8(bytes.to_vec()).map_err(|_| GoError::BadBuildInfo("version is not utf-8"))
 }
 
+/// The main module's path (`mod\t<path>\t...` in the module info that follows the version
+/// string), which says which frames are the program's own. `None` without module info (a
+/// GOPATH build) or on anything malformed.
+pub(crate) fn main_module(section: &[u8]) -> Option<String> {
+    let start = (0..section.len())
+        .step_by(16)
+        .find(|&off| section.get(off..off + MAGIC.len()) == Some(MAGIC))?;
+    let rest = section.get(start + HEADER_LEN..)?;
+    let (len, n) = uvarint(rest)?;
+    let rest = rest.get(n.checked_add(usize::try_from(len).ok()?)?..)?;
+    let (len, n) = uvarint(rest)?;
+    let info = rest.get(n..n.checked_add(usize::try_from(len).ok()?)?)?;
+    let info = String::from_utf8_lossy(info);
+    info.lines()
+        .find_map(|l| l.strip_prefix("mod\t"))
+        .and_then(|l| l.split('\t').next())
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn main_module_from_module_info() {
+        let mut s = section("go1.24.1", FLAG_INLINE_STRINGS);
+        s.pop(); // the empty module info
+        let info = "0w\u{af}\u{c}\u{92}t\u{8}\u{2}A\u{e1}\u{c1}\u{7}\u{e6}\u{d6}\u{18}\u{e6}path\torders/cmd/api\nmod\torders\t(devel)\t\ndep\tgithub.com/x/y\tv1.0.0\n";
+        s.push(info.len() as u8);
+        s.extend_from_slice(info.as_bytes());
+        assert_eq!(main_module(&s).as_deref(), Some("orders"));
+        assert_eq!(main_module(&section("go1.24.1", FLAG_INLINE_STRINGS)), None);
+    }
 
     fn section(version: &str, flags: u8) -> Vec<u8> {
         let mut s = MAGIC.to_vec();

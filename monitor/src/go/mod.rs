@@ -8,13 +8,16 @@
 
 mod buildinfo;
 mod elf;
+pub(crate) mod heap;
 mod offsets;
 mod pclntab;
 mod prologue;
+pub(crate) mod reach;
 mod symbols;
 mod table;
 pub mod task;
 mod waitreasons;
+pub mod waits;
 
 #[cfg(test)]
 mod tests;
@@ -30,7 +33,7 @@ use thiserror::Error;
 pub use buildinfo::GoVersion;
 
 use elf::{Elf, Segment};
-use offsets::ModuleDataOffsets;
+use offsets::{HeapOffsets, ModuleDataOffsets};
 use pclntab::{GoFunc, Pclntab};
 use prologue::Prologue;
 
@@ -139,6 +142,9 @@ pub struct GOffsets {
     /// `g.trackingSeq` (uint8): incremented on every transition out of `_Grunning` (park,
     /// preemption, system call), so an unchanged value means no such transition happened.
     pub tracking_seq: u32,
+    /// `g.waiting`: the sudogs of its channel waits (since go1.26 also of semaphore and
+    /// sync.Cond waits), linked by `waitlink`.
+    pub waiting: u32,
 }
 
 /// Where [`GOffsets`] came from.
@@ -194,6 +200,14 @@ pub struct GoBinary {
     /// Address of `runtime.allgs` (the slice of every g): from the symbol table, or for
     /// stripped binaries from the code of `runtime.allgadd`.
     pub allgs: Option<u64>,
+    /// The main module's path (build info): frames under it are the program's own.
+    pub main_module: Option<String>,
+    /// What the reachability analysis needs (see `reach.rs`): layouts, `runtime.mheap_`
+    /// (from the symbol table, or the code of `runtime.mallocinit`), and the sections holding
+    /// globals with pointers (`.data`, `.bss`; the `noptr` ones cannot point anywhere).
+    pub(crate) heap: HeapOffsets,
+    pub(crate) mheap: Option<u64>,
+    pub(crate) globals: Vec<(u64, u64)>,
     pclntab: Pclntab,
     segments: Vec<Segment>,
     /// Kept open so probe sites read the same inode that was inspected.
@@ -229,6 +243,10 @@ impl GoBinary {
             wait_reasons: inspected.wait_reasons,
             pie: inspected.pie,
             allgs: inspected.allgs,
+            main_module: inspected.main_module,
+            heap: inspected.heap,
+            mheap: inspected.mheap,
+            globals: inspected.globals,
             pclntab: inspected.pclntab,
             segments: inspected.segments,
             file,
@@ -236,6 +254,9 @@ impl GoBinary {
         };
         if binary.allgs.is_none() {
             binary.allgs = binary.allgs_from_code();
+        }
+        if binary.mheap.is_none() {
+            binary.mheap = binary.mheap_from_code();
         }
         Ok(binary)
     }
@@ -366,6 +387,10 @@ struct Inspected {
     wait_reasons: Vec<String>,
     pie: bool,
     allgs: Option<u64>,
+    main_module: Option<String>,
+    heap: HeapOffsets,
+    mheap: Option<u64>,
+    globals: Vec<(u64, u64)>,
     pclntab: Pclntab,
     segments: Vec<Segment>,
 }
@@ -399,9 +424,9 @@ fn inspect(cache: &elf::Cache, unvalidated: bool) -> Result<Inspected, GoError> 
         Some(_) => None,
         None => offsets::from_dwarf(&elf)?,
     };
-    let (goffsets, offset_source, md_offsets) = match (dwarf, table) {
-        (Some(d), _) => (d.offsets, OffsetSource::Dwarf, d.moduledata),
-        (None, Some(t)) => (t.offsets, OffsetSource::Table, t.moduledata),
+    let (goffsets, offset_source, md_offsets, heap) = match (dwarf, table) {
+        (Some(d), _) => (d.offsets, OffsetSource::Dwarf, d.moduledata, d.heap),
+        (None, Some(t)) => (t.offsets, OffsetSource::Table, t.moduledata, t.heap),
         (None, None) => return Err(GoError::NoOffsets { version }),
     };
     if !validated && !unvalidated {
@@ -424,6 +449,13 @@ fn inspect(cache: &elf::Cache, unvalidated: bool) -> Result<Inspected, GoError> 
         wait_reasons,
         pie: elf.pie,
         allgs: elf.symbol("runtime.allgs").map(|(addr, _)| addr),
+        main_module: buildinfo::main_module(&buildinfo.data),
+        heap,
+        mheap: elf.symbol("runtime.mheap_").map(|(addr, _)| addr),
+        globals: [".data", ".bss"]
+            .iter()
+            .filter_map(|name| elf.section_range(name))
+            .collect(),
         pclntab,
         segments: elf.load_segments(),
     })

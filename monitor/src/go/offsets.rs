@@ -20,6 +20,7 @@ pub(crate) struct TableEntry {
     pub generated_from: &'static str,
     pub offsets: GOffsets,
     pub moduledata: ModuleDataOffsets,
+    pub heap: HeapOffsets,
     pub wait_reasons: &'static [&'static str],
 }
 
@@ -29,6 +30,32 @@ pub(crate) struct ModuleDataOffsets {
     pub funcnametab: u32,
     pub text: u32,
     pub gofunc: u32,
+}
+
+/// Offsets of what a reachability analysis reads (see `reach.rs`): the wait objects of a
+/// parked `g` (its `sudog` list), channels, and the heap's spans. `sudog_elem` and `sudog_c`
+/// are the offsets of the address word itself: since go1.26 they are `maybeTraceablePtr`
+/// structs whose `vu` holds the address (the runtime blanks `vp` to hide it from its GC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct HeapOffsets {
+    pub sudog_next: u32,
+    pub sudog_elem: u32,
+    pub sudog_waitlink: u32,
+    pub sudog_c: u32,
+    /// `sizeof(runtime.sudog)`: sudogs are found in spans of the size class holding it.
+    pub sudog_size: u32,
+    pub hchan_qcount: u32,
+    pub hchan_dataqsiz: u32,
+    pub hchan_closed: u32,
+    pub hchan_recvq: u32,
+    pub hchan_sendq: u32,
+    pub mspan_start_addr: u32,
+    pub mspan_npages: u32,
+    pub mspan_nelems: u32,
+    pub mspan_spanclass: u32,
+    pub mspan_state: u32,
+    pub mspan_elemsize: u32,
+    pub mheap_allspans: u32,
 }
 
 /// Built-in layout for a minor version; patch releases do not change
@@ -44,12 +71,15 @@ pub(crate) fn table_entry(version: GoVersion) -> Option<&'static TableEntry> {
 pub(crate) struct DwarfLayout {
     pub offsets: GOffsets,
     pub moduledata: ModuleDataOffsets,
+    pub heap: HeapOffsets,
 }
 
 struct Wanted {
     type_name: &'static str,
     members: &'static [&'static str],
     found: Vec<Option<u64>>,
+    /// `DW_AT_byte_size` of the struct.
+    size: Option<u64>,
     seen: bool,
 }
 
@@ -61,9 +91,23 @@ const G_MEMBERS: &[&str] = &[
     "waitreason",
     "sched",
     "trackingSeq",
+    "waiting",
 ];
 const GOBUF_MEMBERS: &[&str] = &["sp", "pc", "bp"];
 const MODULEDATA_MEMBERS: &[&str] = &["funcnametab", "text", "gofunc"];
+const SUDOG_MEMBERS: &[&str] = &["next", "elem", "waitlink", "c"];
+const HCHAN_MEMBERS: &[&str] = &["qcount", "dataqsiz", "closed", "recvq", "sendq"];
+const MSPAN_MEMBERS: &[&str] = &[
+    "startAddr",
+    "npages",
+    "nelems",
+    "spanclass",
+    "state",
+    "elemsize",
+];
+const MHEAP_MEMBERS: &[&str] = &["allspans"];
+/// go1.26+: `sudog.elem` and `sudog.c` wrap the address in this struct.
+const TRACEABLE_MEMBERS: &[&str] = &["vu"];
 
 /// Reads struct layouts from DWARF; `Ok(None)` when there is no
 /// `.debug_info` (built with `-ldflags=-w` or `-s`).
@@ -83,6 +127,11 @@ pub(crate) fn from_dwarf(elf: &Elf<'_>) -> Result<Option<DwarfLayout>, GoError> 
         Wanted::new("runtime.g", G_MEMBERS),
         Wanted::new("runtime.gobuf", GOBUF_MEMBERS),
         Wanted::new("runtime.moduledata", MODULEDATA_MEMBERS),
+        Wanted::new("runtime.sudog", SUDOG_MEMBERS),
+        Wanted::new("runtime.hchan", HCHAN_MEMBERS),
+        Wanted::new("runtime.mspan", MSPAN_MEMBERS),
+        Wanted::new("runtime.mheap", MHEAP_MEMBERS),
+        Wanted::new("runtime.maybeTraceablePtr", TRACEABLE_MEMBERS),
     ];
     let mut units = dwarf.units();
     while let Some(header) = units.next().map_err(dwarf_err)? {
@@ -111,6 +160,9 @@ pub(crate) fn from_dwarf(elf: &Elf<'_>) -> Result<Option<DwarfLayout>, GoError> 
                     let Some(n) = name()? else { continue };
                     if let Some(i) = wanted.iter().position(|w| !w.seen && w.type_name == n) {
                         wanted[i].seen = true;
+                        wanted[i].size = entry
+                            .attr(gimli::DW_AT_byte_size)
+                            .and_then(|a| a.udata_value());
                         inside = Some((i, depth));
                     }
                 }
@@ -126,12 +178,13 @@ pub(crate) fn from_dwarf(elf: &Elf<'_>) -> Result<Option<DwarfLayout>, GoError> 
                 _ => {}
             }
         }
-        if wanted.iter().all(|w| w.seen) {
+        // maybeTraceablePtr exists only since go1.26: not waited for.
+        if wanted[..wanted.len() - 1].iter().all(|w| w.seen) {
             break;
         }
     }
 
-    let [g, gobuf, md] = &wanted;
+    let [g, gobuf, md, sudog, hchan, mspan, mheap, traceable] = &wanted;
     let sched = g.get(5)?;
     let offsets = GOffsets {
         goid: g.get(0)?,
@@ -143,15 +196,42 @@ pub(crate) fn from_dwarf(elf: &Elf<'_>) -> Result<Option<DwarfLayout>, GoError> 
         sched_pc: add(sched, gobuf.get(1)?)?,
         sched_bp: add(sched, gobuf.get(2)?)?,
         tracking_seq: g.get(6)?,
+        waiting: g.get(7)?,
     };
     let moduledata = ModuleDataOffsets {
         funcnametab: md.get(0)?,
         text: md.get(1)?,
         gofunc: md.get(2)?,
     };
+    // The address word inside `elem` and `c` when they are maybeTraceablePtr.
+    let vu = if traceable.seen { traceable.get(0)? } else { 0 };
+    let heap = HeapOffsets {
+        sudog_next: sudog.get(0)?,
+        sudog_elem: add(sudog.get(1)?, vu)?,
+        sudog_waitlink: sudog.get(2)?,
+        sudog_c: add(sudog.get(3)?, vu)?,
+        sudog_size: sudog.size.and_then(|s| u32::try_from(s).ok()).ok_or(
+            GoError::DwarfMissing {
+                what: "runtime.sudog size".into(),
+            },
+        )?,
+        hchan_qcount: hchan.get(0)?,
+        hchan_dataqsiz: hchan.get(1)?,
+        hchan_closed: hchan.get(2)?,
+        hchan_recvq: hchan.get(3)?,
+        hchan_sendq: hchan.get(4)?,
+        mspan_start_addr: mspan.get(0)?,
+        mspan_npages: mspan.get(1)?,
+        mspan_nelems: mspan.get(2)?,
+        mspan_spanclass: mspan.get(3)?,
+        mspan_state: mspan.get(4)?,
+        mspan_elemsize: mspan.get(5)?,
+        mheap_allspans: mheap.get(0)?,
+    };
     Ok(Some(DwarfLayout {
         offsets,
         moduledata,
+        heap,
     }))
 }
 
@@ -171,6 +251,7 @@ impl Wanted {
             type_name,
             members,
             found: vec![None; members.len()],
+            size: None,
             seen: false,
         }
     }

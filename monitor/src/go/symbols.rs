@@ -71,6 +71,43 @@ impl GoBinary {
     }
 }
 
+impl GoBinary {
+    /// `runtime.mheap_` located from the code of `runtime.mallocinit`, for stripped binaries:
+    /// its `mheap_.init()` loads the receiver with `lea rax, [rip+disp32]` right before the
+    /// `call` to `runtime.(*mheap).init`. `None` when that shape is not found (the analysis
+    /// that needs it is then not run).
+    pub(crate) fn mheap_from_code(&self) -> Option<u64> {
+        let f = self.pclntab.func_by_name("runtime.mallocinit")?;
+        let init = self.pclntab.func_by_name("runtime.(*mheap).init")?;
+        let len = usize::try_from(f.end.checked_sub(f.entry)?).ok()?.min(8192);
+        let mut code = vec![0u8; len];
+        let offset = Segment::file_offset(&self.segments, f.entry)?;
+        self.file.read_exact_at(&mut code, offset).ok()?;
+        let mut last_lea = None;
+        for i in 0..code.len() {
+            let w = &code[i..];
+            if w.len() >= 7 && matches!(w[0], 0x48 | 0x4c) && w[1] == 0x8d && w[2] & 0xc7 == 0x05 {
+                let disp = i32::from_le_bytes([w[3], w[4], w[5], w[6]]);
+                last_lea = (f.entry + i as u64 + 7)
+                    .checked_add_signed(i64::from(disp))
+                    .map(|a| (i, a));
+            }
+            if w.len() >= 5 && w[0] == 0xe8 {
+                let rel = i32::from_le_bytes([w[1], w[2], w[3], w[4]]);
+                let target = (f.entry + i as u64 + 5).checked_add_signed(i64::from(rel));
+                // The LEA is the instruction just before the call (within a few bytes).
+                if target == Some(init.entry)
+                    && let Some((at, addr)) = last_lea
+                    && i - at <= 16
+                {
+                    return Some(addr);
+                }
+            }
+        }
+        None
+    }
+}
+
 /// Targets of `mov r64, [rip+disp32]` (REX.W 8B /r with mod=00 r/m=101) in `code` at `base`.
 fn rip_relative_loads(base: u64, code: &[u8]) -> Vec<u64> {
     code.windows(7)

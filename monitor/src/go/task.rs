@@ -6,6 +6,11 @@ use crate::proc::ProcMem;
 
 /// `runtime._Gwaiting`: parked.
 pub const G_WAITING: u32 = 4;
+/// `runtime._Grunning` and `runtime._Gsyscall`: its saved `sched.sp` is stale.
+pub const G_RUNNING: u32 = 2;
+pub const G_SYSCALL: u32 = 3;
+/// `runtime._Gleaked` (go1.27): parked, and found leaked by the runtime's own profile.
+pub const G_LEAKED: u32 = 10;
 /// `runtime._Gdead`: exited (the `g` waits for reuse).
 pub const G_DEAD: u32 = 6;
 /// `runtime._Gscan`: set on top of the status while the GC scans the stack.
@@ -33,6 +38,11 @@ pub struct GRecord {
     /// Bytes of stack in use when it was descheduled (`stack.hi - sched.sp`): unlike
     /// `sched.sp`, unchanged when the GC moves (shrinks) a parked goroutine's stack.
     pub stack_depth: u64,
+    /// `g.stack.lo` and `g.stack.hi`.
+    pub stack_lo: u64,
+    pub stack_hi: u64,
+    /// `g.waiting` (a `*sudog`).
+    pub waiting: u64,
 }
 
 /// Bytes of a `g` that [`parse_g`] needs: from its start (`stack`) to the last field used.
@@ -47,6 +57,7 @@ fn g_span(off: &GOffsets) -> usize {
         off.sched_sp,
         off.sched_bp,
         off.tracking_seq,
+        off.waiting,
     ];
     fields.iter().max().map_or(0, |m| *m as usize + 8)
 }
@@ -87,6 +98,9 @@ fn parse_g(buf: &[u8], off: &GOffsets) -> GRecord {
         sched_bp: at(off.sched_bp, 8),
         tracking_seq: at(off.tracking_seq, 1) as u8,
         stack_depth: at(STACK_HI_OFFSET as u32, 8).wrapping_sub(at(off.sched_sp, 8)),
+        stack_lo: at(0, 8),
+        stack_hi: at(STACK_HI_OFFSET as u32, 8),
+        waiting: at(off.waiting, 8),
     }
 }
 
@@ -153,19 +167,67 @@ pub fn all_gs(mem: &ProcMem, allgs_addr: u64, limit: usize) -> Vec<u64> {
     gs
 }
 
-/// Whether a function belongs to the program rather than the Go distribution: standard-library
-/// import paths have no dot in their first element (`sync`, `net/http`), module paths do.
-pub fn is_user_function(function: &str) -> bool {
+/// The import path of the package a Go function name belongs to (`net/http` for
+/// `net/http.(*conn).serve`).
+fn package_of(function: &str) -> &str {
     let after_slash = function.rfind('/').map_or(0, |i| i + 1);
-    let package_end = function[after_slash..]
+    let end = function[after_slash..]
         .find('.')
         .map_or(function.len(), |i| after_slash + i);
-    let package = &function[..package_end];
-    package == "main"
-        || package
-            .split('/')
-            .next()
-            .is_some_and(|first| first.contains('.'))
+    &function[..end]
+}
+
+/// Whether a function is the program's own: in package main or in the main module
+/// (`main_module`, from the build info). Without module info, a package whose path has a dot
+/// in its first element (a module, not the standard library) counts.
+pub fn is_user_function(function: &str, main_module: Option<&str>) -> bool {
+    let package = package_of(function);
+    if package == "main" {
+        return true;
+    }
+    match main_module {
+        Some(m) => {
+            package == m
+                || package
+                    .strip_prefix(m)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        }
+        None => is_third_party(package),
+    }
+}
+
+/// Standard-library import paths have no dot in their first element (`sync`, `net/http`).
+fn is_third_party(package: &str) -> bool {
+    package
+        .split('/')
+        .next()
+        .is_some_and(|first| first.contains('.'))
+}
+
+/// Where a goroutine is, for an alert: the first frame of `frames` (innermost first) in the
+/// program's own code; else the first in a dependency; else the first outside the runtime
+/// and the standard library's runtime hooks.
+pub fn pick_frame<'f, F>(
+    frames: &'f [F],
+    function: impl Fn(&F) -> &str,
+    main_module: Option<&str>,
+) -> Option<&'f F> {
+    frames
+        .iter()
+        .find(|f| is_user_function(function(f), main_module))
+        .or_else(|| {
+            frames
+                .iter()
+                .find(|f| is_third_party(package_of(function(f))))
+        })
+        .or_else(|| {
+            frames.iter().find(|f| {
+                let name = function(f);
+                !name.starts_with("runtime.")
+                    && !name.starts_with("internal/")
+                    && !name.contains(".runtime_")
+            })
+        })
 }
 
 #[cfg(test)]
@@ -174,12 +236,43 @@ mod tests {
 
     #[test]
     fn user_functions() {
-        assert!(is_user_function("main.leakSend.func1"));
-        assert!(is_user_function("github.com/acme/api.(*Server).handle"));
-        assert!(is_user_function("leakmon.dev/fixtures/x.Worker"));
-        assert!(!is_user_function("sync.(*Mutex).Lock"));
-        assert!(!is_user_function("net/http.(*conn).serve"));
-        assert!(!is_user_function("runtime.gopark"));
-        assert!(!is_user_function("internal/poll.(*FD).Read"));
+        assert!(is_user_function("main.leakSend.func1", None));
+        assert!(is_user_function(
+            "github.com/acme/api.(*Server).handle",
+            None
+        ));
+        assert!(is_user_function("leakmon.dev/fixtures/x.Worker", None));
+        assert!(!is_user_function("sync.(*Mutex).Lock", None));
+        assert!(!is_user_function("net/http.(*conn).serve", None));
+        assert!(!is_user_function("runtime.gopark", None));
+        assert!(!is_user_function("internal/poll.(*FD).Read", None));
+        // With the main module known: a dot-less module is the program's, a dependency not.
+        let m = Some("orders");
+        assert!(is_user_function("orders/internal/store.(*DB).Get", m));
+        assert!(is_user_function("orders.Run", m));
+        assert!(!is_user_function("ordersx/y.F", m));
+        assert!(!is_user_function("github.com/acme/lib.Pool.Get", m));
+        assert!(!is_user_function("sync.(*WaitGroup).Wait", m));
+    }
+
+    #[test]
+    fn picks_own_then_dependency_then_library_frames() {
+        let m = Some("orders");
+        let stack: Vec<String> = [
+            "runtime.gopark",
+            "sync.runtime_SemacquireWaitGroup",
+            "sync.(*WaitGroup).Wait",
+            "github.com/acme/lib.(*Group).Wait",
+            "orders/internal/jobs.run",
+        ]
+        .map(String::from)
+        .to_vec();
+        let pick = |n: usize| pick_frame(&stack[..n], |s: &String| s.as_str(), m).cloned();
+        assert_eq!(pick(5).as_deref(), Some("orders/internal/jobs.run"));
+        assert_eq!(
+            pick(4).as_deref(),
+            Some("github.com/acme/lib.(*Group).Wait")
+        );
+        assert_eq!(pick(3).as_deref(), Some("sync.(*WaitGroup).Wait"));
     }
 }

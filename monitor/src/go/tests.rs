@@ -358,7 +358,7 @@ fn generate_table() {
          //! `LEAKMON_GEN_TABLE=src/go/table.rs cargo test generate_table`. Do not edit.\n\
          \n\
          use super::GOffsets;\n\
-         use super::offsets::{ModuleDataOffsets, TableEntry};\n\
+         use super::offsets::{HeapOffsets, ModuleDataOffsets, TableEntry};\n\
          \n\
          pub(crate) static TABLE: &[TableEntry] = &[\n",
     );
@@ -381,6 +381,7 @@ fn generate_table() {
             ("sched_pc", o.sched_pc),
             ("sched_bp", o.sched_bp),
             ("tracking_seq", o.tracking_seq),
+            ("waiting", o.waiting),
         ] {
             let _ = writeln!(out, "            {k}: {v},");
         }
@@ -389,6 +390,30 @@ fn generate_table() {
         let _ = writeln!(out, "            funcnametab: {},", m.funcnametab);
         let _ = writeln!(out, "            text: {},", m.text);
         let _ = writeln!(out, "            gofunc: {},", m.gofunc);
+        let _ = writeln!(out, "        }},");
+        let h = layout.heap;
+        let _ = writeln!(out, "        heap: HeapOffsets {{");
+        for (k, v) in [
+            ("sudog_next", h.sudog_next),
+            ("sudog_elem", h.sudog_elem),
+            ("sudog_waitlink", h.sudog_waitlink),
+            ("sudog_c", h.sudog_c),
+            ("sudog_size", h.sudog_size),
+            ("hchan_qcount", h.hchan_qcount),
+            ("hchan_dataqsiz", h.hchan_dataqsiz),
+            ("hchan_closed", h.hchan_closed),
+            ("hchan_recvq", h.hchan_recvq),
+            ("hchan_sendq", h.hchan_sendq),
+            ("mspan_start_addr", h.mspan_start_addr),
+            ("mspan_npages", h.mspan_npages),
+            ("mspan_nelems", h.mspan_nelems),
+            ("mspan_spanclass", h.mspan_spanclass),
+            ("mspan_state", h.mspan_state),
+            ("mspan_elemsize", h.mspan_elemsize),
+            ("mheap_allspans", h.mheap_allspans),
+        ] {
+            let _ = writeln!(out, "            {k}: {v},");
+        }
         let _ = writeln!(out, "        }},");
         let _ = writeln!(out, "        wait_reasons: &[");
         for r in &reasons {

@@ -46,33 +46,49 @@ impl ProcMem {
     /// Reads `len` bytes at each of `addrs` into consecutive `len`-byte slots of one buffer,
     /// up to 1,024 reads per system call, and says which slots were read whole.
     pub fn read_many(&self, addrs: &[u64], len: usize) -> (Vec<u8>, Vec<bool>) {
+        let ranges: Vec<(u64, usize)> = addrs.iter().map(|a| (*a, len)).collect();
         let mut buf = vec![0u8; addrs.len() * len];
-        let mut ok = vec![false; addrs.len()];
-        if len == 0 {
-            return (buf, ok);
+        let ok = self.read_ranges(&ranges, &mut buf);
+        (buf, ok)
+    }
+
+    /// Reads each `(addr, len)` of `ranges` into consecutive slots of `buf` (which must hold
+    /// their sum), up to 1,024 reads per system call, and says which were read whole.
+    pub fn read_ranges(&self, ranges: &[(u64, usize)], buf: &mut [u8]) -> Vec<bool> {
+        let mut ok = vec![false; ranges.len()];
+        let mut starts = Vec::with_capacity(ranges.len());
+        let mut at = 0usize;
+        for (_, len) in ranges {
+            starts.push(at);
+            at = at.saturating_add(*len);
         }
-        if addrs.iter().any(|a| self.touches_fuse(*a, len)) {
+        if at > buf.len() {
+            return ok;
+        }
+        let slot = |j: usize| starts[j]..starts[j] + ranges[j].1;
+        if ranges.iter().any(|(a, len)| self.touches_fuse(*a, *len)) {
             // Rare: one read at a time, each checked.
-            for (j, addr) in addrs.iter().enumerate() {
-                ok[j] = self.read(*addr, &mut buf[j * len..(j + 1) * len]);
+            for j in 0..ranges.len() {
+                ok[j] = self.read(ranges[j].0, &mut buf[slot(j)]);
             }
-            return (buf, ok);
+            return ok;
         }
         let mut i = 0;
-        while i < addrs.len() {
-            let n = (addrs.len() - i).min(IOV_MAX);
-            let local: Vec<libc::iovec> = buf[i * len..(i + n) * len]
-                .chunks_mut(len)
-                .map(|slot| libc::iovec {
-                    iov_base: slot.as_mut_ptr().cast(),
-                    iov_len: len,
+        while i < ranges.len() {
+            let n = (ranges.len() - i).min(IOV_MAX);
+            let base = buf.as_mut_ptr();
+            let local: Vec<libc::iovec> = (i..i + n)
+                .map(|j| libc::iovec {
+                    // SAFETY: every slot lies inside `buf` (checked above).
+                    iov_base: unsafe { base.add(starts[j]) }.cast(),
+                    iov_len: ranges[j].1,
                 })
                 .collect();
-            let remote: Vec<libc::iovec> = addrs[i..i + n]
+            let remote: Vec<libc::iovec> = ranges[i..i + n]
                 .iter()
-                .map(|a| libc::iovec {
+                .map(|(a, len)| libc::iovec {
                     iov_base: *a as *mut libc::c_void,
-                    iov_len: len,
+                    iov_len: *len,
                 })
                 .collect();
             // SAFETY: every local iovec points into `buf`, which outlives the call; remote
@@ -87,20 +103,25 @@ impl ProcMem {
                     0,
                 )
             };
-            // The kernel stops at the first remote range it cannot read: the slots before it
+            // The kernel stops at the first remote range it cannot read: the ranges before it
             // are whole; read that one alone (it may be fine, e.g. only its tail is unmapped)
             // and go on after it.
-            let whole = usize::try_from(read).map_or(0, |r| r / len).min(n);
+            let mut left = usize::try_from(read).unwrap_or(0);
+            let mut whole = 0;
+            while whole < n && left >= ranges[i + whole].1 {
+                left -= ranges[i + whole].1;
+                whole += 1;
+            }
             ok[i..i + whole].fill(true);
             if whole == n {
                 i += n;
             } else {
                 let j = i + whole;
-                ok[j] = self.read(addrs[j], &mut buf[j * len..(j + 1) * len]);
+                ok[j] = self.read(ranges[j].0, &mut buf[slot(j)]);
                 i = j + 1;
             }
         }
-        (buf, ok)
+        ok
     }
 
     /// Fills `buf` from `addr`; `false` when the memory is not readable (unmapped, or the

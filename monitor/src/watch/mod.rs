@@ -5,6 +5,7 @@
 //! skipped until it does, and the loop goes on with every other one. The loop itself touches
 //! only the kernel maps, the detectors and the output, so it always sees a stop request.
 
+mod reach;
 mod target;
 mod threads;
 
@@ -12,6 +13,7 @@ use std::{
     collections::{HashMap, HashSet},
     io::Write,
     os::fd::OwnedFd,
+    sync::Arc,
     time::Instant,
 };
 
@@ -105,6 +107,8 @@ struct Monitor<W: Write> {
     stop: OwnedFd,
     /// Whether failing to write the status file was said.
     status_warned: bool,
+    /// What the reachability analyses may spend, all processes together.
+    reach: Arc<reach::ReachBudget>,
 }
 
 /// `leakmon watch`: the given processes, until interrupted or until they have all exited.
@@ -219,6 +223,7 @@ impl<W: Write> Monitor<W> {
             scans: 0,
             threads: None,
             out: Output::new(settings.format.unwrap_or(default_format), out, otlp),
+            reach: Arc::new(reach::ReachBudget::new(settings.reach_budget)),
             settings,
             stop,
             status_warned: false,
@@ -488,9 +493,10 @@ impl<W: Write> Monitor<W> {
                 log::info!("PID {pid}'s scan finished late: judged now");
                 done.push((*pid, late));
             }
+            let budget = Arc::clone(&self.reach);
             w.slot.dispatch(&self.workers, move |target| {
                 target.runs_same_program().then(|| {
-                    let (observations, stale) = target.scan(&entries, now, block, spin);
+                    let (observations, stale) = target.scan(&entries, now, block, spin, &budget);
                     (now, observations, stale)
                 })
             });

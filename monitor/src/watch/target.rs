@@ -14,14 +14,19 @@ use monitor_ebpf::{GoPhase, GoProc, GoState, names};
 
 use crate::{
     bpf::{BpfError, GoLinks, Probes},
-    detect::{Observation, Site, TaskState},
+    detect::{Observation, Site, Stack, TaskState, WaitsOn},
     go::{
         self, Frame, GoBinary, GoError,
-        task::{self, GRecord, is_user_function},
+        heap::Heap,
+        reach,
+        task::{self, GRecord, pick_frame},
+        waits::{self, WaitClass, WaitKind, WaitObject},
     },
     proc::{self, Container, ProcError, ProcMem},
     sys::workers::Gate,
 };
+
+use super::reach::ReachBudget;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -153,6 +158,9 @@ struct Resolved {
     created_at: Option<Arc<Site>>,
     entry: Arc<str>,
     blocked_at: Option<Arc<Site>>,
+    stack: Option<Stack>,
+    /// What it waits on (candidates for the reachability analysis only), once known.
+    waits: Option<Arc<[WaitObject]>>,
 }
 
 /// One shared copy of each site and name (a leak is thousands of goroutines with the same few).
@@ -160,6 +168,7 @@ struct Resolved {
 struct Interner {
     sites: HashSet<Arc<Site>>,
     names: HashSet<Arc<str>>,
+    stacks: HashSet<Stack>,
 }
 
 impl Interner {
@@ -170,6 +179,15 @@ impl Interner {
         let s = Arc::new(site);
         self.sites.insert(Arc::clone(&s));
         s
+    }
+
+    fn stack(&mut self, sites: Vec<Site>) -> Stack {
+        let stack: Stack = sites.into_iter().map(|s| self.site(s)).collect();
+        if let Some(s) = self.stacks.get(&stack) {
+            return Arc::clone(s);
+        }
+        self.stacks.insert(Arc::clone(&stack));
+        stack
     }
 
     fn name(&mut self, name: &str) -> Arc<str> {
@@ -203,12 +221,34 @@ pub struct Target {
     creation_sites: HashMap<u64, Option<Arc<Site>>>,
     /// Address of `runtime.allgs` when parks are found by scanning; `None` when probed.
     scan: Option<u64>,
+    /// Goroutines the last reachability analysis found leaked, and what they wait on: a
+    /// proof needs two analyses in a row that agree.
+    leaked: HashMap<u64, Arc<[WaitObject]>>,
+    /// Whether the last scan had candidates (an analysis gathers what it needs during the
+    /// scan that follows).
+    had_candidates: bool,
 }
 
 /// Upper bound on goroutines read per scan (allgs includes dead ones awaiting reuse).
 const MAX_GS: usize = 4 << 20;
 /// Goroutines read per batch of `process_vm_readv` calls.
 const READ_CHUNK: usize = 4096;
+/// Spans of a heap read for an analysis, at most (1M spans is 8 GiB of small-object heap).
+const MAX_SPANS: usize = 1 << 20;
+/// Channels whose state is read per scan, at most (for the alerts: one per group is enough).
+const MAX_CHAN_READS: usize = 256;
+
+/// The part of a goroutine's stack in use: from its saved `sched.sp` when descheduled, the
+/// whole stack when running or in a system call (what is saved is stale), or when the saved
+/// value is not inside it.
+fn live_stack(rec: &GRecord) -> (u64, u64) {
+    let descheduled = matches!(rec.status, 1 | task::G_WAITING | 9 | task::G_LEAKED);
+    if descheduled && rec.sched_sp >= rec.stack_lo && rec.sched_sp <= rec.stack_hi {
+        (rec.sched_sp, rec.stack_hi)
+    } else {
+        (rec.stack_lo, rec.stack_hi)
+    }
+}
 
 /// A park seen by scanning, and since when it has looked the same.
 struct Park {
@@ -280,6 +320,8 @@ impl Target {
             entries: HashMap::new(),
             creation_sites: HashMap::new(),
             scan,
+            leaked: HashMap::new(),
+            had_candidates: false,
         })
     }
 
@@ -332,8 +374,9 @@ impl Target {
         now_ns: u64,
         block_ns: u64,
         spin_ns: u64,
+        reach: &ReachBudget,
     ) -> (Vec<Observation>, Vec<(u64, GoState)>) {
-        let mut goroutines = self.scan_parked(now_ns, block_ns);
+        let mut goroutines = self.scan_parked(now_ns, block_ns, reach);
         let mut stale = Vec::new();
         for (goid, state) in entries {
             let mut is_stale = false;
@@ -351,19 +394,38 @@ impl Target {
     /// table or code gives its address. A goroutine counts as parked since the first scan that
     /// saw it parked with the same stack depth, wait reason and `trackingSeq` (which moves on
     /// every park and wake), so a worker re-parking at the same place between scans is a new
-    /// park. Those parked at least `min_parked_ns` are returned for judging.
-    fn scan_parked(&mut self, now_ns: u64, min_parked_ns: u64) -> Vec<Observation> {
+    /// park. Those parked at least `min_parked_ns` are returned for judging, with what they
+    /// wait on, and proven leaked when two reachability analyses in a row say so.
+    fn scan_parked(
+        &mut self,
+        now_ns: u64,
+        min_parked_ns: u64,
+        budget: &ReachBudget,
+    ) -> Vec<Observation> {
         let Some(allgs) = self.scan else {
             return Vec::new();
         };
         let previous = std::mem::take(&mut self.parks);
         let mut judged = Vec::new();
+        // Candidates: index into `judged`, and into `roots` when an analysis runs.
+        let mut candidates: Vec<(usize, u64, GRecord)> = Vec::new();
+        let analyse = self.had_candidates && self.binary.mheap.is_some() && budget.allows();
+        let mut roots: Vec<reach::Goroutine> = Vec::new();
         let gs = task::all_gs(&self.mem, allgs.wrapping_add(self.bias), MAX_GS);
         // In chunks: one buffer for a whole table of 100k goroutines would be ~30 MiB.
         for chunk in gs.chunks(READ_CHUNK) {
             let records = task::read_gs(&self.mem, chunk, &self.binary.offsets);
-            for rec in records.into_iter().flatten() {
-                if rec.status != task::G_WAITING {
+            for (addr, rec) in chunk.iter().zip(records) {
+                let Some(rec) = rec else { continue };
+                let parked = matches!(rec.status, task::G_WAITING | task::G_LEAKED);
+                if analyse && rec.status != task::G_DEAD && rec.status != 0 {
+                    roots.push(reach::Goroutine {
+                        g: *addr,
+                        stack: live_stack(&rec),
+                        candidate: None,
+                    });
+                }
+                if !parked {
                     continue;
                 }
                 let signature = (rec.stack_depth, rec.waitreason, rec.tracking_seq);
@@ -379,17 +441,186 @@ impl Target {
                     },
                 );
                 if now_ns.saturating_sub(since_ns) >= min_parked_ns {
-                    judged.push(self.judge(
+                    let o = self.judge(
                         &rec,
                         Seen::Parked {
                             since_ns,
                             reason: rec.waitreason,
                         },
-                    ));
+                    );
+                    let class = WaitClass::of(self.binary.wait_reason(rec.waitreason));
+                    if class.is_some() && !o.entry.starts_with("runtime.") {
+                        candidates.push((judged.len(), *addr, rec));
+                    }
+                    judged.push(o);
                 }
             }
         }
+        self.had_candidates = !candidates.is_empty();
+        let heap = (analyse && !candidates.is_empty())
+            .then(|| self.read_heap())
+            .flatten();
+        self.fill_waits(&candidates, heap.as_ref());
+        let proven = match heap {
+            Some(heap) => self.prove(&heap, &candidates, roots, budget),
+            None => HashSet::new(),
+        };
+        let mut channels: HashMap<u64, Option<crate::detect::ChannelState>> = HashMap::new();
+        for (i, _, rec) in &candidates {
+            let Some(waits) = self.resolved.get(&rec.goid).and_then(|r| r.waits.clone()) else {
+                continue;
+            };
+            let Some(first) = waits.first() else { continue };
+            let channel = if first.kind == WaitKind::Channel && channels.len() < MAX_CHAN_READS {
+                *channels
+                    .entry(first.addr)
+                    .or_insert_with(|| waits::chan_state(&self.mem, &self.binary.heap, first.addr))
+            } else {
+                channels.get(&first.addr).copied().flatten()
+            };
+            let o = &mut judged[*i];
+            o.proven = proven.contains(&rec.goid);
+            o.waits_on = Some(Arc::new(WaitsOn {
+                kind: match first.kind {
+                    WaitKind::Channel => "channel",
+                    WaitKind::Semaphore => "semaphore",
+                    WaitKind::Cond => "cond",
+                },
+                address: first.addr,
+                channel,
+                objects: 1,
+            }));
+        }
         judged
+    }
+
+    /// The heap's spans, for an analysis (`None`, said at debug level, when unreadable).
+    fn read_heap(&self) -> Option<Heap> {
+        let mheap = self.binary.mheap?.wrapping_add(self.bias);
+        match Heap::read(&self.mem, mheap, &self.binary.heap, MAX_SPANS) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                log::debug!(
+                    "PID {}: heap not read ({e:?}); no proof this scan",
+                    self.pid
+                );
+                None
+            }
+        }
+    }
+
+    /// What each candidate waits on, read once per park (cached with its sites). Semaphore
+    /// and Cond waits before go1.26 need the heap (their sudog is found there).
+    fn fill_waits(&mut self, candidates: &[(usize, u64, GRecord)], heap: Option<&Heap>) {
+        let legacy_needed = self.binary.version.minor < 26;
+        let mut legacy = None;
+        for (_, addr, rec) in candidates {
+            let Some(class) = WaitClass::of(self.binary.wait_reason(rec.waitreason)) else {
+                continue;
+            };
+            if self
+                .resolved
+                .get(&rec.goid)
+                .is_none_or(|r| r.waits.is_some())
+            {
+                continue;
+            }
+            let legacy_map =
+                if legacy_needed && class != WaitClass::Channel {
+                    let Some(heap) = heap else { continue };
+                    Some(&*legacy.get_or_insert_with(|| {
+                        waits::sudogs_by_g(&self.mem, heap, &self.binary.heap)
+                    }))
+                } else {
+                    None
+                };
+            let objects = waits::wait_objects(
+                &self.mem,
+                &self.binary.heap,
+                class,
+                *addr,
+                rec.waiting,
+                legacy_map,
+            );
+            if let Some(r) = self.resolved.get_mut(&rec.goid) {
+                r.waits = Some(objects.into());
+            }
+        }
+    }
+
+    /// Runs one reachability analysis; returns the goroutines proven leaked (found leaked
+    /// by this analysis and the one before, waiting on the same objects).
+    fn prove(
+        &mut self,
+        heap: &Heap,
+        candidates: &[(usize, u64, GRecord)],
+        mut goroutines: Vec<reach::Goroutine>,
+        budget: &ReachBudget,
+    ) -> HashSet<u64> {
+        let started = std::time::Instant::now();
+        let by_g: HashMap<u64, usize> = goroutines
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (g.g, i))
+            .collect();
+        let mut goid_of: HashMap<usize, (u64, Arc<[WaitObject]>)> = HashMap::new();
+        for (_, addr, rec) in candidates {
+            let Some(waits) = self.resolved.get(&rec.goid).and_then(|r| r.waits.clone()) else {
+                continue;
+            };
+            if waits.is_empty() {
+                continue;
+            }
+            if let Some(&i) = by_g.get(addr) {
+                goroutines[i].candidate = Some(waits.to_vec());
+                goid_of.insert(i, (rec.goid, waits));
+            }
+        }
+        let globals: Vec<(u64, u64)> = self
+            .binary
+            .globals
+            .iter()
+            .map(|(start, len)| (start.wrapping_add(self.bias), *len))
+            .collect();
+        let result = reach::analyse(
+            &self.mem,
+            heap,
+            &self.binary.heap,
+            &globals,
+            &goroutines,
+            budget.available(),
+        );
+        let bytes = match &result {
+            Ok(o) => o.bytes_read,
+            Err(_) => budget.available(),
+        };
+        budget.charge(bytes, started.elapsed());
+        let Ok(outcome) = result else {
+            log::debug!("PID {}: reachability analysis over its budget", self.pid);
+            self.leaked.clear();
+            return HashSet::new();
+        };
+        log::debug!(
+            "PID {}: reachability: {} candidates, {} leaked, {} objects marked, {} KiB read in {:?}",
+            self.pid,
+            goid_of.len(),
+            outcome.leaked.len(),
+            outcome.objects_marked,
+            outcome.bytes_read >> 10,
+            started.elapsed()
+        );
+        let leaked: HashMap<u64, Arc<[WaitObject]>> = outcome
+            .leaked
+            .iter()
+            .filter_map(|i| goid_of.get(i).cloned())
+            .collect();
+        let proven = leaked
+            .iter()
+            .filter(|(goid, waits)| self.leaked.get(goid) == Some(waits))
+            .map(|(goid, _)| *goid)
+            .collect();
+        self.leaked = leaked;
+        proven
     }
 
     /// Turns the probes' record of one goroutine into an observation worth judging, or `None`
@@ -486,6 +717,9 @@ impl Target {
             state,
             created_at: resolved.created_at,
             entry: resolved.entry,
+            waits_on: None,
+            proven: false,
+            stack: resolved.stack,
         }
     }
 
@@ -500,7 +734,9 @@ impl Target {
         let created_at = match self.creation_sites.get(&rec.gopc) {
             Some(site) => site.clone(),
             None => {
-                let site = pick_site(&self.frames_at([rec.gopc])).map(|s| self.interned.site(s));
+                let site = self
+                    .pick_site(&self.frames_at([rec.gopc]))
+                    .map(|s| self.interned.site(s));
                 self.creation_sites.insert(rec.gopc, site.clone());
                 site
             }
@@ -521,16 +757,20 @@ impl Target {
             }
         };
         // A running goroutine's saved registers are stale (its stack moved on): no stack.
-        let blocked_at = if parked {
-            pick_site(&self.frames_at(task::stack(&self.mem, rec)))
+        let (blocked_at, stack) = if parked {
+            let frames = self.frames_at(task::stack(&self.mem, rec));
+            let sites = frames.iter().map(site_of).collect();
+            (self.pick_site(&frames), Some(self.interned.stack(sites)))
         } else {
-            None
+            (None, None)
         };
         Resolved {
             since_ns,
             created_at,
             entry,
             blocked_at: blocked_at.map(|s| self.interned.site(s)),
+            stack,
+            waits: None,
         }
     }
 
@@ -546,15 +786,18 @@ impl Target {
     }
 }
 
-/// The first frame in the program's own code, else the first frame outside the runtime.
-fn pick_site(frames: &[Frame]) -> Option<Site> {
-    frames
-        .iter()
-        .find(|f| is_user_function(&f.function))
-        .or_else(|| frames.iter().find(|f| !f.function.starts_with("runtime.")))
-        .map(|f| Site {
-            function: f.function.clone(),
-            file: f.file.clone(),
-            line: f.line,
-        })
+fn site_of(f: &Frame) -> Site {
+    Site {
+        function: f.function.clone(),
+        file: f.file.clone(),
+        line: f.line,
+    }
+}
+
+impl Target {
+    /// The first frame in the program's own module, else in a dependency, else outside the
+    /// runtime.
+    fn pick_site(&self, frames: &[Frame]) -> Option<Site> {
+        pick_frame(frames, |f| &f.function, self.binary.main_module.as_deref()).map(site_of)
+    }
 }

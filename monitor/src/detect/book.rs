@@ -1,0 +1,222 @@
+//! The alert book: one lifecycle for every kind of alert. Detectors say, at each scan, which
+//! alerts hold now (keyed by what they are about); the book turns that into transitions:
+//! `firing` once, `changed` when the same group turns into another kind, `updated` at a
+//! bounded rate while count, age or growth move, and `resolved` only when the detector no
+//! longer lists it. Each alert keeps a stable id for its whole life.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Debug,
+    sync::Arc,
+    time::Duration,
+};
+
+use super::{Alert, AlertKind, AlertState, Transition};
+
+#[derive(Debug)]
+struct Entry {
+    id: Arc<str>,
+    alert: Alert,
+    /// When the last transition was emitted, and with what content.
+    emitted_ns: u64,
+    emitted: Alert,
+}
+
+/// Firing alerts per process, keyed by `K` (what the alert is about: a goroutine group, a
+/// lock cycle, ...).
+#[derive(Debug)]
+pub struct AlertBook<K> {
+    processes: HashMap<u32, BTreeMap<K, Entry>>,
+    /// Least time between two `updated` transitions of one alert.
+    update_every: Duration,
+}
+
+impl<K: Ord + Clone + Debug> AlertBook<K> {
+    pub fn new(update_every: Duration) -> Self {
+        Self {
+            processes: HashMap::new(),
+            update_every,
+        }
+    }
+
+    /// What holds for `pid` at `now_ns` (every alert, firing or not yet): returns the
+    /// transitions to report.
+    pub fn settle(&mut self, pid: u32, now_ns: u64, holds: Vec<(K, Alert)>) -> Vec<Transition> {
+        let book = self.processes.entry(pid).or_default();
+        let mut holds: BTreeMap<K, Alert> = holds.into_iter().collect();
+        let mut out = Vec::new();
+        let every = u64::try_from(self.update_every.as_nanos()).unwrap_or(u64::MAX);
+        book.retain(|key, entry| {
+            let Some(alert) = holds.remove(key) else {
+                let mut alert = entry.alert.clone();
+                alert.count = 0;
+                out.push(Transition {
+                    id: Arc::clone(&entry.id),
+                    state: AlertState::Resolved,
+                    previous: None,
+                    alert,
+                });
+                return false;
+            };
+            let previous = entry.alert.kind;
+            entry.alert = alert;
+            if previous != entry.alert.kind {
+                out.push(entry.emit(now_ns, AlertState::Changed, Some(previous)));
+            } else if moved(&entry.emitted, &entry.alert)
+                && now_ns.saturating_sub(entry.emitted_ns) >= every
+            {
+                out.push(entry.emit(now_ns, AlertState::Updated, None));
+            }
+            true
+        });
+        for (key, alert) in holds {
+            let mut entry = Entry {
+                id: stable_id(pid, &key, alert.kind),
+                emitted: alert.clone(),
+                alert,
+                emitted_ns: now_ns,
+            };
+            out.push(entry.emit(now_ns, AlertState::Firing, None));
+            book.insert(key, entry);
+        }
+        if book.is_empty() {
+            self.processes.remove(&pid);
+        }
+        out
+    }
+
+    /// The process is gone: everything it had firing resolves.
+    pub fn forget(&mut self, pid: u32) -> Vec<Transition> {
+        self.processes
+            .remove(&pid)
+            .into_iter()
+            .flat_map(BTreeMap::into_values)
+            .map(|entry| {
+                let mut alert = entry.alert;
+                alert.count = 0;
+                Transition {
+                    id: entry.id,
+                    state: AlertState::Resolved,
+                    previous: None,
+                    alert,
+                }
+            })
+            .collect()
+    }
+
+    /// Every alert firing now, with its process, as of the last scan.
+    pub fn firing(&self) -> impl Iterator<Item = (u32, &Alert)> {
+        self.processes
+            .iter()
+            .flat_map(|(pid, book)| book.values().map(move |e| (*pid, &e.alert)))
+    }
+
+    /// The kind firing for `key` in `pid`, if any.
+    pub fn kind(&self, pid: u32, key: &K) -> Option<AlertKind> {
+        self.processes.get(&pid)?.get(key).map(|e| e.alert.kind)
+    }
+}
+
+impl Entry {
+    fn emit(&mut self, now_ns: u64, state: AlertState, previous: Option<AlertKind>) -> Transition {
+        self.emitted_ns = now_ns;
+        self.emitted = self.alert.clone();
+        Transition {
+            id: Arc::clone(&self.id),
+            state,
+            previous,
+            alert: self.alert.clone(),
+        }
+    }
+}
+
+/// Whether an alert's figures moved enough since it was last emitted to say so: its count,
+/// its growth rate, or its age by more than a fifth.
+fn moved(before: &Alert, now: &Alert) -> bool {
+    before.count != now.count
+        || before.proven != now.proven
+        || before.growth_per_minute.map(f64::round) != now.growth_per_minute.map(f64::round)
+        || now.oldest_seconds > before.oldest_seconds * 1.2 + 1.0
+}
+
+/// A stable id: the same process, group and kind family get the same id (FNV-1a, which does
+/// not change between builds).
+fn stable_id<K: Debug>(pid: u32, key: &K, kind: AlertKind) -> Arc<str> {
+    let family = if kind.is_thread() { "thread" } else { "task" };
+    let text = format!("{pid}/{family}/{key:?}");
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    Arc::from(format!("{h:016x}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::GroupKey;
+
+    const S: u64 = 1_000_000_000;
+
+    fn alert(kind: AlertKind, count: u64) -> Alert {
+        Alert {
+            kind,
+            group: GroupKey {
+                created_at: None,
+                entry: "main.worker".into(),
+                blocked_at: None,
+                wait_reason: Some("chan send".into()),
+            },
+            count,
+            oldest_seconds: 10.0,
+            growth_per_minute: None,
+            proof: None,
+            proven: 0,
+            waits_on: None,
+            stack: None,
+            threads: Vec::new(),
+        }
+    }
+
+    fn states(t: &[Transition]) -> Vec<(AlertState, AlertKind, u64)> {
+        t.iter()
+            .map(|t| (t.state, t.alert.kind, t.alert.count))
+            .collect()
+    }
+
+    #[test]
+    fn lifecycle_fire_update_change_resolve() {
+        let mut book = AlertBook::new(Duration::from_secs(10));
+        let stuck = AlertKind::GoroutineStuck;
+        let leak = AlertKind::GoroutineLeak;
+        let t = book.settle(1, 0, vec![("g", alert(stuck, 3))]);
+        assert_eq!(states(&t), [(AlertState::Firing, stuck, 3)]);
+        let id = Arc::clone(&t[0].id);
+        // Same content: nothing. A new count within the update interval: nothing yet.
+        assert!(book.settle(1, S, vec![("g", alert(stuck, 3))]).is_empty());
+        assert!(
+            book.settle(1, 2 * S, vec![("g", alert(stuck, 4))])
+                .is_empty()
+        );
+        let t = book.settle(1, 11 * S, vec![("g", alert(stuck, 5))]);
+        assert_eq!(states(&t), [(AlertState::Updated, stuck, 5)]);
+        // A change of kind is one transition naming the previous kind, never a resolution.
+        let t = book.settle(1, 12 * S, vec![("g", alert(leak, 9))]);
+        assert_eq!(states(&t), [(AlertState::Changed, leak, 9)]);
+        assert_eq!(t[0].previous, Some(stuck));
+        assert_eq!(t[0].id, id);
+        assert_eq!(book.kind(1, &"g"), Some(leak));
+        assert_eq!(book.firing().count(), 1);
+        let t = book.settle(1, 13 * S, vec![]);
+        assert_eq!(states(&t), [(AlertState::Resolved, leak, 0)]);
+        assert_eq!(t[0].id, id);
+        assert_eq!(book.firing().count(), 0);
+        // The same group firing again later gets the same id.
+        let t = book.settle(1, 20 * S, vec![("g", alert(leak, 1))]);
+        assert_eq!(t[0].id, id);
+        let t = book.forget(1);
+        assert_eq!(states(&t), [(AlertState::Resolved, leak, 0)]);
+        assert!(book.forget(1).is_empty());
+    }
+}

@@ -1,0 +1,167 @@
+//! What a parked goroutine waits on, read from its `g` with no probe: the channels of its
+//! sudog list (`g.waiting`, linked by `waitlink`: one sudog per channel of a select), or the
+//! semaphore or `sync.Cond` notify list its sudog names.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use super::{heap::Heap, offsets::HeapOffsets};
+use crate::{detect::ChannelState, proc::ProcMem};
+
+/// Sudogs followed per goroutine (a select has one per case) and per channel queue.
+const MAX_SUDOGS: usize = 256;
+
+/// The kind of object a goroutine waits on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitKind {
+    Channel,
+    /// A `sync.WaitGroup` (or another user of `runtime_Semacquire`).
+    Semaphore,
+    /// A `sync.Cond`'s notify list.
+    Cond,
+}
+
+/// How a wait reason finds its objects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WaitClass {
+    Channel,
+    Semaphore,
+    Cond,
+}
+
+impl WaitClass {
+    /// The waits whose object can prove a leak (`None` for locks, nil channels, I/O, ...).
+    pub(crate) fn of(reason: &str) -> Option<WaitClass> {
+        match reason {
+            "chan send" | "chan receive" | "select" => Some(WaitClass::Channel),
+            "sync.WaitGroup.Wait" | "semacquire" => Some(WaitClass::Semaphore),
+            "sync.Cond.Wait" => Some(WaitClass::Cond),
+            _ => None,
+        }
+    }
+}
+
+/// One object waited on: its kind and address (for a channel, the `hchan`; for a semaphore,
+/// the semaphore word; for a Cond, its notify list, or before go1.26 the goroutine's sudog in
+/// it, which only the list reaches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct WaitObject {
+    pub kind: WaitKind,
+    pub addr: u64,
+}
+
+/// Sudogs of semaphore and Cond waits before go1.26, which `g.waiting` does not point to:
+/// found by their `g` field in the spans of the sudog size class. `g` -> (sudog, elem).
+pub(crate) fn sudogs_by_g(
+    mem: &ProcMem,
+    heap: &Heap,
+    off: &HeapOffsets,
+) -> HashMap<u64, (u64, u64)> {
+    let size = u64::from(off.sudog_size);
+    let mut found = HashMap::new();
+    for span in heap.spans() {
+        if span.noscan || span.elemsize < size || span.elemsize > size + 16 {
+            continue;
+        }
+        let len = (span.elemsize * u64::from(span.nelems)) as usize;
+        let mut buf = vec![0u8; len];
+        if !mem.read(span.start, &mut buf) {
+            continue;
+        }
+        for (i, obj) in buf.chunks_exact(span.elemsize as usize).enumerate() {
+            let g = word(obj, 0);
+            let elem = word(obj, off.sudog_elem);
+            if g != 0 {
+                found.insert(g, (span.start + i as u64 * span.elemsize, elem));
+            }
+        }
+    }
+    found
+}
+
+/// The objects the goroutine `g` (its `g.waiting` is `waiting`) waits on in a wait of
+/// `class`. `legacy` holds the sudogs found by [`sudogs_by_g`] for versions before go1.26
+/// (`None` from go1.26 on, where `g.waiting` covers every class).
+pub(crate) fn wait_objects(
+    mem: &ProcMem,
+    off: &HeapOffsets,
+    class: WaitClass,
+    g: u64,
+    waiting: u64,
+    legacy: Option<&HashMap<u64, (u64, u64)>>,
+) -> Vec<WaitObject> {
+    let mut objects = Vec::new();
+    match (class, legacy) {
+        (WaitClass::Channel, _) | (_, None) => {
+            let (kind, field) = match class {
+                WaitClass::Channel => (WaitKind::Channel, off.sudog_c),
+                WaitClass::Semaphore => (WaitKind::Semaphore, off.sudog_elem),
+                WaitClass::Cond => (WaitKind::Cond, off.sudog_elem),
+            };
+            let mut sudog = waiting;
+            let mut seen = 0;
+            while sudog != 0 && seen < MAX_SUDOGS {
+                let (Some(addr), Some(next)) = (
+                    mem.read_u64(sudog + u64::from(field)),
+                    mem.read_u64(sudog + u64::from(off.sudog_waitlink)),
+                ) else {
+                    return Vec::new();
+                };
+                if addr != 0 {
+                    objects.push(WaitObject { kind, addr });
+                }
+                sudog = next;
+                seen += 1;
+            }
+        }
+        (WaitClass::Semaphore, Some(found)) => {
+            if let Some((_, elem)) = found.get(&g).filter(|(_, e)| *e != 0) {
+                objects.push(WaitObject {
+                    kind: WaitKind::Semaphore,
+                    addr: *elem,
+                });
+            }
+        }
+        (WaitClass::Cond, Some(found)) => {
+            if let Some((sudog, _)) = found.get(&g) {
+                objects.push(WaitObject {
+                    kind: WaitKind::Cond,
+                    addr: *sudog,
+                });
+            }
+        }
+    }
+    objects.sort_unstable();
+    objects.dedup();
+    objects
+}
+
+/// The state of the channel at `hchan`.
+pub(crate) fn chan_state(mem: &ProcMem, off: &HeapOffsets, hchan: u64) -> Option<ChannelState> {
+    let at = |o: u32| mem.read_u64(hchan + u64::from(o));
+    let queue = |o: u32| -> u32 {
+        let mut n = 0;
+        let mut s = at(o).unwrap_or(0);
+        while s != 0 && (n as usize) < MAX_SUDOGS {
+            n += 1;
+            s = mem.read_u64(s + u64::from(off.sudog_next)).unwrap_or(0);
+        }
+        n
+    };
+    Some(ChannelState {
+        length: at(off.hchan_qcount)?,
+        capacity: at(off.hchan_dataqsiz)?,
+        closed: at(off.hchan_closed)? as u32 != 0,
+        waiting_senders: queue(off.hchan_sendq),
+        waiting_receivers: queue(off.hchan_recvq),
+    })
+}
+
+fn word(b: &[u8], o: u32) -> u64 {
+    let s = o as usize;
+    b.get(s..s + 8)
+        .and_then(|w| w.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
+}

@@ -1,0 +1,117 @@
+//! The budget of the reachability analysis (see `go/reach.rs`), shared by every process:
+//! bytes of target memory read and time spent per minute. Analyses run only while the
+//! budget has something left, so proving leaks never costs more than the setting, however
+//! large or numerous the heaps.
+
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+/// CPU time the analyses may take per minute, all processes together: 5% of one core.
+const CPU_PER_MINUTE: Duration = Duration::from_secs(3);
+
+#[derive(Debug)]
+pub struct ReachBudget {
+    per_minute: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Bytes and seconds that may still be spent (negative after an analysis overran).
+    bytes: f64,
+    cpu: f64,
+    refilled: Instant,
+    /// Totals, for the status and metrics.
+    analyses: u64,
+    total_bytes: u64,
+    total_cpu: Duration,
+}
+
+/// What the analyses have cost so far.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReachStats {
+    pub analyses: u64,
+    pub bytes_read: u64,
+    pub cpu: Duration,
+}
+
+impl ReachBudget {
+    /// `per_minute` bytes of target memory per minute; 0 turns the analysis off.
+    pub fn new(per_minute: u64) -> Self {
+        Self {
+            per_minute,
+            state: Mutex::new(State {
+                bytes: per_minute as f64,
+                cpu: CPU_PER_MINUTE.as_secs_f64(),
+                refilled: Instant::now(),
+                analyses: 0,
+                total_bytes: 0,
+                total_cpu: Duration::ZERO,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Refill at the rate, up to one minute's worth.
+        let elapsed = s.refilled.elapsed().as_secs_f64() / 60.0;
+        s.refilled = Instant::now();
+        s.bytes = (s.bytes + elapsed * self.per_minute as f64).min(self.per_minute as f64);
+        s.cpu = (s.cpu + elapsed * CPU_PER_MINUTE.as_secs_f64()).min(CPU_PER_MINUTE.as_secs_f64());
+        s
+    }
+
+    /// Whether an analysis may start now.
+    pub fn allows(&self) -> bool {
+        if self.per_minute == 0 {
+            return false;
+        }
+        let s = self.lock();
+        s.bytes > 0.0 && s.cpu > 0.0
+    }
+
+    /// Bytes one analysis may read now.
+    pub fn available(&self) -> u64 {
+        self.lock().bytes.max(0.0) as u64
+    }
+
+    /// Records what an analysis cost.
+    pub fn charge(&self, bytes: u64, cpu: Duration) {
+        let mut s = self.lock();
+        s.bytes -= bytes as f64;
+        s.cpu -= cpu.as_secs_f64();
+        s.analyses += 1;
+        s.total_bytes += bytes;
+        s.total_cpu += cpu;
+    }
+
+    pub fn stats(&self) -> ReachStats {
+        let s = self.lock();
+        ReachStats {
+            analyses: s.analyses,
+            bytes_read: s.total_bytes,
+            cpu: s.total_cpu,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spending_waits_for_the_refill() {
+        let b = ReachBudget::new(1 << 20);
+        assert!(b.allows());
+        assert_eq!(b.available(), 1 << 20);
+        b.charge(3 << 20, Duration::from_millis(5));
+        assert!(!b.allows());
+        assert_eq!(b.stats().analyses, 1);
+        assert!(!ReachBudget::new(0).allows());
+    }
+}
