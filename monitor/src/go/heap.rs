@@ -21,6 +21,8 @@ pub(crate) struct Span {
     pub nelems: u32,
     /// Its objects hold no pointers (`spanclass & 1`): marked, never scanned.
     pub noscan: bool,
+    /// Its list of special records (finalizers, cleanups, ...), 0 when none.
+    pub specials: u64,
 }
 
 /// An object: which span, which slot, where it starts and how long it is.
@@ -76,6 +78,7 @@ impl Heap {
             off.mspan_spanclass,
             off.mspan_state,
             off.mspan_elemsize,
+            off.mspan_specials,
         ]
         .iter()
         .max()
@@ -205,6 +208,7 @@ fn parse_span(b: &[u8], off: &HeapOffsets) -> Option<Span> {
         elemsize,
         nelems,
         noscan: byte(off.mspan_spanclass) & 1 == 1,
+        specials: word(off.mspan_specials),
     })
 }
 
@@ -221,6 +225,7 @@ mod tests {
                 elemsize: 48,
                 nelems: 170,
                 noscan: false,
+                specials: 0,
             },
             Span {
                 start: 0x20000,
@@ -228,6 +233,7 @@ mod tests {
                 elemsize: 0x4000,
                 nelems: 1,
                 noscan: true,
+                specials: 0,
             },
         ]);
         let o = heap.find(0x10000 + 48 * 3 + 17).unwrap();

@@ -55,6 +55,11 @@ pub(crate) struct HeapOffsets {
     pub mspan_spanclass: u32,
     pub mspan_state: u32,
     pub mspan_elemsize: u32,
+    /// `mspan.specials`: finalizers, cleanups and other records attached to its objects.
+    pub mspan_specials: u32,
+    /// `special.kind`: `special.offset` (the object's offset in its span) starts at 8 and
+    /// ends here (uint16 before go1.22's uintptr).
+    pub special_kind: u32,
     pub mheap_allspans: u32,
 }
 
@@ -104,7 +109,9 @@ const MSPAN_MEMBERS: &[&str] = &[
     "spanclass",
     "state",
     "elemsize",
+    "specials",
 ];
+const SPECIAL_MEMBERS: &[&str] = &["offset", "kind"];
 const MHEAP_MEMBERS: &[&str] = &["allspans"];
 /// go1.26+: `sudog.elem` and `sudog.c` wrap the address in this struct.
 const TRACEABLE_MEMBERS: &[&str] = &["vu"];
@@ -131,6 +138,7 @@ pub(crate) fn from_dwarf(elf: &Elf<'_>) -> Result<Option<DwarfLayout>, GoError> 
         Wanted::new("runtime.hchan", HCHAN_MEMBERS),
         Wanted::new("runtime.mspan", MSPAN_MEMBERS),
         Wanted::new("runtime.mheap", MHEAP_MEMBERS),
+        Wanted::new("runtime.special", SPECIAL_MEMBERS),
         Wanted::new("runtime.maybeTraceablePtr", TRACEABLE_MEMBERS),
     ];
     let mut units = dwarf.units();
@@ -184,7 +192,7 @@ pub(crate) fn from_dwarf(elf: &Elf<'_>) -> Result<Option<DwarfLayout>, GoError> 
         }
     }
 
-    let [g, gobuf, md, sudog, hchan, mspan, mheap, traceable] = &wanted;
+    let [g, gobuf, md, sudog, hchan, mspan, mheap, special, traceable] = &wanted;
     let sched = g.get(5)?;
     let offsets = GOffsets {
         goid: g.get(0)?,
@@ -226,6 +234,15 @@ pub(crate) fn from_dwarf(elf: &Elf<'_>) -> Result<Option<DwarfLayout>, GoError> 
         mspan_spanclass: mspan.get(3)?,
         mspan_state: mspan.get(4)?,
         mspan_elemsize: mspan.get(5)?,
+        mspan_specials: mspan.get(6)?,
+        special_kind: match (special.get(0)?, special.get(1)?) {
+            (8, kind @ (10 | 16)) => kind,
+            _ => {
+                return Err(GoError::DwarfMissing {
+                    what: "runtime.special with offset at 8".into(),
+                });
+            }
+        },
         mheap_allspans: mheap.get(0)?,
     };
     Ok(Some(DwarfLayout {

@@ -26,6 +26,11 @@ const MAX_STACK: usize = 1 << 20;
 const BATCH_BYTES: usize = 1 << 20;
 /// Objects read per batch.
 const BATCH_OBJECTS: usize = 1024;
+/// Special records followed, at most (past it, no verdict).
+const MAX_SPECIALS: usize = 1 << 20;
+/// Bytes of a special record scanned: its header and what follows (a finalizer's function
+/// and types, a cleanup's function and id).
+const SPECIAL_BYTES: usize = 64;
 
 /// A goroutine as the analysis sees it.
 #[derive(Clone, Debug)]
@@ -53,6 +58,8 @@ pub(crate) struct Outcome {
 pub(crate) enum ReachError {
     /// Reading more than allowed would have been needed.
     OverBudget,
+    /// A root or a marked object could not be read: it may hold the only reference.
+    Unreadable,
 }
 
 /// Runs the analysis over `goroutines` (all of them: the candidates and every other live
@@ -70,6 +77,7 @@ pub(crate) fn analyse(
     for &(start, len) in globals {
         m.scan_range(start, len)?;
     }
+    m.scan_specials()?;
     let mut live: Vec<bool> = goroutines.iter().map(|g| g.candidate.is_none()).collect();
     for (i, g) in goroutines.iter().enumerate() {
         if live[i] {
@@ -212,7 +220,7 @@ impl<'a> Marker<'a> {
                 let ok = self.scan_pagewise(at, &mut buf);
                 self.buf = buf;
                 if !ok {
-                    return Err(ReachError::OverBudget);
+                    return Err(ReachError::Unreadable);
                 }
             } else {
                 self.scan_words(&buf, None);
@@ -249,6 +257,47 @@ impl<'a> Marker<'a> {
                 self.mark(v);
             }
         }
+    }
+
+    /// Objects with special records are roots' referents, as the runtime's GC treats
+    /// finalizers: a finalizer may still run and wake a goroutine through what its object
+    /// holds. So each record (its function, cleanup arguments) and each such object's
+    /// contents are scanned, whatever the kind (kind numbers change between versions; a
+    /// profiling record only makes more reachable).
+    fn scan_specials(&mut self) -> Result<(), ReachError> {
+        let wide = self.off.special_kind == 16;
+        let mut budget = MAX_SPECIALS;
+        for i in 0..self.heap.spans().len() {
+            let Some(span) = self.heap.span(i as u32).copied() else {
+                continue;
+            };
+            let mut special = span.specials;
+            while special != 0 && budget > 0 {
+                budget -= 1;
+                let mut record = [0u8; SPECIAL_BYTES];
+                self.charge(SPECIAL_BYTES)?;
+                if !self.mem.read(special, &mut record) {
+                    return Err(ReachError::Unreadable);
+                }
+                let word = |o: usize| u64::from_le_bytes(record[o..o + 8].try_into().unwrap_or_default());
+                let offset = if wide {
+                    word(8)
+                } else {
+                    u64::from(u16::from_le_bytes([record[8], record[9]]))
+                };
+                self.scan_words(&record[8..], None);
+                if let Some(o) = self.heap.find(span.start.saturating_add(offset))
+                    && !span.noscan
+                {
+                    self.scan_object(o)?;
+                }
+                special = word(0);
+            }
+            if budget == 0 {
+                return Err(ReachError::Unreadable);
+            }
+        }
+        Ok(())
     }
 
     /// A live goroutine's stack and `g` are roots.
@@ -334,7 +383,7 @@ impl<'a> Marker<'a> {
             if !ok[j] {
                 // An object we cannot read may hold the only reference: no proof.
                 self.buf = buf;
-                return Err(ReachError::OverBudget);
+                return Err(ReachError::Unreadable);
             }
             // A sudog (its first word is a g) is followed only through its queue.
             let first = obj
@@ -398,6 +447,8 @@ mod tests {
             mspan_spanclass: 0,
             mspan_state: 0,
             mspan_elemsize: 0,
+            mspan_specials: 0,
+            special_kind: 16,
             mheap_allspans: 0,
         }
     }
@@ -416,6 +467,7 @@ mod tests {
             elemsize: 64,
             nelems: 32,
             noscan: false,
+            specials: 0,
         }]);
         // The global (outside the heap) points to object 3, which points to channel A.
         f.set(global, obj(3));

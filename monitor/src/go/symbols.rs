@@ -73,9 +73,10 @@ impl GoBinary {
 
 impl GoBinary {
     /// `runtime.mheap_` located from the code of `runtime.mallocinit`, for stripped binaries:
-    /// its `mheap_.init()` loads the receiver with `lea rax, [rip+disp32]` right before the
-    /// `call` to `runtime.(*mheap).init`. `None` when that shape is not found (the analysis
-    /// that needs it is then not run).
+    /// its `mheap_.init()` is `lea rax, [rip+disp32]` (48 8d 05) immediately followed by the
+    /// only `call` to `runtime.(*mheap).init` (never inlined). Seen identically from go1.21
+    /// to go1.27, default and PIE, internal and external linking, with and without
+    /// optimisations; anything else gives `None` (no reachability analysis then).
     pub(crate) fn mheap_from_code(&self) -> Option<u64> {
         let f = self.pclntab.func_by_name("runtime.mallocinit")?;
         let init = self.pclntab.func_by_name("runtime.(*mheap).init")?;
@@ -83,28 +84,16 @@ impl GoBinary {
         let mut code = vec![0u8; len];
         let offset = Segment::file_offset(&self.segments, f.entry)?;
         self.file.read_exact_at(&mut code, offset).ok()?;
-        let mut last_lea = None;
-        for i in 0..code.len() {
-            let w = &code[i..];
-            if w.len() >= 7 && matches!(w[0], 0x48 | 0x4c) && w[1] == 0x8d && w[2] & 0xc7 == 0x05 {
-                let disp = i32::from_le_bytes([w[3], w[4], w[5], w[6]]);
-                last_lea = (f.entry + i as u64 + 7)
-                    .checked_add_signed(i64::from(disp))
-                    .map(|a| (i, a));
+        (7..code.len().saturating_sub(4)).find_map(|i| {
+            let rel = i32::from_le_bytes(code.get(i + 1..i + 5)?.try_into().ok()?);
+            let target = (f.entry + i as u64 + 5).checked_add_signed(i64::from(rel))?;
+            if code[i] != 0xe8 || target != init.entry || code[i - 7..i - 4] != [0x48, 0x8d, 0x05]
+            {
+                return None;
             }
-            if w.len() >= 5 && w[0] == 0xe8 {
-                let rel = i32::from_le_bytes([w[1], w[2], w[3], w[4]]);
-                let target = (f.entry + i as u64 + 5).checked_add_signed(i64::from(rel));
-                // The LEA is the instruction just before the call (within a few bytes).
-                if target == Some(init.entry)
-                    && let Some((at, addr)) = last_lea
-                    && i - at <= 16
-                {
-                    return Some(addr);
-                }
-            }
-        }
-        None
+            let disp = i32::from_le_bytes(code[i - 4..i].try_into().ok()?);
+            (f.entry + i as u64).checked_add_signed(i64::from(disp))
+        })
     }
 }
 

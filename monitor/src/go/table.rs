@@ -44,6 +44,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             mspan_spanclass: 106,
             mspan_state: 107,
             mspan_elemsize: 112,
+            mspan_specials: 136,
+            special_kind: 10,
             mheap_allspans: 65864,
         },
         wait_reasons: &[
@@ -119,6 +121,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             mspan_spanclass: 98,
             mspan_state: 99,
             mspan_elemsize: 104,
+            mspan_specials: 128,
+            special_kind: 10,
             mheap_allspans: 65864,
         },
         wait_reasons: &[
@@ -199,6 +203,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             mspan_spanclass: 98,
             mspan_state: 99,
             mspan_elemsize: 104,
+            mspan_specials: 128,
+            special_kind: 10,
             mheap_allspans: 65864,
         },
         wait_reasons: &[
@@ -280,6 +286,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             mspan_spanclass: 98,
             mspan_state: 99,
             mspan_elemsize: 104,
+            mspan_specials: 128,
+            special_kind: 16,
             mheap_allspans: 65864,
         },
         wait_reasons: &[
@@ -367,6 +375,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             mspan_spanclass: 98,
             mspan_state: 99,
             mspan_elemsize: 104,
+            mspan_specials: 128,
+            special_kind: 16,
             mheap_allspans: 65864,
         },
         wait_reasons: &[
@@ -457,6 +467,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             mspan_spanclass: 98,
             mspan_state: 99,
             mspan_elemsize: 104,
+            mspan_specials: 128,
+            special_kind: 16,
             mheap_allspans: 65864,
         },
         wait_reasons: &[
@@ -547,6 +559,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             mspan_spanclass: 98,
             mspan_state: 99,
             mspan_elemsize: 104,
+            mspan_specials: 128,
+            special_kind: 16,
             mheap_allspans: 65864,
         },
         wait_reasons: &[

@@ -80,6 +80,13 @@ fn stripped_uses_table_and_matches_dwarf() {
             stripped.allgs.is_some(),
             "go{v}: runtime.allgs not found in code"
         );
+        // The same for the heap the reachability analysis reads.
+        assert!(normal.mheap.is_some(), "go{v}: no runtime.mheap_ symbol");
+        assert_eq!(normal.mheap_from_code(), normal.mheap, "go{v}");
+        assert!(stripped.mheap.is_some(), "go{v}: runtime.mheap_ not found in code");
+        assert_eq!(stripped.heap, normal.heap, "go{v}");
+        assert_eq!(stripped.main_module, normal.main_module, "go{v}");
+        assert_eq!(normal.main_module.as_deref(), Some("orders"), "go{v}");
         assert!(stripped.has_inline_info(), "go{v}: moduledata not found");
         for f in PROBED {
             assert_eq!(
@@ -410,6 +417,8 @@ fn generate_table() {
             ("mspan_spanclass", h.mspan_spanclass),
             ("mspan_state", h.mspan_state),
             ("mspan_elemsize", h.mspan_elemsize),
+            ("mspan_specials", h.mspan_specials),
+            ("special_kind", h.special_kind),
             ("mheap_allspans", h.mheap_allspans),
         ] {
             let _ = writeln!(out, "            {k}: {v},");

@@ -140,6 +140,9 @@ pub(crate) fn go_build(tc: &Toolchain, name: &str, args: &[&str]) -> PathBuf {
     let tmp_src = dir.join(format!("main.go.{}", std::process::id()));
     std::fs::write(&tmp_src, MAIN_GO).expect("write main.go");
     std::fs::rename(&tmp_src, &src).expect("rename main.go");
+    // A module path with no dot, as internal services often have: its frames are the
+    // program's own all the same (see `task::is_user_function`).
+    std::fs::write(dir.join("go.mod"), "module orders\n\ngo 1.21\n").expect("write go.mod");
     let out = dir.join(name);
     let tmp_out = dir.join(format!("{name}.{}", std::process::id()));
     let output = Command::new(&tc.go)
@@ -147,7 +150,7 @@ pub(crate) fn go_build(tc: &Toolchain, name: &str, args: &[&str]) -> PathBuf {
         .args(args)
         .arg("-o")
         .arg(&tmp_out)
-        .arg("main.go")
+        .arg(".")
         .current_dir(&dir)
         .env("GOTOOLCHAIN", "local")
         .env("GOCACHE", format!("/tmp/gocache-{}", tc.dir_version))
