@@ -10,6 +10,9 @@ use std::{
 
 /// CPU time the analyses may take per minute, all processes together: 5% of one core.
 const CPU_PER_MINUTE: Duration = Duration::from_secs(3);
+/// Minutes of budget that may build up while nothing is analysed: a heap larger than one
+/// minute's budget is still analysed, less often.
+const BURST_MINUTES: f64 = 8.0;
 
 #[derive(Debug)]
 pub struct ReachBudget {
@@ -43,8 +46,8 @@ impl ReachBudget {
         Self {
             per_minute,
             state: Mutex::new(State {
-                bytes: per_minute as f64,
-                cpu: CPU_PER_MINUTE.as_secs_f64(),
+                bytes: per_minute as f64 * BURST_MINUTES,
+                cpu: CPU_PER_MINUTE.as_secs_f64() * BURST_MINUTES,
                 refilled: Instant::now(),
                 analyses: 0,
                 total_bytes: 0,
@@ -58,11 +61,12 @@ impl ReachBudget {
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Refill at the rate, up to one minute's worth.
+        // Refill at the rate, up to a few minutes' worth.
         let elapsed = s.refilled.elapsed().as_secs_f64() / 60.0;
         s.refilled = Instant::now();
-        s.bytes = (s.bytes + elapsed * self.per_minute as f64).min(self.per_minute as f64);
-        s.cpu = (s.cpu + elapsed * CPU_PER_MINUTE.as_secs_f64()).min(CPU_PER_MINUTE.as_secs_f64());
+        let (bytes, cpu) = (self.per_minute as f64, CPU_PER_MINUTE.as_secs_f64());
+        s.bytes = (s.bytes + elapsed * bytes).min(bytes * BURST_MINUTES);
+        s.cpu = (s.cpu + elapsed * cpu).min(cpu * BURST_MINUTES);
         s
     }
 
@@ -108,8 +112,8 @@ mod tests {
     fn spending_waits_for_the_refill() {
         let b = ReachBudget::new(1 << 20);
         assert!(b.allows());
-        assert_eq!(b.available(), 1 << 20);
-        b.charge(3 << 20, Duration::from_millis(5));
+        assert_eq!(b.available(), 8 << 20);
+        b.charge(9 << 20, Duration::from_millis(5));
         assert!(!b.allows());
         assert_eq!(b.stats().analyses, 1);
         assert!(!ReachBudget::new(0).allows());

@@ -227,6 +227,8 @@ pub struct Target {
     /// Whether the last scan had candidates (an analysis gathers what it needs during the
     /// scan that follows).
     had_candidates: bool,
+    /// Reachability analyses run (the first is logged at info).
+    analyses: u64,
 }
 
 /// Upper bound on goroutines read per scan (allgs includes dead ones awaiting reuse).
@@ -322,6 +324,7 @@ impl Target {
             scan,
             leaked: HashMap::new(),
             had_candidates: false,
+            analyses: 0,
         })
     }
 
@@ -600,8 +603,16 @@ impl Target {
             self.leaked.clear();
             return HashSet::new();
         };
-        log::debug!(
-            "PID {}: reachability: {} candidates, {} leaked, {} objects marked, {} KiB read in {:?}",
+        self.analyses += 1;
+        let level = if self.analyses == 1 {
+            log::Level::Info
+        } else {
+            log::Level::Debug
+        };
+        log::log!(
+            level,
+            "PID {}: reachability analysis: {} candidates, {} leaked, {} objects marked, {} KiB \
+             read in {:?}",
             self.pid,
             goid_of.len(),
             outcome.leaked.len(),
