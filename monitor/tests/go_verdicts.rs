@@ -127,19 +127,27 @@ fn healthy_patterns_stay_silent_while_analysed() {
     }
     let pids: Vec<u32> = procs.iter().map(|(_, p)| p.pid()).collect();
     let names: HashMap<u32, &str> = procs.iter().map(|(n, p)| (p.pid(), n.as_str())).collect();
-    // Several thresholds: the test default (1 s), then 3 s.
+    // Several thresholds: 1 s, then 3 s; the scan interval follows them (not set).
     for (threshold, seconds) in [("1s", 20), ("3s", 15)] {
-        let mut lm = Leakmon::watch(
-            &pids,
-            &["--block-threshold", threshold, "--scan-interval", "250ms"],
-        );
+        let mut args = vec!["watch".to_owned()];
+        for pid in &pids {
+            args.extend(["--pid".to_owned(), pid.to_string()]);
+        }
+        for a in ["--block-threshold", threshold, "--leak-window", "3s"] {
+            args.push(a.to_owned());
+        }
+        args.extend(["--format".to_owned(), "json".to_owned()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut lm = Leakmon::start(&args);
         let alerts = lm.collect_for(Duration::from_secs(seconds));
         let named: Vec<String> = alerts
             .iter()
             .map(|a| {
                 format!(
                     "{}: {} {} {}",
-                    names.get(&(a["pid"].as_u64().unwrap_or(0) as u32)).unwrap_or(&"?"),
+                    names
+                        .get(&(a["pid"].as_u64().unwrap_or(0) as u32))
+                        .unwrap_or(&"?"),
                     a["kind"],
                     a["wait_reason"],
                     a["blocked_at"]
@@ -182,7 +190,10 @@ fn global_channel_leak_is_found_by_growth_and_stays_until_released() {
     });
     // Reachable from a global: no proof; growth is the evidence.
     assert!(fired["proof"].is_null(), "{fired:#}");
-    assert!(fired["growth_per_minute"].as_f64().unwrap() > 0.0, "{fired:#}");
+    assert!(
+        fired["growth_per_minute"].as_f64().unwrap() > 0.0,
+        "{fired:#}"
+    );
     // Growth stops after 4 s; the leaked goroutines stay: firing, with updates, no resolution.
     let later = lm.collect_for(Duration::from_secs(12));
     let resolved: Vec<&Value> = later.iter().filter(|a| a["state"] == "resolved").collect();

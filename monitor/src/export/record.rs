@@ -265,10 +265,15 @@ mod tests {
                 count: 1204,
                 oldest_seconds: 720.4,
                 growth_per_minute: Some(40.0),
-                proof: None,
-                proven: 0,
+                proof: Some("unreachable"),
+                proven: 1204,
                 waits_on: None,
-                stack: None,
+                stack: Some(
+                    [site("api/store.go", 12), site("api/handler.go", 91)]
+                        .into_iter()
+                        .flatten()
+                        .collect(),
+                ),
                 threads: Vec::new(),
             },
         };
@@ -278,7 +283,8 @@ mod tests {
         assert_eq!(
             r.body,
             "1,204 goroutines created at api/handler.go:88 blocked at api/handler.go:91 on chan \
-             send for 12m, +40/min (goroutine_leak, PID 41, pod api-7f9)"
+             send for 12m, +40/min, proven: nothing live can reach what they wait on \
+             (goroutine_leak, PID 41, pod api-7f9)"
         );
         let get = |k: &str| {
             r.attributes
@@ -300,6 +306,19 @@ mod tests {
         assert_eq!(get("container.id"), Some(Value::Str("abc".into())));
         assert_eq!(get("leakmon.count"), Some(Value::Int(1204)));
         assert_eq!(get("thread.id"), None);
+        assert_eq!(
+            get("leakmon.alert_id"),
+            Some(Value::Str("00c0ffee00c0ffee".into()))
+        );
+        assert_eq!(get("leakmon.proof"), Some(Value::Str("unreachable".into())));
+        let Some(Value::Str(stack)) = get("code.stacktrace") else {
+            panic!("no stack attribute")
+        };
+        assert_eq!(stack.lines().count(), 2, "{stack}");
+        assert!(
+            stack.lines().nth(1).unwrap().contains("api/handler.go:91"),
+            "{stack}"
+        );
         let resolved = alert_record(
             &p,
             &Transition {

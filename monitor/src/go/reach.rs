@@ -279,7 +279,8 @@ impl<'a> Marker<'a> {
                 if !self.mem.read(special, &mut record) {
                     return Err(ReachError::Unreadable);
                 }
-                let word = |o: usize| u64::from_le_bytes(record[o..o + 8].try_into().unwrap_or_default());
+                let word =
+                    |o: usize| u64::from_le_bytes(record[o..o + 8].try_into().unwrap_or_default());
                 let offset = if wide {
                     word(8)
                 } else {
@@ -471,7 +472,7 @@ mod tests {
         }]);
         // The global (outside the heap) points to object 3, which points to channel A.
         f.set(global, obj(3));
-        f.set(obj(3) + 8, obj(1) + 0);
+        f.set(obj(3) + 8, obj(1));
         // Candidates' stacks: the first holds B (not a root), the live goroutine's stack
         // points to nothing.
         let stack_a = obj(50);

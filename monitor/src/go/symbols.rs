@@ -87,8 +87,7 @@ impl GoBinary {
         (7..code.len().saturating_sub(4)).find_map(|i| {
             let rel = i32::from_le_bytes(code.get(i + 1..i + 5)?.try_into().ok()?);
             let target = (f.entry + i as u64 + 5).checked_add_signed(i64::from(rel))?;
-            if code[i] != 0xe8 || target != init.entry || code[i - 7..i - 4] != [0x48, 0x8d, 0x05]
-            {
+            if code[i] != 0xe8 || target != init.entry || code[i - 7..i - 4] != [0x48, 0x8d, 0x05] {
                 return None;
             }
             let disp = i32::from_le_bytes(code[i - 4..i].try_into().ok()?);

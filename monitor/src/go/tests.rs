@@ -83,7 +83,10 @@ fn stripped_uses_table_and_matches_dwarf() {
         // The same for the heap the reachability analysis reads.
         assert!(normal.mheap.is_some(), "go{v}: no runtime.mheap_ symbol");
         assert_eq!(normal.mheap_from_code(), normal.mheap, "go{v}");
-        assert!(stripped.mheap.is_some(), "go{v}: runtime.mheap_ not found in code");
+        assert!(
+            stripped.mheap.is_some(),
+            "go{v}: runtime.mheap_ not found in code"
+        );
         assert_eq!(stripped.heap, normal.heap, "go{v}");
         assert_eq!(stripped.main_module, normal.main_module, "go{v}");
         assert_eq!(normal.main_module.as_deref(), Some("orders"), "go{v}");
