@@ -33,6 +33,8 @@ pub enum Suite {
     Threads,
     /// `leakmon run` at rest, watching 700 processes, and after they are gone
     Host,
+    /// The reachability analysis on 100 MB and 1 GB heaps, against Go's goroutineleak profile
+    Reach,
 }
 
 pub fn run(
@@ -45,7 +47,7 @@ pub fn run(
     let wanted = |suite| only.is_none_or(|o| o == suite);
     let tools = setup::all(ws)?;
     require_root("leakmon loads eBPF programs")?;
-    if wanted(Suite::Http) && Command::new("wrk").arg("--version").output().is_err() {
+    if (wanted(Suite::Http) || wanted(Suite::Reach)) && Command::new("wrk").arg("--version").output().is_err() {
         eprintln!("xtask: installing wrk (Debian) for the HTTP benchmark");
         crate::run(Command::new("apt-get").args(["install", "-y", "-q", "wrk"])).context(
             "apt-get install wrk (run apt-get update first if the package is not found)",
@@ -91,6 +93,9 @@ pub fn run(
 
     if wanted(Suite::Http) {
         http_suite(&http, &leakmon, http_seconds)?;
+    }
+    if wanted(Suite::Reach) {
+        reach(&http, &leakmon, http_seconds)?;
     }
     if wanted(Suite::Footprint) {
         println!(
@@ -263,29 +268,12 @@ fn http_run(bin: &Path, port: u16, seconds: u64, leakmon: Option<&Path>) -> Resu
     let addr = format!("127.0.0.1:{port}");
     let mut server = start_fixture(bin, &["-addr", &addr])?;
     let mut watcher = leakmon.map(|l| attach(l, server.id(), &[])).transpose()?;
-    let out = output(
-        Command::new("wrk")
-            .args(["-t2", "-c32", "--latency"])
-            .arg(format!("-d{seconds}s"))
-            .arg(format!("http://{addr}/")),
-    );
+    let out = wrk(&addr, seconds);
     if let Some(w) = watcher.as_mut() {
         stop(w);
     }
     stop(&mut server);
-    let out = out?;
-    let rps = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("wrk printed no Requests/sec")?;
-    let latency = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Latency"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(parse_wrk_duration_us)
-        .context("wrk printed no latency")?;
-    Ok((rps, latency))
+    out
 }
 
 fn parse_wrk_duration_us(s: &str) -> Option<f64> {
@@ -458,4 +446,151 @@ fn proc_usage(pid: u32) -> Result<(f64, u64, u64)> {
     };
     // USER_HZ is 100 on Linux.
     Ok((ticks / 100.0, kib("VmRSS:"), kib("VmHWM:")))
+}
+
+/// The reachability analysis on a Go HTTP server with a pointer-rich heap of 100 MB and 1 GB and
+/// three goroutines leaked once (so analyses keep running): the cost of one analysis (time,
+/// bytes read, from leakmon's log), the daemon's CPU, and the server's throughput under wrk
+/// bare, watched, and while Go 1.27's own `goroutineleak` profile is fetched every second.
+fn reach(http: &Path, leakmon: &Path, seconds: u64) -> Result<()> {
+    for heap_mb in [100u32, 1000] {
+        println!(
+            "\n## Reachability analysis, {heap_mb} MB heap (httpserver -heap {heap_mb} -leak 3 \
+             -workers 8; wrk 2 threads, 32 connections, {seconds}s each)"
+        );
+        let port = 18_400 + (heap_mb / 100) as u16;
+        let addr = format!("127.0.0.1:{port}");
+        let heap = heap_mb.to_string();
+        let mut server = start_fixture(
+            http,
+            &["-addr", &addr, "-heap", &heap, "-leak", "3", "-workers", "8", "-pprof"],
+        )?;
+        let pid = server.id();
+        let result = (|| -> Result<()> {
+            let bare = wrk(&addr, seconds)?;
+            // Watched, with the defaults but a 2 s block threshold (so the leaked goroutines
+            // are candidates at once); the first analysis is awaited before measuring.
+            let mut watcher = Command::new(leakmon)
+                .args(["watch", "--pid", &pid.to_string(), "--block-threshold", "2s"])
+                .args(["--format", "json", "--threads", "false"])
+                .env("LEAKMON_LOG", "debug")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("starting leakmon")?;
+            let stderr = BufReader::new(watcher.stderr.take().context("leakmon stderr")?);
+            let (tx, rx) = std::sync::mpsc::channel::<String>();
+            std::thread::spawn(move || {
+                for line in stderr.lines().map_while(Result::ok) {
+                    if line.contains("reachability analysis") && tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            rx.recv_timeout(Duration::from_secs(120))
+                .context("leakmon ran no reachability analysis within 2 minutes")?;
+            let (cpu0, _, _) = proc_usage(watcher.id())?;
+            let watched = wrk(&addr, seconds)?;
+            let (cpu1, rss, hwm) = proc_usage(watcher.id())?;
+            stop(&mut watcher);
+            let analyses: Vec<(f64, f64)> = rx.try_iter().filter_map(|l| parse_analysis(&l)).collect();
+            // Go's own profile, fetched every second while under load.
+            let stop_fetch = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let fetcher = {
+                let (stop_fetch, addr) = (std::sync::Arc::clone(&stop_fetch), addr.clone());
+                std::thread::spawn(move || {
+                    let mut times = Vec::new();
+                    while !stop_fetch.load(std::sync::atomic::Ordering::Relaxed) {
+                        let started = Instant::now();
+                        if get(&addr, "/debug/pprof/goroutineleak?debug=1")
+                            .is_ok_and(|b| b.contains("goroutineleak profile: total 3"))
+                        {
+                            times.push(started.elapsed().as_secs_f64() * 1e3);
+                        }
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    times
+                })
+            };
+            let profiled = wrk(&addr, seconds)?;
+            stop_fetch.store(true, std::sync::atomic::Ordering::Relaxed);
+            let profile_ms = fetcher.join().unwrap_or_default();
+            println!("| | requests/s | mean latency (us) |");
+            println!("|---|---|---|");
+            println!("| bare | {:.0} | {:.0} |", bare.0, bare.1);
+            println!("| leakmon analysing | {:.0} | {:.0} |", watched.0, watched.1);
+            println!("| goroutineleak profile every 1 s | {:.0} | {:.0} |", profiled.0, profiled.1);
+            let times: Vec<f64> = analyses.iter().map(|a| a.0).collect();
+            let mib: Vec<f64> = analyses.iter().map(|a| a.1).collect();
+            println!(
+                "\nleakmon: {} analyses during the {seconds}s run, median {:.0} ms and {:.0} MiB \
+                 read each; daemon CPU {:.2} s over the run ({:.0}% of one core); RSS {} MiB, \
+                 peak {} MiB",
+                analyses.len(),
+                median(&times),
+                median(&mib),
+                cpu1 - cpu0,
+                (cpu1 - cpu0) * 100.0 / seconds as f64,
+                rss >> 10,
+                hwm >> 10
+            );
+            println!(
+                "goroutineleak profile (Go 1.27, in the program, with a GC cycle): {} fetches, \
+                 median {:.0} ms each",
+                profile_ms.len(),
+                median(&profile_ms)
+            );
+            Ok(())
+        })();
+        stop(&mut server);
+        result?;
+    }
+    Ok(())
+}
+
+/// (requests/s, mean latency in microseconds) of wrk against `addr` for `seconds`.
+fn wrk(addr: &str, seconds: u64) -> Result<(f64, f64)> {
+    let out = output(
+        Command::new("wrk")
+            .args(["-t2", "-c32", "--latency"])
+            .arg(format!("-d{seconds}s"))
+            .arg(format!("http://{addr}/")),
+    )?;
+    let rps = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("wrk printed no Requests/sec")?;
+    let latency = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Latency"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(parse_wrk_duration_us)
+        .context("wrk printed no latency")?;
+    Ok((rps, latency))
+}
+
+/// (milliseconds, MiB read) from leakmon's "reachability analysis: ... N KiB read in D" line.
+fn parse_analysis(line: &str) -> Option<(f64, f64)> {
+    let (head, took) = line.rsplit_once(" read in ")?;
+    let kib: f64 = head.rsplit_once(", ")?.1.strip_suffix(" KiB")?.parse().ok()?;
+    let took = took.trim();
+    let ms = if let Some(v) = took.strip_suffix("ms") {
+        v.parse::<f64>().ok()?
+    } else if let Some(v) = took.strip_suffix("µs") {
+        v.parse::<f64>().ok()? / 1e3
+    } else {
+        took.strip_suffix('s')?.parse::<f64>().ok()? * 1e3
+    };
+    Some((ms, kib / 1024.0))
+}
+
+/// The body of an HTTP/1.1 GET (one connection per request).
+fn get(addr: &str, path: &str) -> Result<String> {
+    use std::io::Read as _;
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
 }
