@@ -84,11 +84,12 @@ fn one_shot_leaks_are_proven_unreachable() {
                     assert_eq!(a["waits_on"]["closed"], false, "{w}");
                 }
             }
-            // A nil channel can never be woken: stuck, and no proof is needed.
+            // A nil channel can never be woken: stuck, proven without an analysis.
             let stuck = lm.expect(&format!("nilchan stuck on {what}"), |a| {
                 for_pid(nil.pid())(a) && a["state"] == "firing"
             });
             assert_eq!(stuck["kind"], "goroutine_stuck", "{stuck:#}");
+            assert_eq!(stuck["proof"], "unreachable", "{stuck:#}");
             // Released: each resolves, with the id it fired with.
             for (mode, _, p) in &procs {
                 p.signal(libc::SIGUSR1);

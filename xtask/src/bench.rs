@@ -47,7 +47,9 @@ pub fn run(
     let wanted = |suite| only.is_none_or(|o| o == suite);
     let tools = setup::all(ws)?;
     require_root("leakmon loads eBPF programs")?;
-    if (wanted(Suite::Http) || wanted(Suite::Reach)) && Command::new("wrk").arg("--version").output().is_err() {
+    if (wanted(Suite::Http) || wanted(Suite::Reach))
+        && Command::new("wrk").arg("--version").output().is_err()
+    {
         eprintln!("xtask: installing wrk (Debian) for the HTTP benchmark");
         crate::run(Command::new("apt-get").args(["install", "-y", "-q", "wrk"])).context(
             "apt-get install wrk (run apt-get update first if the package is not found)",
@@ -288,6 +290,9 @@ fn parse_wrk_duration_us(s: &str) -> Option<f64> {
 }
 
 fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -454,6 +459,8 @@ fn proc_usage(pid: u32) -> Result<(f64, u64, u64)> {
 /// bare, watched, and while Go 1.27's own `goroutineleak` profile is fetched every second.
 fn reach(http: &Path, leakmon: &Path, seconds: u64) -> Result<()> {
     for heap_mb in [100u32, 1000] {
+        // Long enough for analyses of the larger heap to complete under load.
+        let seconds = seconds * u64::from(heap_mb / 300 + 1);
         println!(
             "\n## Reachability analysis, {heap_mb} MB heap (httpserver -heap {heap_mb} -leak 3 \
              -workers 8; wrk 2 threads, 32 connections, {seconds}s each)"
@@ -463,7 +470,9 @@ fn reach(http: &Path, leakmon: &Path, seconds: u64) -> Result<()> {
         let heap = heap_mb.to_string();
         let mut server = start_fixture(
             http,
-            &["-addr", &addr, "-heap", &heap, "-leak", "3", "-workers", "8", "-pprof"],
+            &[
+                "-addr", &addr, "-heap", &heap, "-leak", "3", "-workers", "8", "-pprof",
+            ],
         )?;
         let pid = server.id();
         let result = (|| -> Result<()> {
@@ -471,7 +480,13 @@ fn reach(http: &Path, leakmon: &Path, seconds: u64) -> Result<()> {
             // Watched, with the defaults but a 2 s block threshold (so the leaked goroutines
             // are candidates at once); the first analysis is awaited before measuring.
             let mut watcher = Command::new(leakmon)
-                .args(["watch", "--pid", &pid.to_string(), "--block-threshold", "2s"])
+                .args([
+                    "watch",
+                    "--pid",
+                    &pid.to_string(),
+                    "--block-threshold",
+                    "2s",
+                ])
                 .args(["--format", "json", "--threads", "false"])
                 .env("LEAKMON_LOG", "debug")
                 .stdout(Stdio::null())
@@ -487,13 +502,18 @@ fn reach(http: &Path, leakmon: &Path, seconds: u64) -> Result<()> {
                     }
                 }
             });
-            rx.recv_timeout(Duration::from_secs(120))
-                .context("leakmon ran no reachability analysis within 2 minutes")?;
+            let first = rx
+                .recv_timeout(Duration::from_secs(300))
+                .context("leakmon ran no reachability analysis within 5 minutes")?;
+            if let Some((ms, mib)) = parse_analysis(&first) {
+                println!("first analysis, before the load: {ms:.0} ms, {mib:.0} MiB read");
+            }
             let (cpu0, _, _) = proc_usage(watcher.id())?;
             let watched = wrk(&addr, seconds)?;
             let (cpu1, rss, hwm) = proc_usage(watcher.id())?;
             stop(&mut watcher);
-            let analyses: Vec<(f64, f64)> = rx.try_iter().filter_map(|l| parse_analysis(&l)).collect();
+            let analyses: Vec<(f64, f64)> =
+                rx.try_iter().filter_map(|l| parse_analysis(&l)).collect();
             // Go's own profile, fetched every second while under load.
             let stop_fetch = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let fetcher = {
@@ -518,8 +538,14 @@ fn reach(http: &Path, leakmon: &Path, seconds: u64) -> Result<()> {
             println!("| | requests/s | mean latency (us) |");
             println!("|---|---|---|");
             println!("| bare | {:.0} | {:.0} |", bare.0, bare.1);
-            println!("| leakmon analysing | {:.0} | {:.0} |", watched.0, watched.1);
-            println!("| goroutineleak profile every 1 s | {:.0} | {:.0} |", profiled.0, profiled.1);
+            println!(
+                "| leakmon analysing | {:.0} | {:.0} |",
+                watched.0, watched.1
+            );
+            println!(
+                "| goroutineleak profile every 1 s | {:.0} | {:.0} |",
+                profiled.0, profiled.1
+            );
             let times: Vec<f64> = analyses.iter().map(|a| a.0).collect();
             let mib: Vec<f64> = analyses.iter().map(|a| a.1).collect();
             println!(
@@ -573,7 +599,12 @@ fn wrk(addr: &str, seconds: u64) -> Result<(f64, f64)> {
 /// (milliseconds, MiB read) from leakmon's "reachability analysis: ... N KiB read in D" line.
 fn parse_analysis(line: &str) -> Option<(f64, f64)> {
     let (head, took) = line.rsplit_once(" read in ")?;
-    let kib: f64 = head.rsplit_once(", ")?.1.strip_suffix(" KiB")?.parse().ok()?;
+    let kib: f64 = head
+        .rsplit_once(", ")?
+        .1
+        .strip_suffix(" KiB")?
+        .parse()
+        .ok()?;
     let took = took.trim();
     let ms = if let Some(v) = took.strip_suffix("ms") {
         v.parse::<f64>().ok()?
@@ -589,7 +620,10 @@ fn parse_analysis(line: &str) -> Option<(f64, f64)> {
 fn get(addr: &str, path: &str) -> Result<String> {
     use std::io::Read as _;
     let mut s = std::net::TcpStream::connect(addr)?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
     let mut body = String::new();
     s.read_to_string(&mut body)?;
     Ok(body)

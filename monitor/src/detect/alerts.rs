@@ -225,6 +225,16 @@ impl Detector {
             } else {
                 continue;
             };
+            // Nothing can ever wake a nil channel or an empty select: their proof needs no
+            // analysis.
+            let (proof, proven) = if never_woken(reason) {
+                (Some("unreachable"), members.count)
+            } else {
+                (
+                    (!proven.is_empty()).then_some("unreachable"),
+                    proven.len() as u64,
+                )
+            };
             let growth_per_minute = group
                 .history
                 .growth(now, t.leak_window)
@@ -242,8 +252,8 @@ impl Detector {
                     count: members.count,
                     oldest_seconds: now.saturating_sub(members.oldest_since_ns) as f64 / 1e9,
                     growth_per_minute,
-                    proof: (!proven.is_empty()).then_some("unreachable"),
-                    proven: proven.len() as u64,
+                    proof,
+                    proven,
                     waits_on,
                     stack: members.stack.clone(),
                     threads: Vec::new(),
@@ -298,6 +308,13 @@ fn is_runtime_goroutine(entry: &str) -> bool {
 
 fn is_main_goroutine(entry: &str) -> bool {
     entry == "runtime.main"
+}
+
+fn never_woken(reason: &str) -> bool {
+    matches!(
+        reason,
+        "chan send (nil chan)" | "chan receive (nil chan)" | "select (no cases)"
+    )
 }
 
 fn is_lock_wait(reason: &str) -> bool {

@@ -10,9 +10,9 @@ use std::{
 
 /// CPU time the analyses may take per minute, all processes together: 5% of one core.
 const CPU_PER_MINUTE: Duration = Duration::from_secs(3);
-/// Minutes of budget that may build up while nothing is analysed: a heap larger than one
-/// minute's budget is still analysed, less often.
-const BURST_MINUTES: f64 = 8.0;
+/// Minutes of budget that may build up while nothing is analysed; also what one analysis may
+/// read at most, so a heap larger than one minute's budget is still analysed, less often.
+const BURST_MINUTES: f64 = 4.0;
 
 #[derive(Debug)]
 pub struct ReachBudget {
@@ -47,7 +47,7 @@ impl ReachBudget {
             per_minute,
             state: Mutex::new(State {
                 bytes: per_minute as f64 * BURST_MINUTES,
-                cpu: CPU_PER_MINUTE.as_secs_f64() * BURST_MINUTES,
+                cpu: CPU_PER_MINUTE.as_secs_f64(),
                 refilled: Instant::now(),
                 analyses: 0,
                 total_bytes: 0,
@@ -66,7 +66,8 @@ impl ReachBudget {
         s.refilled = Instant::now();
         let (bytes, cpu) = (self.per_minute as f64, CPU_PER_MINUTE.as_secs_f64());
         s.bytes = (s.bytes + elapsed * bytes).min(bytes * BURST_MINUTES);
-        s.cpu = (s.cpu + elapsed * cpu).min(cpu * BURST_MINUTES);
+        // CPU does not build up past one minute's worth: bursts stay short.
+        s.cpu = (s.cpu + elapsed * cpu).min(cpu);
         s
     }
 
@@ -79,9 +80,10 @@ impl ReachBudget {
         s.bytes > 0.0 && s.cpu > 0.0
     }
 
-    /// Bytes one analysis may read now.
-    pub fn available(&self) -> u64 {
-        self.lock().bytes.max(0.0) as u64
+    /// Bytes one analysis may read: what builds up in a few minutes (it may overdraw what is
+    /// left; the next analysis then waits for the refill).
+    pub fn limit(&self) -> u64 {
+        (self.per_minute as f64 * BURST_MINUTES) as u64
     }
 
     /// Records what an analysis cost.
@@ -112,8 +114,8 @@ mod tests {
     fn spending_waits_for_the_refill() {
         let b = ReachBudget::new(1 << 20);
         assert!(b.allows());
-        assert_eq!(b.available(), 8 << 20);
-        b.charge(9 << 20, Duration::from_millis(5));
+        assert_eq!(b.limit(), 4 << 20);
+        b.charge(5 << 20, Duration::from_millis(5));
         assert!(!b.allows());
         assert_eq!(b.stats().analyses, 1);
         assert!(!ReachBudget::new(0).allows());

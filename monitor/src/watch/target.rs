@@ -224,9 +224,19 @@ pub struct Target {
     /// Goroutines the last reachability analysis found leaked, and what they wait on: a
     /// proof needs two analyses in a row that agree.
     leaked: HashMap<u64, Arc<[WaitObject]>>,
-    /// Whether the last scan had candidates (an analysis gathers what it needs during the
-    /// scan that follows).
-    had_candidates: bool,
+    /// Goroutines proven leaked (two analyses in a row agreed), while they stay parked on
+    /// the same objects.
+    proven: HashMap<u64, Arc<[WaitObject]>>,
+    /// The candidates of the last two analyses: a candidate seen by both is settled, and
+    /// analyses back off while every candidate is.
+    analysed: [HashMap<u64, Arc<[WaitObject]>>; 2],
+    /// Whether the next scan should run an analysis (it gathers the roots as it reads the
+    /// goroutine table): some candidate is not settled, or a recheck is due.
+    analysis_due: bool,
+    /// When settled candidates are analysed again (what they wait on may have been dropped
+    /// since), and the back-off that set it.
+    recheck_at_ns: u64,
+    recheck_backoff_ns: u64,
     /// Reachability analyses run (the first is logged at info).
     analyses: u64,
 }
@@ -237,6 +247,10 @@ const MAX_GS: usize = 4 << 20;
 const READ_CHUNK: usize = 4096;
 /// Spans of a heap read for an analysis, at most (1M spans is 8 GiB of small-object heap).
 const MAX_SPANS: usize = 1 << 20;
+/// Back-off of analyses while every candidate is settled (found the same by two analyses):
+/// from 30 s, doubling, up to 10 minutes.
+const RECHECK_MIN_NS: u64 = 30_000_000_000;
+const RECHECK_MAX_NS: u64 = 600_000_000_000;
 /// Channels whose state is read per scan, at most (for the alerts: one per group is enough).
 const MAX_CHAN_READS: usize = 256;
 
@@ -323,7 +337,11 @@ impl Target {
             creation_sites: HashMap::new(),
             scan,
             leaked: HashMap::new(),
-            had_candidates: false,
+            proven: HashMap::new(),
+            analysed: Default::default(),
+            analysis_due: false,
+            recheck_at_ns: 0,
+            recheck_backoff_ns: RECHECK_MIN_NS,
             analyses: 0,
         })
     }
@@ -412,7 +430,7 @@ impl Target {
         let mut judged = Vec::new();
         // Candidates: index into `judged`, and into `roots` when an analysis runs.
         let mut candidates: Vec<(usize, u64, GRecord)> = Vec::new();
-        let analyse = self.had_candidates && self.binary.mheap.is_some() && budget.allows();
+        let analyse = self.analysis_due && self.binary.mheap.is_some() && budget.allows();
         let mut roots: Vec<reach::Goroutine> = Vec::new();
         let gs = task::all_gs(&self.mem, allgs.wrapping_add(self.bias), MAX_GS);
         // In chunks: one buffer for a whole table of 100k goroutines would be ~30 MiB.
@@ -459,15 +477,36 @@ impl Target {
                 }
             }
         }
-        self.had_candidates = !candidates.is_empty();
         let heap = (analyse && !candidates.is_empty())
             .then(|| self.read_heap())
             .flatten();
         self.fill_waits(&candidates, heap.as_ref());
-        let proven = match heap {
-            Some(heap) => self.prove(&heap, &candidates, roots, budget),
-            None => HashSet::new(),
-        };
+        let waits_of = |t: &Self, goid: u64| t.resolved.get(&goid).and_then(|r| r.waits.clone());
+        if let Some(heap) = heap {
+            self.prove(&heap, &candidates, roots, budget);
+            let settled = candidates.iter().all(|(_, _, rec)| {
+                let w = waits_of(self, rec.goid);
+                w.is_some() && self.analysed.iter().all(|a| a.get(&rec.goid) == w.as_ref())
+            });
+            if settled {
+                self.recheck_at_ns = now_ns.saturating_add(self.recheck_backoff_ns);
+                self.recheck_backoff_ns = (self.recheck_backoff_ns * 2).min(RECHECK_MAX_NS);
+            } else {
+                self.recheck_backoff_ns = RECHECK_MIN_NS;
+            }
+        }
+        // Proofs hold while the goroutine stays parked on the same objects.
+        let current: HashMap<u64, Option<Arc<[WaitObject]>>> = candidates
+            .iter()
+            .map(|(_, _, rec)| (rec.goid, waits_of(self, rec.goid)))
+            .collect();
+        self.proven
+            .retain(|goid, w| current.get(goid).is_some_and(|c| c.as_ref() == Some(w)));
+        let unsettled = current.iter().any(|(goid, w)| {
+            w.is_none() || self.analysed.iter().any(|a| a.get(goid) != w.as_ref())
+        });
+        self.analysis_due = !current.is_empty() && (unsettled || now_ns >= self.recheck_at_ns);
+        let proven: HashSet<u64> = self.proven.keys().copied().collect();
         let mut channels: HashMap<u64, Option<crate::detect::ChannelState>> = HashMap::new();
         for (i, _, rec) in &candidates {
             let Some(waits) = self.resolved.get(&rec.goid).and_then(|r| r.waits.clone()) else {
@@ -559,7 +598,7 @@ impl Target {
         candidates: &[(usize, u64, GRecord)],
         mut goroutines: Vec<reach::Goroutine>,
         budget: &ReachBudget,
-    ) -> HashSet<u64> {
+    ) {
         let started = std::time::Instant::now();
         let by_g: HashMap<u64, usize> = goroutines
             .iter()
@@ -591,17 +630,20 @@ impl Target {
             &self.binary.heap,
             &globals,
             &goroutines,
-            budget.available(),
+            budget.limit(),
         );
         let bytes = match &result {
             Ok(o) => o.bytes_read,
-            Err(_) => budget.available(),
+            Err(_) => budget.limit(),
         };
         budget.charge(bytes, started.elapsed());
         let Ok(outcome) = result else {
-            log::debug!("PID {}: reachability analysis over its budget", self.pid);
+            log::debug!(
+                "PID {}: reachability analysis gave no verdict ({result:?})",
+                self.pid
+            );
             self.leaked.clear();
-            return HashSet::new();
+            return;
         };
         self.analyses += 1;
         let level = if self.analyses == 1 {
@@ -625,13 +667,18 @@ impl Target {
             .iter()
             .filter_map(|i| goid_of.get(i).cloned())
             .collect();
-        let proven = leaked
-            .iter()
-            .filter(|(goid, waits)| self.leaked.get(goid) == Some(waits))
-            .map(|(goid, _)| *goid)
-            .collect();
+        for (goid, waits) in &leaked {
+            if self.leaked.get(goid) == Some(waits) {
+                self.proven.insert(*goid, Arc::clone(waits));
+            }
+        }
+        let analysed: HashMap<u64, Arc<[WaitObject]>> = goid_of.into_values().collect();
+        // Found live now: a proof no longer stands (it can only have been a torn read).
+        self.proven
+            .retain(|goid, _| leaked.contains_key(goid) || !analysed.contains_key(goid));
         self.leaked = leaked;
-        proven
+        let [older, last] = &mut self.analysed;
+        *older = std::mem::replace(last, analysed);
     }
 
     /// Turns the probes' record of one goroutine into an observation worth judging, or `None`
