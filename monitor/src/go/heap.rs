@@ -3,14 +3,13 @@
 //! big it is. Read from outside without stopping the process, so every value is checked.
 
 use super::offsets::HeapOffsets;
+use super::task::{SliceError, pointer_slice};
 use crate::proc::ProcMem;
 
 /// `runtime.pageSize`: spans are whole pages of 8 KiB.
 const PAGE: u64 = 8192;
 /// `runtime.mSpanInUse`: a span holding heap objects (stacks are `mSpanManual`).
 const SPAN_IN_USE: u8 = 1;
-/// Span pointers read per system call.
-const CHUNK: usize = 4096;
 
 /// One span of heap objects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,13 +63,6 @@ impl Heap {
         max_spans: usize,
     ) -> Result<Heap, HeapError> {
         let header = mheap.wrapping_add(u64::from(off.mheap_allspans));
-        let (Some(ptr), Some(len)) = (mem.read_u64(header), mem.read_u64(header + 8)) else {
-            return Err(HeapError::Unreadable);
-        };
-        let len = usize::try_from(len).map_err(|_| HeapError::TooManySpans)?;
-        if len > max_spans {
-            return Err(HeapError::TooManySpans);
-        }
         let span_bytes = [
             off.mspan_start_addr,
             off.mspan_npages,
@@ -83,34 +75,21 @@ impl Heap {
         .iter()
         .max()
         .map_or(0, |m| *m as usize + 8);
-        let mut heap = Heap {
-            bytes_read: 16,
-            ..Heap::default()
-        };
-        let mut raw = vec![0u8; CHUNK * 8];
-        let mut i = 0;
-        while i < len {
-            let n = (len - i).min(CHUNK);
-            let buf = &mut raw[..n * 8];
-            if !mem.read(ptr.wrapping_add(i as u64 * 8), buf) {
-                return Err(HeapError::Unreadable);
-            }
-            heap.bytes_read += buf.len() as u64;
-            let pointers: Vec<u64> = buf
-                .as_chunks::<8>()
-                .0
-                .iter()
-                .map(|c| u64::from_le_bytes(*c))
-                .filter(|p| *p != 0)
-                .collect();
-            let (spans, ok) = mem.read_many(&pointers, span_bytes);
+        let mut heap = Heap::default();
+        let read = pointer_slice(mem, header, max_spans, |pointers| {
+            heap.bytes_read += pointers.len() as u64 * 8;
+            let (spans, ok) = mem.read_many(pointers, span_bytes);
             heap.bytes_read += spans.len() as u64;
             for (j, ok) in ok.iter().enumerate() {
                 if *ok && let Some(span) = parse_span(&spans[j * span_bytes..][..span_bytes], off) {
                     heap.spans.push(span);
                 }
             }
-            i += n;
+        });
+        match read {
+            Ok(()) => {}
+            Err(SliceError::Unreadable) => return Err(HeapError::Unreadable),
+            Err(SliceError::TooLong) => return Err(HeapError::TooManySpans),
         }
         heap.spans.sort_unstable_by_key(|s| s.start);
         if heap.spans.windows(2).any(|w| w[0].end > w[1].start) {

@@ -136,35 +136,60 @@ pub fn stack(mem: &ProcMem, g: &GRecord) -> Vec<u64> {
 
 /// The `g` pointers of every goroutine, from the `runtime.allgs` slice at `allgs_addr`.
 pub fn all_gs(mem: &ProcMem, allgs_addr: u64, limit: usize) -> Vec<u64> {
-    let mut header = [0u8; 16];
-    if !mem.read(allgs_addr, &mut header) {
-        return Vec::new();
-    }
-    let ptr = u64::from_le_bytes(header[..8].try_into().unwrap_or_default());
-    let len = u64::from_le_bytes(header[8..].try_into().unwrap_or_default());
-    let len = usize::try_from(len).unwrap_or(usize::MAX).min(limit);
-    // Read in chunks into a growing list: the buffer stays small whatever the header says,
-    // and a length past the mapping ends at the first unreadable chunk.
-    const CHUNK: usize = 4096;
     let mut gs = Vec::new();
-    let mut raw = vec![0u8; CHUNK * 8];
+    // A length past the mapping ends at the first unreadable chunk: what was read is kept.
+    let _ = pointer_slice(mem, allgs_addr, limit, |chunk| gs.extend_from_slice(chunk));
+    gs
+}
+
+/// Why a slice of pointers was not read whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SliceError {
+    Unreadable,
+    /// Its header says more than `limit` elements (read up to `limit`).
+    TooLong,
+}
+
+/// Reads the Go slice of pointers whose header (`ptr`, `len`) is at `header`, at most
+/// `limit` elements, in chunks (the buffer stays small whatever the header says), handing
+/// each chunk's non-nil pointers to `each`.
+pub(crate) fn pointer_slice(
+    mem: &ProcMem,
+    header: u64,
+    limit: usize,
+    mut each: impl FnMut(&[u64]),
+) -> Result<(), SliceError> {
+    const CHUNK: usize = 4096;
+    let (Some(ptr), Some(len)) = (mem.read_u64(header), mem.read_u64(header.wrapping_add(8)))
+    else {
+        return Err(SliceError::Unreadable);
+    };
+    let declared = usize::try_from(len).unwrap_or(usize::MAX);
+    let len = declared.min(limit);
+    let mut raw = vec![0u8; CHUNK.min(len) * 8];
+    let mut pointers = Vec::with_capacity(CHUNK.min(len));
     let mut i = 0;
     while i < len {
         let n = (len - i).min(CHUNK);
         let buf = &mut raw[..n * 8];
         if !mem.read(ptr.wrapping_add(i as u64 * 8), buf) {
-            break;
+            return Err(SliceError::Unreadable);
         }
-        gs.extend(
+        pointers.clear();
+        pointers.extend(
             buf.as_chunks::<8>()
                 .0
                 .iter()
                 .map(|c| u64::from_le_bytes(*c))
-                .filter(|g| *g != 0),
+                .filter(|p| *p != 0),
         );
+        each(&pointers);
         i += n;
     }
-    gs
+    if declared > limit {
+        return Err(SliceError::TooLong);
+    }
+    Ok(())
 }
 
 /// The import path of the package a Go function name belongs to (`net/http` for
