@@ -61,17 +61,16 @@ pub fn run_checks() -> Vec<Check> {
         format!("Linux {}", release.trim()),
         String::new,
     ));
-    let missing = caps::missing(&[
-        caps::CAP_BPF,
-        caps::CAP_PERFMON,
-        caps::CAP_SYS_ADMIN,
-        caps::CAP_SYS_PTRACE,
-    ]);
+    let mut missing = caps::missing(&[caps::CAP_BPF, caps::CAP_PERFMON, caps::CAP_SYS_PTRACE]);
+    if !caps::can_open_map_files() {
+        missing.push("CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN)");
+    }
     checks.push(check(
         "privileges",
         missing.is_empty(),
         if missing.is_empty() {
-            "CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE".into()
+            "CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, and CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN"
+                .into()
         } else {
             format!("missing {}", missing.join(", "))
         },

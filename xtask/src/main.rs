@@ -9,6 +9,7 @@
 
 mod bench;
 mod demo;
+mod deploy;
 mod fuzz;
 mod setup;
 mod test;
@@ -57,6 +58,13 @@ enum Cmd {
         #[arg(long, default_value_t = 25)]
         seconds: u64,
     },
+    /// Run the container image (as the DaemonSet runs it) and the systemd unit (under
+    /// systemd) for real, with least-privilege trials (docs/deploy.md)
+    Deploy {
+        /// Run one part only
+        #[arg(long, value_enum)]
+        only: Option<deploy::Part>,
+    },
     /// Measure leakmon's overhead on Go and native workloads (see docs/performance.md)
     Bench {
         /// Run one suite only
@@ -93,6 +101,7 @@ fn main() -> Result<()> {
             fuzz::run_all(&ws, &tools, seconds, true)
         }
         Cmd::Demo { seconds } => demo::run(&ws, seconds),
+        Cmd::Deploy { only } => deploy::run(&ws, only),
         Cmd::Bench {
             only,
             roundtrips,

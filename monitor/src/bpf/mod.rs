@@ -35,7 +35,8 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/le
 pub enum BpfError {
     #[error(
         "missing privileges to load eBPF programs ({missing}): run as root, or grant \
-         CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN and CAP_SYS_PTRACE (`leakmon doctor` checks)"
+         CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, and CAP_SYS_ADMIN in a \
+         container (default seccomp profiles allow bpf() only with it) (`leakmon doctor` checks)"
     )]
     Privileges { missing: String },
     #[error("loading leakmon's eBPF object failed (`leakmon doctor` checks the kernel)")]
@@ -136,7 +137,7 @@ const GO_PROGRAMS: [&str; 3] = [names::GO_PARK, names::GO_PREEMPT, names::GO_EXI
 impl Probes {
     /// Loads the programs into the kernel (nothing is attached yet).
     pub fn load(capacity: Capacity) -> Result<Self, BpfError> {
-        let missing = caps::missing(&[caps::CAP_BPF, caps::CAP_PERFMON, caps::CAP_SYS_ADMIN]);
+        let missing = caps::missing(&[caps::CAP_BPF, caps::CAP_PERFMON]);
         if !missing.is_empty() {
             return Err(BpfError::Privileges {
                 missing: missing.join(", "),

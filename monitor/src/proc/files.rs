@@ -52,7 +52,7 @@ pub struct TargetFile {
 /// Opens a file `pid` maps at `start..end`, which must be inode `ino` (from /proc/PID/maps),
 /// through map_files only: a path looked up under the process's root could pass through a
 /// mount the process controls (a FUSE server that never answers). map_files needs
-/// CAP_SYS_ADMIN, which loading the probes needs anyway.
+/// CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN).
 pub fn open_mapped(pid: u32, start: u64, end: u64, ino: u64) -> Result<TargetFile, FileError> {
     open_checked(
         &PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}")),

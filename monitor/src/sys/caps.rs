@@ -5,6 +5,8 @@ pub const CAP_SYS_PTRACE: u32 = 19;
 pub const CAP_SYS_ADMIN: u32 = 21;
 pub const CAP_PERFMON: u32 = 38;
 pub const CAP_BPF: u32 = 39;
+/// Opening `/proc/PID/map_files` (kernel 5.9+; CAP_SYS_ADMIN before, and as an alternative).
+pub const CAP_CHECKPOINT_RESTORE: u32 = 40;
 
 pub fn name(cap: u32) -> &'static str {
     match cap {
@@ -13,6 +15,7 @@ pub fn name(cap: u32) -> &'static str {
         CAP_SYS_ADMIN => "CAP_SYS_ADMIN",
         CAP_PERFMON => "CAP_PERFMON",
         CAP_BPF => "CAP_BPF",
+        CAP_CHECKPOINT_RESTORE => "CAP_CHECKPOINT_RESTORE",
         _ => "CAP_?",
     }
 }
@@ -27,6 +30,13 @@ pub fn effective() -> u64 {
                 .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         })
         .unwrap_or(0)
+}
+
+/// Whether this process may open other processes' `/proc/PID/map_files` (the libraries a
+/// thread's frames are in): CAP_CHECKPOINT_RESTORE, or CAP_SYS_ADMIN.
+pub fn can_open_map_files() -> bool {
+    let eff = effective();
+    eff & (1u64 << CAP_CHECKPOINT_RESTORE) != 0 || eff & (1u64 << CAP_SYS_ADMIN) != 0
 }
 
 /// Names of the capabilities in `wanted` that this process lacks.

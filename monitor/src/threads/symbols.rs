@@ -431,6 +431,8 @@ struct ModuleCache {
     budget: u64,
     tick: u64,
     evicted: u64,
+    /// Modules said to be too large for the cache (said once each; forgotten past 1,024).
+    oversized: std::collections::HashSet<(String, u64)>,
 }
 
 struct Cached {
@@ -459,6 +461,7 @@ impl Symbolizer {
                 budget,
                 tick: 0,
                 evicted: 0,
+                oversized: Default::default(),
             })),
             gate: Arc::new(Gate::new(STUCK_LOAD, MAX_LOADS)),
         }
@@ -562,11 +565,16 @@ impl Symbolizer {
         drop(entered);
         let mut cache = self.lock();
         if bytes > cache.budget {
-            log::info!(
-                "{}: {bytes} bytes of symbols and unwind tables, over the whole cache budget: \
-                 used once, not kept",
-                m.path
-            );
+            if cache.oversized.len() >= 1024 {
+                cache.oversized.clear();
+            }
+            if cache.oversized.insert(m.file.clone()) {
+                log::info!(
+                    "{}: {bytes} bytes of symbols and unwind tables, over the whole cache \
+                     budget: loaded for each use, not kept",
+                    m.path
+                );
+            }
             return Lookup::Found(module);
         }
         let tick = cache.tick;
