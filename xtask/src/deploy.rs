@@ -293,7 +293,7 @@ fn container(ws: &Workspace, tools: &setup::Tools, dt: &DeployTools) -> Result<(
     // and leaves no probes behind.
     let before = bpf_programs()?;
     run.stop()?;
-    let after_stop = bpf_programs()?;
+    let after_stop = bpf_programs_down_to(0)?;
     if after_stop >= before {
         bail!(
             "stopping the pod left its eBPF programs loaded ({before} before, {after_stop} after)"
@@ -309,7 +309,7 @@ fn container(ws: &Workspace, tools: &setup::Tools, dt: &DeployTools) -> Result<(
     let stopped = Instant::now();
     run.stop()?;
     let stop_time = stopped.elapsed();
-    let left = bpf_programs()?;
+    let left = bpf_programs_down_to(after_stop)?;
     if left > after_stop {
         bail!(
             "after a restart and a stop, {left} eBPF programs are loaded (baseline {after_stop})"
@@ -324,7 +324,7 @@ fn container(ws: &Workspace, tools: &setup::Tools, dt: &DeployTools) -> Result<(
     // break something.
     let mut needed = Vec::new();
     for drop in pod.privileges() {
-        let mut run = pod.start("leakmon-lp", &[drop.clone()])?;
+        let mut run = pod.start("leakmon-lp", std::slice::from_ref(&drop))?;
         let verdict = run.works(&targets);
         run.exit_line();
         drop_run(run);
@@ -355,11 +355,29 @@ fn check_container_id(alert: &serde_json::Value, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// eBPF programs loaded on the host now.
+/// Waits (up to 10 s: programs are freed once their last file descriptor and link are gone)
+/// until at most `n` eBPF programs are loaded; how many are.
+fn bpf_programs_down_to(n: usize) -> Result<usize> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = bpf_programs()?;
+        if now <= n || Instant::now() > deadline {
+            return Ok(now);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// eBPF programs loaded on the host now, but systemd's own (`sd_*`: its per-unit IP
+/// firewalls, which a booted system loads).
 fn bpf_programs() -> Result<usize> {
     let out = setup::output(Command::new("bpftool").args(["prog", "show", "--json"]))?;
     let progs: serde_json::Value = serde_json::from_str(&out).context("bpftool json")?;
-    Ok(progs.as_array().map_or(0, Vec::len))
+    Ok(progs.as_array().map_or(0, |p| {
+        p.iter()
+            .filter(|p| !p["name"].as_str().is_some_and(|n| n.starts_with("sd_")))
+            .count()
+    }))
 }
 
 /// The `threads` fixture (C, glibc mutexes: owners are recorded, so a lock cycle is a
@@ -901,8 +919,8 @@ impl PodProc {
                 let log = self.log();
                 let last = log
                     .lines()
-                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-                    .last();
+                    .rev()
+                    .find(|l| l.contains("WARN") || l.contains("ERROR"));
                 return Err(format!(
                     "no alert for PID {pid} ({})",
                     last.unwrap_or("nothing logged")
@@ -1030,6 +1048,295 @@ fn free_port() -> Result<u16> {
 // ---------------------------------------------------------------------------------------------
 // The systemd unit, under systemd.
 
-fn systemd(_ws: &Workspace, _tools: &setup::Tools, _dt: &DeployTools) -> Result<()> {
-    bail!("the systemd part is not written yet")
+const MACHINE: &str = "leakmon-deploy";
+
+fn systemd(ws: &Workspace, tools: &setup::Tools, dt: &DeployTools) -> Result<()> {
+    let dir = std::env::temp_dir().join("leakmon-deploy-systemd");
+    let _ = std::fs::remove_dir_all(&dir);
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root)?;
+    let _cleanup = tempdir::Dir(dir.clone());
+    crate::run(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-xf")
+            .arg(&dt.systemd_tar),
+    )?;
+
+    // leakmon installed with the unit exactly as shipped, enabled; its settings in the
+    // environment file the unit reads.
+    let collector = Collector::start(tools)?;
+    let install = |from: &Path, to: &str| -> Result<()> {
+        let dest = root.join(to.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().context("parent")?)?;
+        std::fs::copy(from, &dest).with_context(|| format!("installing {to}"))?;
+        Ok(())
+    };
+    install(&ws.binary(true), "/usr/local/bin/leakmon")?;
+    install(
+        &ws.root.join("deploy/systemd/leakmon.service"),
+        "/etc/systemd/system/leakmon.service",
+    )?;
+    let go = setup::GO_FIXTURE_VERSIONS[setup::GO_FIXTURE_VERSIONS.len() - 1];
+    let leaky = crate::demo::build_fixture(ws, tools, go, "leaky", false)?;
+    install(&leaky, "/opt/leakmon-fixtures/leaky")?;
+    let etc = root.join("etc");
+    std::fs::create_dir_all(etc.join("leakmon"))?;
+    std::fs::write(
+        etc.join("leakmon/leakmon.env"),
+        format!(
+            "LEAKMON_BLOCK_THRESHOLD=2s\nOTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:{}\n\
+             OTEL_EXPORTER_OTLP_PROTOCOL=grpc\n",
+            collector.grpc
+        ),
+    )?;
+    // The watched program: a service of that system, as an unprivileged user, started first.
+    std::fs::write(
+        etc.join("systemd/system/leaky.service"),
+        "[Unit]\nDescription=a Go program that leaks goroutines\nBefore=leakmon.service\n\
+         [Service]\nExecStart=/opt/leakmon-fixtures/leaky -mode once-send\nUser=nobody\n\
+         [Install]\nWantedBy=multi-user.target\n",
+    )?;
+    let wants = etc.join("systemd/system/multi-user.target.wants");
+    std::fs::create_dir_all(&wants)?;
+    for unit in ["leakmon.service", "leaky.service"] {
+        std::os::unix::fs::symlink(format!("/etc/systemd/system/{unit}"), wants.join(unit))?;
+    }
+
+    let baseline = bpf_programs()?;
+    let machine = Machine::boot(&root)?;
+    machine.wait_running()?;
+    let leaky_pid = machine.main_pid("leaky")?;
+    let leakmon_pid = machine.main_pid("leakmon")?;
+    if leakmon_pid == 0 {
+        bail!(
+            "leakmon.service is not running under systemd:\n{}",
+            machine.sh("systemctl status leakmon --no-pager; journalctl -u leakmon --no-pager")?
+        );
+    }
+    // ExecStartPre: doctor passed (its report is in the journal).
+    let journal = machine.journal()?;
+    if !journal.contains("ok    privileges") {
+        bail!("no doctor report from ExecStartPre in the journal:\n{journal}");
+    }
+    let leak = format!("\"pid\":{leaky_pid}");
+    machine.wait_journal(&["\"kind\":\"goroutine_leak\"", "\"state\":\"firing\"", &leak])?;
+    collector.expect(&["EventName: leakmon.goroutine_leak"])?;
+    println!(
+        "systemd: leakmon.service (doctor as ExecStartPre) reported the leak of leaky.service \
+         (PID {leaky_pid} in the container) in the journal and over OTLP"
+    );
+    let limit = machine.sh("systemctl show leakmon -p MemoryMax --value")?;
+    if limit.trim() != "536870912" {
+        bail!("MemoryMax is {limit:?}, not the unit's 512M");
+    }
+
+    // The restart policy: killed, it comes back within RestartSec (5 s) and re-raises the leak.
+    machine.sh(&format!("kill -KILL {leakmon_pid}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let restarted = loop {
+        let pid = machine.main_pid("leakmon")?;
+        if pid != 0 && pid != leakmon_pid {
+            break pid;
+        }
+        if Instant::now() > deadline {
+            bail!("leakmon was not restarted after SIGKILL (Restart=on-failure)");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    machine.wait_journal_count("\"kind\":\"goroutine_leak\"", 2)?;
+    println!("restart policy: killed, restarted as PID {restarted}, the leak re-raised");
+
+    // A clean stop: success, and no probe left behind.
+    machine.sh("systemctl stop leakmon")?;
+    let result = machine.sh("systemctl show leakmon -p Result --value")?;
+    if result.trim() != "success" {
+        bail!("systemctl stop: Result={result}");
+    }
+    let left = bpf_programs_down_to(baseline)?;
+    if left > baseline {
+        bail!(
+            "after systemctl stop, {left} eBPF programs are loaded (baseline {baseline}): {}",
+            setup::output(Command::new("bpftool").args(["prog", "show"])).unwrap_or_default()
+        );
+    }
+    println!("systemctl stop: Result=success, no eBPF program left");
+
+    // Least privilege: each capability of the bounding set taken away in turn.
+    let unit = std::fs::read_to_string(ws.root.join("deploy/systemd/leakmon.service"))?;
+    let caps: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .context("the unit has no CapabilityBoundingSet=")?
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    for cap in &caps {
+        machine.sh(&format!(
+            "mkdir -p /run/systemd/system/leakmon.service.d && printf '[Service]\\nCapabilityBoundingSet=~{cap}\\n' > /run/systemd/system/leakmon.service.d/lp.conf && systemctl daemon-reload && journalctl --rotate -q && journalctl --vacuum-time=1s -q; systemctl restart leakmon; true"
+        ))?;
+        let verdict = machine.wait_journal(&["\"kind\":\"goroutine_leak\"", &leak]);
+        let status = machine.sh("systemctl show leakmon -p ActiveState --value")?;
+        match verdict {
+            Ok(()) => bail!(
+                "the unit works without {cap}: it grants a capability no test needs; remove it \
+                 from CapabilityBoundingSet="
+            ),
+            Err(_) => {
+                let why = machine.sh(&format!(
+                    "journalctl -u leakmon -o cat --no-pager | grep -E '^FAIL|leakmon: error|PID {leaky_pid}' | tail -1"
+                ))?;
+                let why = if why.trim().is_empty() {
+                    format!("no alert for the leak within {ALERT_WAIT:?}")
+                } else {
+                    why.trim().chars().take(240).collect()
+                };
+                println!("without {cap}: {why} (unit {})", status.trim());
+            }
+        }
+    }
+    machine.sh("rm -rf /run/systemd/system/leakmon.service.d && systemctl daemon-reload")?;
+    println!(
+        "every capability of the unit's bounding set was needed: {}",
+        caps.len()
+    );
+    drop(machine);
+    drop(collector);
+    Ok(())
+}
+
+/// A Debian system booted with systemd as PID 1 under systemd-nspawn (host network, its own
+/// PID namespace), driven through nsenter.
+struct Machine {
+    child: Child,
+    init: u32,
+}
+
+impl Machine {
+    fn boot(root: &Path) -> Result<Self> {
+        let child = Command::new("systemd-nspawn")
+            .arg("-D")
+            .arg(root)
+            .args([
+                "--boot",
+                "--register=no",
+                "--keep-unit",
+                "--machine",
+                MACHINE,
+            ])
+            // What the unit's bounding set may keep, and the system calls it needs, must get
+            // into the container at all: the unit then narrows them.
+            .arg(
+                "--capability=CAP_BPF,CAP_PERFMON,CAP_SYS_ADMIN,CAP_SYS_PTRACE,CAP_DAC_READ_SEARCH",
+            )
+            .arg("--system-call-filter=bpf perf_event_open")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting systemd-nspawn")?;
+        let nspawn = child.id();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let init = loop {
+            let children =
+                std::fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children"))
+                    .unwrap_or_default();
+            if let Some(pid) = children
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse().ok())
+            {
+                break pid;
+            }
+            if Instant::now() > deadline {
+                bail!("systemd-nspawn started no init within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        Ok(Self { child, init })
+    }
+
+    /// Runs `script` with sh inside the machine; its stdout.
+    fn sh(&self, script: &str) -> Result<String> {
+        let out = Command::new("nsenter")
+            .args(["-t", &self.init.to_string(), "-a", "sh", "-c", script])
+            .output()
+            .context("nsenter")?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn wait_running(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let state = self.sh("systemctl is-system-running 2>/dev/null")?;
+            if matches!(state.trim(), "running" | "degraded") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the machine did not finish booting: {state}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn main_pid(&self, unit: &str) -> Result<u32> {
+        Ok(self
+            .sh(&format!("systemctl show {unit} -p MainPID --value"))?
+            .trim()
+            .parse()
+            .unwrap_or(0))
+    }
+
+    fn journal(&self) -> Result<String> {
+        self.sh("journalctl -u leakmon -o cat --no-pager")
+    }
+
+    /// Waits for a journal line of leakmon holding all of `wanted`.
+    fn wait_journal(&self, wanted: &[&str]) -> Result<()> {
+        let deadline = Instant::now() + ALERT_WAIT;
+        loop {
+            let journal = self.journal()?;
+            if journal
+                .lines()
+                .any(|l| wanted.iter().all(|w| l.contains(w)))
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("no journal line with {wanted:?}; the journal:\n{journal}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn wait_journal_count(&self, needle: &str, n: usize) -> Result<()> {
+        let deadline = Instant::now() + ALERT_WAIT;
+        loop {
+            let journal = self.journal()?;
+            if journal.lines().filter(|l| l.contains(needle)).count() >= n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("fewer than {n} journal lines with {needle}:\n{journal}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        // SIGRTMIN+3 asks systemd for a halt; then the container ends.
+        let _ = self.sh("systemctl poweroff");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -43,6 +43,17 @@ pub fn run_all(ws: &Workspace, args: &[String]) -> Result<()> {
     } else {
         Ok(())
     };
+    // The deployment suites (the container as the DaemonSet runs it, the unit under
+    // systemd), within a fixed time; each counts as one test.
+    if status.success() && failed == 0 {
+        match deploy_within(DEPLOY_BUDGET) {
+            Ok(()) => passed += 2,
+            Err(e) => {
+                eprintln!("xtask: {e:#}");
+                failed += 1;
+            }
+        }
+    }
     match &fuzzed {
         Ok(()) if status.success() => passed += crate::fuzz::TARGETS.len() as u64,
         Ok(()) => {}
@@ -64,6 +75,35 @@ pub fn run_all(ws: &Workspace, args: &[String]) -> Result<()> {
 
 /// Seconds each fuzz target runs in `./x test` (`./x fuzz` runs longer).
 const FUZZ_SECONDS: u64 = 30;
+
+/// What `./x deploy` may take in `./x test` (about 8 minutes here, plus the first-run setup:
+/// Debian packages, two debootstrap roots, helm).
+const DEPLOY_BUDGET: std::time::Duration = std::time::Duration::from_secs(20 * 60);
+
+/// Runs `xtask deploy` as a child, killed past `budget`.
+fn deploy_within(budget: std::time::Duration) -> Result<()> {
+    let exe = std::env::current_exe().context("xtask's own path")?;
+    let mut child = std::process::Command::new(exe)
+        .arg("deploy")
+        .spawn()
+        .context("running xtask deploy")?;
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if !status.success() {
+                bail!("./x deploy failed: {status}");
+            }
+            eprintln!("xtask: deployment suites passed in {:?}", started.elapsed());
+            return Ok(());
+        }
+        if started.elapsed() > budget {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("./x deploy took more than its {budget:?} budget");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
 
 /// The number just before `word` in "ok. 45 passed; 0 failed; ...".
 fn count_before(s: &str, word: &str) -> u64 {
