@@ -917,10 +917,8 @@ impl PodProc {
                 .is_err()
             {
                 let log = self.log();
-                let last = log
-                    .lines()
-                    .rev()
-                    .find(|l| l.contains("WARN") || l.contains("ERROR"));
+                let needle = format!("PID {pid}");
+                let last = log.lines().rev().find(|l| l.contains(&needle));
                 return Err(format!(
                     "no alert for PID {pid} ({})",
                     last.unwrap_or("nothing logged")
@@ -1176,7 +1174,7 @@ fn systemd(ws: &Workspace, tools: &setup::Tools, dt: &DeployTools) -> Result<()>
         machine.sh(&format!(
             "mkdir -p /run/systemd/system/leakmon.service.d && printf '[Service]\\nCapabilityBoundingSet=~{cap}\\n' > /run/systemd/system/leakmon.service.d/lp.conf && systemctl daemon-reload && journalctl --rotate -q && journalctl --vacuum-time=1s -q; systemctl restart leakmon; true"
         ))?;
-        let verdict = machine.wait_journal(&["\"kind\":\"goroutine_leak\"", &leak]);
+        let verdict = machine.wait_journal_unless_failed(&["\"kind\":\"goroutine_leak\"", &leak]);
         let status = machine.sh("systemctl show leakmon -p ActiveState --value")?;
         match verdict {
             Ok(()) => bail!(
@@ -1185,7 +1183,7 @@ fn systemd(ws: &Workspace, tools: &setup::Tools, dt: &DeployTools) -> Result<()>
             ),
             Err(_) => {
                 let why = machine.sh(&format!(
-                    "journalctl -u leakmon -o cat --no-pager | grep -E '^FAIL|leakmon: error|PID {leaky_pid}' | tail -1"
+                    "journalctl -u leakmon -o cat --no-pager | grep -E '^FAIL  (privileges|load programs)|leakmon: error|PID {leaky_pid}:' | tail -1"
                 ))?;
                 let why = if why.trim().is_empty() {
                     format!("no alert for the leak within {ALERT_WAIT:?}")
@@ -1305,6 +1303,26 @@ impl Machine {
             }
             if Instant::now() > deadline {
                 bail!("no journal line with {wanted:?}; the journal:\n{journal}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Like `wait_journal`, but gives up as soon as the unit has failed.
+    fn wait_journal_unless_failed(&self, wanted: &[&str]) -> Result<()> {
+        let deadline = Instant::now() + ALERT_WAIT;
+        loop {
+            let journal = self.journal()?;
+            if journal
+                .lines()
+                .any(|l| wanted.iter().all(|w| l.contains(w)))
+            {
+                return Ok(());
+            }
+            // Failed, or waiting to be restarted after a failure (Restart=on-failure).
+            let state = self.sh("systemctl show leakmon -p SubState --value")?;
+            if matches!(state.trim(), "failed" | "auto-restart") || Instant::now() > deadline {
+                bail!("no journal line with {wanted:?} (unit {})", state.trim());
             }
             std::thread::sleep(Duration::from_millis(500));
         }

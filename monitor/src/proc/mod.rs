@@ -42,6 +42,16 @@ pub enum ProcError {
     },
     #[error("PID {pid}: the executable {exe} is not mapped in /proc/{pid}/maps")]
     NotMapped { pid: u32, exe: String },
+    #[error(
+        "cannot read /proc/{pid}/{what} of another user's process: grant CAP_DAC_READ_SEARCH \
+         (reading only; see deploy/)"
+    )]
+    OtherUser {
+        pid: u32,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
 }
 
 fn proc_err(pid: u32, what: &'static str, source: io::Error) -> ProcError {
@@ -51,6 +61,13 @@ fn proc_err(pid: u32, what: &'static str, source: io::Error) -> ProcError {
             ProcError::NoExecutable { pid }
         }
         io::ErrorKind::NotFound => ProcError::NoSuchProcess { pid },
+        // /proc/PID/mem is its owner's, mode 0600: another user's needs DAC_READ_SEARCH.
+        io::ErrorKind::PermissionDenied
+            if !crate::sys::caps::missing(&[crate::sys::caps::CAP_DAC_READ_SEARCH]).is_empty()
+                && owner(pid) != Some(current_uid()) =>
+        {
+            ProcError::OtherUser { pid, what, source }
+        }
         io::ErrorKind::PermissionDenied
             if crate::sys::caps::missing(&[crate::sys::caps::CAP_SYS_PTRACE]).is_empty() =>
         {
@@ -58,6 +75,19 @@ fn proc_err(pid: u32, what: &'static str, source: io::Error) -> ProcError {
         }
         _ => ProcError::Access { pid, what, source },
     }
+}
+
+/// The owner (uid) of `pid`'s /proc entry.
+fn owner(pid: u32) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(format!("/proc/{pid}"))
+        .ok()
+        .map(|m| m.uid())
+}
+
+fn current_uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
 }
 
 /// Refuses an executable on a FUSE file system: looked up among `pid`'s mappings of FUSE files
