@@ -16,7 +16,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Read as _},
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
@@ -790,9 +790,8 @@ impl PodProc {
             .spawn()
             .context("podman run")?;
         let alerts = Arc::new(Mutex::new(Vec::new()));
-        let log = Arc::new(Mutex::new(String::new()));
         let out = child.stdout.take().context("stdout")?;
-        let err = child.stderr.take().context("stderr")?;
+        let log = drain(child.stderr.take().context("stderr")?);
         {
             let alerts = Arc::clone(&alerts);
             std::thread::spawn(move || {
@@ -803,21 +802,7 @@ impl PodProc {
                 }
             });
         }
-        {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                let mut err = err;
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = err.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    log.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
+
         Ok(Self {
             name: name.to_owned(),
             child,
@@ -995,22 +980,7 @@ impl Collector {
             .stderr(Stdio::null())
             .spawn()
             .context("starting rotel")?;
-        let out = Arc::new(Mutex::new(String::new()));
-        let mut stdout = child.stdout.take().context("rotel stdout")?;
-        {
-            let out = Arc::clone(&out);
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 8192];
-                while let Ok(n) = stdout.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    out.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
+        let out = drain(child.stdout.take().context("rotel stdout")?);
         Ok(Self { child, grpc, out })
     }
 
@@ -1035,6 +1005,25 @@ impl Drop for Collector {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Everything `reader` says, gathered by a thread as it comes.
+fn drain(mut reader: impl std::io::Read + Send + 'static) -> Arc<Mutex<String>> {
+    let text = Arc::new(Mutex::new(String::new()));
+    let gathered = Arc::clone(&text);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            gathered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    text
 }
 
 fn free_port() -> Result<u16> {
@@ -1292,24 +1281,15 @@ impl Machine {
 
     /// Waits for a journal line of leakmon holding all of `wanted`.
     fn wait_journal(&self, wanted: &[&str]) -> Result<()> {
-        let deadline = Instant::now() + ALERT_WAIT;
-        loop {
-            let journal = self.journal()?;
-            if journal
-                .lines()
-                .any(|l| wanted.iter().all(|w| l.contains(w)))
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("no journal line with {wanted:?}; the journal:\n{journal}");
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        self.wait_journal_line(wanted, false)
     }
 
     /// Like `wait_journal`, but gives up as soon as the unit has failed.
     fn wait_journal_unless_failed(&self, wanted: &[&str]) -> Result<()> {
+        self.wait_journal_line(wanted, true)
+    }
+
+    fn wait_journal_line(&self, wanted: &[&str], unless_failed: bool) -> Result<()> {
         let deadline = Instant::now() + ALERT_WAIT;
         loop {
             let journal = self.journal()?;
@@ -1320,9 +1300,14 @@ impl Machine {
                 return Ok(());
             }
             // Failed, or waiting to be restarted after a failure (Restart=on-failure).
-            let state = self.sh("systemctl show leakmon -p SubState --value")?;
-            if matches!(state.trim(), "failed" | "auto-restart") || Instant::now() > deadline {
-                bail!("no journal line with {wanted:?} (unit {})", state.trim());
+            let failed = unless_failed
+                && matches!(
+                    self.sh("systemctl show leakmon -p SubState --value")?
+                        .trim(),
+                    "failed" | "auto-restart"
+                );
+            if failed || Instant::now() > deadline {
+                bail!("no journal line with {wanted:?}; the journal:\n{journal}");
             }
             std::thread::sleep(Duration::from_millis(500));
         }

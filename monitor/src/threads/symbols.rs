@@ -116,6 +116,39 @@ fn function_symbols(cache: &object::ReadCache<std::fs::File>) -> (Vec<Sym>, [(u6
     (symbols, tables)
 }
 
+/// Whether the search table of the `.eh_frame_hdr` in `data` fits in it: its entry count
+/// times its row size, with fixed-size encodings only.
+fn hdr_table_fits(data: &[u8]) -> bool {
+    // DW_EH_PE_absptr and the fixed-size data formats (low nibble).
+    let size = |enc: u8| match enc & 0x0f {
+        0x00 | 0x04 | 0x0c => Some(8usize),
+        0x02 | 0x0a => Some(2),
+        0x03 | 0x0b => Some(4),
+        _ => None,
+    };
+    let (Some(&ptr_enc), Some(&count_enc), Some(&table_enc)) =
+        (data.get(1), data.get(2), data.get(3))
+    else {
+        return false;
+    };
+    let (Some(ptr), Some(count_size), Some(row)) =
+        (size(ptr_enc), size(count_enc), size(table_enc))
+    else {
+        return false;
+    };
+    let at = 4 + ptr;
+    let Some(raw) = data.get(at..at + count_size) else {
+        return false;
+    };
+    let mut buf = [0u8; 8];
+    buf[..count_size].copy_from_slice(raw);
+    let count = u64::from_le_bytes(buf);
+    let table = data.len().saturating_sub(at + count_size) as u64;
+    count
+        .checked_mul(2 * row as u64)
+        .is_some_and(|bytes| bytes <= table)
+}
+
 /// Call frame information (`.eh_frame`, indexed by `.eh_frame_hdr` when present).
 struct Unwind {
     eh_frame: gimli::EhFrame<EndianArcSlice<LittleEndian>>,
@@ -154,7 +187,11 @@ impl Unwind {
         let hdr = section(".eh_frame_hdr").and_then(|(addr, data)| {
             bytes += data.len() as u64;
             bases = bases.clone().set_eh_frame_hdr(addr);
-            gimli::EhFrameHdr::from(data).parse(&bases, 8).ok()
+            // A table that claims more rows than the section holds is not used (gimli's
+            // binary search would overflow on it): the FDEs are then searched in order.
+            hdr_table_fits(&data)
+                .then(|| gimli::EhFrameHdr::from(data).parse(&bases, 8).ok())
+                .flatten()
         });
         let mut eh_frame = gimli::EhFrame::from(eh_data);
         eh_frame.set_address_size(8);
@@ -686,6 +723,23 @@ impl ProcessSymbols {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the native_module fuzz target: an `.eh_frame_hdr` whose entry count overflows
+    /// gimli's binary search. Its table is not used now.
+    #[test]
+    fn eh_frame_hdr_claiming_too_many_rows_is_not_used() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/threads/testdata/eh-frame-hdr-overflow.elf");
+        exercise_module(std::fs::File::open(path).unwrap());
+        // version 1, eh_frame_ptr sdata4, fde_count udata4, table sdata4 (8-byte rows).
+        let mut hdr = vec![1, 0x1b, 0x03, 0x3b, 0, 0, 0, 0];
+        hdr.extend_from_slice(&2u32.to_le_bytes());
+        hdr.extend_from_slice(&[0; 16]);
+        assert!(hdr_table_fits(&hdr));
+        hdr[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(!hdr_table_fits(&hdr));
+        assert!(!hdr_table_fits(&[1, 0x1b]));
+    }
 
     #[test]
     fn symbolises_this_test_binary() {
