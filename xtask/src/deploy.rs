@@ -248,6 +248,8 @@ fn container(ws: &Workspace, tools: &setup::Tools, dt: &DeployTools) -> Result<(
             ("otlp.endpoint", &endpoint),
             ("otlp.protocol", "grpc"),
             ("logLevel", "info"),
+            // A config file through the chart's ConfigMap (a setting no variable sets).
+            ("config", "update_interval = \"30s\""),
         ],
     )?;
     let chart_spec = daemonset_pod(&rendered)?;
@@ -261,6 +263,11 @@ fn container(ws: &Workspace, tools: &setup::Tools, dt: &DeployTools) -> Result<(
     // 1. As specified: the leak and the deadlock, with container ids, on stdout and over OTLP.
     let run = pod.start("leakmon-ds", &[])?;
     run.ready()?;
+    let config =
+        setup::output(podman().args(["exec", "leakmon-ds", "cat", "/etc/leakmon/leakmon.toml"]))?;
+    if !config.contains("update_interval") {
+        bail!("the ConfigMap's leakmon.toml is not in the pod: {config:?}");
+    }
     let leak = run.expect("goroutine leak", |a| {
         a["kind"] == "goroutine_leak" && a["state"] == "firing" && a["pid"] == targets.leaky_pid
     })?;
@@ -482,7 +489,7 @@ fn render_chart(ws: &Workspace, helm: &Path, sets: &[(&str, &str)]) -> Result<Ve
         "leakmon",
     ]);
     for (k, v) in sets {
-        cmd.args(["--set", &format!("{k}={v}")]);
+        cmd.args(["--set-string", &format!("{k}={v}")]);
     }
     parse_docs(&setup::output(&mut cmd)?)
 }
@@ -525,7 +532,11 @@ fn same_privileges(chart: &Value, manifest: &Value) -> Result<()> {
             &c["securityContext"],
             &m["securityContext"],
         ),
-        ("volumeMounts", &c["volumeMounts"], &m["volumeMounts"]),
+        (
+            "volumeMounts",
+            &without_config(&c["volumeMounts"]),
+            &m["volumeMounts"],
+        ),
         ("resources", &c["resources"], &m["resources"]),
     ] {
         if a != b {
@@ -537,6 +548,20 @@ fn same_privileges(chart: &Value, manifest: &Value) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The mounts but the config file's (the manifest has no ConfigMap; the chart adds one when
+/// `config` is set).
+fn without_config(mounts: &Value) -> Value {
+    Value::Sequence(
+        mounts
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["name"] != "config")
+            .cloned()
+            .collect(),
+    )
 }
 
 /// How podman runs the pod's container, from its spec.

@@ -227,9 +227,10 @@ pub struct Target {
     /// Goroutines proven leaked (two analyses in a row agreed), while they stay parked on
     /// the same objects.
     proven: HashMap<u64, Arc<[WaitObject]>>,
-    /// The candidates of the last two analyses: a candidate seen by both is settled, and
-    /// analyses back off while every candidate is.
-    analysed: [HashMap<u64, Arc<[WaitObject]>>; 2],
+    /// The candidates of the last two analyses, what they waited on and whether they were
+    /// found leaked: a candidate both found the same way is settled, and analyses back off
+    /// while every candidate is.
+    analysed: [Analysed; 2],
     /// Whether the next scan should run an analysis (it gathers the roots as it reads the
     /// goroutine table): some candidate is not settled, or a recheck is due.
     analysis_due: bool,
@@ -247,6 +248,9 @@ const MAX_GS: usize = 4 << 20;
 const READ_CHUNK: usize = 4096;
 /// Spans of a heap read for an analysis, at most (1M spans is 8 GiB of small-object heap).
 const MAX_SPANS: usize = 1 << 20;
+/// What one analysis found: goid -> (what it waited on, found leaked).
+type Analysed = HashMap<u64, (Arc<[WaitObject]>, bool)>;
+
 /// Back-off of analyses while every candidate is settled (found the same by two analyses):
 /// from 30 s, doubling, up to 10 minutes.
 const RECHECK_MIN_NS: u64 = 30_000_000_000;
@@ -484,10 +488,9 @@ impl Target {
         let waits_of = |t: &Self, goid: u64| t.resolved.get(&goid).and_then(|r| r.waits.clone());
         if let Some(heap) = heap {
             self.prove(&heap, &candidates, roots, budget);
-            let settled = candidates.iter().all(|(_, _, rec)| {
-                let w = waits_of(self, rec.goid);
-                w.is_some() && self.analysed.iter().all(|a| a.get(&rec.goid) == w.as_ref())
-            });
+            let settled = candidates
+                .iter()
+                .all(|(_, _, rec)| self.settled(rec.goid, waits_of(self, rec.goid).as_ref()));
             if settled {
                 self.recheck_at_ns = now_ns.saturating_add(self.recheck_backoff_ns);
                 self.recheck_backoff_ns = (self.recheck_backoff_ns * 2).min(RECHECK_MAX_NS);
@@ -502,9 +505,9 @@ impl Target {
             .collect();
         self.proven
             .retain(|goid, w| current.get(goid).is_some_and(|c| c.as_ref() == Some(w)));
-        let unsettled = current.iter().any(|(goid, w)| {
-            w.is_none() || self.analysed.iter().any(|a| a.get(goid) != w.as_ref())
-        });
+        let unsettled = current
+            .iter()
+            .any(|(goid, w)| !self.settled(*goid, w.as_ref()));
         self.analysis_due = !current.is_empty() && (unsettled || now_ns >= self.recheck_at_ns);
         let proven: HashSet<u64> = self.proven.keys().copied().collect();
         let mut channels: HashMap<u64, Option<crate::detect::ChannelState>> = HashMap::new();
@@ -672,13 +675,29 @@ impl Target {
                 self.proven.insert(*goid, Arc::clone(waits));
             }
         }
-        let analysed: HashMap<u64, Arc<[WaitObject]>> = goid_of.into_values().collect();
+        let analysed: Analysed = goid_of
+            .into_values()
+            .map(|(goid, waits)| {
+                let found = leaked.contains_key(&goid);
+                (goid, (waits, found))
+            })
+            .collect();
         // Found live now: a proof no longer stands (it can only have been a torn read).
         self.proven
             .retain(|goid, _| leaked.contains_key(goid) || !analysed.contains_key(goid));
         self.leaked = leaked;
         let [older, last] = &mut self.analysed;
         *older = std::mem::replace(last, analysed);
+    }
+
+    /// Whether the last two analyses found goroutine `goid`, waiting on `waits`, the same way
+    /// (both leaked, or both live).
+    fn settled(&self, goid: u64, waits: Option<&Arc<[WaitObject]>>) -> bool {
+        let [older, last] = &self.analysed;
+        match (waits, older.get(&goid), last.get(&goid)) {
+            (Some(w), Some((w1, v1)), Some((w2, v2))) => w1 == w && w2 == w && v1 == v2,
+            _ => false,
+        }
     }
 
     /// Turns the probes' record of one goroutine into an observation worth judging, or `None`
