@@ -330,19 +330,19 @@ fn container(ws: &Workspace, tools: &setup::Tools, dt: &DeployTools) -> Result<(
     // 3. Least privilege: each granted capability and mount is taken away in turn; each must
     // break something.
     let mut needed = Vec::new();
-    for drop in pod.privileges() {
-        let mut run = pod.start("leakmon-lp", std::slice::from_ref(&drop))?;
+    for grant in pod.privileges() {
+        let mut run = pod.start("leakmon-lp", std::slice::from_ref(&grant))?;
         let verdict = run.works(&targets);
-        run.exit_line();
-        drop_run(run);
+        // Removed whatever state it is in (see Drop).
+        drop(run);
         match verdict {
             Ok(()) => bail!(
-                "the pod works without {drop}: the chart grants a privilege no test needs; drop \
+                "the pod works without {grant}: the chart grants a privilege no test needs; drop \
                  it from the chart and the manifest"
             ),
             Err(why) => {
-                println!("without {drop}: {why}");
-                needed.push(drop);
+                println!("without {grant}: {why}");
+                needed.push(grant);
             }
         }
     }
@@ -967,11 +967,6 @@ impl PodProc {
         }
         Ok(())
     }
-}
-
-/// Removes a pod container whatever state it is in.
-fn drop_run(run: PodProc) {
-    drop(run);
 }
 
 impl Drop for PodProc {

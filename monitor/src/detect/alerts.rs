@@ -198,12 +198,7 @@ impl Detector {
             let Some(group) = state.groups.get_mut(key) else {
                 continue;
             };
-            let proven: Vec<u64> = members
-                .ids
-                .iter()
-                .filter(|(_, _, p)| *p)
-                .map(|(g, _, _)| *g)
-                .collect();
+            let proven = members.ids.iter().filter(|(_, _, p)| *p).count() as u64;
             // A leak is a set that only grows: new members keep joining while the ones
             // already parked stay (none left within the window).
             let grows = class == WaitClass::Idle
@@ -211,11 +206,9 @@ impl Detector {
                 && group
                     .history
                     .keeps_growing(now, t.leak_window, t.leak_min_growth);
-            if grows || !proven.is_empty() {
-                group.leaked.extend(members.ids.iter().map(|(g, _, _)| *g));
-            } else if !group.leaked.is_empty() {
-                // Still leaking while the goroutines judged leaked remain; those joining
-                // the same place since are counted with them.
+            // Judged leaking now, or still leaking while goroutines judged leaked remain:
+            // those joining the same place since are counted with them.
+            if grows || proven > 0 || !group.leaked.is_empty() {
                 group.leaked.extend(members.ids.iter().map(|(g, _, _)| *g));
             }
             let kind = if !group.leaked.is_empty() && class != WaitClass::Stuck {
@@ -230,10 +223,7 @@ impl Detector {
             let (proof, proven) = if never_woken(reason) {
                 (Some("unreachable"), members.count)
             } else {
-                (
-                    (!proven.is_empty()).then_some("unreachable"),
-                    proven.len() as u64,
-                )
+                ((proven > 0).then_some("unreachable"), proven)
             };
             let growth_per_minute = group
                 .history

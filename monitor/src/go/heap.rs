@@ -3,6 +3,7 @@
 //! big it is. Read from outside without stopping the process, so every value is checked.
 
 use super::offsets::HeapOffsets;
+use super::pclntab::u64_at;
 use super::task::{SliceError, pointer_slice};
 use crate::proc::ProcMem;
 
@@ -149,12 +150,7 @@ impl Heap {
 }
 
 fn parse_span(b: &[u8], off: &HeapOffsets) -> Option<Span> {
-    let word = |o: u32| -> u64 {
-        let s = o as usize;
-        b.get(s..s + 8)
-            .and_then(|w| w.try_into().ok())
-            .map_or(0, u64::from_le_bytes)
-    };
+    let word = |o: u32| u64_at(b, o as usize).unwrap_or(0);
     let byte = |o: u32| b.get(o as usize).copied().unwrap_or(0);
     if byte(off.mspan_state) != SPAN_IN_USE {
         return None;

@@ -17,6 +17,7 @@ use std::collections::HashSet;
 
 use super::heap::{Heap, Object};
 use super::offsets::HeapOffsets;
+use super::pclntab::u64_at;
 use super::waits::WaitObject;
 use crate::proc::ProcMem;
 
@@ -281,8 +282,7 @@ impl<'a> Marker<'a> {
                 if !self.mem.read(special, &mut record) {
                     return Err(ReachError::Unreadable);
                 }
-                let word =
-                    |o: usize| u64::from_le_bytes(record[o..o + 8].try_into().unwrap_or_default());
+                let word = |o: usize| u64_at(&record, o).unwrap_or(0);
                 let offset = if wide {
                     word(8)
                 } else {
@@ -361,7 +361,7 @@ impl<'a> Marker<'a> {
         while let Some(o) = self.stack.pop() {
             if o.size as usize > BATCH_BYTES / 4 {
                 // Large objects on their own, in pieces.
-                self.scan_large(o)?;
+                self.scan_object(o)?;
                 continue;
             }
             bytes += o.size as usize;
@@ -402,19 +402,13 @@ impl<'a> Marker<'a> {
                 return Err(ReachError::Unreadable);
             }
             // A sudog (its first word is a g) is followed only through its queue.
-            let first = obj
-                .get(..8)
-                .map_or(0, |w| u64::from_le_bytes(w.try_into().unwrap_or_default()));
+            let first = u64_at(obj, 0).unwrap_or(0);
             let sudog = o.size >= size && o.size <= size + 16 && self.gs.contains(&first);
             let only = sudog.then_some(self.off.sudog_next);
             self.scan_words(obj, only);
         }
         self.buf = buf;
         Ok(())
-    }
-
-    fn scan_large(&mut self, o: Object) -> Result<(), ReachError> {
-        self.scan_range(o.base, o.size)
     }
 }
 

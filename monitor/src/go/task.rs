@@ -205,7 +205,7 @@ fn package_of(function: &str) -> &str {
 /// Whether a function is the program's own: in package main or in the main module
 /// (`main_module`, from the build info). Without module info, a package whose path has a dot
 /// in its first element (a module, not the standard library) counts.
-pub fn is_user_function(function: &str, main_module: Option<&str>) -> bool {
+fn is_user_function(function: &str, main_module: Option<&str>) -> bool {
     let package = package_of(function);
     if package == "main" {
         return true;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use super::{heap::Heap, offsets::HeapOffsets};
+use super::{heap::Heap, offsets::HeapOffsets, pclntab::u64_at};
 use crate::{detect::ChannelState, proc::ProcMem};
 
 /// Sudogs followed per goroutine (a select has one per case) and per channel queue.
@@ -21,6 +21,16 @@ pub enum WaitKind {
     Semaphore,
     /// A `sync.Cond`'s notify list.
     Cond,
+}
+
+impl WaitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitKind::Channel => "channel",
+            WaitKind::Semaphore => "semaphore",
+            WaitKind::Cond => "cond",
+        }
+    }
 }
 
 /// How a wait reason finds its objects.
@@ -160,8 +170,5 @@ pub(crate) fn chan_state(mem: &ProcMem, off: &HeapOffsets, hchan: u64) -> Option
 }
 
 fn word(b: &[u8], o: u32) -> u64 {
-    let s = o as usize;
-    b.get(s..s + 8)
-        .and_then(|w| w.try_into().ok())
-        .map_or(0, u64::from_le_bytes)
+    u64_at(b, o as usize).unwrap_or(0)
 }

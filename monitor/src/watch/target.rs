@@ -248,6 +248,16 @@ const MAX_GS: usize = 4 << 20;
 const READ_CHUNK: usize = 4096;
 /// Spans of a heap read for an analysis, at most (1M spans is 8 GiB of small-object heap).
 const MAX_SPANS: usize = 1 << 20;
+/// A goroutine parked past the block threshold on a wait whose object can prove a leak.
+struct Candidate {
+    /// Its observation among those judged this scan.
+    index: usize,
+    /// Address of its `g`.
+    g: u64,
+    rec: GRecord,
+    class: WaitClass,
+}
+
 /// What one analysis found: goid -> (what it waited on, found leaked).
 type Analysed = HashMap<u64, (Arc<[WaitObject]>, bool)>;
 
@@ -433,7 +443,7 @@ impl Target {
         let previous = std::mem::take(&mut self.parks);
         let mut judged = Vec::new();
         // Candidates: index into `judged`, and into `roots` when an analysis runs.
-        let mut candidates: Vec<(usize, u64, GRecord)> = Vec::new();
+        let mut candidates: Vec<Candidate> = Vec::new();
         let analyse = self.analysis_due && self.binary.mheap.is_some() && budget.allows();
         let mut roots: Vec<reach::Goroutine> = Vec::new();
         let gs = task::all_gs(&self.mem, allgs.wrapping_add(self.bias), MAX_GS);
@@ -473,9 +483,15 @@ impl Target {
                             reason: rec.waitreason,
                         },
                     );
-                    let class = WaitClass::of(self.binary.wait_reason(rec.waitreason));
-                    if class.is_some() && !o.entry.starts_with("runtime.") {
-                        candidates.push((judged.len(), *addr, rec));
+                    if let Some(class) = WaitClass::of(self.binary.wait_reason(rec.waitreason))
+                        && !o.entry.starts_with("runtime.")
+                    {
+                        candidates.push(Candidate {
+                            index: judged.len(),
+                            g: *addr,
+                            rec,
+                            class,
+                        });
                     }
                     judged.push(o);
                 }
@@ -485,12 +501,11 @@ impl Target {
             .then(|| self.read_heap())
             .flatten();
         self.fill_waits(&candidates, heap.as_ref());
-        let waits_of = |t: &Self, goid: u64| t.resolved.get(&goid).and_then(|r| r.waits.clone());
         if let Some(heap) = heap {
             self.prove(&heap, &candidates, roots, budget);
             let settled = candidates
                 .iter()
-                .all(|(_, _, rec)| self.settled(rec.goid, waits_of(self, rec.goid).as_ref()));
+                .all(|c| self.settled(c.rec.goid, self.waits_of(c.rec.goid).as_ref()));
             if settled {
                 self.recheck_at_ns = now_ns.saturating_add(self.recheck_backoff_ns);
                 self.recheck_backoff_ns = (self.recheck_backoff_ns * 2).min(RECHECK_MAX_NS);
@@ -501,7 +516,7 @@ impl Target {
         // Proofs hold while the goroutine stays parked on the same objects.
         let current: HashMap<u64, Option<Arc<[WaitObject]>>> = candidates
             .iter()
-            .map(|(_, _, rec)| (rec.goid, waits_of(self, rec.goid)))
+            .map(|c| (c.rec.goid, self.waits_of(c.rec.goid)))
             .collect();
         self.proven
             .retain(|goid, w| current.get(goid).is_some_and(|c| c.as_ref() == Some(w)));
@@ -511,8 +526,8 @@ impl Target {
         self.analysis_due = !current.is_empty() && (unsettled || now_ns >= self.recheck_at_ns);
         let proven: HashSet<u64> = self.proven.keys().copied().collect();
         let mut channels: HashMap<u64, Option<crate::detect::ChannelState>> = HashMap::new();
-        for (i, _, rec) in &candidates {
-            let Some(waits) = self.resolved.get(&rec.goid).and_then(|r| r.waits.clone()) else {
+        for Candidate { index: i, rec, .. } in &candidates {
+            let Some(waits) = self.waits_of(rec.goid) else {
                 continue;
             };
             let Some(first) = waits.first() else { continue };
@@ -526,11 +541,7 @@ impl Target {
             let o = &mut judged[*i];
             o.proven = proven.contains(&rec.goid);
             o.waits_on = Some(Arc::new(WaitsOn {
-                kind: match first.kind {
-                    WaitKind::Channel => "channel",
-                    WaitKind::Semaphore => "semaphore",
-                    WaitKind::Cond => "cond",
-                },
+                kind: first.kind.as_str(),
                 address: first.addr,
                 channel,
                 objects: 1,
@@ -556,13 +567,11 @@ impl Target {
 
     /// What each candidate waits on, read once per park (cached with its sites). Semaphore
     /// and Cond waits before go1.26 need the heap (their sudog is found there).
-    fn fill_waits(&mut self, candidates: &[(usize, u64, GRecord)], heap: Option<&Heap>) {
+    fn fill_waits(&mut self, candidates: &[Candidate], heap: Option<&Heap>) {
         let legacy_needed = self.binary.version.minor < 26;
         let mut legacy = None;
-        for (_, addr, rec) in candidates {
-            let Some(class) = WaitClass::of(self.binary.wait_reason(rec.waitreason)) else {
-                continue;
-            };
+        for Candidate { g, rec, class, .. } in candidates {
+            let class = *class;
             if self
                 .resolved
                 .get(&rec.goid)
@@ -583,7 +592,7 @@ impl Target {
                 &self.mem,
                 &self.binary.heap,
                 class,
-                *addr,
+                *g,
                 rec.waiting,
                 legacy_map,
             );
@@ -593,12 +602,12 @@ impl Target {
         }
     }
 
-    /// Runs one reachability analysis; returns the goroutines proven leaked (found leaked
-    /// by this analysis and the one before, waiting on the same objects).
+    /// Runs one reachability analysis: goroutines found leaked by it and by the one before,
+    /// waiting on the same objects, join `proven`.
     fn prove(
         &mut self,
         heap: &Heap,
-        candidates: &[(usize, u64, GRecord)],
+        candidates: &[Candidate],
         mut goroutines: Vec<reach::Goroutine>,
         budget: &ReachBudget,
     ) {
@@ -609,8 +618,8 @@ impl Target {
             .map(|(i, g)| (g.g, i))
             .collect();
         let mut goid_of: HashMap<usize, (u64, Arc<[WaitObject]>)> = HashMap::new();
-        for (_, addr, rec) in candidates {
-            let Some(waits) = self.resolved.get(&rec.goid).and_then(|r| r.waits.clone()) else {
+        for Candidate { g: addr, rec, .. } in candidates {
+            let Some(waits) = self.waits_of(rec.goid) else {
                 continue;
             };
             if waits.is_empty() {
@@ -688,6 +697,11 @@ impl Target {
         self.leaked = leaked;
         let [older, last] = &mut self.analysed;
         *older = std::mem::replace(last, analysed);
+    }
+
+    /// What goroutine `goid` waits on, once read (cached with its sites, per park).
+    fn waits_of(&self, goid: u64) -> Option<Arc<[WaitObject]>> {
+        self.resolved.get(&goid).and_then(|r| r.waits.clone())
     }
 
     /// Whether the last two analyses found goroutine `goid`, waiting on `waits`, the same way
