@@ -47,6 +47,7 @@ pub enum ConfigError {
 pub struct FileConfig {
     pub block_threshold: Option<String>,
     pub spin_threshold: Option<String>,
+    pub poll_block_threshold: Option<String>,
     pub leak_window: Option<String>,
     pub leak_min_growth: Option<u64>,
     pub scan_interval: Option<String>,
@@ -102,6 +103,9 @@ pub struct DetectArgs {
     /// A goroutine running this long without parking is spinning [default: 2m]
     #[arg(long, env = "LEAKMON_SPIN_THRESHOLD", value_name = "DURATION")]
     pub spin_threshold: Option<String>,
+    /// A tokio poll blocked this long in one call blocks its worker thread [default: 500ms]
+    #[arg(long, env = "LEAKMON_POLL_BLOCK_THRESHOLD", value_name = "DURATION")]
+    pub poll_block_threshold: Option<String>,
     /// Window over which a blocked group must keep growing to be a leak [default: 10m]
     #[arg(long, env = "LEAKMON_LEAK_WINDOW", value_name = "DURATION")]
     pub leak_window: Option<String>,
@@ -250,6 +254,12 @@ impl TryFrom<(&DetectArgs, FileConfig)> for Settings {
                 &args.spin_threshold,
                 file.spin_threshold,
                 d.spin,
+            )?,
+            poll_block: duration(
+                "poll_block_threshold",
+                &args.poll_block_threshold,
+                file.poll_block_threshold,
+                d.poll_block,
             )?,
             leak_window: duration(
                 "leak_window",

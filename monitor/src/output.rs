@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use serde::Serialize;
 
 use crate::{
-    detect::{Alert, AlertState, Site, Transition, WaitsOn, hint},
+    detect::{Alert, AlertKind, AlertState, Site, Transition, WaitsOn, hint},
     proc::Container,
 };
 
@@ -175,16 +175,16 @@ pub fn text(p: &ProcessInfo, t: &Transition) -> String {
     if let Some(pod) = &p.container.pod_name {
         s.push_str(&format!(", pod {pod}"));
     }
-    if a.kind.is_thread() {
-        s.push_str(&format!("): {} threads", a.count));
-    } else {
-        s.push_str(&format!("): {} goroutines", a.count));
-    }
+    s.push_str(&format!("): {} {}", a.count, a.kind.members()));
     if let Some(c) = &a.group.created_at {
         s.push_str(&format!(" created at {c}"));
     }
     s.push_str(&format!(" in {}", a.group.entry));
     match (&a.group.blocked_at, &a.group.wait_reason) {
+        (Some(b), None) if a.kind == AlertKind::TaskBlocking => {
+            s.push_str(&format!(", in one poll blocked at {b}"));
+        }
+        (None, None) if a.kind == AlertKind::TaskBlocking => s.push_str(", in one poll"),
         (Some(b), Some(r)) => s.push_str(&format!(", blocked at {b} on {r}")),
         (None, Some(r)) => s.push_str(&format!(", blocked on {r}")),
         _ => s.push_str(", running without blocking"),
@@ -196,11 +196,16 @@ pub fn text(p: &ProcessInfo, t: &Transition) -> String {
     if let Some(previous) = t.previous {
         s.push_str(&format!(" (was {})", previous.as_str()));
     }
-    if a.proof == Some("unreachable") {
-        s.push_str(&format!(
+    match a.proof {
+        Some("unreachable") => s.push_str(&format!(
             "\n  proven: nothing live can reach what {} of them wait on",
             a.proven
-        ));
+        )),
+        Some("no_waker") => s.push_str(&format!(
+            "\n  proven: {} of them hold no waker and are not scheduled: nothing can wake them",
+            a.proven
+        )),
+        _ => {}
     }
     if let Some(w) = &a.waits_on {
         s.push_str(&format!("\n  waits on {} {:#x}", w.kind, w.address));

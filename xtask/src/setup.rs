@@ -112,7 +112,51 @@ pub fn all(ws: &Workspace) -> Result<Tools> {
     }
     rotel(&tools)?;
     cargo_fuzz(&tools)?;
+    tokio_fixture_crates(ws, &tools)?;
     Ok(tools)
+}
+
+/// The crates the tokio fixtures are built from (offline, at test time), for each lock file:
+/// fixtures/native/tokio-tasks/locks/*.lock (one per tokio version) and tokio-http's own.
+fn tokio_fixture_crates(ws: &Workspace, tools: &Tools) -> Result<()> {
+    let native = ws.root.join("fixtures/native");
+    let mut projects = vec![(
+        native.join("tokio-http"),
+        native.join("tokio-http/Cargo.lock"),
+    )];
+    let locks = native.join("tokio-tasks/locks");
+    for entry in fs::read_dir(&locks).with_context(|| format!("reading {}", locks.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "lock") {
+            projects.push((native.join("tokio-tasks"), path));
+        }
+    }
+    for (project, lock) in projects {
+        let name = lock
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let stamp = tools.dir.join("tokio-fetched").join(&name);
+        let wanted = fs::read(&lock)?;
+        if fs::read(&stamp).is_ok_and(|s| s == wanted) {
+            continue;
+        }
+        // cargo fetch wants the lock file beside the manifest: a scratch copy of the project.
+        let scratch = tools.dir.join("tokio-fetch").join(&name);
+        let _ = fs::remove_dir_all(&scratch);
+        fs::create_dir_all(scratch.join("src"))?;
+        fs::copy(project.join("Cargo.toml"), scratch.join("Cargo.toml"))?;
+        fs::copy(project.join("src/main.rs"), scratch.join("src/main.rs"))?;
+        fs::copy(&lock, scratch.join("Cargo.lock"))?;
+        eprintln!("xtask: fetching the crates of the tokio fixture {name}");
+        run(Command::new("cargo")
+            .args(["fetch", "--locked", "--manifest-path"])
+            .arg(scratch.join("Cargo.toml")))?;
+        fs::create_dir_all(stamp.parent().unwrap_or(&tools.dir))?;
+        fs::write(&stamp, wanted)?;
+    }
+    Ok(())
 }
 
 fn cargo_fuzz(tools: &Tools) -> Result<()> {

@@ -11,7 +11,8 @@ use super::{
     Snapshot,
     book::AlertBook,
     groups::{GroupKey, Stack, WaitsOn, blocked_groups, running_groups},
-    rules::{History, Thresholds, WaitClass, classify_wait},
+    policy::Finding,
+    rules::{History, Thresholds, WaitClass},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -31,6 +32,12 @@ pub enum AlertKind {
     ThreadLeak,
     /// Every thread of the process blocked past the threshold, at least one on a lock.
     ProcessHung,
+    /// A group of idle tokio tasks of one future type that only grows.
+    TaskLeak,
+    /// Idle tokio tasks that nothing can wake any more (no waker left, not notified).
+    TaskLostWaker,
+    /// A tokio poll that has been blocking its worker thread past the poll threshold.
+    TaskBlocking,
 }
 
 impl AlertKind {
@@ -43,6 +50,20 @@ impl AlertKind {
             Self::ThreadStuck => "thread_stuck",
             Self::ThreadLeak => "thread_leak",
             Self::ProcessHung => "process_hung",
+            Self::TaskLeak => "task_leak",
+            Self::TaskLostWaker => "task_lost_waker",
+            Self::TaskBlocking => "task_blocking",
+        }
+    }
+
+    /// What the alert counts, plural: goroutines, tasks or threads.
+    pub fn members(self) -> &'static str {
+        match self {
+            Self::GoroutineLeak | Self::GoroutineStuck | Self::GoroutineSpinning => "goroutines",
+            Self::TaskLeak | Self::TaskLostWaker | Self::TaskBlocking => "tasks",
+            Self::ThreadDeadlock | Self::ThreadStuck | Self::ThreadLeak | Self::ProcessHung => {
+                "threads"
+            }
         }
     }
 
@@ -139,14 +160,16 @@ impl Detector {
         let now = snapshot.now_ns;
         let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let window = ns(t.leak_window);
+        let policy = snapshot.policy;
         let state = self.processes.entry(pid).or_default();
 
         let blocked = blocked_groups(&snapshot.goroutines, now, ns(t.block));
         let running = running_groups(
             &snapshot.goroutines,
             now,
-            ns(t.spin),
+            ns(policy.running_threshold(&t)),
             ns(t.scan_interval).max(1_000_000_000) * 2,
+            policy.running_min_runs(),
         );
 
         // Every group with history gets a sample, 0 when it emptied, so growth and release
@@ -186,13 +209,13 @@ impl Detector {
         let mut holds: Vec<(GroupKey, Alert)> = Vec::new();
         for (key, members) in &blocked {
             let reason = key.wait_reason.as_deref().unwrap_or_default();
-            let class = classify_wait(reason);
-            if class == WaitClass::Runtime || is_runtime_goroutine(&key.entry) {
+            let class = policy.classify(reason);
+            if class == WaitClass::Runtime || policy.is_runtime_task(&key.entry) {
                 continue;
             }
             // main() may wait for its whole life (select{}, wg.Wait() on lifetime workers);
             // only a lock it never gets is a finding there.
-            if is_main_goroutine(&key.entry) && !is_lock_wait(reason) {
+            if policy.is_main_task(&key.entry) && !policy.is_lock_wait(reason) {
                 continue;
             }
             let Some(group) = state.groups.get_mut(key) else {
@@ -212,16 +235,15 @@ impl Detector {
                 group.leaked.extend(members.ids.iter().map(|(g, _, _)| *g));
             }
             let kind = if !group.leaked.is_empty() && class != WaitClass::Stuck {
-                AlertKind::GoroutineLeak
+                policy.kind(Finding::Leak)
             } else if class == WaitClass::Stuck {
-                AlertKind::GoroutineStuck
+                policy.kind(Finding::Stuck)
             } else {
                 continue;
             };
-            // Nothing can ever wake a nil channel or an empty select: their proof needs no
-            // analysis.
-            let (proof, proven) = if never_woken(reason) {
-                (Some("unreachable"), members.count)
+            // What nothing can ever wake needs no analysis to be proven.
+            let (proof, proven) = if let Some(proof) = policy.never_woken(reason) {
+                (Some(proof), members.count)
             } else {
                 ((proven > 0).then_some("unreachable"), proven)
             };
@@ -251,11 +273,11 @@ impl Detector {
             ));
         }
         for (key, members) in &running {
-            if !is_runtime_goroutine(&key.entry) {
+            if !policy.is_runtime_task(&key.entry) {
                 holds.push((
                     key.clone(),
                     Alert {
-                        kind: AlertKind::GoroutineSpinning,
+                        kind: policy.kind(Finding::Running),
                         group: key.clone(),
                         count: members.count,
                         oldest_seconds: now.saturating_sub(members.oldest_since_ns) as f64 / 1e9,
@@ -263,8 +285,8 @@ impl Detector {
                         proof: None,
                         proven: 0,
                         waits_on: None,
-                        stack: None,
-                        threads: Vec::new(),
+                        stack: members.stack.clone(),
+                        threads: members.threads.iter().map(|t| (**t).clone()).collect(),
                     },
                 ));
             }
@@ -288,30 +310,6 @@ impl Detector {
         self.processes.remove(&pid);
         self.book.forget(pid)
     }
-}
-
-/// The runtime's own goroutines (GC workers, sweeper, finalizers, ...); not the main
-/// goroutine, whose entry is `runtime.main` but which runs the program's `main`.
-fn is_runtime_goroutine(entry: &str) -> bool {
-    entry.starts_with("runtime.") && !is_main_goroutine(entry)
-}
-
-fn is_main_goroutine(entry: &str) -> bool {
-    entry == "runtime.main"
-}
-
-fn never_woken(reason: &str) -> bool {
-    matches!(
-        reason,
-        "chan send (nil chan)" | "chan receive (nil chan)" | "select (no cases)"
-    )
-}
-
-fn is_lock_wait(reason: &str) -> bool {
-    matches!(
-        reason,
-        "sync.Mutex.Lock" | "sync.RWMutex.Lock" | "sync.RWMutex.RLock"
-    )
 }
 
 #[cfg(test)]
@@ -348,6 +346,7 @@ mod tests {
             waits_on: None,
             proven: false,
             stack: None,
+            thread: None,
         }
     }
 
@@ -355,6 +354,7 @@ mod tests {
         Snapshot {
             now_ns: now * S,
             goroutines,
+            policy: &crate::go::GO,
         }
     }
 
@@ -433,6 +433,7 @@ mod tests {
             waits_on: None,
             proven: false,
             stack: None,
+            thread: None,
         };
         // A goroutine in one long system call: one run, long ago.
         assert!(d.observe(1, &snapshot(10, vec![running(1, 0)])).is_empty());
@@ -485,6 +486,7 @@ mod tests {
             waits_on: None,
             proven: false,
             stack: None,
+            thread: None,
         };
         let fired = d.observe(2, &snapshot(20, vec![spinning_main]));
         assert_eq!(fired[0].alert.kind, AlertKind::GoroutineSpinning);

@@ -73,6 +73,8 @@ pub struct Members {
     pub stack: Option<Stack>,
     /// Distinct wait objects.
     pub objects: std::collections::BTreeSet<u64>,
+    /// Threads the members block (tokio polls), a few.
+    pub threads: Vec<Arc<super::ThreadReport>>,
 }
 
 /// Parked goroutines blocked at least `min_age_ns`, grouped.
@@ -123,6 +125,7 @@ pub fn running_groups(
     now_ns: u64,
     min_age_ns: u64,
     recent_ns: u64,
+    min_runs: u32,
 ) -> BTreeMap<GroupKey, Members> {
     let mut groups: BTreeMap<GroupKey, Members> = BTreeMap::new();
     for g in goroutines {
@@ -136,7 +139,7 @@ pub fn running_groups(
         };
         // One run is a goroutine sitting in a long system call; rescheduling after
         // preemption is what a loop that never blocks looks like.
-        let spinning = runs >= 2
+        let spinning = runs >= min_runs
             && now_ns.saturating_sub(since_ns) >= min_age_ns
             && now_ns.saturating_sub(last_run_ns) <= recent_ns;
         if !spinning {
@@ -145,13 +148,25 @@ pub fn running_groups(
         let key = GroupKey {
             created_at: g.created_at.clone(),
             entry: g.entry.clone(),
-            blocked_at: None,
+            blocked_at: g.thread.as_ref().and_then(|t| t.blocked_at.clone()),
             wait_reason: None,
         };
-        add(groups.entry(key).or_default(), since_ns);
+        let m = groups.entry(key).or_default();
+        add(m, since_ns);
+        if m.stack.is_none() {
+            m.stack.clone_from(&g.stack);
+        }
+        if let Some(t) = &g.thread
+            && m.threads.len() < MAX_THREADS
+        {
+            m.threads.push(Arc::clone(t));
+        }
     }
     groups
 }
+
+/// Threads listed per group at most.
+const MAX_THREADS: usize = 16;
 
 fn add(members: &mut Members, since_ns: u64) {
     if members.count == 0 || since_ns < members.oldest_since_ns {

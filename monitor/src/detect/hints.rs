@@ -25,6 +25,23 @@ pub fn hint(kind: AlertKind, wait_reason: Option<&str>) -> &'static str {
              progress; look for a lock cycle or a lock held by a thread that exited, and restart \
              it after taking a core dump (gcore) for diagnosis"
         }
+        (AlertKind::TaskLeak, _) => {
+            "tasks of this future type pile up waiting for a wake that never comes (a channel or \
+             oneshot nobody completes): drop or complete every sender, wrap the await in \
+             tokio::time::timeout or select! on a CancellationToken, and bound spawning with a \
+             Semaphore or a JoinSet"
+        }
+        (AlertKind::TaskLostWaker, _) => {
+            "tasks are pending with no waker left, so nothing can ever wake them: a hand-written \
+             Future returned Poll::Pending without storing cx.waker() (or dropped it); store the \
+             waker and wake it when ready, or abort the tasks (JoinHandle::abort)"
+        }
+        (AlertKind::TaskBlocking, _) => {
+            "a poll blocks its worker thread, stalling every task queued on it: move blocking \
+             calls (std::thread::sleep, std::sync::Mutex held across slow work, blocking I/O, long \
+             computations) to tokio::task::spawn_blocking, or use tokio::time::sleep and \
+             tokio::sync::Mutex"
+        }
         (AlertKind::GoroutineSpinning, _) => {
             "a loop never blocks or exits: give it an exit condition (check ctx.Done() or a quit \
              channel each iteration) and wait on a channel, sync.Cond or time.Ticker instead of \

@@ -1,4 +1,4 @@
-//! Turning goroutine and thread observations into alerts. Input is plain data (what the probes and the
+//! Turning task (goroutine, tokio task) and thread observations into alerts. Input is plain data (what the probes and the
 //! process memory said at one instant), so every rule here runs on recorded observations in
 //! tests without eBPF.
 
@@ -8,6 +8,7 @@ mod alerts;
 mod book;
 mod groups;
 mod hints;
+mod policy;
 mod rules;
 mod threads;
 
@@ -15,12 +16,13 @@ pub use alerts::{Alert, AlertKind, AlertState, Detector, Transition};
 pub use book::AlertBook;
 pub use groups::{ChannelState, GroupKey, Site, Stack, WaitsOn};
 pub use hints::hint;
-pub use rules::{Thresholds, WaitClass, classify_wait};
+pub use policy::{Finding, Policy};
+pub use rules::{Thresholds, WaitClass};
 pub use threads::{FutexObs, ThreadDetector, ThreadObs, ThreadReport, ThreadSnapshot};
 
 /// One goroutine as seen at a scan. Sites and names are shared (`Arc`): thousands of
 /// goroutines of one group point at the same few.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Observation {
     pub goid: u64,
     pub state: TaskState,
@@ -33,8 +35,10 @@ pub struct Observation {
     pub waits_on: Option<Arc<WaitsOn>>,
     /// Two analyses in a row found that nothing live can reach what it waits on.
     pub proven: bool,
-    /// Its stack, innermost first, when parked.
+    /// Its stack, innermost first, when parked (or blocked in a poll).
     pub stack: Option<Stack>,
+    /// The thread it blocks, for a task blocking its worker in a poll.
+    pub thread: Option<Arc<ThreadReport>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,4 +65,6 @@ pub enum TaskState {
 pub struct Snapshot {
     pub now_ns: u64,
     pub goroutines: Vec<Observation>,
+    /// How the runtime's tasks are judged.
+    pub policy: &'static dyn Policy,
 }

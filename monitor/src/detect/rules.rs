@@ -9,6 +9,8 @@ pub struct Thresholds {
     pub block: Duration,
     /// A goroutine running this long without parking is spinning.
     pub spin: Duration,
+    /// A tokio poll running this long in one blocking call blocks its worker.
+    pub poll_block: Duration,
     /// Growth of a blocked group is judged over this window.
     pub leak_window: Duration,
     /// Net growth over the window that makes a leak.
@@ -25,6 +27,7 @@ impl Default for Thresholds {
         Self {
             block: Duration::from_secs(5 * 60),
             spin: Duration::from_secs(2 * 60),
+            poll_block: Duration::from_millis(500),
             leak_window: Duration::from_secs(10 * 60),
             leak_min_growth: 3,
             scan_interval: Duration::from_secs(15),
@@ -40,6 +43,7 @@ impl Thresholds {
         Self {
             block: Duration::from_secs(2),
             spin: Duration::from_secs(3),
+            poll_block: Duration::from_millis(500),
             leak_window: Duration::from_secs(6),
             leak_min_growth: 3,
             scan_interval: Duration::from_secs(1),
@@ -60,33 +64,6 @@ pub enum WaitClass {
     Stuck,
     /// The runtime's own bookkeeping goroutines: never reported.
     Runtime,
-}
-
-/// Classifies a wait reason as Go names it (`runtime.waitReasonStrings`), stable across the
-/// versions whose numbering differs.
-pub fn classify_wait(reason: &str) -> WaitClass {
-    match reason {
-        "sync.Mutex.Lock"
-        | "sync.RWMutex.Lock"
-        | "sync.RWMutex.RLock"
-        | "chan send (nil chan)"
-        | "chan receive (nil chan)"
-        | "select (no cases)" => WaitClass::Stuck,
-        r if r.starts_with("GC")
-            || r.starts_with("force gc")
-            || r.starts_with("finalizer")
-            || r.starts_with("timer goroutine")
-            || r.starts_with("trace ")
-            || r.starts_with("wait for debug call")
-            || r.starts_with("debug call")
-            || r.starts_with("preempted")
-            || r.starts_with("cleanup wait")
-            || r.starts_with("synctest") =>
-        {
-            WaitClass::Runtime
-        }
-        _ => WaitClass::Idle,
-    }
 }
 
 /// Count of a group at successive scans, trimmed to what the growth test needs.
@@ -197,18 +174,5 @@ mod tests {
         let w = Duration::from_secs(9);
         let points: Vec<_> = (0..=10).map(|t| (t, 10 + t / 5)).collect();
         assert!(!history(&points, w).keeps_growing(10 * S, w, 3));
-    }
-
-    #[test]
-    fn wait_classes() {
-        assert_eq!(classify_wait("chan send"), WaitClass::Idle);
-        assert_eq!(classify_wait("IO wait"), WaitClass::Idle);
-        assert_eq!(classify_wait("sync.Mutex.Lock"), WaitClass::Stuck);
-        assert_eq!(classify_wait("semacquire"), WaitClass::Idle);
-        assert_eq!(classify_wait("sync.WaitGroup.Wait"), WaitClass::Idle);
-        assert_eq!(classify_wait("sync.Cond.Wait"), WaitClass::Idle);
-        assert_eq!(classify_wait("chan receive (nil chan)"), WaitClass::Stuck);
-        assert_eq!(classify_wait("GC worker (idle)"), WaitClass::Runtime);
-        assert_eq!(classify_wait("finalizer wait"), WaitClass::Runtime);
     }
 }

@@ -50,6 +50,9 @@ pub fn event_name(kind: AlertKind) -> &'static str {
         AlertKind::ThreadStuck => "leakmon.thread_stuck",
         AlertKind::ThreadLeak => "leakmon.thread_leak",
         AlertKind::ProcessHung => "leakmon.process_hung",
+        AlertKind::TaskLeak => "leakmon.task_leak",
+        AlertKind::TaskLostWaker => "leakmon.task_lost_waker",
+        AlertKind::TaskBlocking => "leakmon.task_blocking",
     }
 }
 
@@ -167,18 +170,15 @@ fn state_str(s: AlertState) -> &'static str {
 fn body(p: &ProcessInfo, t: &Transition) -> String {
     let a = &t.alert;
     let g = &a.group;
-    let tasks = if a.kind.is_thread() {
-        "threads"
-    } else {
-        "goroutines"
-    };
+    let tasks = a.kind.members();
     let mut s = match t.state {
         AlertState::Firing | AlertState::Updated => format!("{} {tasks}", thousands(a.count)),
         AlertState::Changed => format!("now {} ({} {tasks}):", a.kind.as_str(), thousands(a.count)),
         AlertState::Resolved => format!("resolved ({} {tasks} left):", thousands(a.count)),
     };
-    if let Some(c) = &g.created_at {
-        s.push_str(&format!(" created at {}:{}", c.file, c.line));
+    match &g.created_at {
+        Some(c) => s.push_str(&format!(" created at {}:{}", c.file, c.line)),
+        None => s.push_str(&format!(" in {}", g.entry)),
     }
     match (&g.blocked_at, &g.wait_reason) {
         (Some(b), Some(r)) => s.push_str(&format!(" blocked at {}:{} on {r}", b.file, b.line)),
@@ -192,8 +192,10 @@ fn body(p: &ProcessInfo, t: &Transition) -> String {
     if let Some(growth) = a.growth_per_minute.filter(|g| *g > 0.0) {
         s.push_str(&format!(", +{growth:.0}/min"));
     }
-    if a.proof == Some("unreachable") {
-        s.push_str(", proven: nothing live can reach what they wait on");
+    match a.proof {
+        Some("unreachable") => s.push_str(", proven: nothing live can reach what they wait on"),
+        Some("no_waker") => s.push_str(", proven: no waker is left to wake them"),
+        _ => {}
     }
     s.push_str(&format!(" ({}, PID {}", a.kind.as_str(), p.pid));
     if let Some(pod) = &p.container.pod_name {

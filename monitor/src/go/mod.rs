@@ -11,6 +11,7 @@ mod elf;
 pub(crate) mod heap;
 mod offsets;
 mod pclntab;
+mod policy;
 mod prologue;
 pub(crate) mod reach;
 mod symbols;
@@ -31,6 +32,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 pub use buildinfo::GoVersion;
+pub(crate) use policy::GO;
 
 use elf::{Elf, Segment};
 use offsets::{HeapOffsets, ModuleDataOffsets};

@@ -78,10 +78,7 @@ fn u32_at(data: &[u8], off: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.try_into().ok()?))
 }
 
-pub(super) fn u64_at(data: &[u8], off: usize) -> Option<u64> {
-    let b = data.get(off..off.checked_add(8)?)?;
-    Some(u64::from_le_bytes(b.try_into().ok()?))
-}
+pub(super) use crate::proc::u64_at;
 
 /// NUL-terminated string at `off`.
 fn cstr_at(data: &[u8], off: usize) -> Option<&str> {

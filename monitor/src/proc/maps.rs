@@ -49,6 +49,36 @@ pub fn read(pid: u32) -> std::io::Result<Vec<Mapping>> {
     Ok(parse_maps(&String::from_utf8_lossy(&text)))
 }
 
+/// `pid`'s private writable anonymous mappings (the heap, thread stacks, allocator arenas):
+/// (start, end).
+pub fn anonymous_writable(pid: u32) -> std::io::Result<Vec<(u64, u64)>> {
+    let text = super::files::read_proc_capped(&format!("/proc/{pid}/maps"), MAX_MAPS_BYTES)?;
+    Ok(parse_anonymous_writable(&String::from_utf8_lossy(&text)))
+}
+
+fn parse_anonymous_writable(text: &str) -> Vec<(u64, u64)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let (range, perms, _, _, inode) =
+                (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+            let name = f.next();
+            if inode != "0" || !perms.starts_with("rw") || !perms.ends_with('p') {
+                return None;
+            }
+            // Named kernel areas ([stack] is the main thread's: not where tasks live).
+            if name.is_some_and(|n| n != "[heap]") {
+                return None;
+            }
+            let (start, end) = range.split_once('-')?;
+            Some((
+                u64::from_str_radix(start, 16).ok()?,
+                u64::from_str_radix(end, 16).ok()?,
+            ))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,5 +95,23 @@ mod tests {
         assert!(maps[1].exec && !maps[0].exec);
         assert_eq!((maps[1].start, maps[1].offset), (0x55d0_c0a0_1000, 0x1000));
         assert_eq!(maps[1].file, ("fd:01".to_owned(), 1311));
+    }
+
+    #[test]
+    fn anonymous_writable_is_heap_and_arenas() {
+        let found = parse_anonymous_writable(
+            "55d0c0a00000-55d0c0a01000 rw-p 00000000 fd:01 1311 /usr/bin/cat\n\
+             55d0c1000000-55d0c1021000 rw-p 00000000 00:00 0 [heap]\n\
+             7f0000000000-7f0000100000 rw-p 00000000 00:00 0 \n\
+             7f0000100000-7f0000200000 ---p 00000000 00:00 0 \n\
+             7ffd1c000000-7ffd1c021000 rw-p 00000000 00:00 0 [stack]\n",
+        );
+        assert_eq!(
+            found,
+            vec![
+                (0x55d0_c100_0000, 0x55d0_c102_1000),
+                (0x7f00_0000_0000, 0x7f00_0010_0000)
+            ]
+        );
     }
 }

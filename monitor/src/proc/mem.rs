@@ -8,6 +8,12 @@ use super::{ProcError, proc_err};
 /// Iovecs per `process_vm_readv` call (the kernel's IOV_MAX).
 const IOV_MAX: usize = 1024;
 
+/// The little-endian word at `off` of what was read, if it is all there.
+pub fn u64_at(data: &[u8], off: usize) -> Option<u64> {
+    let b = data.get(off..off.checked_add(8)?)?;
+    Some(u64::from_le_bytes(b.try_into().ok()?))
+}
+
 #[derive(Debug)]
 pub struct ProcMem {
     pid: u32,

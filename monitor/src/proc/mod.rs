@@ -9,7 +9,7 @@ mod mem;
 use std::{io, path::PathBuf};
 
 pub use container::{Container, container_of};
-pub use mem::ProcMem;
+pub use mem::{ProcMem, u64_at};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcError {
@@ -158,6 +158,33 @@ pub fn load_bias(pid: u32, lowest_vaddr: u64) -> Result<u64, ProcError> {
         pid,
         exe: exe_path(pid)?.display().to_string(),
     })
+}
+
+/// Identity of an executable file (device, inode, mtime), not its path: a redeploy replaces
+/// the file under the same path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BinaryKey {
+    dev: u64,
+    ino: u64,
+    mtime: i64,
+}
+
+impl BinaryKey {
+    /// The executable `pid` runs now.
+    pub fn of(pid: u32) -> Result<Self, ProcError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(format!("/proc/{pid}/exe"))
+            .map_err(|source| exe_error(pid, source))?;
+        Ok(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            mtime: m.mtime(),
+        })
+    }
+
+    pub fn ino(&self) -> u64 {
+        self.ino
+    }
 }
 
 /// Monotonic clock in nanoseconds: the clock `bpf_ktime_get_ns` and Go's `nanotime` use.

@@ -316,6 +316,11 @@ fn judge(
 /// Code that is not the program's own: the C library and loader, language runtimes'
 /// standard libraries, thread start-up.
 fn is_library(frame: &Frame) -> bool {
+    is_library_code(&frame.function, &frame.module)
+}
+
+/// Whether `function` (in `module`) is library code: see [`is_library`].
+pub(crate) fn is_library_code(function: &str, module: &str) -> bool {
     const LIBRARIES: [&str; 7] = [
         "libc.so",
         "libc-",
@@ -328,14 +333,11 @@ fn is_library(frame: &Frame) -> bool {
     const FUNCTIONS: [&str; 8] = [
         "std::", "core::", "alloc::", "<std::", "<core::", "<alloc::", "runtime.", "__",
     ];
-    let module = frame.module.rsplit('/').next().unwrap_or_default();
+    let module = module.rsplit('/').next().unwrap_or_default();
     LIBRARIES.iter().any(|l| module.starts_with(l))
-        || FUNCTIONS.iter().any(|f| frame.function.starts_with(f))
-        || matches!(
-            &*frame.function,
-            "start_thread" | "clone" | "clone3" | "_start"
-        )
-        || frame.function.starts_with('?')
+        || FUNCTIONS.iter().any(|f| function.starts_with(f))
+        || matches!(function, "start_thread" | "clone" | "clone3" | "_start")
+        || function.starts_with('?')
 }
 
 fn tasks(pid: u32) -> Vec<u32> {

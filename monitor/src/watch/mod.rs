@@ -1,4 +1,5 @@
-//! The monitoring loop: attach to Go processes, scan what the probes keep, judge, report.
+//! The monitoring loop: inspect processes (each runtime in its own module, behind
+//! [`crate::runtime`]), scan their tasks, judge, report.
 //!
 //! Everything read from a target (its memory, /proc files, executable, mapped files) is read
 //! on workers with a deadline ([`crate::sys::workers`]): a process that does not answer is
@@ -17,24 +18,26 @@ use std::{
     time::Instant,
 };
 
-use monitor_ebpf::{GoState, PROC_EVENT_EXEC, ProcEvent};
+use monitor_ebpf::{PROC_EVENT_EXEC, ProcEvent};
 use tokio::io::{Interest, unix::AsyncFd};
 
 pub use self::target::{Binaries, BinaryKey, Target, TargetError};
-use self::threads::ThreadWatch;
+use self::{target::Program, threads::ThreadWatch};
 use crate::{
     bpf::{BpfError, GoLinks, Probes, Stats},
     config::Settings,
-    detect::{Detector, Observation, Snapshot},
+    detect::{Detector, Snapshot},
     export::{GroupGauge, Health, MetricsSnapshot},
     go::GoError,
     output::{Format, Output, ProcessInfo},
     proc::{self, ProcError},
+    runtime::{ScanInput, Scanned, TaskSource},
     sys::{
         memory, signals,
         workers::{NotDone, Outcome, Pending, Slot, Workers},
     },
     threads::symbols::Symbolizer,
+    tokio::TokioTarget,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -60,20 +63,59 @@ pub enum WatchError {
     Export(#[from] crate::export::ExportError),
 }
 
-/// What one scan of a Go target brings back: when it was taken, observations to judge, probe
-/// records found stale; None when the process now runs another executable (an exec).
-type GoScan = Option<(u64, Vec<Observation>, Vec<(u64, GoState)>)>;
+/// What one scan of a process brings back, with when it was taken.
+type TaskScan = (u64, Scanned);
 
-/// A Go process with probes attached.
-struct GoWatched {
+/// A process whose tasks are watched (a Go program, with its probes; a tokio program).
+struct Watched {
     info: ProcessInfo,
     start_time: u64,
     /// Held here, not in the target, so detaching never waits for a worker.
     links: Option<GoLinks>,
-    slot: Slot<Box<Target>, GoScan>,
+    slot: Slot<Box<dyn TaskSource>, TaskScan>,
 }
 
-impl GoWatched {
+/// A process as inspected, by runtime.
+enum Inspected {
+    Go(Box<Target>),
+    Tokio(Box<TokioTarget>),
+}
+
+/// What inspecting a process needs, cloned to the worker that does it.
+#[derive(Clone)]
+struct Inspector {
+    binaries: Binaries,
+    symbolizer: Symbolizer,
+    probe_parks: bool,
+    reach: Arc<reach::ReachBudget>,
+}
+
+impl Inspector {
+    /// Inspects `pid` with the runtime its executable is built with.
+    fn inspect(&self, pid: u32) -> Result<Inspected, TargetError> {
+        proc::check_exe_not_on_fuse(pid, &proc::files::fuse_mappings(pid))?;
+        let exe = proc::exe_path(pid)?;
+        let key = BinaryKey::of(pid)?;
+        match self.binaries.open(pid, key, &exe)? {
+            None => Err(TargetError::Busy { pid }),
+            Some(Program::Go(binary)) => Ok(Inspected::Go(Box::new(Target::inspect(
+                pid,
+                key,
+                exe,
+                binary,
+                self.probe_parks,
+                Arc::clone(&self.reach),
+            )?))),
+            Some(Program::Tokio(binary)) => {
+                TokioTarget::inspect(pid, key, binary, self.symbolizer.clone())
+                    .map(|t| Inspected::Tokio(Box::new(t)))
+                    .map_err(|source| TargetError::Tokio { pid, exe, source })
+            }
+        }
+    }
+}
+
+impl Watched {
     /// Whether the process still runs (PIDs are reused). An exec, which keeps the PID and
     /// start time, is seen by the scan itself (on a worker: it asks the executable's file
     /// system).
@@ -85,13 +127,13 @@ impl GoWatched {
 struct Monitor<W: Write> {
     probes: Probes,
     detector: Detector,
-    targets: HashMap<u32, GoWatched>,
+    targets: HashMap<u32, Watched>,
     /// Processes being inspected on a worker (`leakmon run`), taken in at the next scan.
-    attaching: HashMap<u32, Pending<Result<Target, TargetError>>>,
-    binaries: Binaries,
+    attaching: HashMap<u32, Pending<Result<Inspected, TargetError>>>,
+    inspector: Inspector,
     symbolizer: Symbolizer,
     workers: Workers,
-    /// Processes found not to be Go (or not supported): PID -> start time.
+    /// Processes found to run no runtime leakmon knows (or not supported): PID -> start time.
     skipped: HashMap<u32, u64>,
     /// Processes whose inspection waited too long for another: tried again at the next scan.
     retry: Vec<u32>,
@@ -107,8 +149,6 @@ struct Monitor<W: Write> {
     stop: OwnedFd,
     /// Whether failing to write the status file was said.
     status_warned: bool,
-    /// What the reachability analyses may spend, all processes together.
-    reach: Arc<reach::ReachBudget>,
 }
 
 /// `leakmon watch`: the given processes, until interrupted or until they have all exited.
@@ -123,7 +163,9 @@ pub async fn watch<W: Write>(pids: &[u32], settings: Settings, out: W) -> Result
                 source: GoError::NotGo,
                 ..
             })) if with_threads => {
-                log::info!("PID {pid} is not a Go program: watching its threads only");
+                log::info!(
+                    "PID {pid} is neither a Go nor a tokio program: watching its threads only"
+                );
             }
             Err(WatchError::Target(TargetError::Proc(e @ ProcError::OnFuse { .. })))
                 if with_threads =>
@@ -171,9 +213,14 @@ pub async fn run<W: Write>(settings: Settings, out: W) -> Result<(), WatchError>
             None,
         )?);
     }
+    let tokio = m
+        .targets
+        .values()
+        .filter(|w| w.info.runtime == "tokio")
+        .count();
     log::info!(
-        "watching {} Go processes{}",
-        m.targets.len(),
+        "watching {} Go processes and {tokio} tokio processes{}",
+        m.targets.len() - tokio,
         if m.threads.is_some() {
             ", and the threads of every process"
         } else {
@@ -207,14 +254,20 @@ impl<W: Write> Monitor<W> {
             }
             None => None,
         };
+        // Caches get half the budget; the rest is the daemon's own tables and buffers.
+        let symbolizer = Symbolizer::new(settings.memory_budget / 2);
         Ok(Self {
             probes: Probes::load(settings.capacity)?,
             detector: Detector::new(settings.thresholds),
             targets: HashMap::new(),
             attaching: HashMap::new(),
-            binaries: Binaries::new(settings.go_unvalidated),
-            // Caches get half the budget; the rest is the daemon's own tables and buffers.
-            symbolizer: Symbolizer::new(settings.memory_budget / 2),
+            inspector: Inspector {
+                binaries: Binaries::new(settings.go_unvalidated),
+                symbolizer: symbolizer.clone(),
+                probe_parks: settings.probe_parks,
+                reach: Arc::new(reach::ReachBudget::new(settings.reach_budget)),
+            },
+            symbolizer,
             workers: Workers::default(),
             skipped: HashMap::new(),
             retry: Vec::new(),
@@ -223,7 +276,6 @@ impl<W: Write> Monitor<W> {
             scans: 0,
             threads: None,
             out: Output::new(settings.format.unwrap_or(default_format), out, otlp),
-            reach: Arc::new(reach::ReachBudget::new(settings.reach_budget)),
             settings,
             stop,
             status_warned: false,
@@ -231,11 +283,9 @@ impl<W: Write> Monitor<W> {
     }
 
     /// Inspects `pid` on a worker (it reads what the target controls).
-    fn inspect(&self, pid: u32) -> Pending<Result<Target, TargetError>> {
-        let binaries = self.binaries.clone();
-        let probe_parks = self.settings.probe_parks;
-        self.workers
-            .run(move || Target::inspect(pid, &binaries, probe_parks))
+    fn inspect(&self, pid: u32) -> Pending<Result<Inspected, TargetError>> {
+        let inspector = self.inspector.clone();
+        self.workers.run(move || inspector.inspect(pid))
     }
 
     /// `leakmon watch`: attaches to `pid` now, or says why not.
@@ -250,22 +300,49 @@ impl<W: Write> Monitor<W> {
         }
     }
 
-    fn attach(&mut self, target: Target) -> Result<(), TargetError> {
-        let links = target.attach(&mut self.probes)?;
-        let info = ProcessInfo {
-            pid: target.pid,
-            exe: target.exe.display().to_string(),
-            runtime: "go",
-            runtime_version: target.binary.version.to_string(),
-            container: target.container.clone(),
+    fn attach(&mut self, inspected: Inspected) -> Result<(), TargetError> {
+        let (info, start_time, links, source): (_, _, _, Box<dyn TaskSource>) = match inspected {
+            Inspected::Go(target) => {
+                let links = target.attach(&mut self.probes)?;
+                let info = ProcessInfo {
+                    pid: target.pid,
+                    exe: target.exe.display().to_string(),
+                    runtime: "go",
+                    runtime_version: target.binary.version.to_string(),
+                    container: target.container.clone(),
+                };
+                (info, target.start_time, Some(links), target)
+            }
+            Inspected::Tokio(target) => {
+                let version = target.binary.version.as_deref().unwrap_or("unknown");
+                log::info!(
+                    "watching PID {} ({}, tokio {version}, {} task vtables{})",
+                    target.pid,
+                    target.exe.display(),
+                    target.vtables(),
+                    if target.binary.stripped {
+                        ", stripped"
+                    } else {
+                        ""
+                    },
+                );
+                let info = ProcessInfo {
+                    pid: target.pid,
+                    exe: target.exe.display().to_string(),
+                    runtime: "tokio",
+                    runtime_version: version.to_owned(),
+                    container: target.container.clone(),
+                };
+                (info, target.start_time, None, target)
+            }
         };
         self.targets.insert(
-            target.pid,
-            GoWatched {
+            info.pid,
+            Watched {
                 info,
-                start_time: target.start_time,
-                links: Some(links),
-                slot: Slot::new(Box::new(target)),
+                start_time,
+                links,
+                slot: Slot::new(source),
             },
         );
         Ok(())
@@ -324,6 +401,10 @@ impl<W: Write> Monitor<W> {
                 Err(TargetError::Busy { .. }) => self.retry.push(pid),
                 Err(TargetError::Go {
                     source: GoError::NotGo | GoError::NotElf { .. },
+                    ..
+                })
+                | Err(TargetError::Tokio {
+                    source: crate::tokio::TokioError::NoRuntime,
                     ..
                 })
                 | Err(TargetError::Proc(
@@ -406,7 +487,7 @@ impl<W: Write> Monitor<W> {
             }
             let info = w.info.clone();
             drop(w);
-            self.binaries.evict_unused();
+            self.inspector.binaries.evict_unused();
             for t in self.detector.forget(pid) {
                 let _ = self.out.emit(&info, &t);
             }
@@ -464,7 +545,6 @@ impl<W: Write> Monitor<W> {
         let started = Instant::now();
         let now = proc::monotonic_ns();
         let t = self.settings.thresholds;
-        let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         self.scans += 1;
         self.check_stats();
         self.take_attached(None);
@@ -482,10 +562,9 @@ impl<W: Write> Monitor<W> {
             log::info!("PID {pid} exited (or exec'd another program)");
             self.drop_target(pid);
         }
-        let (block, spin) = (ns(t.block), ns(t.spin));
         // Scans that came back after their deadline: judged now, with the time they were
         // taken at.
-        let mut done: Vec<(u32, GoScan)> = Vec::new();
+        let mut done: Vec<(u32, TaskScan)> = Vec::new();
         for (pid, w) in &mut self.targets {
             // A target away with a worker keeps its records for when it is back.
             let entries = by_pid.remove(pid).unwrap_or_default();
@@ -493,13 +572,13 @@ impl<W: Write> Monitor<W> {
                 log::info!("PID {pid}'s scan finished late: judged now");
                 done.push((*pid, late));
             }
-            let budget = Arc::clone(&self.reach);
-            w.slot.dispatch(&self.workers, move |target| {
-                target.runs_same_program().then(|| {
-                    let (observations, stale) = target.scan(&entries, now, block, spin, &budget);
-                    (now, observations, stale)
-                })
-            });
+            let input = ScanInput {
+                now_ns: now,
+                thresholds: t,
+                records: entries,
+            };
+            w.slot
+                .dispatch(&self.workers, move |source| (now, source.scan(input)));
         }
         if let Some(threads) = &mut self.threads {
             threads.dispatch(&self.probes, &self.workers, now);
@@ -524,10 +603,18 @@ impl<W: Write> Monitor<W> {
                 Outcome::Idle => {}
             }
         }
-        for (pid, scan) in done {
-            let Some((taken_ns, goroutines, stale)) = scan else {
-                lost.push(pid);
-                continue;
+        for (pid, (taken_ns, scan)) in done {
+            let (goroutines, stale, policy) = match scan {
+                Scanned::Tasks {
+                    observations,
+                    stale,
+                    policy,
+                } => (observations, stale, policy),
+                Scanned::NotJudged => continue,
+                Scanned::OtherProgram => {
+                    lost.push(pid);
+                    continue;
+                }
             };
             let Some(w) = self.targets.get(&pid) else {
                 continue;
@@ -539,6 +626,7 @@ impl<W: Write> Monitor<W> {
             let snapshot = Snapshot {
                 now_ns: taken_ns,
                 goroutines,
+                policy,
             };
             for transition in self.detector.observe(pid, &snapshot) {
                 self.out
@@ -557,7 +645,7 @@ impl<W: Write> Monitor<W> {
         }
         if let Some(threads) = &mut self.threads {
             let targets = &self.targets;
-            let go_info = |pid| targets.get(&pid).map(|w: &GoWatched| w.info.clone());
+            let go_info = |pid| targets.get(&pid).map(|w: &Watched| w.info.clone());
             for (info, transition) in threads.collect(&mut self.probes, deadline, go_info) {
                 self.out
                     .emit(&info, &transition)
@@ -575,7 +663,7 @@ impl<W: Write> Monitor<W> {
             self.skipped
                 .retain(|pid, start| proc::stat(*pid).is_ok_and(|(_, s)| s == *start));
         }
-        self.binaries.evict_unused();
+        self.inspector.binaries.evict_unused();
         self.symbolizer.tick();
         // What was freed this scan (evicted modules, processes gone, read buffers) goes back
         // to the system; without this the footprint only ever grows. About 1 ms.

@@ -4,8 +4,7 @@
 use std::{
     collections::{HashMap, HashSet},
     num::NonZeroU32,
-    os::unix::fs::MetadataExt,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -23,7 +22,9 @@ use crate::{
         waits::{self, WaitClass, WaitKind, WaitObject},
     },
     proc::{self, Container, ProcError, ProcMem},
+    runtime::{ScanInput, Scanned, TaskSource},
     sys::workers::Gate,
+    tokio::{TokioBinary, TokioError},
 };
 
 use super::reach::ReachBudget;
@@ -39,33 +40,20 @@ pub enum TargetError {
         #[source]
         source: GoError,
     },
+    #[error("PID {pid} ({exe}): {source}")]
+    Tokio {
+        pid: u32,
+        exe: PathBuf,
+        #[source]
+        source: TokioError,
+    },
     #[error(transparent)]
     Bpf(#[from] BpfError),
     #[error("PID {pid}: another executable is being inspected; tried again at the next scan")]
     Busy { pid: u32 },
 }
 
-/// Identity of an executable file (device, inode, mtime), not its path: a redeploy replaces
-/// the file under the same path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct BinaryKey {
-    dev: u64,
-    ino: u64,
-    mtime: i64,
-}
-
-impl BinaryKey {
-    /// The executable `pid` runs now.
-    pub fn of(pid: u32) -> Result<Self, ProcError> {
-        let m = std::fs::metadata(format!("/proc/{pid}/exe"))
-            .map_err(|source| proc::exe_error(pid, source))?;
-        Ok(Self {
-            dev: m.dev(),
-            ino: m.ino(),
-            mtime: m.mtime(),
-        })
-    }
-}
+pub use crate::proc::BinaryKey;
 
 /// Inspected executables, shared by the processes that run them, and the ones found not to be
 /// Go (so a host's other programs are looked at once, not at every exec). Shared with the
@@ -86,7 +74,16 @@ const INSPECT_STUCK: Duration = Duration::from_secs(5);
 #[derive(Default)]
 struct BinaryCache {
     go: HashMap<BinaryKey, Arc<GoBinary>>,
+    tokio: HashMap<BinaryKey, Arc<TokioBinary>>,
+    /// Neither Go nor tokio.
     not_go: HashSet<BinaryKey>,
+}
+
+/// An executable of a runtime leakmon knows.
+#[derive(Clone)]
+pub(crate) enum Program {
+    Go(Arc<GoBinary>),
+    Tokio(Arc<TokioBinary>),
 }
 
 /// Executables remembered as not Go, at most (then the set starts again).
@@ -108,13 +105,30 @@ impl Binaries {
     }
 
     /// The inspected executable `pid` runs; Ok(None) when another inspection kept it waiting.
-    fn open(&self, pid: u32, key: BinaryKey) -> Result<Option<Arc<GoBinary>>, GoError> {
+    /// `GoError::NotGo` when it is neither a Go nor a tokio program.
+    pub(crate) fn open(
+        &self,
+        pid: u32,
+        key: BinaryKey,
+        exe: &Path,
+    ) -> Result<Option<Program>, TargetError> {
+        let go_err = |source| TargetError::Go {
+            pid,
+            exe: exe.to_path_buf(),
+            source,
+        };
         let cached = || {
             let cache = self.lock();
             if let Some(b) = cache.go.get(&key) {
-                return Some(Ok(Some(Arc::clone(b))));
+                return Some(Ok(Some(Program::Go(Arc::clone(b)))));
             }
-            cache.not_go.contains(&key).then_some(Err(GoError::NotGo))
+            if let Some(b) = cache.tokio.get(&key) {
+                return Some(Ok(Some(Program::Tokio(Arc::clone(b)))));
+            }
+            cache
+                .not_go
+                .contains(&key)
+                .then(|| Err(go_err(GoError::NotGo)))
         };
         if let Some(known) = cached() {
             return known;
@@ -126,28 +140,55 @@ impl Binaries {
             return known;
         }
         // Read through /proc so a binary in another mount namespace is found.
-        match GoBinary::open_with(&PathBuf::from(format!("/proc/{pid}/exe")), self.unvalidated) {
+        let path = PathBuf::from(format!("/proc/{pid}/exe"));
+        let not_any = |this: &Self| {
+            let mut cache = this.lock();
+            if cache.not_go.len() >= MAX_NOT_GO {
+                cache.not_go.clear();
+            }
+            cache.not_go.insert(key);
+        };
+        match GoBinary::open_with(&path, self.unvalidated) {
             Ok(b) => {
                 let b = Arc::new(b);
                 self.lock().go.insert(key, Arc::clone(&b));
-                Ok(Some(b))
+                Ok(Some(Program::Go(b)))
+            }
+            Err(GoError::NotGo) => {
+                let tokio_err = |source| TargetError::Tokio {
+                    pid,
+                    exe: exe.to_path_buf(),
+                    source,
+                };
+                let file = proc::files::open_checked(&path, Some(key.ino()))
+                    .map_err(|e| tokio_err(TokioError::Open(e)))?;
+                match TokioBinary::read(file.file) {
+                    Ok(b) => {
+                        let b = Arc::new(b);
+                        self.lock().tokio.insert(key, Arc::clone(&b));
+                        Ok(Some(Program::Tokio(b)))
+                    }
+                    Err(TokioError::NotTokio) => {
+                        not_any(self);
+                        Err(go_err(GoError::NotGo))
+                    }
+                    Err(source) => Err(tokio_err(source)),
+                }
             }
             Err(e) => {
-                if matches!(e, GoError::NotGo | GoError::NotElf { .. }) {
-                    let mut cache = self.lock();
-                    if cache.not_go.len() >= MAX_NOT_GO {
-                        cache.not_go.clear();
-                    }
-                    cache.not_go.insert(key);
+                if matches!(e, GoError::NotElf { .. }) {
+                    not_any(self);
                 }
-                Err(e)
+                Err(go_err(e))
             }
         }
     }
 
     /// Drops binaries no watched process runs any more (their file stays open otherwise).
     pub fn evict_unused(&self) {
-        self.lock().go.retain(|_, b| Arc::strong_count(b) > 1);
+        let mut cache = self.lock();
+        cache.go.retain(|_, b| Arc::strong_count(b) > 1);
+        cache.tokio.retain(|_, b| Arc::strong_count(b) > 1);
     }
 }
 
@@ -240,6 +281,25 @@ pub struct Target {
     recheck_backoff_ns: u64,
     /// Reachability analyses run (the first is logged at info).
     analyses: u64,
+    /// What the analyses may spend, shared by every process.
+    reach: Arc<ReachBudget>,
+}
+
+impl TaskSource for Target {
+    fn scan(&mut self, input: ScanInput) -> Scanned {
+        if !self.runs_same_program() {
+            return Scanned::OtherProgram;
+        }
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let t = input.thresholds;
+        let (observations, stale) =
+            Target::scan(self, &input.records, input.now_ns, ns(t.block), ns(t.spin));
+        Scanned::Tasks {
+            observations,
+            stale,
+            policy: &go::GO,
+        }
+    }
 }
 
 /// Upper bound on goroutines read per scan (allgs includes dead ones awaiting reuse).
@@ -305,20 +365,20 @@ enum Seen {
 impl Target {
     /// Inspects `pid`: its executable, memory and container, and where its probes go. Reads
     /// only what the target controls, so it runs on a worker, with a deadline.
-    pub fn inspect(pid: u32, binaries: &Binaries, probe_parks: bool) -> Result<Self, TargetError> {
-        proc::check_exe_not_on_fuse(pid, &proc::files::fuse_mappings(pid))?;
-        let exe = proc::exe_path(pid)?;
+    pub fn inspect(
+        pid: u32,
+        key: BinaryKey,
+        exe: PathBuf,
+        binary: Arc<GoBinary>,
+        probe_parks: bool,
+        reach: Arc<ReachBudget>,
+    ) -> Result<Self, TargetError> {
         let (_, start_time) = proc::stat(pid)?;
         let go_err = |source| TargetError::Go {
             pid,
             exe: exe.clone(),
             source,
         };
-        let key = BinaryKey::of(pid)?;
-        let binary = binaries
-            .open(pid, key)
-            .map_err(go_err)?
-            .ok_or(TargetError::Busy { pid })?;
         let site = |f| binary.probe_site(f).map_err(go_err).map(|s| s.file_offset);
         // Parks are found by scanning the goroutine table, or (asked for, or the table cannot
         // be found) by probing every park and exit, which costs on the hot path.
@@ -357,6 +417,7 @@ impl Target {
             recheck_at_ns: 0,
             recheck_backoff_ns: RECHECK_MIN_NS,
             analyses: 0,
+            reach,
         })
     }
 
@@ -409,9 +470,9 @@ impl Target {
         now_ns: u64,
         block_ns: u64,
         spin_ns: u64,
-        reach: &ReachBudget,
     ) -> (Vec<Observation>, Vec<(u64, GoState)>) {
-        let mut goroutines = self.scan_parked(now_ns, block_ns, reach);
+        let reach = Arc::clone(&self.reach);
+        let mut goroutines = self.scan_parked(now_ns, block_ns, &reach);
         let mut stale = Vec::new();
         for (goid, state) in entries {
             let mut is_stale = false;
@@ -811,6 +872,7 @@ impl Target {
             waits_on: None,
             proven: false,
             stack: resolved.stack,
+            thread: None,
         }
     }
 

@@ -170,6 +170,97 @@ pub fn native_fixture(name: &str) -> PathBuf {
     out
 }
 
+/// How a tokio fixture is built: as `cargo build --release` leaves it (with the line tables a
+/// debug package has), with `strip = true`, or with fat LTO and one codegen unit, stripped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TokioBuild {
+    Release,
+    Stripped,
+    Lto,
+}
+
+/// The tokio versions the fixtures are built with: one lock file each in
+/// fixtures/native/tokio-tasks/locks (`tokio-1.35.lock` -> "1.35"), oldest first.
+pub fn tokio_versions() -> Vec<String> {
+    let dir = repo_root().join("fixtures/native/tokio-tasks/locks");
+    let mut v: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            Some(
+                name.strip_prefix("tokio-")?
+                    .strip_suffix(".lock")?
+                    .to_owned(),
+            )
+        })
+        .collect();
+    v.sort_by_key(|s| {
+        s.split('.')
+            .map(|n| n.parse::<u32>().unwrap_or(0))
+            .collect::<Vec<_>>()
+    });
+    assert!(
+        v.len() >= 3,
+        "fewer than three tokio lock files in {}",
+        dir.display()
+    );
+    v
+}
+
+/// Builds the tokio fixture `name` (`tokio-tasks` with tokio `version`'s lock file, or
+/// `tokio-http` with its own), offline from the crates `./x setup` fetched, once per test
+/// binary and build kind.
+pub fn tokio_fixture(name: &str, version: &str, build: TokioBuild) -> PathBuf {
+    type Built = HashMap<(String, String, TokioBuild), PathBuf>;
+    static BUILT: OnceLock<Mutex<Built>> = OnceLock::new();
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
+    let key = (name.to_owned(), version.to_owned(), build);
+    if let Some(p) = built.get(&key) {
+        return p.clone();
+    }
+    let src = repo_root().join("fixtures/native").join(name);
+    let lock = if name == "tokio-tasks" {
+        src.join(format!("locks/tokio-{version}.lock"))
+    } else {
+        src.join("Cargo.lock")
+    };
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tokio/{name}-{version}"));
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    std::fs::copy(src.join("Cargo.toml"), dir.join("Cargo.toml")).unwrap();
+    std::fs::copy(src.join("src/main.rs"), dir.join("src/main.rs")).unwrap();
+    std::fs::copy(&lock, dir.join("Cargo.lock")).unwrap();
+    let mut cmd = Command::new("cargo");
+    cmd.args(["build", "--offline", "--locked", "--manifest-path"])
+        .arg(dir.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(dir.join("target"))
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS");
+    let profile = match build {
+        TokioBuild::Release => {
+            cmd.args(["--release", "--config", "profile.release.strip=false"]);
+            "release"
+        }
+        TokioBuild::Stripped => {
+            cmd.args(["--release", "--config", "profile.release.strip=true"]);
+            "release"
+        }
+        TokioBuild::Lto => {
+            cmd.args(["--profile", "lto", "--config", "profile.lto.strip=true"]);
+            "lto"
+        }
+    };
+    let status = cmd.status().unwrap();
+    assert!(
+        status.success(),
+        "building {name} with tokio {version} ({build:?}) failed (did `./x setup` fetch its crates?)"
+    );
+    let out = dir.join(format!("{name}-{build:?}"));
+    std::fs::copy(dir.join(format!("target/{profile}/{name}")), &out).unwrap();
+    built.insert(key, out.clone());
+    out
+}
+
 /// Line of the `// @block:<tag>` marker in a fixture source file.
 pub fn block_line(file: &str, tag: &str) -> u64 {
     let src = std::fs::read_to_string(repo_root().join(file)).unwrap();

@@ -1,0 +1,640 @@
+//! tokio: the tasks of unmodified Rust programs on tokio 1.35 and later, from outside. Each scan
+//! walks every runtime's task list from the process's memory (no probe, no pause) and turns
+//! the tasks into observations: idle tasks parked since their future last changed, tasks with
+//! no waker left, and polls that block their worker thread.
+
+mod binary;
+mod code;
+mod layout;
+mod policy;
+mod polls;
+mod walk;
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
+
+pub(crate) use binary::TokioBinary;
+use policy::TOKIO;
+
+use self::{
+    layout::{Vtable, find_vtables},
+    walk::{Runtime, TaskRec},
+};
+use crate::{
+    detect::{Observation, Site, TaskState},
+    proc::{self, Container, ProcError, ProcMem, maps},
+    runtime::{ScanInput, Scanned, TaskSource},
+    threads::symbols::Symbolizer,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokioError {
+    #[error("not a tokio program")]
+    NotTokio,
+    #[error(
+        "links tokio but has no task vtables: it spawns no tasks (or a tokio build leakmon does not know)"
+    )]
+    NoRuntime,
+    #[error("a tokio program leakmon cannot read: {why}")]
+    Unsupported { why: String },
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    #[error(transparent)]
+    Open(#[from] proc::files::FileError),
+}
+
+/// Anonymous memory searched for a live task per discovery, at most: enough for the heap
+/// of most services; a larger one is searched over several discoveries.
+const DISCOVERY_BUDGET: u64 = 256 << 20;
+/// How often runtimes are searched for again (new runtimes, a runtime dropped), and, while
+/// none is found (a program just started has spawned nothing yet), how soon the search goes
+/// on: from 1 s, doubling, up to 30 s.
+const REDISCOVER_NS: u64 = 300_000_000_000;
+const RETRY_MIN_NS: u64 = 1_000_000_000;
+const RETRY_MAX_NS: u64 = 30_000_000_000;
+/// Walks of one runtime per scan before a scan that keeps racing with the program gives up.
+const WALK_TRIES: usize = 3;
+
+/// Wait reasons of tokio tasks, as the detector sees them.
+pub(crate) const IDLE: &str = "idle";
+pub(crate) const NO_WAKER: &str = "no waker";
+
+/// A tokio process being watched.
+pub(crate) struct TokioTarget {
+    pub pid: u32,
+    pub start_time: u64,
+    pub exe: PathBuf,
+    pub binary: Arc<TokioBinary>,
+    pub container: Container,
+    key: proc::BinaryKey,
+    mem: ProcMem,
+    vtables: HashMap<u64, Vtable>,
+    /// Future type by vtable: the task group's entry and creation site.
+    names: HashMap<u64, (Arc<str>, Option<Arc<Site>>)>,
+    runtimes: Vec<Runtime>,
+    /// Where the next search for runtimes starts (an address), and when it is due.
+    search_from: u64,
+    discover_at_ns: u64,
+    retry_ns: u64,
+    /// Idle tasks by id: what their future looked like, and since when.
+    idle: HashMap<u64, Idle>,
+    polls: polls::Polls,
+    symbolizer: Symbolizer,
+    /// Whether a scan that raced with the program was said.
+    raced_said: bool,
+}
+
+struct Idle {
+    signature: u64,
+    lost: bool,
+    since_ns: u64,
+}
+
+impl TokioTarget {
+    /// Inspects `pid`, which runs `binary`: its task vtables, named from their poll
+    /// functions. Reads what the target controls: runs on a worker.
+    pub(crate) fn inspect(
+        pid: u32,
+        key: proc::BinaryKey,
+        binary: Arc<TokioBinary>,
+        symbolizer: Symbolizer,
+    ) -> Result<Self, TokioError> {
+        let exe = proc::exe_path(pid)?;
+        let (_, start_time) = proc::stat(pid)?;
+        let bias = proc::load_bias(pid, binary.lowest_vaddr)?;
+        let mem = ProcMem::open(pid)?;
+        let (start, end) = binary.data_rel_ro;
+        let mut bytes = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
+        if !mem.read(start + bias, &mut bytes) {
+            return Err(TokioError::Unsupported {
+                why: format!("its .data.rel.ro at {:#x} cannot be read", start + bias),
+            });
+        }
+        let words: Vec<u64> = bytes
+            .as_chunks::<8>()
+            .0
+            .iter()
+            .map(|w| u64::from_le_bytes(*w))
+            .collect();
+        let code: Vec<(u64, u64)> = binary
+            .code
+            .iter()
+            .map(|(s, e)| (s + bias, e + bias))
+            .collect();
+        let is_code = |p: u64| code.iter().any(|(s, e)| (*s..*e).contains(&p));
+        let vtables: HashMap<u64, Vtable> = find_vtables(start + bias, &words, is_code)
+            .into_iter()
+            .map(|v| (v.addr, v))
+            .collect();
+        if vtables.is_empty() {
+            log::info!("PID {pid} ({}): {}", exe.display(), TokioError::NoRuntime);
+            return Err(TokioError::NoRuntime);
+        }
+        let names = name_futures(pid, &mem, &symbolizer, &vtables, bias, &binary, &exe);
+        Ok(Self {
+            pid,
+            start_time,
+            exe,
+            binary,
+            container: proc::container_of(pid),
+            key,
+            mem,
+            vtables,
+            names,
+            runtimes: Vec::new(),
+            search_from: 0,
+            discover_at_ns: 0,
+            retry_ns: RETRY_MIN_NS,
+            idle: HashMap::new(),
+            polls: polls::Polls::default(),
+            symbolizer,
+            raced_said: false,
+        })
+    }
+
+    /// Whether the process still runs the executable it was inspected with (an exec keeps
+    /// the PID), not from FUSE (what is mapped from there is never read).
+    fn runs_same_program(&mut self) -> bool {
+        let fuse = proc::files::fuse_mappings(self.pid);
+        self.mem.set_fuse_mappings(&fuse);
+        proc::check_exe_not_on_fuse(self.pid, &fuse).is_ok()
+            && proc::BinaryKey::of(self.pid).is_ok_and(|k| k == self.key)
+    }
+
+    /// One scan: every runtime's tasks, as observations at `now_ns`. None when a walk kept
+    /// racing with the program: nothing is judged from a partial list (a task missed would
+    /// look like one that left).
+    pub(crate) fn scan(&mut self, now_ns: u64, poll_block_ns: u64) -> Option<Vec<Observation>> {
+        if self.runtimes.is_empty() || now_ns >= self.discover_at_ns {
+            self.discover(now_ns);
+        }
+        let mut tasks: Vec<TaskRec> = Vec::new();
+        let mut gone = Vec::new();
+        for (i, rt) in self.runtimes.iter().enumerate() {
+            let mut walked = None;
+            for _ in 0..WALK_TRIES {
+                let w = walk::walk(&self.mem, &self.vtables, rt, walk::MAX_TASKS);
+                if w.complete {
+                    walked = Some(w);
+                    break;
+                }
+            }
+            match walked {
+                Some(w) => tasks.extend(w.tasks),
+                None if !proc::is_alive(self.pid) => return None,
+                None => {
+                    if !self.raced_said {
+                        self.raced_said = true;
+                        log::info!(
+                            "PID {}: a walk of a tokio task list kept racing with the program: \
+                             that scan is not judged",
+                            self.pid
+                        );
+                    }
+                    // A runtime that was dropped reads as garbage from its first shard on.
+                    gone.push(i);
+                }
+            }
+        }
+        if !gone.is_empty() {
+            // Searched for again at the next scan; this one is not judged.
+            self.discover_at_ns = now_ns;
+            return None;
+        }
+        let mut out = Vec::with_capacity(tasks.len());
+        let mut idle = HashMap::with_capacity(self.idle.len());
+        let running: Vec<&TaskRec> = tasks
+            .iter()
+            .filter(|t| t.header.state & layout::RUNNING != 0)
+            .collect();
+        let blocking = self.polls.check(
+            self.pid,
+            &self.mem,
+            &self.symbolizer,
+            &running,
+            now_ns,
+            poll_block_ns,
+        );
+        for t in &tasks {
+            let Some((entry, created_at)) = self.names.get(&t.header.vtable) else {
+                continue;
+            };
+            let state = if t.header.is_idle() {
+                let lost = t.header.waker_lost();
+                let since_ns = match self.idle.get(&t.id) {
+                    Some(s) if s.signature == t.signature && s.lost == lost => s.since_ns,
+                    _ => now_ns,
+                };
+                idle.insert(
+                    t.id,
+                    Idle {
+                        signature: t.signature,
+                        lost,
+                        since_ns,
+                    },
+                );
+                TaskState::Parked {
+                    since_ns,
+                    wait_reason: Arc::from(if lost { NO_WAKER } else { IDLE }),
+                    blocked_at: None,
+                }
+            } else if let Some(b) = blocking.get(&t.id) {
+                TaskState::Running {
+                    since_ns: b.since_ns,
+                    runs: 1,
+                    last_run_ns: now_ns,
+                }
+            } else {
+                continue;
+            };
+            let (stack, thread) = match blocking.get(&t.id) {
+                Some(b) => (Some(b.stack.clone()), Some(b.thread.clone())),
+                None => (None, None),
+            };
+            out.push(Observation {
+                goid: t.id,
+                state,
+                created_at: created_at.clone(),
+                entry: entry.clone(),
+                waits_on: None,
+                proven: false,
+                stack,
+                thread,
+            });
+        }
+        self.idle = idle;
+        Some(out)
+    }
+
+    /// Searches anonymous memory for a live task, and from it the runtimes.
+    fn discover(&mut self, now_ns: u64) {
+        let Ok(mut ranges) = maps::anonymous_writable(self.pid) else {
+            return;
+        };
+        // Resume where the last search stopped: a heap larger than one budget is covered
+        // over several.
+        let from = self.search_from;
+        ranges.sort_unstable();
+        let (after, before): (Vec<_>, Vec<_>) = ranges.into_iter().partition(|r| r.1 > from);
+        let ordered: Vec<(u64, u64)> = after
+            .into_iter()
+            .map(|(s, e)| (s.max(from), e))
+            .chain(before)
+            .collect();
+        let found = walk::discover(&self.mem, &self.vtables, &ordered, DISCOVERY_BUDGET);
+        self.search_from = next_search_start(&ordered, found.bytes_read);
+        let before = self.runtimes.len();
+        if !found.runtimes.is_empty() {
+            self.runtimes = found.runtimes;
+        }
+        if self.runtimes.len() != before {
+            log::info!(
+                "PID {}: {} tokio runtime{} found ({} MiB searched)",
+                self.pid,
+                self.runtimes.len(),
+                if self.runtimes.len() == 1 { "" } else { "s" },
+                found.bytes_read >> 20
+            );
+        }
+        if self.runtimes.is_empty() {
+            self.discover_at_ns = now_ns + self.retry_ns;
+            self.retry_ns = (self.retry_ns * 2).min(RETRY_MAX_NS);
+        } else {
+            self.discover_at_ns = now_ns + REDISCOVER_NS;
+            self.retry_ns = RETRY_MIN_NS;
+        }
+    }
+
+    /// Task vtables found (one per future type and scheduler).
+    pub(crate) fn vtables(&self) -> usize {
+        self.vtables.len()
+    }
+}
+
+impl TaskSource for TokioTarget {
+    fn scan(&mut self, input: ScanInput) -> Scanned {
+        if !self.runs_same_program() {
+            return Scanned::OtherProgram;
+        }
+        let poll_block = u64::try_from(input.thresholds.poll_block.as_nanos()).unwrap_or(u64::MAX);
+        match TokioTarget::scan(self, input.now_ns, poll_block) {
+            Some(observations) => Scanned::Tasks {
+                observations,
+                stale: Vec::new(),
+                policy: &TOKIO,
+            },
+            None => Scanned::NotJudged,
+        }
+    }
+}
+
+/// Where a search that read `read` bytes of `ranges` (in order) stopped.
+fn next_search_start(ranges: &[(u64, u64)], mut read: u64) -> u64 {
+    for &(s, e) in ranges {
+        let len = e - s;
+        if read < len {
+            return s + read;
+        }
+        read -= len;
+    }
+    0
+}
+
+/// Names each vtable's future type: from the debug-info or symbol name of one of its
+/// functions generic over the future (`dealloc<app::f::{async_fn_env#0}, Arc<…>>`), using only
+/// functions no other vtable shares (identical bodies get merged); else from the first
+/// function of the program's own that its poll function calls (the future's own `poll`, in a
+/// build with symbols but no debug info); in a stripped build, by the vtable's place in the
+/// executable.
+fn name_futures(
+    pid: u32,
+    mem: &ProcMem,
+    symbolizer: &Symbolizer,
+    vtables: &HashMap<u64, Vtable>,
+    bias: u64,
+    binary: &TokioBinary,
+    exe: &std::path::Path,
+) -> HashMap<u64, (Arc<str>, Option<Arc<Site>>)> {
+    let mut symbols = symbolizer.process(pid);
+    let mut shared: HashMap<u64, usize> = HashMap::new();
+    for v in vtables.values() {
+        for f in v.fns {
+            *shared.entry(f).or_default() += 1;
+        }
+    }
+    let module = exe.file_name().map_or_else(
+        || exe.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let mut out = HashMap::new();
+    let mut from_code: Option<HashMap<u64, String>> = None;
+    for v in vtables.values() {
+        let mut named = None;
+        if let Some(symbols) = symbols.as_mut() {
+            let name_of = |symbols: &mut crate::threads::symbols::ProcessSymbols, f: u64| {
+                let mut frames = Vec::new();
+                symbols.frames(f, true, &mut frames);
+                frames.last().map(|fr| fr.function.clone())
+            };
+            named = v
+                .fns
+                .iter()
+                .filter(|f| shared.get(f) == Some(&1))
+                .find_map(|f| future_type(&name_of(symbols, *f)?));
+            if named.is_none() {
+                if from_code.is_none() {
+                    from_code = Some(futures_from_code(mem, symbols, vtables));
+                }
+                named = from_code.as_ref().and_then(|c| c.get(&v.addr).cloned());
+            }
+        }
+        let entry: Arc<str> = match named {
+            Some(n) => n.into(),
+            None => match &binary.build_id {
+                Some(id) => format!("future@{module}+{:#x} (build id {id})", v.addr - bias),
+                None => format!("future@{module}+{:#x}", v.addr - bias),
+            }
+            .into(),
+        };
+        out.insert(v.addr, (entry, None));
+    }
+    out
+}
+
+/// Future types named from the code of each vtable's functions, for builds with symbols but
+/// no debug info (legacy mangling leaves generics out of symbols): each task function jumps
+/// to a `Harness` method that drops a `Box<Cell<T, S>>` (the type is in that symbol) or calls
+/// `Core::poll`, which calls the future's own `poll` (`app::handler::{{closure}}`). Functions
+/// the linker merged between future types are shared by several vtables: only functions one
+/// vtable alone reaches name it.
+fn futures_from_code(
+    mem: &ProcMem,
+    symbols: &mut crate::threads::symbols::ProcessSymbols,
+    vtables: &HashMap<u64, Vtable>,
+) -> HashMap<u64, String> {
+    let mut names: HashMap<u64, Option<Arc<str>>> = HashMap::new();
+    let mut name_of = |symbols: &mut crate::threads::symbols::ProcessSymbols, a: u64| {
+        names
+            .entry(a)
+            .or_insert_with(|| {
+                let mut frames = Vec::new();
+                symbols.frames(a, true, &mut frames);
+                frames.last().map(|f| f.function.clone())
+            })
+            .clone()
+    };
+    let mut branches: HashMap<u64, Vec<u64>> = HashMap::new();
+    // Every task function each vtable reaches, three levels deep, and how many vtables
+    // reach each function (or branch to it).
+    let mut reached: HashMap<u64, Vec<u64>> = HashMap::new();
+    let mut count: HashMap<u64, usize> = HashMap::new();
+    for v in vtables.values() {
+        let mut seen: Vec<u64> = Vec::new();
+        let mut level: Vec<u64> = v.fns.to_vec();
+        for _ in 0..3 {
+            let mut next = Vec::new();
+            for f in level {
+                if seen.contains(&f) {
+                    continue;
+                }
+                seen.push(f);
+                let targets = branches
+                    .entry(f)
+                    .or_insert_with(|| code::branches(mem, f))
+                    .clone();
+                for t in targets {
+                    if name_of(symbols, t).is_some_and(|n| n.starts_with("tokio::runtime::task::"))
+                    {
+                        next.push(t);
+                    }
+                }
+            }
+            level = next;
+        }
+        let mut targets: Vec<u64> = seen
+            .iter()
+            .flat_map(|f| branches.get(f).into_iter().flatten().copied())
+            .chain(seen.iter().copied())
+            .collect();
+        targets.sort_unstable();
+        targets.dedup();
+        for t in &targets {
+            *count.entry(*t).or_default() += 1;
+        }
+        reached.insert(v.addr, seen);
+    }
+    let mut out = HashMap::new();
+    for (vtable, seen) in reached {
+        let mut program = None;
+        let mut cell = None;
+        for f in seen.iter().filter(|f| count.get(f) == Some(&1)) {
+            for t in branches.get(f).into_iter().flatten() {
+                // A target other vtables reach too is a body merged between future types:
+                // its name is one of theirs.
+                if count.get(t) != Some(&1) {
+                    continue;
+                }
+                let Some(name) = name_of(symbols, *t) else {
+                    continue;
+                };
+                if cell.is_none() {
+                    cell = cell_type(&name);
+                }
+                if program.is_none() && is_program_function(&name) {
+                    program = Some(async_fn_name(&name).to_owned());
+                }
+            }
+        }
+        if let Some(name) = cell.or(program) {
+            out.insert(vtable, name);
+        }
+    }
+    out
+}
+
+/// `T` in a name holding `tokio::runtime::task::core::Cell<T, S>`.
+fn cell_type(name: &str) -> Option<String> {
+    const CELL: &str = "task::core::Cell<";
+    let at = name.find(CELL)? + CELL.len();
+    let rest = &name[at..];
+    let mut depth = 0i32;
+    for (i, c) in rest.char_indices() {
+        match c {
+            '<' | '(' | '[' | '{' => depth += 1,
+            '>' | ')' | ']' | '}' => depth -= 1,
+            ',' if depth == 0 => {
+                return Some(async_fn_name(rest[..i].trim()).to_owned());
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A function of the program's own (not tokio's, the standard library's or the C library's).
+fn is_program_function(name: &str) -> bool {
+    const NOT_OURS: [&str; 10] = [
+        "tokio::", "<tokio::", "std::", "<std::", "core::", "<core::", "alloc::", "<alloc::", "__",
+        "?",
+    ];
+    !NOT_OURS.iter().any(|p| name.starts_with(p)) && !name.starts_with("0x") && name.contains("::")
+}
+
+/// The future type `T` of a task function generic over `<T, S>` (`raw::poll`, `dealloc`,
+/// `shutdown`, ...), from its symbol or debug-info name in either mangling
+/// (`tokio::runtime::task::raw::poll::<app::f::{closure#0}, Arc<…>>`,
+/// `dealloc<app::f::{async_fn_env#0}, Arc<…>>`). An `async fn`'s future is named as the
+/// function.
+pub(crate) fn future_type(name: &str) -> Option<String> {
+    const GENERIC_OVER_T: [&str; 6] = [
+        "poll",
+        "dealloc",
+        "try_read_output",
+        "drop_join_handle_slow",
+        "drop_abort_handle",
+        "shutdown",
+    ];
+    let open = name.find('<')?;
+    let function = name[..open].trim_end_matches("::").rsplit("::").next()?;
+    if !GENERIC_OVER_T.contains(&function) {
+        return None;
+    }
+    let inner = name[open + 1..].strip_suffix('>')?;
+    let mut args = Vec::new();
+    let (mut depth, mut start) = (0i32, 0);
+    for (i, c) in inner.char_indices() {
+        match c {
+            '<' | '(' | '[' | '{' => depth += 1,
+            '>' | ')' | ']' | '}' => depth -= 1,
+            ',' if depth == 0 => {
+                args.push(inner[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    args.push(inner[start..].trim());
+    let [future, _scheduler] = args[..] else {
+        return None;
+    };
+    Some(async_fn_name(future).to_owned())
+}
+
+/// An `async fn`'s future is named as the function: its state machine is
+/// `f::{async_fn_env#0}` (rustc 1.9x), `f::{closure#0}` or `f::{{closure}}` (older, and
+/// legacy symbols). One level only: an async block inside `f` stays `f::{closure#0}`.
+fn async_fn_name(t: &str) -> &str {
+    ["::{async_fn_env#0}", "::{closure#0}", "::{{closure}}"]
+        .iter()
+        .find_map(|s| t.strip_suffix(s))
+        .unwrap_or(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn future_types_from_both_manglings() {
+        assert_eq!(
+            future_type(
+                "tokio::runtime::task::raw::poll::<tokio_tasks::wait_for_reply::{closure#0}, \
+                 alloc::sync::Arc<tokio::runtime::scheduler::multi_thread::handle::Handle>>"
+            )
+            .as_deref(),
+            Some("tokio_tasks::wait_for_reply")
+        );
+        assert_eq!(
+            future_type(
+                "dealloc<tokio_tasks::locking_poll::{async_fn_env#0}, \
+                 alloc::sync::Arc<tokio::runtime::scheduler::multi_thread::handle::Handle, \
+                 alloc::alloc::Global>>"
+            )
+            .as_deref(),
+            Some("tokio_tasks::locking_poll")
+        );
+        // Generic over the scheduler only.
+        assert_eq!(
+            future_type(
+                "schedule<alloc::sync::Arc<tokio::runtime::scheduler::multi_thread::handle::Handle>>"
+            ),
+            None
+        );
+        assert_eq!(
+            future_type(
+                "tokio::runtime::task::raw::poll<core::pin::Pin<alloc::boxed::Box<dyn \
+                 core::future::future::Future<Output = ()> + Send>>, alloc::sync::Arc<H>>"
+            )
+            .as_deref(),
+            Some(
+                "core::pin::Pin<alloc::boxed::Box<dyn core::future::future::Future<Output = ()> + Send>>"
+            )
+        );
+        assert_eq!(
+            future_type("tokio::runtime::task::waker::wake_by_val"),
+            None
+        );
+        assert_eq!(future_type("tokio::runtime::task::raw::poll"), None);
+    }
+
+    #[test]
+    fn future_types_from_cell_drops() {
+        assert_eq!(
+            cell_type(
+                "core::ptr::drop_in_place<alloc::boxed::Box<tokio::runtime::task::core::Cell<\
+                 tokio_tasks::locking_poll::{{closure}},alloc::sync::Arc<tokio::runtime::\
+                 scheduler::multi_thread::handle::Handle>>>>"
+            )
+            .as_deref(),
+            Some("tokio_tasks::locking_poll")
+        );
+        assert_eq!(cell_type("core::ptr::drop_in_place<u8>"), None);
+    }
+
+    #[test]
+    fn searches_resume_where_they_stopped() {
+        let ranges = [(0x1000, 0x3000), (0x8000, 0x9000)];
+        assert_eq!(next_search_start(&ranges, 0x1000), 0x2000);
+        assert_eq!(next_search_start(&ranges, 0x2800), 0x8800);
+        assert_eq!(next_search_start(&ranges, 0x3000), 0);
+    }
+}

@@ -1,0 +1,361 @@
+//! tokio tasks from outside: leaked tasks, lost wakers and blocking polls in unmodified Rust
+//! programs, on every tokio version with a lock file in fixtures/native/tokio-tasks/locks, as
+//! release, stripped and fat-LTO builds, on multi-thread and current-thread runtimes; and a
+//! healthy hyper service under load and at rest that stays silent.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{
+    FAST, Leakmon, Proc, TokioBuild, block_line, require_root, start_fixture, tokio_fixture,
+    tokio_versions,
+};
+
+const SRC: &str = "fixtures/native/tokio-tasks/src/main.rs";
+
+fn firing(v: &Value, pid: u32, kind: &str) -> bool {
+    v["pid"] == pid && v["kind"] == kind && v["state"] == "firing"
+}
+
+fn resolved(v: &Value, id: &Value) -> bool {
+    v["id"] == *id && v["state"] == "resolved"
+}
+
+/// Flavors alternate over the versions, so each flavor runs on old and new versions.
+fn flavor(i: usize) -> &'static str {
+    if i.is_multiple_of(2) {
+        "multi"
+    } else {
+        "current"
+    }
+}
+
+/// Releases the scenario (a line on its stdin) and waits until its tasks are gone.
+fn release(p: &mut Proc) {
+    use std::io::Write as _;
+    let stdin = p.child.stdin.as_mut().unwrap();
+    stdin.write_all(b"release\n").unwrap();
+    stdin.flush().unwrap();
+    p.expect_line("released");
+}
+
+#[test]
+fn leaked_tasks_are_found_on_every_version_and_resolve_when_released() {
+    require_root();
+    let versions = tokio_versions();
+    let mut procs: Vec<(String, Proc)> = versions
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let bin = tokio_fixture("tokio-tasks", v, TokioBuild::Release);
+            let mut args = vec!["leak", "--flavor", flavor(i), "--grow-for", "5"];
+            // The newest also runs a second runtime, with two lost wakers in it.
+            if i == versions.len() - 1 {
+                args.push("--second-runtime");
+            }
+            (v.clone(), start_fixture(&bin, &args))
+        })
+        .collect();
+    let pids: Vec<u32> = procs.iter().map(|(_, p)| p.pid()).collect();
+    let mut lm = Leakmon::watch(&pids, &["--threads", "false"]);
+    let mut ids = Vec::new();
+    for (v, p) in &procs {
+        let a = lm.expect(&format!("task_leak on tokio {v}"), |a| {
+            firing(a, p.pid(), "task_leak")
+        });
+        assert_eq!(a["runtime"], "tokio", "{a:#}");
+        assert!(
+            a["runtime_version"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{v}.")),
+            "{a:#}"
+        );
+        assert_eq!(
+            a["entry"]["function"], "tokio_tasks::wait_for_reply",
+            "{a:#}"
+        );
+        assert_eq!(a["wait_reason"], "idle", "{a:#}");
+        assert!(a["count"].as_u64().unwrap() >= 20, "{a:#}");
+        assert!(a["growth_per_minute"].as_f64().unwrap() > 0.0, "{a:#}");
+        assert!(a["hint"].as_str().unwrap().contains("oneshot"), "{a:#}");
+        ids.push(a["id"].clone());
+    }
+    let (_, two) = &procs[procs.len() - 1];
+    lm.wait_stderr(&format!("PID {}: 2 tokio runtimes found", two.pid()));
+    let second = lm.expect("task_lost_waker in the second runtime", |a| {
+        firing(a, two.pid(), "task_lost_waker")
+    });
+    assert_eq!(second["count"], 2, "{second:#}");
+    // Spawning stopped after 5 s: the leaked tasks are still there, so the alerts hold.
+    std::thread::sleep(Duration::from_secs(7));
+    let seen = lm.collect_for(Duration::from_secs(1));
+    for id in &ids {
+        assert!(
+            !seen.iter().any(|a| resolved(a, id)),
+            "a leak resolved while its tasks remain: {seen:#?}"
+        );
+    }
+    for ((v, p), id) in procs.iter_mut().zip(&ids) {
+        release(p);
+        lm.expect(&format!("task_leak on tokio {v} resolved"), |a| {
+            resolved(a, id)
+        });
+    }
+}
+
+#[test]
+fn lost_wakers_are_proven_on_every_version() {
+    require_root();
+    let versions = tokio_versions();
+    let mut procs: Vec<(String, Proc)> = versions
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let bin = tokio_fixture("tokio-tasks", v, TokioBuild::Release);
+            (
+                v.clone(),
+                start_fixture(&bin, &["lost", "--flavor", flavor(i + 1)]),
+            )
+        })
+        .collect();
+    let pids: Vec<u32> = procs.iter().map(|(_, p)| p.pid()).collect();
+    let mut lm = Leakmon::watch(&pids, &["--threads", "false"]);
+    for (v, p) in &mut procs {
+        let a = lm.expect(&format!("task_lost_waker on tokio {v}"), |a| {
+            firing(a, p.pid(), "task_lost_waker")
+        });
+        assert_eq!(
+            a["entry"]["function"], "tokio_tasks::await_forgotten",
+            "{a:#}"
+        );
+        assert_eq!(a["count"], 3, "{a:#}");
+        assert_eq!(a["proof"], "no_waker", "{a:#}");
+        assert_eq!(a["proven"], 3, "{a:#}");
+        let id = a["id"].clone();
+        release(p);
+        lm.expect(&format!("task_lost_waker on tokio {v} resolved"), |a| {
+            resolved(a, &id)
+        });
+    }
+    // Nothing else fired: the fixtures' other tasks (the signal listener, the release
+    // waiter) are idle, with wakers.
+    let others: Vec<Value> = lm
+        .collect_for(Duration::from_millis(10))
+        .into_iter()
+        .filter(|a| a["kind"] != "task_lost_waker")
+        .collect();
+    assert!(others.is_empty(), "{others:#?}");
+}
+
+#[test]
+fn blocking_polls_name_their_worker_thread_at_the_default_threshold() {
+    require_root();
+    let versions = tokio_versions();
+    // (mode, function, marker): a sleep on the oldest version's current-thread runtime, a
+    // std Mutex on the newest's multi-thread runtime.
+    let cases = [
+        (
+            &versions[0],
+            "current",
+            "block-sleep",
+            "tokio_tasks::sleeping_poll",
+            "tokio-sleep",
+        ),
+        (
+            &versions[versions.len() - 1],
+            "multi",
+            "block-mutex",
+            "tokio_tasks::locking_poll",
+            "tokio-mutex",
+        ),
+    ];
+    for (v, flavor, mode, entry, marker) in cases {
+        let bin = tokio_fixture("tokio-tasks", v, TokioBuild::Release);
+        let mut p = start_fixture(&bin, &[mode, "--flavor", flavor]);
+        let started = Instant::now();
+        // The production default poll threshold (500 ms): no flag.
+        let mut lm = Leakmon::watch(&[p.pid()], &["--threads", "false"]);
+        let a = lm.expect(&format!("task_blocking ({mode}, tokio {v})"), |a| {
+            firing(a, p.pid(), "task_blocking")
+        });
+        eprintln!(
+            "{mode} on tokio {v}: task_blocking {:?} after the fixture was ready (leakmon start included)",
+            started.elapsed()
+        );
+        assert_eq!(a["entry"]["function"], entry, "{a:#}");
+        assert_eq!(a["runtime"], "tokio", "{a:#}");
+        let at = &a["blocked_at"];
+        assert!(
+            at["file"].as_str().unwrap().ends_with("src/main.rs"),
+            "{a:#}"
+        );
+        assert_eq!(at["line"], block_line(SRC, marker), "{a:#}");
+        let thread = &a["threads"][0];
+        let tid = thread["tid"].as_u64().unwrap();
+        assert!(
+            std::path::Path::new(&format!("/proc/{}/task/{tid}", p.pid())).exists(),
+            "{a:#}"
+        );
+        let stack = thread["stack"].as_array().unwrap();
+        assert!(
+            stack
+                .iter()
+                .any(|f| f.as_str().unwrap().contains("main.rs")),
+            "{a:#}"
+        );
+        assert!(
+            a["hint"].as_str().unwrap().contains("spawn_blocking"),
+            "{a:#}"
+        );
+        let id = a["id"].clone();
+        release(&mut p);
+        lm.expect(&format!("task_blocking ({mode}) resolved"), |a| {
+            resolved(a, &id)
+        });
+    }
+}
+
+#[test]
+fn stripped_and_lto_builds_are_read_without_symbols() {
+    require_root();
+    let versions = tokio_versions();
+    let (oldest, newest) = (&versions[0], &versions[versions.len() - 1]);
+    let stripped = tokio_fixture("tokio-tasks", oldest, TokioBuild::Stripped);
+    let lto = tokio_fixture("tokio-tasks", newest, TokioBuild::Lto);
+    let mut leak = start_fixture(&stripped, &["leak", "--flavor", "multi"]);
+    let mut lost = start_fixture(&lto, &["lost", "--flavor", "current"]);
+    let mut block = start_fixture(&lto, &["block-mutex", "--flavor", "multi"]);
+    let mut lm = Leakmon::watch(
+        &[leak.pid(), lost.pid(), block.pid()],
+        &["--threads", "false"],
+    );
+    let mut ids = Vec::new();
+    for (p, kind) in [
+        (&leak, "task_leak"),
+        (&lost, "task_lost_waker"),
+        (&block, "task_blocking"),
+    ] {
+        let a = lm.expect(kind, |a| firing(a, p.pid(), kind));
+        // No symbols: the future type is named by where its vtable is, with the build id.
+        let entry = a["entry"]["function"].as_str().unwrap();
+        assert!(
+            entry.starts_with("future@tokio-tasks-") && entry.contains("build id"),
+            "{a:#}"
+        );
+        ids.push(a["id"].clone());
+    }
+    for (p, id) in [&mut leak, &mut lost, &mut block].into_iter().zip(&ids) {
+        release(p);
+        lm.expect("resolved", |a| resolved(a, id));
+    }
+}
+
+/// Keep-alive HTTP/1.1 GETs from `threads` threads until `until`; returns the responses.
+fn load(port: u16, threads: usize, until: Instant) -> u64 {
+    use std::io::{Read as _, Write as _};
+    let workers: Vec<_> = (0..threads)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                let path = if i % 2 == 0 { "/" } else { "/slow" };
+                let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+                let mut buf = [0u8; 4096];
+                let mut n = 0u64;
+                while Instant::now() < until {
+                    s.write_all(req.as_bytes()).unwrap();
+                    let got = s.read(&mut buf).unwrap();
+                    assert!(got > 0 && buf.starts_with(b"HTTP/1.1 200"));
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    workers.into_iter().map(|w| w.join().unwrap()).sum()
+}
+
+#[test]
+fn healthy_services_are_silent_under_load_and_at_rest() {
+    require_root();
+    let versions = tokio_versions();
+    let http = tokio_fixture("tokio-http", "own", TokioBuild::Release);
+    let mut server = std::process::Command::new(&http)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let port: u16 = line
+        .trim()
+        .strip_prefix("listening ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let server = Proc {
+        child: server,
+        stdout: None,
+    };
+    let at_rest: Vec<Proc> = versions
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let bin = tokio_fixture("tokio-tasks", v, TokioBuild::Release);
+            start_fixture(&bin, &["healthy", "--flavor", flavor(i)])
+        })
+        .collect();
+    let mut pids = vec![server.pid()];
+    pids.extend(at_rest.iter().map(Proc::pid));
+    // Threads watched too: idle workers, the blocking pool and the accept loop are not stuck.
+    let mut lm = Leakmon::watch(&pids, &["--poll-block-threshold", "100ms"]);
+    for pid in &pids {
+        lm.wait_stderr(&format!("PID {pid}: 1 tokio runtime found"));
+    }
+    let requests = load(port, 8, Instant::now() + Duration::from_secs(15));
+    assert!(requests > 10_000, "only {requests} requests served");
+    // Then at rest, past the leak window several times over.
+    let alerts = lm.collect_for(Duration::from_secs(8));
+    assert!(
+        alerts.is_empty(),
+        "healthy services raised alerts: {alerts:#?}"
+    );
+    assert!(
+        !lm.stderr().contains("kept racing"),
+        "walks under load were not judged: {}",
+        lm.stderr()
+    );
+    drop(server);
+}
+
+#[test]
+fn run_finds_tokio_programs_at_start_and_on_exec() {
+    require_root();
+    let versions = tokio_versions();
+    let bin = tokio_fixture(
+        "tokio-tasks",
+        &versions[versions.len() - 1],
+        TokioBuild::Release,
+    );
+    let before = start_fixture(&bin, &["lost", "--flavor", "multi"]);
+    let mut args = vec!["run"];
+    args.extend(FAST.iter().take_while(|a| **a != "--format"));
+    let mut lm = Leakmon::start(&args);
+    lm.wait_stderr("tokio processes");
+    let after = start_fixture(&bin, &["lost", "--flavor", "current"]);
+    for p in [&before, &after] {
+        let a = lm.expect("task_lost_waker found by leakmon run", |a| {
+            firing(a, p.pid(), "task_lost_waker")
+        });
+        assert_eq!(
+            a["entry"]["function"], "tokio_tasks::await_forgotten",
+            "{a:#}"
+        );
+    }
+}
