@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// Runs of each variant; the median is reported.
-const RUNS: usize = 5;
+pub(crate) const RUNS: usize = 5;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Suite {
@@ -35,6 +35,9 @@ pub enum Suite {
     Host,
     /// The reachability analysis on 100 MB and 1 GB heaps, against Go's goroutineleak profile
     Reach,
+    /// tokio: a hyper server under wrk, spawn/yield churn, 100,000 tasks walked, time to a
+    /// blocking-poll alert
+    Tokio,
 }
 
 pub fn run(
@@ -47,7 +50,7 @@ pub fn run(
     let wanted = |suite| only.is_none_or(|o| o == suite);
     let tools = setup::all(ws)?;
     require_root("leakmon loads eBPF programs")?;
-    if (wanted(Suite::Http) || wanted(Suite::Reach))
+    if (wanted(Suite::Http) || wanted(Suite::Reach) || wanted(Suite::Tokio))
         && Command::new("wrk").arg("--version").output().is_err()
     {
         eprintln!("xtask: installing wrk (Debian) for the HTTP benchmark");
@@ -98,6 +101,9 @@ pub fn run(
     }
     if wanted(Suite::Reach) {
         reach(&http, &leakmon, http_seconds)?;
+    }
+    if wanted(Suite::Tokio) {
+        crate::bench_tokio::run(ws, &leakmon, http_seconds)?;
     }
     if wanted(Suite::Footprint) {
         println!(
@@ -203,7 +209,7 @@ fn timed_workload(
 }
 
 /// Reads `child`'s stderr until a line contains `needle`, then keeps draining it.
-fn wait_for(child: &mut Child, needle: &str) -> Result<()> {
+pub(crate) fn wait_for(child: &mut Child, needle: &str) -> Result<()> {
     let stderr = child.stderr.take().context("leakmon stderr")?;
     let mut lines = BufReader::new(stderr).lines();
     loop {
@@ -298,7 +304,7 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn report(what: &str, bare: &[f64], watched: &[f64], higher_is_better: bool) {
+pub(crate) fn report(what: &str, bare: &[f64], watched: &[f64], higher_is_better: bool) {
     let (b, w) = (median(bare), median(watched));
     let change = (w - b) / b * 100.0;
     let cost = if higher_is_better { -change } else { change };
@@ -430,7 +436,7 @@ fn anon_kib(pid: u32) -> u64 {
 }
 
 /// (CPU seconds, VmRSS KiB, VmHWM KiB) of `pid`.
-fn proc_usage(pid: u32) -> Result<(f64, u64, u64)> {
+pub(crate) fn proc_usage(pid: u32) -> Result<(f64, u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -575,7 +581,7 @@ fn reach(http: &Path, leakmon: &Path, seconds: u64) -> Result<()> {
 }
 
 /// (requests/s, mean latency in microseconds) of wrk against `addr` for `seconds`.
-fn wrk(addr: &str, seconds: u64) -> Result<(f64, f64)> {
+pub(crate) fn wrk(addr: &str, seconds: u64) -> Result<(f64, f64)> {
     let out = output(
         Command::new("wrk")
             .args(["-t2", "-c32", "--latency"])

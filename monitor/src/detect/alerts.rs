@@ -609,4 +609,53 @@ mod tests {
         assert_eq!(resolved[0].state, AlertState::Resolved);
         assert!(d.forget(7).is_empty());
     }
+
+    /// The same rules under tokio's policy: kinds named for tasks, a lost waker is proven
+    /// on sight, a poll blocking once past the poll threshold is a finding, and an idle task
+    /// that stays (an accept loop) is never one.
+    #[test]
+    fn tokio_policy_names_task_findings() {
+        let tokio = |now: u64, goroutines: Vec<Observation>| Snapshot {
+            now_ns: now * S,
+            goroutines,
+            policy: &crate::tokio::TOKIO,
+        };
+        let task = |id: u64, reason: &str| Observation {
+            entry: "app::handler".into(),
+            created_at: None,
+            ..parked(id, 0, reason, 1)
+        };
+        let mut d = Detector::new(thresholds());
+        // Idle for long, not growing: silent.
+        assert!(d.observe(1, &tokio(30, vec![task(1, "idle")])).is_empty());
+        let lost = d.observe(
+            2,
+            &tokio(30, vec![task(1, "no waker"), task(2, "no waker")]),
+        );
+        assert_eq!(lost[0].alert.kind, AlertKind::TaskLostWaker);
+        assert_eq!(
+            (lost[0].alert.proof, lost[0].alert.proven),
+            (Some("no_waker"), 2)
+        );
+        let poll = Observation {
+            state: TaskState::Running {
+                since_ns: 29 * S,
+                runs: 1,
+                last_run_ns: 30 * S,
+            },
+            ..task(3, "idle")
+        };
+        let blocking = d.observe(3, &tokio(30, vec![poll.clone()]));
+        assert_eq!(blocking[0].alert.kind, AlertKind::TaskBlocking);
+        // Under the threshold (500 ms): not yet.
+        let short = Observation {
+            state: TaskState::Running {
+                since_ns: 30 * S - S / 10,
+                runs: 1,
+                last_run_ns: 30 * S,
+            },
+            ..poll
+        };
+        assert!(d.observe(4, &tokio(30, vec![short])).is_empty());
+    }
 }

@@ -13,7 +13,7 @@ mod walk;
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 pub(crate) use binary::TokioBinary;
-use policy::TOKIO;
+pub(crate) use policy::TOKIO;
 
 use self::{
     layout::{Vtable, find_vtables},

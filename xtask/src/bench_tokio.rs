@@ -1,0 +1,211 @@
+//! `./x bench --only tokio`: leakmon's cost to tokio programs and its own cost walking their
+//! task lists, side by side with and without it in one run.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    Workspace,
+    bench::{RUNS, proc_usage, report, wait_for, wrk},
+    demo::stop,
+    setup::output,
+};
+
+/// Builds a tokio fixture (tokio-tasks with the newest lock file, or tokio-http), offline.
+fn build(ws: &Workspace, name: &str) -> Result<PathBuf> {
+    let src = ws.root.join("fixtures/native").join(name);
+    let lock = if name == "tokio-tasks" {
+        let mut locks: Vec<PathBuf> = std::fs::read_dir(src.join("locks"))?
+            .filter_map(|e| Some(e.ok()?.path()))
+            .collect();
+        locks.sort_by_key(|p| {
+            p.file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.strip_prefix("tokio-1."))
+                .and_then(|m| m.parse::<u32>().ok())
+                .unwrap_or(0)
+        });
+        locks.pop().context("no tokio lock file")?
+    } else {
+        src.join("Cargo.lock")
+    };
+    let dir = ws.root.join("target/fixtures/tokio").join(name);
+    std::fs::create_dir_all(dir.join("src"))?;
+    std::fs::copy(src.join("Cargo.toml"), dir.join("Cargo.toml"))?;
+    std::fs::copy(src.join("src/main.rs"), dir.join("src/main.rs"))?;
+    std::fs::copy(&lock, dir.join("Cargo.lock"))?;
+    output(
+        Command::new("cargo")
+            .args([
+                "build",
+                "--release",
+                "--offline",
+                "--locked",
+                "--manifest-path",
+            ])
+            .arg(dir.join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(dir.join("target"))
+            .env_remove("CARGO_TARGET_DIR"),
+    )?;
+    Ok(dir.join("target/release").join(name))
+}
+
+/// A fixture started with stdin open (a line releases it) and its first stdout line read.
+fn start(bin: &Path, args: &[&str]) -> Result<(Child, String)> {
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().context("stdout")?).read_line(&mut line)?;
+    Ok((child, line.trim().to_owned()))
+}
+
+fn watch(leakmon: &Path, pid: u32, extra: &[&str]) -> Result<Child> {
+    let mut child = Command::new(leakmon)
+        .args(["watch", "--pid", &pid.to_string(), "--format", "json"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting leakmon")?;
+    wait_for(&mut child, "tokio runtime")?;
+    Ok(child)
+}
+
+pub fn run(ws: &Workspace, leakmon: &Path, seconds: u64) -> Result<()> {
+    let http = build(ws, "tokio-http")?;
+    let tasks = build(ws, "tokio-tasks")?;
+    // Every scan walks every task: 1 s scans are the stressed case (production: 15 s).
+    let scans = ["--scan-interval", "1s"];
+
+    println!(
+        "\n## tokio (hyper) HTTP server under wrk (2 threads, 32 connections, {seconds}s), \
+         leakmon scanning every 1 s; median of {RUNS}"
+    );
+    let (mut bare, mut watched) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        for with in [false, true] {
+            let (mut server, line) = start(&http, &[])?;
+            let port = line
+                .strip_prefix("listening ")
+                .context("tokio-http did not say its port")?;
+            let mut lm = with
+                .then(|| watch(leakmon, server.id(), &scans))
+                .transpose()?;
+            let out = wrk(&format!("127.0.0.1:{port}"), seconds);
+            if let Some(lm) = lm.as_mut() {
+                stop(lm);
+            }
+            stop(&mut server);
+            if with { &mut watched } else { &mut bare }.push(out?);
+        }
+    }
+    let rps = |v: &[(f64, f64)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
+    let lat = |v: &[(f64, f64)]| v.iter().map(|x| x.1).collect::<Vec<_>>();
+    report("requests/s", &rps(&bare), &rps(&watched), true);
+    report("mean latency (us)", &lat(&bare), &lat(&watched), false);
+
+    println!(
+        "\n## tokio spawn/yield churn (64 tasks at a time, 10 yields each, {seconds}s), \
+         leakmon scanning every 1 s; tasks/s, median of {RUNS}"
+    );
+    let (mut bare, mut watched) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        for with in [false, true] {
+            let secs = seconds.to_string();
+            let (mut fx, _) = start(&tasks, &["churn", "--seconds", &secs])?;
+            let mut lm = with.then(|| watch(leakmon, fx.id(), &scans)).transpose()?;
+            let mut line = String::new();
+            BufReader::new(fx.stdout.as_mut().context("stdout")?).read_line(&mut line)?;
+            let rate: f64 = line
+                .trim()
+                .strip_prefix("churn_tasks_per_sec ")
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("churn printed {line:?}"))?;
+            if let Some(lm) = lm.as_mut() {
+                stop(lm);
+            }
+            stop(&mut fx);
+            if with { &mut watched } else { &mut bare }.push(rate);
+        }
+    }
+    report("tasks/s", &bare, &watched, true);
+
+    let n = 100_000;
+    println!("\n## Daemon footprint walking {n} live tasks (idle on a Notify), 1 s scans");
+    let (mut fx, _) = start(&tasks, &["many", "--tasks", &n.to_string()])?;
+    let mut lm = Command::new(leakmon)
+        .args(["--log", "debug", "watch", "--pid", &fx.id().to_string()])
+        .args(["--block-threshold", "2s", "--format", "json"])
+        .args(scans)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = lm.stderr.take().context("leakmon stderr")?;
+    let lines = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| l.contains("scan:") || l.contains("runtime found"))
+            .collect::<Vec<_>>()
+    });
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(20));
+    let (cpu, rss, hwm) = proc_usage(lm.id())?;
+    let wall = started.elapsed().as_secs_f64();
+    stop(&mut lm);
+    stop(&mut fx);
+    let lines = lines.join().unwrap_or_default();
+    println!(
+        "| leakmon CPU over {wall:.0}s | {:.1}% of one core ({cpu:.2}s) |",
+        cpu / wall * 100.0
+    );
+    println!("| leakmon RSS | {rss} KiB now, {hwm} KiB peak |");
+    for line in lines.iter().take(5) {
+        println!("| log |{} |", line.split("] ").nth(1).unwrap_or(line));
+    }
+
+    println!("\n## Time from a blocking poll to its alert (std::thread::sleep in a poll)");
+    for (what, extra) in [
+        (
+            "production defaults (15 s scans, 500 ms poll threshold)",
+            &[][..],
+        ),
+        ("1 s scans", &scans[..]),
+    ] {
+        let (mut fx, _) = start(&tasks, &["block-sleep"])?;
+        let begun = Instant::now();
+        let mut lm = Command::new(leakmon)
+            .args(["watch", "--pid", &fx.id().to_string(), "--format", "json"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = lm.stdout.take().context("leakmon stdout")?;
+        let found = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("\"task_blocking\""));
+        let took = begun.elapsed();
+        stop(&mut lm);
+        stop(&mut fx);
+        if found.is_none() {
+            bail!("no task_blocking alert ({what})");
+        }
+        println!(
+            "| {what} | {:.1} s (leakmon start included) |",
+            took.as_secs_f64()
+        );
+    }
+    Ok(())
+}
