@@ -37,6 +37,16 @@ pub fn native_module(data: &[u8]) {
     }
 }
 
+/// A tokio executable (version, sections, code ranges), the task vtables searched for in
+/// relocated data, the machine code followed from them, and the symbol names future types are
+/// read from.
+pub fn tokio_binary(data: &[u8]) {
+    if let Some((file, _)) = memfd(data) {
+        let _ = crate::tokio::TokioBinary::read(file);
+    }
+    crate::tokio::exercise(data);
+}
+
 /// The kernel's BTF (as /sys/kernel/btf/vmlinux holds it).
 pub fn btf(data: &[u8]) {
     let _ = crate::bpf::member_offset(data, "task_struct", "pid");
@@ -46,6 +56,7 @@ pub fn btf(data: &[u8]) {
 pub fn proc_text(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let _ = crate::proc::maps::parse_maps(&text);
+    let _ = crate::proc::maps::parse_anonymous_writable(&text);
     let _ = crate::threads::stack::registers(&text);
     let _ = crate::threads::futex::from_proc_syscall(&text, 1, 0);
 }

@@ -295,7 +295,7 @@ fn parse_wrk_duration_us(s: &str) -> Option<f64> {
     })
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }

@@ -15,11 +15,12 @@ use anyhow::{Context as _, Result};
 use crate::{Workspace, demo, run, setup};
 
 /// The targets (fuzz/fuzz_targets) and the largest input each is given.
-pub const TARGETS: [(&str, usize); 4] = [
+pub const TARGETS: [(&str, usize); 5] = [
     ("go_binary", 4 << 20),
     ("native_module", 4 << 20),
     ("btf", 8 << 20),
     ("proc_text", 64 << 10),
+    ("tokio_binary", 4 << 20),
 ];
 
 /// Fuzzes every target for `seconds`. With `keep`, the corpus grows across runs in

@@ -56,7 +56,7 @@ pub fn anonymous_writable(pid: u32) -> std::io::Result<Vec<(u64, u64)>> {
     Ok(parse_anonymous_writable(&String::from_utf8_lossy(&text)))
 }
 
-fn parse_anonymous_writable(text: &str) -> Vec<(u64, u64)> {
+pub fn parse_anonymous_writable(text: &str) -> Vec<(u64, u64)> {
     text.lines()
         .filter_map(|line| {
             let mut f = line.split_whitespace();

@@ -19,7 +19,7 @@ pub(crate) fn branches(mem: &ProcMem, addr: u64) -> Vec<u64> {
     scan_branches(addr, &body)
 }
 
-fn scan_branches(start: u64, body: &[u8]) -> Vec<u64> {
+pub(crate) fn scan_branches(start: u64, body: &[u8]) -> Vec<u64> {
     let mut out = Vec::new();
     let mut i = 0;
     while i + 5 <= body.len() && out.len() < MAX_CALLS {

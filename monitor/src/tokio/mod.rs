@@ -47,10 +47,11 @@ pub enum TokioError {
 const DISCOVERY_BUDGET: u64 = 256 << 20;
 /// How often runtimes are searched for again (new runtimes, a runtime dropped), and, while
 /// none is found (a program just started has spawned nothing yet), how soon the search goes
-/// on: from 1 s, doubling, up to 30 s.
+/// on: from 1 s, doubling, up to 5 minutes (a program linking tokio without running it is
+/// searched rarely).
 const REDISCOVER_NS: u64 = 300_000_000_000;
 const RETRY_MIN_NS: u64 = 1_000_000_000;
-const RETRY_MAX_NS: u64 = 30_000_000_000;
+const RETRY_MAX_NS: u64 = REDISCOVER_NS;
 /// Walks of one runtime per scan before a scan that keeps racing with the program gives up.
 const WALK_TRIES: usize = 3;
 
@@ -160,10 +161,16 @@ impl TokioTarget {
             && proc::BinaryKey::of(self.pid).is_ok_and(|k| k == self.key)
     }
 
-    /// One scan: every runtime's tasks, as observations at `now_ns`. None when a walk kept
-    /// racing with the program: nothing is judged from a partial list (a task missed would
-    /// look like one that left).
-    pub(crate) fn scan(&mut self, now_ns: u64, poll_block_ns: u64) -> Option<Vec<Observation>> {
+    /// One scan: every runtime's tasks; those idle at least `block_ns` and the polls found
+    /// blocking, as observations at `now_ns` (a task idle for less is in no group the detector
+    /// judges). None when a walk kept racing with the program: nothing is judged from a
+    /// partial list (a task missed would look like one that left).
+    pub(crate) fn scan(
+        &mut self,
+        now_ns: u64,
+        block_ns: u64,
+        poll_block_ns: u64,
+    ) -> Option<Vec<Observation>> {
         if self.runtimes.is_empty() || now_ns >= self.discover_at_ns {
             self.discover(now_ns);
         }
@@ -232,6 +239,9 @@ impl TokioTarget {
                         since_ns,
                     },
                 );
+                if now_ns.saturating_sub(since_ns) < block_ns {
+                    continue;
+                }
                 TaskState::Parked {
                     since_ns,
                     wait_reason: Arc::from(if lost { NO_WAKER } else { IDLE }),
@@ -315,8 +325,9 @@ impl TaskSource for TokioTarget {
         if !self.runs_same_program() {
             return Scanned::OtherProgram;
         }
-        let poll_block = u64::try_from(input.thresholds.poll_block.as_nanos()).unwrap_or(u64::MAX);
-        match TokioTarget::scan(self, input.now_ns, poll_block) {
+        let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let t = input.thresholds;
+        match TokioTarget::scan(self, input.now_ns, ns(t.block), ns(t.poll_block)) {
             Some(observations) => Scanned::Tasks {
                 observations,
                 stale: Vec::new(),
@@ -324,6 +335,25 @@ impl TaskSource for TokioTarget {
             },
             None => Scanned::NotJudged,
         }
+    }
+}
+
+/// For the fuzz target: the parsers of what a tokio target controls, on arbitrary bytes.
+pub(crate) fn exercise(data: &[u8]) {
+    let words: Vec<u64> = data
+        .as_chunks::<8>()
+        .0
+        .iter()
+        .map(|w| u64::from_le_bytes(*w))
+        .collect();
+    let _ = find_vtables(0x1000, &words, |p| p & 0xff00_0000 == 0x0100_0000);
+    let _ = binary::version_in(data);
+    let _ = code::scan_branches(0x1000, data);
+    let text = String::from_utf8_lossy(data);
+    let _ = future_type(&text);
+    let _ = cell_type(&text);
+    for h in data.chunks(32).take(64).filter_map(layout::Header::parse) {
+        let _ = (h.waker_lost(), h.plausible(), h.is_idle());
     }
 }
 

@@ -20,8 +20,10 @@ use crate::{
 /// Stack searched above a blocked thread's stack pointer for a running task's header.
 const STACK_SEARCH: usize = 32 << 10;
 const PAGE: usize = 4096;
-/// Threads looked at per scan, at most.
+/// Threads looked at per scan, at most, and stack bytes read for them (a process with
+/// thousands of blocked threads costs this much per scan, no more).
 const MAX_THREADS: usize = 4096;
+const MAX_STACK_BYTES: usize = 16 << 20;
 /// A first sighting is looked at again within the scan when the threshold is this short.
 const RECHECK_MAX: Duration = Duration::from_secs(1);
 /// x86_64 system calls a worker parks in (mio's epoll): never a blocking poll.
@@ -208,7 +210,11 @@ fn locate(pid: u32, mem: &ProcMem, running: &[&TaskRec]) -> HashMap<u64, Seen> {
         return found;
     };
     let mut buf = vec![0u8; STACK_SEARCH];
+    let mut read = 0;
     for entry in dir.filter_map(Result::ok).take(MAX_THREADS) {
+        if read >= MAX_STACK_BYTES {
+            break;
+        }
         let Some(tid) = entry
             .file_name()
             .to_str()
@@ -237,6 +243,7 @@ fn locate(pid: u32, mem: &ProcMem, running: &[&TaskRec]) -> HashMap<u64, Seen> {
             .map(|p| ((sp & !(PAGE as u64 - 1)) + (p * PAGE) as u64, PAGE))
             .collect();
         let ok = mem.read_ranges(&ranges, &mut buf);
+        read += STACK_SEARCH;
         let base = sp & !(PAGE as u64 - 1);
         for (p, _) in ok.iter().enumerate().filter(|(_, ok)| **ok) {
             for i in 0..PAGE / 8 {

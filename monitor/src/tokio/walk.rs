@@ -14,8 +14,9 @@ const MAX_SHARDS: u64 = 1 << 16;
 /// Each shard: a mutex word, then the list's head and tail.
 const SHARD_BYTES: u64 = 24;
 const SHARD_HEAD: u64 = 8;
-/// Tasks walked per process at most; a longer list is not judged.
-pub(crate) const MAX_TASKS: usize = 1 << 21;
+/// Tasks walked per process at most (about 40 bytes each are kept between scans); a longer
+/// list is not judged.
+pub(crate) const MAX_TASKS: usize = 1 << 20;
 /// Bytes read from each task's header on: the header, scheduler, id and the start of the
 /// future (whose bytes change when it makes progress).
 pub(crate) const TASK_READ: usize = 128;
