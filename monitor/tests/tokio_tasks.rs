@@ -42,23 +42,31 @@ fn release(p: &mut Proc) {
     p.expect_line("released");
 }
 
-#[test]
-fn leaked_tasks_are_found_on_every_version_and_resolve_when_released() {
-    require_root();
+/// The release build of tokio-tasks for each version, started with `args(index, is_newest)`.
+fn per_version(args: impl Fn(usize, bool) -> Vec<&'static str>) -> Vec<(String, Proc)> {
     let versions = tokio_versions();
-    let mut procs: Vec<(String, Proc)> = versions
+    versions
         .iter()
         .enumerate()
         .map(|(i, v)| {
             let bin = tokio_fixture("tokio-tasks", v, TokioBuild::Release);
-            let mut args = vec!["leak", "--flavor", flavor(i), "--grow-for", "5"];
-            // The newest also runs a second runtime, with two lost wakers in it.
-            if i == versions.len() - 1 {
-                args.push("--second-runtime");
-            }
+            let args = args(i, i == versions.len() - 1);
             (v.clone(), start_fixture(&bin, &args))
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn leaked_tasks_are_found_on_every_version_and_resolve_when_released() {
+    require_root();
+    let mut procs = per_version(|i, newest| {
+        let mut args = vec!["leak", "--flavor", flavor(i), "--grow-for", "5"];
+        // The newest also runs a second runtime, with two lost wakers in it.
+        if newest {
+            args.push("--second-runtime");
+        }
+        args
+    });
     let pids: Vec<u32> = procs.iter().map(|(_, p)| p.pid()).collect();
     let mut lm = Leakmon::watch(&pids, &["--threads", "false"]);
     let mut ids = Vec::new();
@@ -110,18 +118,7 @@ fn leaked_tasks_are_found_on_every_version_and_resolve_when_released() {
 #[test]
 fn lost_wakers_are_proven_on_every_version() {
     require_root();
-    let versions = tokio_versions();
-    let mut procs: Vec<(String, Proc)> = versions
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let bin = tokio_fixture("tokio-tasks", v, TokioBuild::Release);
-            (
-                v.clone(),
-                start_fixture(&bin, &["lost", "--flavor", flavor(i + 1)]),
-            )
-        })
-        .collect();
+    let mut procs = per_version(|i, _| vec!["lost", "--flavor", flavor(i + 1)]);
     let pids: Vec<u32> = procs.iter().map(|(_, p)| p.pid()).collect();
     let mut lm = Leakmon::watch(&pids, &["--threads", "false"]);
     for (v, p) in &mut procs {

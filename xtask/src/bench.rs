@@ -342,16 +342,10 @@ fn footprint(leaky: &Path, leakmon: &Path, n: u64) -> Result<()> {
     let started = Instant::now();
     let run_for = scan * 9;
     std::thread::sleep(run_for);
-    let (cpu, rss, hwm) = proc_usage(lm.id())?;
-    let wall = started.elapsed().as_secs_f64();
+    report_usage(lm.id(), started)?;
     stop(&mut lm);
     stop(&mut fx);
     let scans = scans.join().unwrap_or_default();
-    println!(
-        "| leakmon CPU over {wall:.0}s | {:.1}% of one core ({cpu:.2}s) |",
-        cpu / wall * 100.0
-    );
-    println!("| leakmon RSS | {rss} KiB now, {hwm} KiB peak |");
     for line in scans.iter().take(4) {
         if let Some(s) = line.split("scan:").nth(1) {
             println!("| scan |{s} |");
@@ -435,8 +429,20 @@ fn anon_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Prints leakmon's CPU since `started` and its memory, now and at its peak.
+pub(crate) fn report_usage(pid: u32, started: Instant) -> Result<()> {
+    let (cpu, rss, hwm) = proc_usage(pid)?;
+    let wall = started.elapsed().as_secs_f64();
+    println!(
+        "| leakmon CPU over {wall:.0}s | {:.1}% of one core ({cpu:.2}s) |",
+        cpu / wall * 100.0
+    );
+    println!("| leakmon RSS | {rss} KiB now, {hwm} KiB peak |");
+    Ok(())
+}
+
 /// (CPU seconds, VmRSS KiB, VmHWM KiB) of `pid`.
-pub(crate) fn proc_usage(pid: u32) -> Result<(f64, u64, u64)> {
+fn proc_usage(pid: u32) -> Result<(f64, u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let fields: Vec<&str> = stat
         .rsplit_once(')')

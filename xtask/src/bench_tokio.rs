@@ -12,13 +12,13 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     Workspace,
-    bench::{RUNS, proc_usage, report, wait_for, wrk},
-    demo::stop,
+    bench::{RUNS, report, report_usage, wait_for, wrk},
+    demo::{start_reading as start, stop},
     setup::output,
 };
 
 /// Builds a tokio fixture (tokio-tasks with the newest lock file, or tokio-http), offline.
-fn build(ws: &Workspace, name: &str) -> Result<PathBuf> {
+pub(crate) fn build(ws: &Workspace, name: &str) -> Result<PathBuf> {
     let src = ws.root.join("fixtures/native").join(name);
     let lock = if name == "tokio-tasks" {
         let mut locks: Vec<PathBuf> = std::fs::read_dir(src.join("locks"))?
@@ -57,19 +57,6 @@ fn build(ws: &Workspace, name: &str) -> Result<PathBuf> {
     Ok(dir.join("target/release").join(name))
 }
 
-/// A fixture started with stdin open (a line releases it) and its first stdout line read.
-fn start(bin: &Path, args: &[&str]) -> Result<(Child, String)> {
-    let mut child = Command::new(bin)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().context("stdout")?).read_line(&mut line)?;
-    Ok((child, line.trim().to_owned()))
-}
-
 fn watch(leakmon: &Path, pid: u32, extra: &[&str]) -> Result<Child> {
     let mut child = Command::new(leakmon)
         .args(["watch", "--pid", &pid.to_string(), "--format", "json"])
@@ -95,7 +82,7 @@ pub fn run(ws: &Workspace, leakmon: &Path, seconds: u64) -> Result<()> {
     let (mut bare, mut watched) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {
         for with in [false, true] {
-            let (mut server, line) = start(&http, &[])?;
+            let (mut server, _, line) = start(&http, &[])?;
             let port = line
                 .strip_prefix("listening ")
                 .context("tokio-http did not say its port")?;
@@ -123,10 +110,10 @@ pub fn run(ws: &Workspace, leakmon: &Path, seconds: u64) -> Result<()> {
     for _ in 0..RUNS {
         for with in [false, true] {
             let secs = seconds.to_string();
-            let (mut fx, _) = start(&tasks, &["churn", "--seconds", &secs])?;
+            let (mut fx, mut out, _) = start(&tasks, &["churn", "--seconds", &secs])?;
             let mut lm = with.then(|| watch(leakmon, fx.id(), &scans)).transpose()?;
             let mut line = String::new();
-            BufReader::new(fx.stdout.as_mut().context("stdout")?).read_line(&mut line)?;
+            out.read_line(&mut line)?;
             let rate: f64 = line
                 .trim()
                 .strip_prefix("churn_tasks_per_sec ")
@@ -143,7 +130,7 @@ pub fn run(ws: &Workspace, leakmon: &Path, seconds: u64) -> Result<()> {
 
     let n = 100_000;
     println!("\n## Daemon footprint walking {n} live tasks (idle on a Notify), 1 s scans");
-    let (mut fx, _) = start(&tasks, &["many", "--tasks", &n.to_string()])?;
+    let (mut fx, _, _) = start(&tasks, &["many", "--tasks", &n.to_string()])?;
     let mut lm = Command::new(leakmon)
         .args(["--log", "debug", "watch", "--pid", &fx.id().to_string()])
         .args(["--block-threshold", "2s", "--format", "json"])
@@ -161,16 +148,10 @@ pub fn run(ws: &Workspace, leakmon: &Path, seconds: u64) -> Result<()> {
     });
     let started = Instant::now();
     std::thread::sleep(Duration::from_secs(20));
-    let (cpu, rss, hwm) = proc_usage(lm.id())?;
-    let wall = started.elapsed().as_secs_f64();
+    report_usage(lm.id(), started)?;
     stop(&mut lm);
     stop(&mut fx);
     let lines = lines.join().unwrap_or_default();
-    println!(
-        "| leakmon CPU over {wall:.0}s | {:.1}% of one core ({cpu:.2}s) |",
-        cpu / wall * 100.0
-    );
-    println!("| leakmon RSS | {rss} KiB now, {hwm} KiB peak |");
     for line in lines.iter().take(5) {
         println!("| log |{} |", line.split("] ").nth(1).unwrap_or(line));
     }
@@ -191,12 +172,11 @@ pub fn run(ws: &Workspace, leakmon: &Path, seconds: u64) -> Result<()> {
             // The fixture blocks `delay` seconds after it starts, leakmon being attached by
             // then: spread over a scan interval.
             let delay = format!("{:.1}", 3.0 + 15.0 * i as f64 / RUNS as f64);
-            let (mut fx, _) = start(&tasks, &["block-sleep", "--delay", &delay])?;
+            let (mut fx, mut out, _) = start(&tasks, &["block-sleep", "--delay", &delay])?;
             // When the fixture says "blocking", timed as it says it.
-            let out = fx.stdout.take().context("stdout")?;
             let said = std::thread::spawn(move || {
                 let mut line = String::new();
-                BufReader::new(out).read_line(&mut line).ok()?;
+                out.read_line(&mut line).ok()?;
                 (line.trim() == "blocking").then(Instant::now)
             });
             let mut lm = watch(leakmon, fx.id(), extra)?;

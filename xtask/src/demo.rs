@@ -4,7 +4,7 @@
 use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, ChildStdout, Command, Stdio},
     time::Duration,
 };
 
@@ -71,8 +71,8 @@ pub fn build_fixture(
     Ok(out)
 }
 
-/// Starts a fixture and waits for its `ready` line.
-pub fn start_fixture(bin: &Path, args: &[&str]) -> Result<Child> {
+/// Starts a fixture with stdin and stdout piped; returns its stdout and its first line.
+pub fn start_reading(bin: &Path, args: &[&str]) -> Result<(Child, BufReader<ChildStdout>, String)> {
     let mut child = Command::new(bin)
         .args(args)
         .stdin(Stdio::piped())
@@ -82,7 +82,13 @@ pub fn start_fixture(bin: &Path, args: &[&str]) -> Result<Child> {
     let mut stdout = BufReader::new(child.stdout.take().context("fixture stdout")?);
     let mut line = String::new();
     stdout.read_line(&mut line)?;
-    if line.trim() != "ready" {
+    Ok((child, stdout, line.trim().to_owned()))
+}
+
+/// Starts a fixture and waits for its `ready` line.
+pub fn start_fixture(bin: &Path, args: &[&str]) -> Result<Child> {
+    let (mut child, stdout, line) = start_reading(bin, args)?;
+    if line != "ready" {
         stop(&mut child);
         bail!("{} did not say ready (said {line:?})", bin.display());
     }

@@ -105,6 +105,23 @@ fn seed(ws: &Workspace, tools: &setup::Tools, root: &Path) -> Result<()> {
             }
         }
     }
+    // A tokio program, and the names future types are read from.
+    let tokio = crate::bench_tokio::build(ws, "tokio-tasks")?;
+    let dir = root.join("tokio_binary");
+    fs::create_dir_all(&dir)?;
+    let data = fs::read(&tokio).with_context(|| format!("reading {}", tokio.display()))?;
+    for cut in [data.len(), 4096, 64 << 10] {
+        fs::write(
+            dir.join(format!("seed-{cut}")),
+            &data[..cut.min(data.len())],
+        )?;
+    }
+    fs::write(
+        dir.join("names"),
+        "dealloc<app::f::{async_fn_env#0}, alloc::sync::Arc<H>>\0\
+         core::ptr::drop_in_place<Box<tokio::runtime::task::core::Cell<app::g::{{closure}},A>>>\0\
+         /src/tokio-1.54.1/src/runtime/task/state.rs",
+    )?;
     let dir = root.join("proc_text");
     fs::create_dir_all(&dir)?;
     fs::write(dir.join("maps"), fs::read("/proc/self/maps")?)?;

@@ -18,7 +18,9 @@ pub use groups::{ChannelState, GroupKey, Site, Stack, WaitsOn};
 pub use hints::hint;
 pub use policy::{Finding, Policy};
 pub use rules::{Thresholds, WaitClass};
-pub use threads::{FutexObs, ThreadDetector, ThreadObs, ThreadReport, ThreadSnapshot};
+pub use threads::{
+    FutexObs, LockFlavor, ThreadDetector, ThreadObs, ThreadReport, ThreadSnapshot, WaitKind,
+};
 
 /// One goroutine as seen at a scan. Sites and names are shared (`Arc`): thousands of
 /// goroutines of one group point at the same few.

@@ -13,7 +13,42 @@ use super::{
     Alert, AlertBook, AlertKind, GroupKey, Site, Transition,
     rules::{History, Thresholds},
 };
-use crate::threads::futex::{LockFlavor, WaitKind};
+
+/// What a thread's futex wait is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WaitKind {
+    /// Waiting to acquire a lock.
+    Lock,
+    /// Waiting for work, a signal or another thread's exit (condition variables, semaphores,
+    /// joins, runtime parking): normal however long it lasts.
+    Idle,
+    /// A wait with a timeout: it ends by itself.
+    Timed,
+}
+
+impl WaitKind {
+    /// The wait reason alerts print.
+    pub fn reason(self, lock: LockFlavor) -> &'static str {
+        match (self, lock) {
+            (Self::Lock, LockFlavor::PthreadMutex) => "pthread mutex",
+            (Self::Lock, LockFlavor::PiMutex) => "PI mutex",
+            (Self::Lock, LockFlavor::Other) => "lock",
+            (Self::Idle, _) => "idle futex wait",
+            (Self::Timed, _) => "timed futex wait",
+        }
+    }
+}
+
+/// Which kind of lock, which says where its owner is recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LockFlavor {
+    /// glibc `pthread_mutex_t`: owner in `__owner`.
+    PthreadMutex,
+    /// A priority-inheritance futex: owner in the futex word.
+    PiMutex,
+    /// Owner not recorded (Rust std, most language runtimes' locks).
+    Other,
+}
 
 /// A futex wait a thread is in.
 #[derive(Clone, Debug, PartialEq)]

@@ -14,40 +14,7 @@ pub const PTHREAD_MUTEX_OWNER_OFFSET: u64 = 8;
 /// The "locked, with waiters" state of glibc's low-level locks and Rust std's futex mutex.
 const CONTENDED: u32 = 2;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum WaitKind {
-    /// Waiting to acquire a lock.
-    Lock,
-    /// Waiting for work, a signal or another thread's exit (condition variables, semaphores,
-    /// joins, runtime parking): normal however long it lasts.
-    Idle,
-    /// A wait with a timeout: it ends by itself.
-    Timed,
-}
-
-impl WaitKind {
-    /// The wait reason alerts print.
-    pub fn reason(self, lock: LockFlavor) -> &'static str {
-        match (self, lock) {
-            (Self::Lock, LockFlavor::PthreadMutex) => "pthread mutex",
-            (Self::Lock, LockFlavor::PiMutex) => "PI mutex",
-            (Self::Lock, LockFlavor::Other) => "lock",
-            (Self::Idle, _) => "idle futex wait",
-            (Self::Timed, _) => "timed futex wait",
-        }
-    }
-}
-
-/// Which kind of lock, which says where its owner is recorded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum LockFlavor {
-    /// glibc `pthread_mutex_t`: owner in `__owner`.
-    PthreadMutex,
-    /// A priority-inheritance futex: owner in the futex word.
-    PiMutex,
-    /// Owner not recorded (Rust std, most language runtimes' locks).
-    Other,
-}
+pub use crate::detect::{LockFlavor, WaitKind};
 
 /// Functions that settle what a wait is for, innermost frame first; the first frame that
 /// matches decides (a condition variable re-taking its mutex is a lock wait).

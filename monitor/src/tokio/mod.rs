@@ -80,8 +80,9 @@ pub(crate) struct TokioTarget {
     idle: HashMap<u64, Idle>,
     polls: polls::Polls,
     symbolizer: Symbolizer,
-    /// Whether a scan that raced with the program was said.
+    /// Whether a scan that raced with the program, or a list over the limit, was said.
     raced_said: bool,
+    capped_said: bool,
 }
 
 struct Idle {
@@ -149,6 +150,7 @@ impl TokioTarget {
             polls: polls::Polls::default(),
             symbolizer,
             raced_said: false,
+            capped_said: false,
         })
     }
 
@@ -175,21 +177,36 @@ impl TokioTarget {
             self.discover(now_ns);
         }
         let mut tasks: Vec<TaskRec> = Vec::new();
-        let mut gone = Vec::new();
-        for (i, rt) in self.runtimes.iter().enumerate() {
-            let mut walked = None;
+        for rt in &self.runtimes {
+            let mut last = None;
             for _ in 0..WALK_TRIES {
                 let w = walk::walk(&self.mem, &self.vtables, rt, walk::MAX_TASKS);
-                if w.complete {
-                    walked = Some(w);
+                if w.complete || w.capped {
+                    last = Some(w);
                     break;
                 }
             }
-            match walked {
-                Some(w) => tasks.extend(w.tasks),
+            match last {
+                Some(w) if w.complete => tasks.extend(w.tasks),
+                Some(_) => {
+                    if !self.capped_said {
+                        self.capped_said = true;
+                        log::warn!(
+                            "PID {}: a tokio runtime holds more than {} tasks: its scans are \
+                             not judged",
+                            self.pid,
+                            walk::MAX_TASKS
+                        );
+                    }
+                    return None;
+                }
                 None if !proc::is_alive(self.pid) => return None,
                 None => {
-                    if !self.raced_said {
+                    // A runtime that was dropped reads as garbage from its first shard on:
+                    // searched for again at the next scan. A live one raced with the program.
+                    if !walk::still_there(&self.mem, &self.vtables, rt) {
+                        self.discover_at_ns = now_ns;
+                    } else if !self.raced_said {
                         self.raced_said = true;
                         log::info!(
                             "PID {}: a walk of a tokio task list kept racing with the program: \
@@ -197,15 +214,9 @@ impl TokioTarget {
                             self.pid
                         );
                     }
-                    // A runtime that was dropped reads as garbage from its first shard on.
-                    gone.push(i);
+                    return None;
                 }
             }
-        }
-        if !gone.is_empty() {
-            // Searched for again at the next scan; this one is not judged.
-            self.discover_at_ns = now_ns;
-            return None;
         }
         let mut out = Vec::with_capacity(tasks.len());
         let mut idle = HashMap::with_capacity(self.idle.len());

@@ -158,7 +158,12 @@ fn task_list(
     None
 }
 
-/// Whether the runtime's shard heads are empty or tasks it owns, at least one of them not empty.
+/// Whether `rt` still looks like a live runtime: its shard heads are empty or tasks it owns,
+/// at least one of them not empty (a walk that failed on a live one raced with the program).
+pub(crate) fn still_there(mem: &ProcMem, vtables: &HashMap<u64, Vtable>, rt: &Runtime) -> bool {
+    heads_check(mem, vtables, rt)
+}
+
 fn heads_check(mem: &ProcMem, vtables: &HashMap<u64, Vtable>, rt: &Runtime) -> bool {
     let heads = shard_heads(mem, rt);
     let Some(heads) = heads else {
@@ -199,6 +204,8 @@ pub(crate) struct Walk {
     pub complete: bool,
     /// process_vm_readv calls made.
     pub reads: u64,
+    /// Stopped at the task limit (not a race).
+    pub capped: bool,
 }
 
 /// Walks every shard of `rt`, reading one node of each shard per batch, at most `max` tasks.
@@ -225,6 +232,7 @@ pub(crate) fn walk(
     while !cursors.is_empty() {
         if out.tasks.len() + cursors.len() > max {
             complete = false;
+            out.capped = true;
             break;
         }
         let ranges: Vec<(u64, usize)> = cursors.iter().map(|(n, _)| (*n, TASK_READ)).collect();
