@@ -187,6 +187,16 @@ impl BinaryKey {
     }
 }
 
+/// Whether `pid` still runs the executable `key` names (an exec keeps the PID), not from FUSE;
+/// brings up to date which of its memory `mem` must not read (mapped from FUSE files).
+/// Checked for FUSE first: the identity is a stat() of the file, and an exec may have brought
+/// in one on a FUSE mount.
+pub fn runs_same_program(pid: u32, key: BinaryKey, mem: &mut ProcMem) -> bool {
+    let fuse = files::fuse_mappings(pid);
+    mem.set_fuse_mappings(&fuse);
+    check_exe_not_on_fuse(pid, &fuse).is_ok() && BinaryKey::of(pid).ok() == Some(key)
+}
+
 /// Monotonic clock in nanoseconds: the clock `bpf_ktime_get_ns` and Go's `nanotime` use.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {

@@ -285,13 +285,6 @@ fn judge(
         _ => (Vec::new(), Vec::new()),
     };
     let own: Vec<&Frame> = frames.iter().filter(|f| !is_library(f)).collect();
-    let site = |f: &Frame| {
-        Arc::new(Site {
-            function: f.function.to_string(),
-            file: f.file.as_deref().unwrap_or(&f.module).to_owned(),
-            line: f.line,
-        })
-    };
     let futex = wait.map(|w| {
         let (word, in_go_runtime) = match reader {
             Some(r) => (
@@ -306,7 +299,7 @@ fn judge(
     Seen {
         since_ns,
         name,
-        blocked_at: own.first().map(|f| site(f)),
+        blocked_at: own.first().map(|f| f.site()),
         entry: own.last().map(|f| f.function.clone()),
         stack: frames.iter().map(ToString::to_string).collect(),
         futex,

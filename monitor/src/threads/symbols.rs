@@ -37,6 +37,17 @@ pub struct Frame {
     pub module: Arc<str>,
 }
 
+impl Frame {
+    /// As a site of an alert: the file where line tables give it, else the module.
+    pub fn site(&self) -> Arc<crate::detect::Site> {
+        Arc::new(crate::detect::Site {
+            function: self.function.to_string(),
+            file: self.file.as_deref().unwrap_or(&self.module).to_owned(),
+            line: self.line,
+        })
+    }
+}
+
 impl std::fmt::Display for Frame {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.file {

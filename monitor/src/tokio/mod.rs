@@ -20,7 +20,7 @@ use self::{
     walk::{Runtime, TaskRec},
 };
 use crate::{
-    detect::{Observation, Site, TaskState},
+    detect::{Observation, TaskState},
     proc::{self, Container, ProcError, ProcMem, maps},
     runtime::{ScanInput, Scanned, TaskSource},
     threads::symbols::Symbolizer,
@@ -69,8 +69,9 @@ pub(crate) struct TokioTarget {
     key: proc::BinaryKey,
     mem: ProcMem,
     vtables: HashMap<u64, Vtable>,
-    /// Future type by vtable: the task group's entry and creation site.
-    names: HashMap<u64, (Arc<str>, Option<Arc<Site>>)>,
+    /// Future type by vtable: the task group's entry (its spawn site; there is no
+    /// `created_at` without `tokio_unstable`).
+    names: HashMap<u64, Arc<str>>,
     runtimes: Vec<Runtime>,
     /// Where the next search for runtimes starts (an address), and when it is due.
     search_from: u64,
@@ -154,15 +155,6 @@ impl TokioTarget {
         })
     }
 
-    /// Whether the process still runs the executable it was inspected with (an exec keeps
-    /// the PID), not from FUSE (what is mapped from there is never read).
-    fn runs_same_program(&mut self) -> bool {
-        let fuse = proc::files::fuse_mappings(self.pid);
-        self.mem.set_fuse_mappings(&fuse);
-        proc::check_exe_not_on_fuse(self.pid, &fuse).is_ok()
-            && proc::BinaryKey::of(self.pid).is_ok_and(|k| k == self.key)
-    }
-
     /// One scan: every runtime's tasks; those idle at least `block_ns` and the polls found
     /// blocking, as observations at `now_ns` (a task idle for less is in no group the detector
     /// judges). None when a walk kept racing with the program: nothing is judged from a
@@ -173,7 +165,7 @@ impl TokioTarget {
         block_ns: u64,
         poll_block_ns: u64,
     ) -> Option<Vec<Observation>> {
-        if self.runtimes.is_empty() || now_ns >= self.discover_at_ns {
+        if now_ns >= self.discover_at_ns {
             self.discover(now_ns);
         }
         let mut tasks: Vec<TaskRec> = Vec::new();
@@ -233,7 +225,7 @@ impl TokioTarget {
             poll_block_ns,
         );
         for t in &tasks {
-            let Some((entry, created_at)) = self.names.get(&t.header.vtable) else {
+            let Some(entry) = self.names.get(&t.header.vtable) else {
                 continue;
             };
             let state = if t.header.is_idle() {
@@ -274,7 +266,7 @@ impl TokioTarget {
             out.push(Observation {
                 goid: t.id,
                 state,
-                created_at: created_at.clone(),
+                created_at: None,
                 entry: entry.clone(),
                 waits_on: None,
                 proven: false,
@@ -333,7 +325,7 @@ impl TokioTarget {
 
 impl TaskSource for TokioTarget {
     fn scan(&mut self, input: ScanInput) -> Scanned {
-        if !self.runs_same_program() {
+        if !proc::runs_same_program(self.pid, self.key, &mut self.mem) {
             return Scanned::OtherProgram;
         }
         let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
@@ -394,7 +386,7 @@ fn name_futures(
     bias: u64,
     binary: &TokioBinary,
     exe: &std::path::Path,
-) -> HashMap<u64, (Arc<str>, Option<Arc<Site>>)> {
+) -> HashMap<u64, Arc<str>> {
     let mut symbols = symbolizer.process(pid);
     let mut shared: HashMap<u64, usize> = HashMap::new();
     for v in vtables.values() {
@@ -436,7 +428,7 @@ fn name_futures(
             }
             .into(),
         };
-        out.insert(v.addr, (entry, None));
+        out.insert(v.addr, entry);
     }
     out
 }
@@ -551,13 +543,10 @@ fn cell_type(name: &str) -> Option<String> {
     None
 }
 
-/// A function of the program's own (not tokio's, the standard library's or the C library's).
+/// A function of the program's own (not tokio's, the standard library's or the C library's),
+/// named (not an address).
 fn is_program_function(name: &str) -> bool {
-    const NOT_OURS: [&str; 10] = [
-        "tokio::", "<tokio::", "std::", "<std::", "core::", "<core::", "alloc::", "<alloc::", "__",
-        "?",
-    ];
-    !NOT_OURS.iter().any(|p| name.starts_with(p)) && !name.starts_with("0x") && name.contains("::")
+    !polls::is_runtime_or_library(name, "") && !name.starts_with("0x") && name.contains("::")
 }
 
 /// The future type `T` of a task function generic over `<T, S>` (`raw::poll`, `dealloc`,

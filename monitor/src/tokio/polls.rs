@@ -14,7 +14,10 @@ use super::walk::TaskRec;
 use crate::{
     detect::{Site, Stack, ThreadReport},
     proc::{ProcMem, files::read_proc_capped, u64_at},
-    threads::{stack::StackReader, symbols::Symbolizer},
+    threads::{
+        stack::StackReader,
+        symbols::{Frame, Symbolizer},
+    },
 };
 
 /// Stack searched above a blocked thread's stack pointer for a running task's header.
@@ -128,16 +131,7 @@ impl Polls {
             };
             let addresses = r.addresses(s.sp, s.pc);
             let frames = r.frames(&addresses);
-            let sites: Vec<Arc<Site>> = frames
-                .iter()
-                .map(|f| {
-                    Arc::new(Site {
-                        function: f.function.to_string(),
-                        file: f.file.as_deref().unwrap_or(&f.module).to_owned(),
-                        line: f.line,
-                    })
-                })
-                .collect();
+            let sites: Vec<Arc<Site>> = frames.iter().map(Frame::site).collect();
             let own = frames.iter().find(|f| {
                 !is_runtime_or_library(&f.function, &f.module)
                     && !f.file.as_deref().is_some_and(is_dependency_source)
@@ -152,13 +146,7 @@ impl Polls {
                 waits_on: None,
                 owner_tid: None,
                 waited_seconds: now_ns.saturating_sub(s.since_ns) as f64 / 1e9,
-                blocked_at: own.map(|f| {
-                    Arc::new(Site {
-                        function: f.function.to_string(),
-                        file: f.file.as_deref().unwrap_or(&f.module).to_owned(),
-                        line: f.line,
-                    })
-                }),
+                blocked_at: own.map(Frame::site),
                 stack: frames.iter().map(ToString::to_string).collect(),
             };
             out.insert(
@@ -185,9 +173,8 @@ fn still_running(mem: &ProcMem, tasks: &[&TaskRec], id: u64) -> bool {
     })
 }
 
-/// Code that is not where a poll blocks in the program's own terms: the C library, Rust's
-/// standard library, tokio itself.
-fn is_runtime_or_library(function: &str, module: &str) -> bool {
+/// Code that is not the program's own: the C library, Rust's standard library, tokio itself.
+pub(super) fn is_runtime_or_library(function: &str, module: &str) -> bool {
     crate::threads::is_library_code(function, module)
         || function.starts_with("tokio::")
         || function.starts_with("<tokio::")

@@ -424,12 +424,7 @@ impl Target {
     /// Whether the process still runs the executable inspected (an exec replaces it).
     /// Also brings up to date which of its memory is mapped from FUSE files (not read).
     pub fn runs_same_program(&mut self) -> bool {
-        // Checked for FUSE first: the identity is a stat() of the file, and an exec may have
-        // brought in one on a FUSE mount.
-        let fuse = proc::files::fuse_mappings(self.pid);
-        self.mem.set_fuse_mappings(&fuse);
-        proc::check_exe_not_on_fuse(self.pid, &fuse).is_ok()
-            && BinaryKey::of(self.pid).ok() == Some(self.key)
+        proc::runs_same_program(self.pid, self.key, &mut self.mem)
     }
 
     /// Whether the process still runs the program inspected.
