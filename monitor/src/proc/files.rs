@@ -129,6 +129,47 @@ pub fn section_bytes<'d, S: object::ObjectSection<'d>>(
     section.uncompressed_data().ok()
 }
 
+/// Searches an uncompressed section of `file` in fixed-size chunks (overlapping by `overlap`
+/// bytes, so a match across two chunks is seen whole), at most `cap` bytes of it: `find`
+/// gets each chunk and returns what it found. Memory stays at one chunk whatever the section
+/// declares; a compressed section is not searched.
+pub fn search_section<'d, S: object::ObjectSection<'d>, T>(
+    file: &File,
+    section: &S,
+    cap: u64,
+    overlap: usize,
+    mut find: impl FnMut(&[u8]) -> Option<T>,
+) -> Option<T> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 1 << 20;
+    if !matches!(
+        section.compressed_file_range().ok()?.format,
+        object::CompressionFormat::None
+    ) {
+        return None;
+    }
+    let (offset, size) = section.file_range()?;
+    let end = offset.checked_add(size.min(cap))?;
+    let mut buf = vec![0u8; CHUNK + overlap];
+    let (mut at, mut kept) = (offset, 0usize);
+    while at < end {
+        let want = usize::try_from((end - at).min(CHUNK as u64)).ok()?;
+        let n = file.read_at(&mut buf[kept..kept + want], at).ok()?;
+        if n == 0 {
+            return None;
+        }
+        if let Some(found) = find(&buf[..kept + n]) {
+            return Some(found);
+        }
+        at += n as u64;
+        // Keep the chunk's tail in front of the next one.
+        let tail = overlap.min(kept + n);
+        buf.copy_within(kept + n - tail..kept + n, 0);
+        kept = tail;
+    }
+    None
+}
+
 /// Devices (as /proc/PID/maps writes them, "MM:mm" in hex) of the FUSE file systems mounted in
 /// `pid`'s mount namespace. Files there are never read: a FUSE request the server does not
 /// answer keeps the reader in uninterruptible sleep, past SIGKILL, until the server answers

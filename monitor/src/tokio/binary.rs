@@ -9,8 +9,8 @@ use object::{Object, ObjectSection, ObjectSegment, ReadCache};
 use super::TokioError;
 use crate::proc::files;
 
-/// `.rodata` searched for tokio's version at most: the panic locations tokio compiles in
-/// ("…/tokio-1.54.1/src/…") are there whatever the build strips.
+/// `.rodata` (and `.strtab`) searched for tokio's version at most: the panic locations tokio
+/// compiles in ("…/tokio-1.54.1/src/…") are there whatever the build strips.
 const MAX_RODATA: u64 = 256 << 20;
 /// `.data.rel.ro` read at most (tens of KiB in a service; the target's file says its size).
 pub(crate) const MAX_DATA_REL_RO: u64 = 64 << 20;
@@ -34,25 +34,26 @@ pub(crate) struct TokioBinary {
 impl TokioBinary {
     /// Reads `file` (the executable of a process): a tokio program, or why not.
     pub(crate) fn read(file: File) -> Result<Self, TokioError> {
-        let cache = ReadCache::new(file);
+        // Only headers go through the cache; sections are searched from the file in chunks,
+        // so a huge executable costs one chunk of memory.
+        let cache = ReadCache::new(&file);
         let obj = object::File::parse(&cache).map_err(|_| TokioError::NotTokio)?;
         if obj.architecture() != object::Architecture::X86_64 {
             return Err(TokioError::NotTokio);
         }
-        let version = match obj.section_by_name(".rodata") {
-            Some(s) => files::section_bytes(&s, MAX_RODATA)
-                .and_then(|data| version_in(&data))
-                .map(Arc::from),
-            None => None,
-        };
+        let version = obj.section_by_name(".rodata").and_then(|s| {
+            files::search_section(&file, &s, MAX_RODATA, 64, version_in).map(Arc::from)
+        });
         let stripped = obj.section_by_name(".symtab").is_none();
-        // Builds with remapped paths still name tokio in their symbols.
+        // Builds with remapped paths still name tokio in their symbols (both manglings
+        // spell the path `5tokio7runtime`).
         let named = version.is_some()
-            || (!stripped
-                && obj.symbols().take(1 << 20).any(|s| {
-                    object::ObjectSymbol::name_bytes(&s)
-                        .is_ok_and(|n| n.windows(14).any(|w| w == b"5tokio7runtime"))
-                }));
+            || obj.section_by_name(".strtab").is_some_and(|s| {
+                files::search_section(&file, &s, MAX_RODATA, 16, |chunk| {
+                    memchr::memmem::find(chunk, b"5tokio7runtime")
+                })
+                .is_some()
+            });
         if !named {
             return Err(TokioError::NotTokio);
         }
