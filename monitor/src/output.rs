@@ -185,6 +185,9 @@ pub fn text(p: &ProcessInfo, t: &Transition) -> String {
             s.push_str(&format!(", in one poll blocked at {b}"));
         }
         (None, None) if a.kind == AlertKind::TaskBlocking => s.push_str(", in one poll"),
+        (_, None) if a.kind == AlertKind::TaskSpinning => {
+            s.push_str(", polled over and over without waiting");
+        }
         (Some(b), Some(r)) => s.push_str(&format!(", blocked at {b} on {r}")),
         (None, Some(r)) => s.push_str(&format!(", blocked on {r}")),
         _ => s.push_str(", running without blocking"),

@@ -1,7 +1,7 @@
 //! tokio tasks from outside: leaked tasks, lost wakers and blocking polls in unmodified Rust
 //! programs, on every tokio version with a lock file in fixtures/native/tokio-tasks/locks, as
-//! release, stripped and fat-LTO builds, on multi-thread and current-thread runtimes; and a
-//! healthy hyper service under load and at rest that stays silent.
+//! release, stripped and fat-LTO builds, on multi-thread and current-thread runtimes; tasks
+//! that spin; and a healthy hyper service under load and at rest that stays silent.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
 mod support;
@@ -251,6 +251,89 @@ fn stripped_and_lto_builds_are_read_without_symbols() {
     }
 }
 
+/// Tests whose processes burn or load the CPUs (spinners, the load on the healthy service)
+/// run one at a time: on two cores, spinners beside the load starve its client threads.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[test]
+fn spinning_tasks_are_found_in_every_build_and_resolve_when_released() {
+    require_root();
+    let _heavy = heavy();
+    let versions = tokio_versions();
+    let (oldest, newest) = (&versions[0], &versions[versions.len() - 1]);
+    // (version, build, mode, flavor): a yield loop and a self-waking future on every version
+    // and both flavors, one at a time (each burns a core), then stripped and fat-LTO builds.
+    let mut cases: Vec<(&String, TokioBuild, &str, &str)> = versions
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let mode = if i % 2 == 0 {
+                "spin-yield"
+            } else {
+                "spin-wake"
+            };
+            (v, TokioBuild::Release, mode, flavor(i))
+        })
+        .collect();
+    cases.push((oldest, TokioBuild::Stripped, "spin-wake", "current"));
+    cases.push((newest, TokioBuild::Lto, "spin-yield", "current"));
+    // First what must stay silent: a task fed by another thread as fast as it drains its
+    // channel is polled over and over with its future unchanged too, but is woken by the
+    // feeder, not by itself.
+    let bin = tokio_fixture("tokio-tasks", newest, TokioBuild::Release);
+    for flavor in ["multi", "current"] {
+        let mut p = start_fixture(&bin, &["busy", "--flavor", flavor]);
+        let mut lm = Leakmon::watch(&[p.pid()], &["--threads", "false"]);
+        lm.wait_stderr(&format!("PID {}: 1 tokio runtime found", p.pid()));
+        let alerts = lm.collect_for(Duration::from_secs(8));
+        assert!(
+            alerts.is_empty(),
+            "a busy consumer ({flavor}) raised alerts: {alerts:#?}"
+        );
+        release(&mut p);
+    }
+    for (v, build, mode, flavor) in cases {
+        let bin = tokio_fixture("tokio-tasks", v, build);
+        let mut p = start_fixture(&bin, &[mode, "--flavor", flavor]);
+        let started = Instant::now();
+        let mut lm = Leakmon::watch(&[p.pid()], &["--threads", "false"]);
+        let what = format!("task_spinning ({mode}, {flavor}, tokio {v} {build:?})");
+        let a = lm.expect(&what, |a| firing(a, p.pid(), "task_spinning"));
+        eprintln!("{what}: after {:?}", started.elapsed());
+        let entry = a["entry"]["function"].as_str().unwrap();
+        match (build, mode) {
+            (TokioBuild::Release, "spin-yield") => assert_eq!(entry, "tokio_tasks::yield_loop"),
+            (TokioBuild::Release, _) => assert_eq!(entry, "tokio_tasks::wake_loop"),
+            _ => assert!(
+                entry.starts_with("future@tokio-tasks-") && entry.contains("build id"),
+                "{a:#}"
+            ),
+        }
+        assert_eq!(a["count"], 1, "{a:#}");
+        assert_eq!(a["runtime"], "tokio", "{a:#}");
+        // Spinning for the 2 s threshold at least, measured from its first sighting.
+        assert!(a["oldest_seconds"].as_f64().unwrap() >= 2.0, "{a:#}");
+        assert!(a["hint"].as_str().unwrap().contains("yield_now"), "{a:#}");
+        // Still firing while it spins: no resolution before the release.
+        let early = lm.collect_for(Duration::from_secs(3));
+        assert!(
+            !early
+                .iter()
+                .any(|e| e["id"] == a["id"] && e["state"] == "resolved"),
+            "{what} resolved while still spinning: {early:#?}"
+        );
+        let id = a["id"].clone();
+        release(&mut p);
+        lm.expect(&format!("{what} resolved"), |e| resolved(e, &id));
+    }
+}
+
 /// Keep-alive HTTP/1.1 GETs from `threads` threads until `until`; returns the responses.
 fn load(port: u16, threads: usize, until: Instant) -> u64 {
     use std::io::{Read as _, Write as _};
@@ -278,6 +361,7 @@ fn load(port: u16, threads: usize, until: Instant) -> u64 {
 #[test]
 fn healthy_services_are_silent_under_load_and_at_rest() {
     require_root();
+    let _heavy = heavy();
     let versions = tokio_versions();
     let http = tokio_fixture("tokio-http", "own", TokioBuild::Release);
     let mut server = std::process::Command::new(&http)
@@ -323,6 +407,8 @@ fn healthy_services_are_silent_under_load_and_at_rest() {
     for a in [
         "--poll-block-threshold",
         "100ms",
+        "--spin-threshold",
+        "2s",
         "--block-threshold",
         "3s",
         "--leak-window",

@@ -38,6 +38,9 @@ pub enum AlertKind {
     TaskLostWaker,
     /// A tokio poll that has been blocking its worker thread past the poll threshold.
     TaskBlocking,
+    /// A tokio task polled over and over past the spin threshold, never waiting, its future
+    /// unchanged.
+    TaskSpinning,
 }
 
 impl AlertKind {
@@ -53,6 +56,7 @@ impl AlertKind {
             Self::TaskLeak => "task_leak",
             Self::TaskLostWaker => "task_lost_waker",
             Self::TaskBlocking => "task_blocking",
+            Self::TaskSpinning => "task_spinning",
         }
     }
 
@@ -60,7 +64,9 @@ impl AlertKind {
     pub fn members(self) -> &'static str {
         match self {
             Self::GoroutineLeak | Self::GoroutineStuck | Self::GoroutineSpinning => "goroutines",
-            Self::TaskLeak | Self::TaskLostWaker | Self::TaskBlocking => "tasks",
+            Self::TaskLeak | Self::TaskLostWaker | Self::TaskBlocking | Self::TaskSpinning => {
+                "tasks"
+            }
             Self::ThreadDeadlock | Self::ThreadStuck | Self::ThreadLeak | Self::ProcessHung => {
                 "threads"
             }
@@ -167,9 +173,12 @@ impl Detector {
         let running = running_groups(
             &snapshot.goroutines,
             now,
-            ns(policy.running_threshold(&t)),
+            |runs| {
+                policy
+                    .running(&t, runs)
+                    .map(|(kind, after)| (kind, ns(after)))
+            },
             ns(t.scan_interval).max(1_000_000_000) * 2,
-            policy.running_min_runs(),
         );
 
         // Every group with history gets a sample, 0 when it emptied, so growth and release
@@ -272,12 +281,12 @@ impl Detector {
                 },
             ));
         }
-        for (key, members) in &running {
+        for (key, (kind, members)) in &running {
             if !policy.is_runtime_task(&key.entry) {
                 holds.push((
                     key.clone(),
                     Alert {
-                        kind: policy.kind(Finding::Running),
+                        kind: *kind,
                         group: key.clone(),
                         count: members.count,
                         oldest_seconds: now.saturating_sub(members.oldest_since_ns) as f64 / 1e9,
@@ -654,8 +663,20 @@ mod tests {
                 runs: 1,
                 last_run_ns: 30 * S,
             },
-            ..poll
+            ..poll.clone()
         };
         assert!(d.observe(4, &tokio(30, vec![short])).is_empty());
+        // Polled over and over: a spin, judged against the spin threshold (3 s here).
+        let spin = |since: u64| Observation {
+            state: TaskState::Running {
+                since_ns: since * S,
+                runs: 50_000,
+                last_run_ns: 30 * S,
+            },
+            ..poll.clone()
+        };
+        assert!(d.observe(5, &tokio(30, vec![spin(28)])).is_empty());
+        let spinning = d.observe(6, &tokio(30, vec![spin(26)]));
+        assert_eq!(spinning[0].alert.kind, AlertKind::TaskSpinning);
     }
 }

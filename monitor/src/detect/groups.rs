@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use serde::Serialize;
 
-use super::{Observation, TaskState};
+use super::{AlertKind, Observation, TaskState};
 
 /// A source location: function, file and line.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -118,16 +118,15 @@ pub fn blocked_groups(
     groups
 }
 
-/// Goroutines that have run without parking for at least `min_age_ns` and were on a CPU within
-/// `recent_ns`, grouped.
+/// Tasks that have run without parking past what `judge` (given how many times each was put
+/// on a CPU) says, and were on a CPU within `recent_ns`, grouped, with the kind `judge` gave.
 pub fn running_groups(
     goroutines: &[Observation],
     now_ns: u64,
-    min_age_ns: u64,
+    judge: impl Fn(u32) -> Option<(AlertKind, u64)>,
     recent_ns: u64,
-    min_runs: u32,
-) -> BTreeMap<GroupKey, Members> {
-    let mut groups: BTreeMap<GroupKey, Members> = BTreeMap::new();
+) -> BTreeMap<GroupKey, (AlertKind, Members)> {
+    let mut groups: BTreeMap<GroupKey, (AlertKind, Members)> = BTreeMap::new();
     for g in goroutines {
         let TaskState::Running {
             since_ns,
@@ -137,12 +136,12 @@ pub fn running_groups(
         else {
             continue;
         };
-        // One run is a goroutine sitting in a long system call; rescheduling after
-        // preemption is what a loop that never blocks looks like.
-        let spinning = runs >= min_runs
-            && now_ns.saturating_sub(since_ns) >= min_age_ns
-            && now_ns.saturating_sub(last_run_ns) <= recent_ns;
-        if !spinning {
+        let Some((kind, min_age_ns)) = judge(runs) else {
+            continue;
+        };
+        if now_ns.saturating_sub(since_ns) < min_age_ns
+            || now_ns.saturating_sub(last_run_ns) > recent_ns
+        {
             continue;
         }
         let key = GroupKey {
@@ -151,7 +150,11 @@ pub fn running_groups(
             blocked_at: g.thread.as_ref().and_then(|t| t.blocked_at.clone()),
             wait_reason: None,
         };
-        let m = groups.entry(key).or_default();
+        // A key holds one kind: the first member's (a poll blocking and a spin at one place
+        // at once are one group).
+        let (_, m) = groups
+            .entry(key)
+            .or_insert_with(|| (kind, Members::default()));
         add(m, since_ns);
         if m.stack.is_none() {
             m.stack.clone_from(&g.stack);

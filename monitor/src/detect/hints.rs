@@ -42,6 +42,13 @@ pub fn hint(kind: AlertKind, wait_reason: Option<&str>) -> &'static str {
              computations) to tokio::task::spawn_blocking, or use tokio::time::sleep and \
              tokio::sync::Mutex"
         }
+        (AlertKind::TaskSpinning, _) => {
+            "a task is polled over and over without waiting or changing: it yields (yield_now) \
+             or wakes itself (cx.waker().wake_by_ref()) while polling a condition that does not \
+             come, burning its worker; await what it waits for instead (a Notify, a channel, a \
+             watch), or back off with tokio::time::sleep or interval; give the loop an exit \
+             (a CancellationToken)"
+        }
         (AlertKind::GoroutineSpinning, _) => {
             "a loop never blocks or exits: give it an exit condition (check ctx.Done() or a quit \
              channel each iteration) and wait on a channel, sync.Cond or time.Ticker instead of \

@@ -13,8 +13,6 @@ pub enum Finding {
     Leak,
     /// Members waiting past the threshold on what is not an idle wait.
     Stuck,
-    /// Members running past the running threshold.
-    Running,
 }
 
 pub trait Policy: Send + Sync + std::fmt::Debug {
@@ -36,9 +34,8 @@ pub trait Policy: Send + Sync + std::fmt::Debug {
     fn never_woken(&self, reason: &str) -> Option<&'static str>;
     /// The alert kind of a finding.
     fn kind(&self, finding: Finding) -> AlertKind;
-    /// How long a member runs before it is a finding.
-    fn running_threshold(&self, t: &Thresholds) -> Duration;
-    /// Times a member must have been put on a CPU while running to count (a goroutine run
-    /// once is in a long system call; a poll is one run).
-    fn running_min_runs(&self) -> u32;
+    /// What a member running without waiting becomes, and past how long, by how many times it
+    /// was put on a CPU (or polled) meanwhile: a goroutine run once sits in a system call, a
+    /// tokio poll that ran once blocks its worker, many runs are a loop. None: not a finding.
+    fn running(&self, t: &Thresholds, runs: u32) -> Option<(AlertKind, Duration)>;
 }

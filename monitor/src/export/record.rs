@@ -53,6 +53,7 @@ pub fn event_name(kind: AlertKind) -> &'static str {
         AlertKind::TaskLeak => "leakmon.task_leak",
         AlertKind::TaskLostWaker => "leakmon.task_lost_waker",
         AlertKind::TaskBlocking => "leakmon.task_blocking",
+        AlertKind::TaskSpinning => "leakmon.task_spinning",
     }
 }
 

@@ -50,16 +50,12 @@ impl Policy for GoPolicy {
         match finding {
             Finding::Leak => AlertKind::GoroutineLeak,
             Finding::Stuck => AlertKind::GoroutineStuck,
-            Finding::Running => AlertKind::GoroutineSpinning,
         }
     }
 
-    fn running_threshold(&self, t: &Thresholds) -> Duration {
-        t.spin
-    }
-
-    fn running_min_runs(&self) -> u32 {
-        2
+    /// Rescheduled after preemption: a loop that never parks. Run once: a long system call.
+    fn running(&self, t: &Thresholds, runs: u32) -> Option<(AlertKind, Duration)> {
+        (runs >= 2).then_some((AlertKind::GoroutineSpinning, t.spin))
     }
 }
 

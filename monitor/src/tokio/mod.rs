@@ -1,13 +1,14 @@
 //! tokio: the tasks of unmodified Rust programs on tokio 1.35 and later, from outside. Each scan
 //! walks every runtime's task list from the process's memory (no probe, no pause) and turns
 //! the tasks into observations: idle tasks parked since their future last changed, tasks with
-//! no waker left, and polls that block their worker thread.
+//! no waker left, polls that block their worker thread, and tasks that spin.
 
 mod binary;
 mod code;
 mod layout;
 mod policy;
 mod polls;
+mod spins;
 mod walk;
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
@@ -80,6 +81,10 @@ pub(crate) struct TokioTarget {
     /// Idle tasks by id: what their future looked like, and since when.
     idle: HashMap<u64, Idle>,
     polls: polls::Polls,
+    /// Tasks seen spinning at every scan since: from when, and their future at rest.
+    spins: HashMap<u64, Spin>,
+    spin_turn: usize,
+    thread_clock: spins::ThreadClock,
     symbolizer: Symbolizer,
     /// Whether a scan that raced with the program, or a list over the limit, was said.
     raced_said: bool,
@@ -91,6 +96,28 @@ struct Idle {
     lost: bool,
     since_ns: u64,
 }
+
+#[derive(Clone, Copy)]
+struct Spin {
+    since_ns: u64,
+    rest: u64,
+    poll_rate: f64,
+    /// When a scan last saw it spin, and scans since that did not.
+    seen_ns: u64,
+    unseen: u32,
+    /// Scans since, and of those, scans when a thread of the process never slept.
+    scans: u32,
+    sleepless: u32,
+    /// Seen waking itself: reported from then on.
+    confirmed: bool,
+}
+
+/// Scans a spin needs before it is judged to wake itself.
+const SPIN_MIN_SCANS: u32 = 4;
+
+/// A spinning task not seen spinning for this many scans and this long is taken as stopped.
+const SPIN_UNSEEN_SCANS: u32 = 3;
+const SPIN_UNSEEN_NS: u64 = 30_000_000_000;
 
 impl TokioTarget {
     /// Inspects `pid`, which runs `binary`: its task vtables, named from their poll
@@ -149,6 +176,9 @@ impl TokioTarget {
             retry_ns: RETRY_MIN_NS,
             idle: HashMap::new(),
             polls: polls::Polls::default(),
+            spins: HashMap::new(),
+            spin_turn: 0,
+            thread_clock: spins::ThreadClock::default(),
             symbolizer,
             raced_said: false,
             capped_said: false,
@@ -224,11 +254,20 @@ impl TokioTarget {
             now_ns,
             poll_block_ns,
         );
+        self.sample_spins(now_ns, &tasks, &blocking);
         for t in &tasks {
             let Some(entry) = self.names.get(&t.header.vtable) else {
                 continue;
             };
-            let state = if t.header.is_idle() {
+            // A spinner is idle between its polls: the walk may have caught it there.
+            let state = if let Some(s) = self.spins.get(&t.id).filter(|s| s.confirmed) {
+                // Polls seen, at least two: many polls without a wait is a spin.
+                TaskState::Running {
+                    since_ns: s.since_ns,
+                    runs: (s.poll_rate as u32).max(2),
+                    last_run_ns: now_ns,
+                }
+            } else if t.header.is_idle() {
                 let lost = t.header.waker_lost();
                 let since_ns = match self.idle.get(&t.id) {
                     Some(s) if s.signature == t.signature && s.lost == lost => s.since_ns,
@@ -276,6 +315,122 @@ impl TokioTarget {
         }
         self.idle = idle;
         Some(out)
+    }
+
+    /// Samples the tasks scheduled now (polled, or queued to be) and those spinning at the last
+    /// scan: a task stays spinning from scan to scan while every sample says so with the same
+    /// future at rest.
+    fn sample_spins(
+        &mut self,
+        now_ns: u64,
+        tasks: &[TaskRec],
+        blocking: &HashMap<u64, polls::Blocking>,
+    ) {
+        let scheduled = |t: &&TaskRec| {
+            t.header.state & (layout::RUNNING | layout::NOTIFIED) != 0
+                && t.header.state & layout::COMPLETE == 0
+                && !blocking.contains_key(&t.id)
+        };
+        let mut picked: Vec<&TaskRec> = tasks
+            .iter()
+            .filter(|t| self.spins.contains_key(&t.id) && !blocking.contains_key(&t.id))
+            .collect();
+        // More scheduled tasks than a burst samples (a busy service): a different slice of
+        // them each scan.
+        let mut others: Vec<&TaskRec> = tasks
+            .iter()
+            .filter(|t| !self.spins.contains_key(&t.id))
+            .filter(scheduled)
+            .collect();
+        if !others.is_empty() {
+            self.spin_turn = self.spin_turn.wrapping_add(spins::MAX_TASKS);
+            let turn = self.spin_turn % others.len();
+            others.rotate_left(turn);
+        }
+        picked.extend(others);
+        picked.truncate(spins::MAX_TASKS);
+        let (picked, wanted): (Vec<&TaskRec>, Vec<spins::Task>) = picked
+            .into_iter()
+            .filter_map(|t| {
+                let v = self.vtables.get(&t.header.vtable)?;
+                let future_at = v.id + 8;
+                Some((
+                    t,
+                    spins::Task {
+                        addr: t.addr,
+                        future_at: t.addr + future_at,
+                        future_len: usize::try_from(v.trailer.saturating_sub(future_at))
+                            .unwrap_or(0),
+                    },
+                ))
+            })
+            .unzip();
+        let sampled = spins::sample(&self.mem, &wanted);
+        let never_sleeps = !picked.is_empty() && self.thread_clock.one_never_sleeps(self.pid);
+        let mut spins = HashMap::new();
+        for (t, s) in picked.iter().zip(sampled) {
+            let verdict = s.verdict();
+            log::debug!(
+                "PID {}: task {} sampled: {s:?}: {verdict:?} (a thread never sleeps: {never_sleeps})",
+                self.pid,
+                t.id
+            );
+            let old = self.spins.get(&t.id);
+            let mut spin = match (verdict, old) {
+                (spins::Verdict::Spins(rest), Some(o)) if o.rest == rest => Spin {
+                    poll_rate: s.change_rate,
+                    seen_ns: now_ns,
+                    unseen: 0,
+                    ..*o
+                },
+                (spins::Verdict::Spins(rest), _) => Spin {
+                    since_ns: now_ns,
+                    seen_ns: now_ns,
+                    rest,
+                    poll_rate: s.change_rate,
+                    unseen: 0,
+                    scans: 0,
+                    sleepless: 0,
+                    confirmed: false,
+                },
+                // A burst that did not see it spin (its worker off the CPU, or it now waits)
+                // does not start a spin, and ends one only when several in a row over a while
+                // say so: on a busy machine a spinner's thread is off the CPU for seconds.
+                (spins::Verdict::Unknown, Some(o))
+                    if s.rest.is_none_or(|r| r == o.rest)
+                        && (o.unseen < SPIN_UNSEEN_SCANS
+                            || now_ns.saturating_sub(o.seen_ns) < SPIN_UNSEEN_NS) =>
+                {
+                    Spin {
+                        unseen: o.unseen + 1,
+                        ..*o
+                    }
+                }
+                _ => continue,
+            };
+            // Polled over and over with its future unchanged is what a busy consumer looks
+            // like too (fed by another thread as fast as it drains, each poll ending on tokio's
+            // budget): what makes a spin is that the task wakes itself, and so its worker never
+            // sleeps, where a worker fed by another thread parks thousands of times a second
+            // (and a task's state cannot tell: a feeder wakes a busy consumer while in its
+            // poll as often as a self-waking task is seen woken there). Over most of the scans
+            // since it was first seen spinning: a busy process can go one without sleeping.
+            spin.scans += 1;
+            spin.sleepless += u32::from(never_sleeps);
+            let was = spin.confirmed;
+            spin.confirmed |= spin.scans >= SPIN_MIN_SCANS && spin.sleepless * 4 >= spin.scans * 3;
+            if spin.confirmed && !was {
+                log::debug!(
+                    "PID {}: task {} spins: {} of {} scans with no busy thread sleeping",
+                    self.pid,
+                    t.id,
+                    spin.sleepless,
+                    spin.scans,
+                );
+            }
+            spins.insert(t.id, spin);
+        }
+        self.spins = spins;
     }
 
     /// Searches anonymous memory for a live task, and from it the runtimes.

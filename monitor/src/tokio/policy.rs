@@ -1,6 +1,7 @@
 //! How tokio tasks are judged: an idle task (waiting for a wake) is fine however long, a leak
 //! when its group only grows; a task with no waker left can never run again; a poll that
-//! blocks its worker past the poll threshold stalls every task queued behind it.
+//! blocks its worker past the poll threshold stalls every task queued behind it; one polled
+//! over and over with no wait and no change burns its worker.
 
 use std::time::Duration;
 
@@ -39,15 +40,16 @@ impl Policy for TokioPolicy {
         match finding {
             Finding::Leak => AlertKind::TaskLeak,
             Finding::Stuck => AlertKind::TaskLostWaker,
-            Finding::Running => AlertKind::TaskBlocking,
         }
     }
 
-    fn running_threshold(&self, t: &Thresholds) -> Duration {
-        t.poll_block
-    }
-
-    fn running_min_runs(&self) -> u32 {
-        1
+    /// One poll that has not returned blocks its worker; polls over and over without a wait
+    /// between are a spin.
+    fn running(&self, t: &Thresholds, runs: u32) -> Option<(AlertKind, Duration)> {
+        match runs {
+            0 => None,
+            1 => Some((AlertKind::TaskBlocking, t.poll_block)),
+            _ => Some((AlertKind::TaskSpinning, t.spin)),
+        }
     }
 }
