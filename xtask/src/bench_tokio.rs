@@ -39,11 +39,15 @@ pub(crate) fn build(ws: &Workspace, name: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(dir.join("src"))?;
     std::fs::copy(src.join("Cargo.toml"), dir.join("Cargo.toml"))?;
     std::fs::copy(src.join("src/main.rs"), dir.join("src/main.rs"))?;
+    if src.join("src/lib.rs").exists() {
+        std::fs::copy(src.join("src/lib.rs"), dir.join("src/lib.rs"))?;
+    }
     std::fs::copy(&lock, dir.join("Cargo.lock"))?;
     output(
         Command::new("cargo")
             .args([
                 "build",
+                "--bins",
                 "--release",
                 "--offline",
                 "--locked",

@@ -148,6 +148,9 @@ fn tokio_fixture_crates(ws: &Workspace, tools: &Tools) -> Result<()> {
         fs::create_dir_all(scratch.join("src"))?;
         fs::copy(project.join("Cargo.toml"), scratch.join("Cargo.toml"))?;
         fs::copy(project.join("src/main.rs"), scratch.join("src/main.rs"))?;
+        if project.join("src/lib.rs").exists() {
+            fs::copy(project.join("src/lib.rs"), scratch.join("src/lib.rs"))?;
+        }
         fs::copy(&lock, scratch.join("Cargo.lock"))?;
         eprintln!("xtask: fetching the crates of the tokio fixture {name}");
         run(Command::new("cargo")

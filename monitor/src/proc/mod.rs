@@ -150,6 +150,12 @@ pub fn load_bias(pid: u32, lowest_vaddr: u64) -> Result<u64, ProcError> {
     let inode = std::fs::metadata(format!("/proc/{pid}/exe"))
         .map_err(|e| proc_err(pid, "exe", e))?
         .ino();
+    load_bias_of(pid, inode, lowest_vaddr)
+}
+
+/// Where the file of inode `inode` (the executable or a library) is loaded in `pid`, given
+/// its lowest PT_LOAD address.
+pub fn load_bias_of(pid: u32, inode: u64, lowest_vaddr: u64) -> Result<u64, ProcError> {
     let maps = maps::read(pid).map_err(|e| proc_err(pid, "maps", e))?;
     if let Some(m) = maps.iter().find(|m| m.file.1 == inode && m.offset == 0) {
         return Ok(m.start.wrapping_sub(lowest_vaddr & !0xfff));
@@ -158,6 +164,13 @@ pub fn load_bias(pid: u32, lowest_vaddr: u64) -> Result<u64, ProcError> {
         pid,
         exe: exe_path(pid)?.display().to_string(),
     })
+}
+
+/// A shared library a process maps: its path as /proc/PID/maps names it, and its inode.
+#[derive(Clone, Debug)]
+pub struct Library {
+    pub path: PathBuf,
+    pub ino: u64,
 }
 
 /// Identity of an executable file (device, inode, mtime), not its path: a redeploy replaces

@@ -66,6 +66,8 @@ pub(crate) struct TokioTarget {
     pub start_time: u64,
     pub exe: PathBuf,
     pub binary: Arc<TokioBinary>,
+    /// The shared library tokio is in, when not the executable.
+    pub library: Option<proc::Library>,
     pub container: Container,
     key: proc::BinaryKey,
     mem: ProcMem,
@@ -105,11 +107,23 @@ struct Spin {
     /// When a scan last saw it spin, and scans since that did not.
     seen_ns: u64,
     unseen: u32,
-    /// Scans since, and of those, scans when a thread of the process never slept.
+    /// Scans that saw it spin, and of those, scans when the busy threads of the process
+    /// never slept.
     scans: u32,
     sleepless: u32,
-    /// Seen waking itself: reported from then on.
-    confirmed: bool,
+}
+
+impl Spin {
+    /// Polled over and over with its future unchanged is what a busy consumer looks like
+    /// too (fed by another thread as fast as it drains, each poll ending on tokio's budget):
+    /// what makes a spin is that the task wakes itself, and so its worker never sleeps, where
+    /// a worker fed by another thread parks thousands of times a second (and a task's state
+    /// cannot tell: a feeder wakes a busy consumer inside its poll as often as a self-waking
+    /// task is seen woken there). Judged over the scans that saw it spin, at least four, in
+    /// three quarters of them: a feeder can go one scan without sleeping.
+    fn wakes_itself(&self) -> bool {
+        self.scans >= SPIN_MIN_SCANS && self.sleepless * 4 >= self.scans * 3
+    }
 }
 
 /// Scans a spin needs before it is judged to wake itself.
@@ -120,17 +134,21 @@ const SPIN_UNSEEN_SCANS: u32 = 3;
 const SPIN_UNSEEN_NS: u64 = 30_000_000_000;
 
 impl TokioTarget {
-    /// Inspects `pid`, which runs `binary`: its task vtables, named from their poll
-    /// functions. Reads what the target controls: runs on a worker.
+    /// Inspects `pid`, which runs `binary` (its executable, or `library`): its task vtables,
+    /// named from their poll functions. Reads what the target controls: runs on a worker.
     pub(crate) fn inspect(
         pid: u32,
         key: proc::BinaryKey,
         binary: Arc<TokioBinary>,
         symbolizer: Symbolizer,
+        library: Option<proc::Library>,
     ) -> Result<Self, TokioError> {
         let exe = proc::exe_path(pid)?;
         let (_, start_time) = proc::stat(pid)?;
-        let bias = proc::load_bias(pid, binary.lowest_vaddr)?;
+        let bias = match &library {
+            None => proc::load_bias(pid, binary.lowest_vaddr)?,
+            Some(l) => proc::load_bias_of(pid, l.ino, binary.lowest_vaddr)?,
+        };
         let mem = ProcMem::open(pid)?;
         let (start, end) = binary.data_rel_ro;
         let mut bytes = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
@@ -155,16 +173,22 @@ impl TokioTarget {
             .into_iter()
             .map(|v| (v.addr, v))
             .collect();
+        let module = library.as_ref().map_or(exe.as_path(), |l| l.path.as_path());
         if vtables.is_empty() {
-            log::info!("PID {pid} ({}): {}", exe.display(), TokioError::NoRuntime);
+            log::info!(
+                "PID {pid} ({}): {}",
+                module.display(),
+                TokioError::NoRuntime
+            );
             return Err(TokioError::NoRuntime);
         }
-        let names = name_futures(pid, &mem, &symbolizer, &vtables, bias, &binary, &exe);
+        let names = name_futures(pid, &mem, &symbolizer, &vtables, bias, &binary, module);
         Ok(Self {
             pid,
             start_time,
             exe,
             binary,
+            library,
             container: proc::container_of(pid),
             key,
             mem,
@@ -260,7 +284,7 @@ impl TokioTarget {
                 continue;
             };
             // A spinner is idle between its polls: the walk may have caught it there.
-            let state = if let Some(s) = self.spins.get(&t.id).filter(|s| s.confirmed) {
+            let state = if let Some(s) = self.spins.get(&t.id).filter(|s| s.wakes_itself()) {
                 // Polls seen, at least two: many polls without a wait is a spin.
                 TaskState::Running {
                     since_ns: s.since_ns,
@@ -326,21 +350,30 @@ impl TokioTarget {
         tasks: &[TaskRec],
         blocking: &HashMap<u64, polls::Blocking>,
     ) {
-        let scheduled = |t: &&TaskRec| {
-            t.header.state & (layout::RUNNING | layout::NOTIFIED) != 0
-                && t.header.state & layout::COMPLETE == 0
-                && !blocking.contains_key(&t.id)
-        };
-        let mut picked: Vec<&TaskRec> = tasks
+        let live: HashMap<u64, &TaskRec> = tasks
             .iter()
-            .filter(|t| self.spins.contains_key(&t.id) && !blocking.contains_key(&t.id))
+            .filter(|t| !blocking.contains_key(&t.id))
+            .map(|t| (t.id, t))
+            .collect();
+        // Suspects go on (whatever this scan sees of them) while they live.
+        let mut spins: HashMap<u64, Spin> = std::mem::take(&mut self.spins)
+            .into_iter()
+            .filter(|(id, _)| live.contains_key(id))
+            .collect();
+        let mut picked: Vec<&TaskRec> = spins
+            .keys()
+            .filter_map(|id| live.get(id).copied())
             .collect();
         // More scheduled tasks than a burst samples (a busy service): a different slice of
-        // them each scan.
+        // them each scan. Suspects beyond a burst's worth are carried over as they are.
         let mut others: Vec<&TaskRec> = tasks
             .iter()
-            .filter(|t| !self.spins.contains_key(&t.id))
-            .filter(scheduled)
+            .filter(|t| {
+                t.header.state & (layout::RUNNING | layout::NOTIFIED) != 0
+                    && t.header.state & layout::COMPLETE == 0
+                    && live.contains_key(&t.id)
+                    && !spins.contains_key(&t.id)
+            })
             .collect();
         if !others.is_empty() {
             self.spin_turn = self.spin_turn.wrapping_add(spins::MAX_TASKS);
@@ -349,6 +382,10 @@ impl TokioTarget {
         }
         picked.extend(others);
         picked.truncate(spins::MAX_TASKS);
+        if picked.is_empty() || !spins::take_budget() {
+            self.spins = spins;
+            return;
+        }
         let (picked, wanted): (Vec<&TaskRec>, Vec<spins::Task>) = picked
             .into_iter()
             .filter_map(|t| {
@@ -366,33 +403,36 @@ impl TokioTarget {
             })
             .unzip();
         let sampled = spins::sample(&self.mem, &wanted);
-        let never_sleeps = !picked.is_empty() && self.thread_clock.one_never_sleeps(self.pid);
-        let mut spins = HashMap::new();
+        let never_sleeps = self.thread_clock.one_never_sleeps(self.pid);
         for (t, s) in picked.iter().zip(sampled) {
             let verdict = s.verdict();
             log::debug!(
-                "PID {}: task {} sampled: {s:?}: {verdict:?} (a thread never sleeps: {never_sleeps})",
+                "PID {}: task {} sampled: {s:?}: {verdict:?} (busy threads never sleep: {never_sleeps})",
                 self.pid,
                 t.id
             );
-            let old = self.spins.get(&t.id);
-            let mut spin = match (verdict, old) {
-                (spins::Verdict::Spins(rest), Some(o)) if o.rest == rest => Spin {
-                    poll_rate: s.change_rate,
-                    seen_ns: now_ns,
-                    unseen: 0,
-                    ..*o
-                },
-                (spins::Verdict::Spins(rest), _) => Spin {
-                    since_ns: now_ns,
-                    seen_ns: now_ns,
-                    rest,
-                    poll_rate: s.change_rate,
-                    unseen: 0,
-                    scans: 0,
-                    sleepless: 0,
-                    confirmed: false,
-                },
+            let old = spins.remove(&t.id);
+            let spin = match (verdict, old) {
+                (spins::Verdict::Spins(rest), old) => {
+                    let mut spin = match old {
+                        Some(o) if o.rest == rest => o,
+                        _ => Spin {
+                            since_ns: now_ns,
+                            rest,
+                            poll_rate: 0.0,
+                            seen_ns: now_ns,
+                            unseen: 0,
+                            scans: 0,
+                            sleepless: 0,
+                        },
+                    };
+                    spin.poll_rate = s.change_rate;
+                    spin.seen_ns = now_ns;
+                    spin.unseen = 0;
+                    spin.scans += 1;
+                    spin.sleepless += u32::from(never_sleeps);
+                    spin
+                }
                 // A burst that did not see it spin (its worker off the CPU, or it now waits)
                 // does not start a spin, and ends one only when several in a row over a while
                 // say so: on a busy machine a spinner's thread is off the CPU for seconds.
@@ -403,31 +443,11 @@ impl TokioTarget {
                 {
                     Spin {
                         unseen: o.unseen + 1,
-                        ..*o
+                        ..o
                     }
                 }
                 _ => continue,
             };
-            // Polled over and over with its future unchanged is what a busy consumer looks
-            // like too (fed by another thread as fast as it drains, each poll ending on tokio's
-            // budget): what makes a spin is that the task wakes itself, and so its worker never
-            // sleeps, where a worker fed by another thread parks thousands of times a second
-            // (and a task's state cannot tell: a feeder wakes a busy consumer while in its
-            // poll as often as a self-waking task is seen woken there). Over most of the scans
-            // since it was first seen spinning: a busy process can go one without sleeping.
-            spin.scans += 1;
-            spin.sleepless += u32::from(never_sleeps);
-            let was = spin.confirmed;
-            spin.confirmed |= spin.scans >= SPIN_MIN_SCANS && spin.sleepless * 4 >= spin.scans * 3;
-            if spin.confirmed && !was {
-                log::debug!(
-                    "PID {}: task {} spins: {} of {} scans with no busy thread sleeping",
-                    self.pid,
-                    t.id,
-                    spin.sleepless,
-                    spin.scans,
-                );
-            }
             spins.insert(t.id, spin);
         }
         self.spins = spins;

@@ -18,6 +18,29 @@ const BURST: Duration = Duration::from_millis(10);
 /// Tasks sampled per scan, at most (those already suspected first): each sample reads them
 /// all, and a slower round blurs the idle stretches.
 pub(crate) const MAX_TASKS: usize = 16;
+/// Sampling time all processes together may spend per second: a host with many busy tokio
+/// services costs at most this much CPU for it (5% of a core); a process whose turn finds it
+/// spent is sampled at a later scan.
+const BUDGET_PER_SEC: Duration = Duration::from_millis(50);
+
+/// Takes one burst's time from the budget of the current second, if it has that much left.
+pub(crate) fn take_budget() -> bool {
+    static USED: std::sync::Mutex<Option<(Instant, Duration)>> = std::sync::Mutex::new(None);
+    let mut used = USED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let now = Instant::now();
+    let (since, spent) = match *used {
+        Some((since, spent)) if now - since < Duration::from_secs(1) => (since, spent),
+        _ => (now, Duration::ZERO),
+    };
+    if spent + BURST > BUDGET_PER_SEC {
+        *used = Some((since, spent));
+        return false;
+    }
+    *used = Some((since, spent + BURST));
+    true
+}
 /// Changes of state (polled, queued, idle) a second a spinner is seen making, at least.
 /// Samples see a fraction of them: a `yield_now` loop goes round hundreds of thousands of
 /// times a second, and 40,000 to 120,000 changes a second were seen here; a hyper connection
@@ -136,6 +159,8 @@ pub(crate) struct Sampled {
     pub idle_stretch: Duration,
     /// The future's bytes at rest (hashed), when most reads at rest agree.
     pub rest: Option<u64>,
+    /// Reads of the future at rest (not in a poll).
+    pub rests: usize,
 }
 
 /// What one scan's samples say of a task.
@@ -154,7 +179,13 @@ pub(crate) enum Verdict {
 impl Sampled {
     pub(crate) fn verdict(&self) -> Verdict {
         let Some(rest) = self.rest else {
-            return Verdict::Progress;
+            // Too few reads at rest to say (its worker off the CPU in mid-poll), or reads that
+            // disagree: the future changes.
+            return if self.rests < MIN_RESTS {
+                Verdict::Unknown
+            } else {
+                Verdict::Progress
+            };
         };
         if self.change_rate >= MIN_CHANGE_RATE && self.idle_stretch <= MAX_IDLE_STRETCH {
             Verdict::Spins(rest)
@@ -213,6 +244,7 @@ impl Tally {
                 .copied()
                 .unwrap_or_default(),
             rest: most_common(&self.rests),
+            rests: self.rests.len(),
         }
     }
 }
@@ -276,7 +308,8 @@ pub(crate) fn sample(mem: &ProcMem, tasks: &[Task]) -> Vec<Sampled> {
     tallies.into_iter().map(|t| t.finish(secs, end)).collect()
 }
 
-/// The hash most reads at rest agree on, when enough were taken and at least half agree.
+/// The hash most reads at rest agree on, when enough were taken and `MIN_SAME_SHARE` of them
+/// agree.
 fn most_common(rests: &[u64]) -> Option<u64> {
     if rests.len() < MIN_RESTS {
         return None;
@@ -336,6 +369,7 @@ mod tests {
             idle_share: 0.3,
             idle_stretch: Duration::from_micros(1),
             rest: Some(1),
+            rests: 100,
         };
         assert_eq!(spinner.verdict(), Verdict::Spins(1));
         // A future that changes, a task that waits, or too little seen.

@@ -15,7 +15,7 @@ use std::{
     io::Write,
     os::fd::OwnedFd,
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use monitor_ebpf::{PROC_EVENT_EXEC, ProcEvent};
@@ -55,13 +55,15 @@ pub enum WatchError {
     #[error(
         "PID {pid} did not answer within {timeout:?} (its executable or memory blocks: a hung mount?)"
     )]
-    Unresponsive {
-        pid: u32,
-        timeout: std::time::Duration,
-    },
+    Unresponsive { pid: u32, timeout: Duration },
     #[error(transparent)]
     Export(#[from] crate::export::ExportError),
 }
+
+/// How often `leakmon run` looks again at processes that ran no runtime.
+const RECHECK_PLAIN: Duration = Duration::from_secs(300);
+/// Processes looked at again per scan, at most.
+const RECHECK_PER_SCAN: usize = 64;
 
 /// What one scan of a process brings back, with when it was taken.
 type TaskScan = (u64, Scanned);
@@ -106,10 +108,15 @@ impl Inspector {
                 self.probe_parks,
                 Arc::clone(&self.reach),
             )?))),
-            Some(Program::Tokio(binary)) => {
-                TokioTarget::inspect(pid, key, binary, self.symbolizer.clone())
+            Some(Program::Tokio(binary, library)) => {
+                let named = library.as_ref().map_or(exe, |l| l.path.clone());
+                TokioTarget::inspect(pid, key, binary, self.symbolizer.clone(), library)
                     .map(|t| Inspected::Tokio(Box::new(t)))
-                    .map_err(|source| TargetError::Tokio { pid, exe, source })
+                    .map_err(|source| TargetError::Tokio {
+                        pid,
+                        exe: named,
+                        source,
+                    })
             }
         }
     }
@@ -135,6 +142,11 @@ struct Monitor<W: Write> {
     workers: Workers,
     /// Processes found to run no runtime leakmon knows (or not supported): PID -> start time.
     skipped: HashMap<u32, u64>,
+    /// Of those, the ones that run no runtime (not an error): looked at again now and then
+    /// (`leakmon run`), for a tokio library loaded since (Python importing a Rust extension).
+    plain: HashSet<u32>,
+    last_recheck: Instant,
+    recheck: Vec<u32>,
     /// Processes whose inspection waited too long for another: tried again at the next scan.
     retry: Vec<u32>,
     out: Output<W>,
@@ -164,7 +176,7 @@ pub async fn watch<W: Write>(pids: &[u32], settings: Settings, out: W) -> Result
                 ..
             })) if with_threads => {
                 log::info!(
-                    "PID {pid} is neither a Go nor a tokio program: watching its threads only"
+                    "PID {pid} is neither a Go nor a tokio program (nor maps a library with tokio): watching its threads only"
                 );
             }
             Err(WatchError::Target(TargetError::Proc(e @ ProcError::OnFuse { .. })))
@@ -270,6 +282,9 @@ impl<W: Write> Monitor<W> {
             symbolizer,
             workers: Workers::default(),
             skipped: HashMap::new(),
+            plain: HashSet::new(),
+            last_recheck: Instant::now(),
+            recheck: Vec::new(),
             retry: Vec::new(),
             discover: false,
             last_stats: Stats::default(),
@@ -315,8 +330,13 @@ impl<W: Write> Monitor<W> {
             }
             Inspected::Tokio(target) => {
                 let version = target.binary.version.as_deref().unwrap_or("unknown");
+                let library = target
+                    .library
+                    .as_ref()
+                    .map(|l| format!(" in {}", l.path.display()))
+                    .unwrap_or_default();
                 log::info!(
-                    "watching PID {} ({}, tokio {version}, {} task vtables{})",
+                    "watching PID {} ({}, tokio {version}{library}, {} task vtables{})",
                     target.pid,
                     target.exe.display(),
                     target.vtables(),
@@ -406,8 +426,11 @@ impl<W: Write> Monitor<W> {
                 | Err(TargetError::Tokio {
                     source: crate::tokio::TokioError::NoRuntime,
                     ..
-                })
-                | Err(TargetError::Proc(
+                }) => {
+                    self.skipped.insert(pid, start);
+                    self.plain.insert(pid);
+                }
+                Err(TargetError::Proc(
                     ProcError::NoSuchProcess { .. } | ProcError::NoExecutable { .. },
                 )) => {
                     self.skipped.insert(pid, start);
@@ -662,6 +685,22 @@ impl<W: Write> Monitor<W> {
         if self.scans.is_multiple_of(64) {
             self.skipped
                 .retain(|pid, start| proc::stat(*pid).is_ok_and(|(_, s)| s == *start));
+            let skipped = &self.skipped;
+            self.plain.retain(|pid| skipped.contains_key(pid));
+        }
+        // Programs that ran no runtime may have loaded a library with one since: looked at
+        // again (their executables are known not to be Go or tokio, and libraries already
+        // read are remembered, so this reads /proc/PID/maps and little else).
+        if self.discover && self.last_recheck.elapsed() >= RECHECK_PLAIN {
+            self.last_recheck = Instant::now();
+            self.recheck.extend(self.plain.drain());
+        }
+        // A slice per scan, so a host of thousands does not queue them all at once.
+        let n = self.recheck.len().min(RECHECK_PER_SCAN);
+        for pid in self.recheck.drain(..n).collect::<Vec<_>>() {
+            if self.skipped.remove(&pid).is_some() {
+                self.try_add(pid);
+            }
         }
         self.inspector.binaries.evict_unused();
         self.symbolizer.tick();
@@ -714,7 +753,7 @@ impl<W: Write> Monitor<W> {
     }
 
     /// Refreshes what the OTLP metrics report.
-    fn export_metrics(&self, scan: std::time::Duration) {
+    fn export_metrics(&self, scan: Duration) {
         let Some(otlp) = self.out.otlp() else {
             return;
         };

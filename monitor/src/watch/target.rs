@@ -21,7 +21,7 @@ use crate::{
         task::{self, GRecord, pick_frame},
         waits::{self, WaitClass, WaitKind, WaitObject},
     },
-    proc::{self, Container, ProcError, ProcMem},
+    proc::{self, Container, Library, ProcError, ProcMem},
     runtime::{ScanInput, Scanned, TaskSource},
     sys::workers::Gate,
     tokio::{TokioBinary, TokioError},
@@ -77,17 +77,32 @@ struct BinaryCache {
     tokio: HashMap<BinaryKey, Arc<TokioBinary>>,
     /// Neither Go nor tokio.
     not_go: HashSet<BinaryKey>,
+    /// Shared libraries, by (device, inode) as /proc/PID/maps names them: with tokio, and not.
+    tokio_libs: HashMap<(String, u64), Arc<TokioBinary>>,
+    not_tokio_libs: HashSet<(String, u64)>,
 }
 
-/// An executable of a runtime leakmon knows.
+/// An executable of a runtime leakmon knows, or a program whose tokio is in a shared library
+/// it maps (a cdylib loaded by Python, C or another runtime).
 #[derive(Clone)]
 pub(crate) enum Program {
     Go(Arc<GoBinary>),
-    Tokio(Arc<TokioBinary>),
+    Tokio(Arc<TokioBinary>, Option<Library>),
 }
 
-/// Executables remembered as not Go, at most (then the set starts again).
+/// Executables (and libraries) remembered as not Go (not tokio), at most (then the set
+/// starts again).
 const MAX_NOT_GO: usize = 16_384;
+/// Libraries of one process looked at, at most.
+const MAX_LIBRARIES: usize = 512;
+
+/// What looking through a process's libraries found.
+enum LibrarySearch {
+    Found(Program),
+    None,
+    /// Another inspection kept it waiting: tried again.
+    Busy,
+}
 
 impl Binaries {
     pub fn new(unvalidated: bool) -> Self {
@@ -104,9 +119,111 @@ impl Binaries {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The inspected executable `pid` runs, or the tokio library it maps; Ok(None) when
+    /// another inspection kept it waiting. `GoError::NotGo` when it is neither a Go nor a
+    /// tokio program and maps no tokio library.
+    pub(crate) fn open(
+        &self,
+        pid: u32,
+        key: BinaryKey,
+        exe: &Path,
+    ) -> Result<Option<Program>, TargetError> {
+        let result = self.open_exe(pid, key, exe);
+        if !matches!(
+            result,
+            Err(TargetError::Go {
+                source: GoError::NotGo,
+                ..
+            })
+        ) {
+            return result;
+        }
+        match self.tokio_library(pid, key)? {
+            LibrarySearch::Found(p) => Ok(Some(p)),
+            LibrarySearch::Busy => Ok(None),
+            LibrarySearch::None => result,
+        }
+    }
+
+    /// The first shared library `pid` maps that holds tokio. Libraries are read once per
+    /// file (through map_files, never from FUSE), and remembered either way. Keyed by device
+    /// and inode as /proc/PID/maps gives them (no stat needed): a library is replaced by a new
+    /// file, not rewritten in place (which would crash the processes that map it).
+    fn tokio_library(&self, pid: u32, exe: BinaryKey) -> Result<LibrarySearch, TargetError> {
+        let Ok(maps) = proc::maps::read(pid) else {
+            return Ok(LibrarySearch::None);
+        };
+        let fuse = proc::files::fuse_devices(pid);
+        let mut seen = HashSet::new();
+        let libraries = maps
+            .iter()
+            .filter(|m| m.exec && m.file.1 != exe.ino() && !fuse.contains(&m.file.0))
+            .filter(|m| seen.insert(m.file.clone()))
+            .take(MAX_LIBRARIES);
+        let mut entered = None;
+        for m in libraries {
+            let library = Library {
+                path: PathBuf::from(&*m.path),
+                ino: m.file.1,
+            };
+            {
+                let cache = self.lock();
+                if let Some(b) = cache.tokio_libs.get(&m.file) {
+                    return Ok(LibrarySearch::Found(Program::Tokio(
+                        Arc::clone(b),
+                        Some(library),
+                    )));
+                }
+                if cache.not_tokio_libs.contains(&m.file) {
+                    continue;
+                }
+            }
+            if entered.is_none() {
+                entered = self.gate.enter(INSPECT_WAIT);
+                if entered.is_none() {
+                    return Ok(LibrarySearch::Busy);
+                }
+            }
+            let tokio_err = |source| TargetError::Tokio {
+                pid,
+                exe: library.path.clone(),
+                source,
+            };
+            let Ok(file) = proc::files::open_mapped(pid, m.start, m.end, m.file.1) else {
+                continue;
+            };
+            match TokioBinary::read(file.file) {
+                Ok(b) => {
+                    let b = Arc::new(b);
+                    self.lock()
+                        .tokio_libs
+                        .insert(m.file.clone(), Arc::clone(&b));
+                    return Ok(LibrarySearch::Found(Program::Tokio(b, Some(library))));
+                }
+                Err(TokioError::NotTokio) => {
+                    let mut cache = self.lock();
+                    if cache.not_tokio_libs.len() >= MAX_NOT_GO {
+                        cache.not_tokio_libs.clear();
+                    }
+                    cache.not_tokio_libs.insert(m.file.clone());
+                }
+                Err(source) => {
+                    // Said once per file, and the other libraries are still looked at.
+                    log::warn!("not watching PID {pid}: {}", tokio_err(source));
+                    let mut cache = self.lock();
+                    if cache.not_tokio_libs.len() >= MAX_NOT_GO {
+                        cache.not_tokio_libs.clear();
+                    }
+                    cache.not_tokio_libs.insert(m.file.clone());
+                }
+            }
+        }
+        Ok(LibrarySearch::None)
+    }
+
     /// The inspected executable `pid` runs; Ok(None) when another inspection kept it waiting.
     /// `GoError::NotGo` when it is neither a Go nor a tokio program.
-    pub(crate) fn open(
+    fn open_exe(
         &self,
         pid: u32,
         key: BinaryKey,
@@ -123,7 +240,7 @@ impl Binaries {
                 return Some(Ok(Some(Program::Go(Arc::clone(b)))));
             }
             if let Some(b) = cache.tokio.get(&key) {
-                return Some(Ok(Some(Program::Tokio(Arc::clone(b)))));
+                return Some(Ok(Some(Program::Tokio(Arc::clone(b), None))));
             }
             cache
                 .not_go
@@ -166,7 +283,7 @@ impl Binaries {
                     Ok(b) => {
                         let b = Arc::new(b);
                         self.lock().tokio.insert(key, Arc::clone(&b));
-                        Ok(Some(Program::Tokio(b)))
+                        Ok(Some(Program::Tokio(b, None)))
                     }
                     Err(TokioError::NotTokio) => {
                         not_any(self);
@@ -189,6 +306,7 @@ impl Binaries {
         let mut cache = self.lock();
         cache.go.retain(|_, b| Arc::strong_count(b) > 1);
         cache.tokio.retain(|_, b| Arc::strong_count(b) > 1);
+        cache.tokio_libs.retain(|_, b| Arc::strong_count(b) > 1);
     }
 }
 

@@ -132,6 +132,12 @@ pub fn native_fixture(name: &str) -> PathBuf {
             .arg(src.join("hostile.c"))
             .arg("-ldl")
             .status(),
+        "dlhost" => Command::new("gcc")
+            .args(["-g", "-O1", "-o"])
+            .arg(&out)
+            .arg(src.join("dlhost.c"))
+            .arg("-ldl")
+            .status(),
         "hangfs" => Command::new("gcc")
             .args(["-O1", "-o"])
             .arg(&out)
@@ -177,6 +183,8 @@ pub enum TokioBuild {
     Release,
     Stripped,
     Lto,
+    /// tokio-tasks as a release shared library (`libtokio_tasks.so`), for `dlhost`.
+    Library,
 }
 
 /// The tokio versions the fixtures are built with: one lock file each in
@@ -228,6 +236,9 @@ pub fn tokio_fixture(name: &str, version: &str, build: TokioBuild) -> PathBuf {
     std::fs::create_dir_all(dir.join("src")).unwrap();
     std::fs::copy(src.join("Cargo.toml"), dir.join("Cargo.toml")).unwrap();
     std::fs::copy(src.join("src/main.rs"), dir.join("src/main.rs")).unwrap();
+    if src.join("src/lib.rs").exists() {
+        std::fs::copy(src.join("src/lib.rs"), dir.join("src/lib.rs")).unwrap();
+    }
     std::fs::copy(&lock, dir.join("Cargo.lock")).unwrap();
     let mut cmd = Command::new("cargo");
     cmd.args(["build", "--offline", "--locked", "--manifest-path"])
@@ -238,16 +249,41 @@ pub fn tokio_fixture(name: &str, version: &str, build: TokioBuild) -> PathBuf {
         .env_remove("RUSTFLAGS");
     let profile = match build {
         TokioBuild::Release => {
-            cmd.args(["--release", "--config", "profile.release.strip=false"]);
+            cmd.args([
+                "--bins",
+                "--release",
+                "--config",
+                "profile.release.strip=false",
+            ]);
             "release"
         }
         TokioBuild::Stripped => {
-            cmd.args(["--release", "--config", "profile.release.strip=true"]);
+            cmd.args([
+                "--bins",
+                "--release",
+                "--config",
+                "profile.release.strip=true",
+            ]);
             "release"
         }
         TokioBuild::Lto => {
-            cmd.args(["--profile", "lto", "--config", "profile.lto.strip=true"]);
+            cmd.args([
+                "--bins",
+                "--profile",
+                "lto",
+                "--config",
+                "profile.lto.strip=true",
+            ]);
             "lto"
+        }
+        TokioBuild::Library => {
+            cmd.args([
+                "--lib",
+                "--release",
+                "--config",
+                "profile.release.strip=false",
+            ]);
+            "release"
         }
     };
     let status = cmd.status().unwrap();
@@ -255,8 +291,14 @@ pub fn tokio_fixture(name: &str, version: &str, build: TokioBuild) -> PathBuf {
         status.success(),
         "building {name} with tokio {version} ({build:?}) failed (did `./x setup` fetch its crates?)"
     );
-    let out = dir.join(format!("{name}-{build:?}"));
-    std::fs::copy(dir.join(format!("target/{profile}/{name}")), &out).unwrap();
+    let (built_as, out) = match build {
+        TokioBuild::Library => (
+            format!("lib{}.so", name.replace('-', "_")),
+            dir.join(format!("lib{}.so", name.replace('-', "_"))),
+        ),
+        _ => (name.to_owned(), dir.join(format!("{name}-{build:?}"))),
+    };
+    std::fs::copy(dir.join(format!("target/{profile}/{built_as}")), &out).unwrap();
     built.insert(key, out.clone());
     out
 }
