@@ -284,19 +284,24 @@ fn spinning_tasks_are_found_in_every_build_and_resolve_when_released() {
     cases.push((oldest, TokioBuild::Stripped, "spin-wake", "current"));
     cases.push((newest, TokioBuild::Lto, "spin-yield", "current"));
     // First what must stay silent: a task fed by another thread as fast as it drains its
-    // channel is polled over and over with its future unchanged too, but is woken by the
-    // feeder, not by itself.
+    // channel (`busy`), or slower than the feeder so the channel stays full (`saturated`), is
+    // polled over and over with its future unchanged too, but is woken by the feeder, not by
+    // itself. Threads watched and a 100 ms poll threshold: its worker, always busy, is not a
+    // blocking poll either (a thread blocked beside it once was, its stack search running
+    // into the worker's stack).
     let bin = tokio_fixture("tokio-tasks", newest, TokioBuild::Release);
-    for flavor in ["multi", "current"] {
-        let mut p = start_fixture(&bin, &["busy", "--flavor", flavor]);
-        let mut lm = Leakmon::watch(&[p.pid()], &["--threads", "false"]);
-        lm.wait_stderr(&format!("PID {}: 1 tokio runtime found", p.pid()));
-        let alerts = lm.collect_for(Duration::from_secs(8));
-        assert!(
-            alerts.is_empty(),
-            "a busy consumer ({flavor}) raised alerts: {alerts:#?}"
-        );
-        release(&mut p);
+    for mode in ["busy", "saturated"] {
+        for flavor in ["multi", "current"] {
+            let mut p = start_fixture(&bin, &[mode, "--flavor", flavor]);
+            let mut lm = Leakmon::watch(&[p.pid()], &["--poll-block-threshold", "100ms"]);
+            lm.wait_stderr(&format!("PID {}: 1 tokio runtime found", p.pid()));
+            let alerts = lm.collect_for(Duration::from_secs(8));
+            assert!(
+                alerts.is_empty(),
+                "a {mode} consumer ({flavor}) raised alerts: {alerts:#?}"
+            );
+            release(&mut p);
+        }
     }
     for (v, build, mode, flavor) in cases {
         let bin = tokio_fixture("tokio-tasks", v, build);

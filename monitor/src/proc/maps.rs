@@ -49,6 +49,34 @@ pub fn read(pid: u32) -> std::io::Result<Vec<Mapping>> {
     Ok(parse_maps(&String::from_utf8_lossy(&text)))
 }
 
+/// Every mapping of `pid` (files, anonymous memory, stacks), as sorted (start, end).
+pub fn all_ranges(pid: u32) -> std::io::Result<Vec<(u64, u64)>> {
+    let text = super::files::read_proc_capped(&format!("/proc/{pid}/maps"), MAX_MAPS_BYTES)?;
+    Ok(parse_all_ranges(&String::from_utf8_lossy(&text)))
+}
+
+pub fn parse_all_ranges(text: &str) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = text
+        .lines()
+        .filter_map(|line| {
+            let (start, end) = line.split_whitespace().next()?.split_once('-')?;
+            Some((
+                u64::from_str_radix(start, 16).ok()?,
+                u64::from_str_radix(end, 16).ok()?,
+            ))
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// The end of the mapping holding `addr` in sorted `ranges`.
+pub fn end_of(ranges: &[(u64, u64)], addr: u64) -> Option<u64> {
+    let i = ranges.partition_point(|r| r.0 <= addr).checked_sub(1)?;
+    let (start, end) = ranges[i];
+    (start..end).contains(&addr).then_some(end)
+}
+
 /// `pid`'s private writable anonymous mappings (the heap, thread stacks, allocator arenas):
 /// (start, end).
 pub fn anonymous_writable(pid: u32) -> std::io::Result<Vec<(u64, u64)>> {
@@ -82,6 +110,19 @@ pub fn parse_anonymous_writable(text: &str) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mapping_holding_an_address_ends_where_maps_says() {
+        let ranges = parse_all_ranges(
+            "7f0000000000-7f0000001000 ---p 00000000 00:00 0\n\
+             7f0000001000-7f0000801000 rw-p 00000000 00:00 0\n\
+             7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]\n",
+        );
+        assert_eq!(end_of(&ranges, 0x7f0000400000), Some(0x7f0000801000));
+        assert_eq!(end_of(&ranges, 0x7ffd00000010), Some(0x7ffd00021000));
+        assert_eq!(end_of(&ranges, 0x7f0000801000), None);
+        assert_eq!(end_of(&ranges, 0x1000), None);
+    }
 
     #[test]
     fn maps_keep_file_mappings() {

@@ -196,6 +196,11 @@ fn locate(pid: u32, mem: &ProcMem, running: &[&TaskRec]) -> HashMap<u64, Seen> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return found;
     };
+    // A thread's stack ends where its mapping does: past it lies another thread's stack (whose
+    // frames may hold the running task's header), not this thread's.
+    let Ok(mappings) = crate::proc::maps::all_ranges(pid) else {
+        return found;
+    };
     let mut buf = vec![0u8; STACK_SEARCH];
     let mut read = 0;
     for entry in dir.filter_map(Result::ok).take(MAX_THREADS) {
@@ -226,8 +231,12 @@ fn locate(pid: u32, mem: &ProcMem, running: &[&TaskRec]) -> HashMap<u64, Seen> {
         let Some((sp, pc)) = crate::threads::stack::registers(&line) else {
             continue;
         };
+        let Some(stack_end) = crate::proc::maps::end_of(&mappings, sp) else {
+            continue;
+        };
         let ranges: Vec<(u64, usize)> = (0..STACK_SEARCH / PAGE)
             .map(|p| ((sp & !(PAGE as u64 - 1)) + (p * PAGE) as u64, PAGE))
+            .take_while(|(at, _)| *at < stack_end)
             .collect();
         let ok = mem.read_ranges(&ranges, &mut buf);
         read += STACK_SEARCH;
