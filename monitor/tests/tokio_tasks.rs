@@ -322,6 +322,12 @@ fn spinning_tasks_are_found_in_every_build_and_resolve_when_released() {
         }
         assert_eq!(a["count"], 1, "{a:#}");
         assert_eq!(a["runtime"], "tokio", "{a:#}");
+        // The worker it keeps busy, a thread of the fixture.
+        let tid = a["threads"][0]["tid"].as_u64().unwrap();
+        assert!(
+            std::path::Path::new(&format!("/proc/{}/task/{tid}", p.pid())).exists(),
+            "{a:#}"
+        );
         // Spinning since it was first seen spinning: past the 2 s threshold, within the time
         // the fixture has run.
         let oldest = a["oldest_seconds"].as_f64().unwrap();

@@ -21,7 +21,7 @@ use self::{
     walk::{Runtime, TaskRec},
 };
 use crate::{
-    detect::{Observation, TaskState},
+    detect::{Observation, TaskState, ThreadReport},
     proc::{self, Container, ProcError, ProcMem, maps},
     runtime::{ScanInput, Scanned, TaskSource},
     threads::symbols::Symbolizer,
@@ -99,7 +99,7 @@ struct Idle {
     since_ns: u64,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Spin {
     since_ns: u64,
     rest: u64,
@@ -111,6 +111,8 @@ struct Spin {
     /// never slept.
     scans: u32,
     sleepless: u32,
+    /// The threads found busy without sleeping, last time: its workers.
+    threads: Vec<u32>,
 }
 
 impl Spin {
@@ -322,9 +324,11 @@ impl TokioTarget {
             } else {
                 continue;
             };
-            let (stack, thread) = match blocking.get(&t.id) {
-                Some(b) => (Some(b.stack.clone()), Some(b.thread.clone())),
-                None => (None, None),
+            let spinning = self.spins.get(&t.id).filter(|s| s.wakes_itself());
+            let (stack, thread) = match (blocking.get(&t.id), spinning) {
+                (Some(b), _) => (Some(b.stack.clone()), Some(b.thread.clone())),
+                (None, Some(s)) => (None, self.spinning_thread(s, now_ns)),
+                (None, None) => (None, None),
             };
             out.push(Observation {
                 goid: t.id,
@@ -403,7 +407,8 @@ impl TokioTarget {
             })
             .unzip();
         let sampled = spins::sample(&self.mem, &wanted);
-        let never_sleeps = self.thread_clock.one_never_sleeps(self.pid);
+        let sleepless = self.thread_clock.sleepless(self.pid);
+        let never_sleeps = !sleepless.is_empty();
         for (t, s) in picked.iter().zip(sampled) {
             let verdict = s.verdict();
             log::debug!(
@@ -424,6 +429,7 @@ impl TokioTarget {
                             unseen: 0,
                             scans: 0,
                             sleepless: 0,
+                            threads: Vec::new(),
                         },
                     };
                     spin.poll_rate = s.change_rate;
@@ -431,6 +437,9 @@ impl TokioTarget {
                     spin.unseen = 0;
                     spin.scans += 1;
                     spin.sleepless += u32::from(never_sleeps);
+                    if never_sleeps {
+                        spin.threads.clone_from(&sleepless);
+                    }
                     spin
                 }
                 // A burst that did not see it spin (its worker off the CPU, or it now waits)
@@ -451,6 +460,26 @@ impl TokioTarget {
             spins.insert(t.id, spin);
         }
         self.spins = spins;
+    }
+
+    /// The worker a spinning task keeps busy (the first thread found busy without sleeping),
+    /// named, for the alert.
+    fn spinning_thread(&self, spin: &Spin, now_ns: u64) -> Option<Arc<ThreadReport>> {
+        let tid = *spin.threads.first()?;
+        let name =
+            proc::files::read_proc_capped(&format!("/proc/{}/task/{tid}/comm", self.pid), 64)
+                .ok()
+                .map(|c| String::from_utf8_lossy(&c).trim().to_owned())
+                .unwrap_or_default();
+        Some(Arc::new(ThreadReport {
+            tid,
+            name: name.into(),
+            waits_on: None,
+            owner_tid: None,
+            waited_seconds: now_ns.saturating_sub(spin.since_ns) as f64 / 1e9,
+            blocked_at: None,
+            stack: Arc::from(Vec::<String>::new()),
+        }))
     }
 
     /// Searches anonymous memory for a live task, and from it the runtimes.

@@ -82,10 +82,10 @@ pub(crate) struct ThreadClock {
 }
 
 impl ThreadClock {
-    /// Whether the threads of `pid` that ran at least half the time since the last call all
-    /// did so without going to sleep (and there is one): a worker kept busy by a task that
-    /// yields or wakes itself.
-    pub(crate) fn one_never_sleeps(&mut self, pid: u32) -> bool {
+    /// The threads of `pid` that ran at least half the time since the last call, when they
+    /// all did so without going to sleep (workers kept busy by a task that yields or wakes
+    /// itself); empty otherwise.
+    pub(crate) fn sleepless(&mut self, pid: u32) -> Vec<u32> {
         let now = Instant::now();
         let mut threads = std::collections::HashMap::new();
         if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
@@ -102,21 +102,25 @@ impl ThreadClock {
         let secs = self.at.map(|at| (now - at).as_secs_f64());
         // Every thread busy at least half the time never slept, and there is one: a feeder
         // thread spinning beside a consumer whose worker parks is not it.
-        let found = secs.is_some_and(|secs| {
-            let busy: Vec<bool> = threads
+        let mut busy: Vec<(u32, bool)> = match secs {
+            Some(secs) if secs > 0.0 => threads
                 .iter()
                 .filter_map(|(tid, (run, sleeps))| {
                     let (run0, sleeps0) = self.threads.get(tid)?;
                     let ran = run.saturating_sub(*run0) as f64 / 1e9 / secs;
                     let slept = sleeps.saturating_sub(*sleeps0) as f64 / secs;
-                    (ran >= BUSY_SHARE).then_some(slept <= MAX_SLEEPS_PER_SEC)
+                    (ran >= BUSY_SHARE).then_some((*tid, slept <= MAX_SLEEPS_PER_SEC))
                 })
-                .collect();
-            secs > 0.0 && !busy.is_empty() && busy.iter().all(|never_slept| *never_slept)
-        });
+                .collect(),
+            _ => Vec::new(),
+        };
         self.at = Some(now);
         self.threads = threads;
-        found
+        if !busy.iter().all(|(_, never_slept)| *never_slept) {
+            return Vec::new();
+        }
+        busy.sort_unstable();
+        busy.into_iter().map(|(tid, _)| tid).collect()
     }
 }
 
