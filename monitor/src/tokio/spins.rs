@@ -346,6 +346,14 @@ mod tests {
     }
 
     #[test]
+    fn sampling_time_is_budgeted_per_second() {
+        // Five bursts fit in a second's budget (the only test taking from it), the sixth
+        // waits for the next second.
+        let granted = (0..6).filter(|_| take_budget()).count();
+        assert_eq!(granted, 5);
+    }
+
+    #[test]
     fn changes_and_idle_stretches_are_counted() {
         let t0 = Instant::now();
         let mut t = Tally::default();
