@@ -15,6 +15,31 @@ use super::GoError;
 
 pub(crate) type Cache = ReadCache<File>;
 
+/// Whether an x86_64 ELF file surely lacks a section named `name`, from its section headers
+/// alone: parsing it whole (`ElfFile`) reads its symbol tables into the cache, tens of MiB
+/// for a large program, which a host-wide daemon must not spend on every program that is not
+/// Go. False whenever that is not sure (not x86_64, headers unreadable): the full parse says
+/// what is wrong.
+pub(crate) fn lacks_section(cache: &Cache, name: &[u8]) -> bool {
+    let cache = crate::proc::files::Capped {
+        cache,
+        max: 1 << 20,
+    };
+    let Ok(header) = elf::FileHeader64::<Endianness>::parse(cache) else {
+        return false;
+    };
+    let Ok(endian) = header.endian() else {
+        return false;
+    };
+    if header.e_machine(endian) != elf::EM_X86_64 {
+        return false;
+    }
+    let Ok(sections) = header.sections(endian, cache) else {
+        return false;
+    };
+    sections.section_by_name(endian, name).is_none()
+}
+
 /// Largest section read or inflated (pclntab of the largest Go binaries is ~100 MiB).
 const MAX_SECTION_BYTES: u64 = super::MAX_SECTION_MIB << 20;
 

@@ -398,6 +398,9 @@ struct Inspected {
 }
 
 fn inspect(cache: &elf::Cache, unvalidated: bool) -> Result<Inspected, GoError> {
+    if elf::lacks_section(cache, b".go.buildinfo") {
+        return Err(GoError::NotGo);
+    }
     let elf = Elf::parse(cache)?;
 
     let buildinfo = elf.section(".go.buildinfo")?.ok_or(GoError::NotGo)?;

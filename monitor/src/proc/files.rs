@@ -129,29 +129,59 @@ pub fn section_bytes<'d, S: object::ObjectSection<'d>>(
     section.uncompressed_data().ok()
 }
 
-/// Searches an uncompressed section of `file` in fixed-size chunks (overlapping by `overlap`
-/// bytes, so a match across two chunks is seen whole), at most `cap` bytes of it: `find`
-/// gets each chunk and returns what it found. Memory stays at one chunk whatever the section
-/// declares; a compressed section is not searched.
-pub fn search_section<'d, S: object::ObjectSection<'d>, T>(
+/// A target's file read through a cache that refuses any one read over `max` bytes: ELF
+/// headers are parsed through it, so a header that claims a huge table (a hostile file, or
+/// a section list one reads by mistake) costs an error, not the daemon's memory.
+pub struct Capped<'a, R: object::ReadCacheOps> {
+    pub cache: &'a object::ReadCache<R>,
+    pub max: u64,
+}
+
+impl<R: object::ReadCacheOps> Clone for Capped<'_, R> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<R: object::ReadCacheOps> Copy for Capped<'_, R> {}
+
+impl<'a, R: object::ReadCacheOps> object::ReadRef<'a> for Capped<'a, R> {
+    fn len(self) -> Result<u64, ()> {
+        self.cache.len()
+    }
+
+    fn read_bytes_at(self, offset: u64, size: u64) -> Result<&'a [u8], ()> {
+        if size > self.max {
+            return Err(());
+        }
+        self.cache.read_bytes_at(offset, size)
+    }
+
+    fn read_bytes_at_until(
+        self,
+        range: std::ops::Range<u64>,
+        delimiter: u8,
+    ) -> Result<&'a [u8], ()> {
+        let end = range.end.min(range.start.saturating_add(self.max));
+        self.cache.read_bytes_at_until(range.start..end, delimiter)
+    }
+}
+
+/// Searches `len` bytes of `file` from offset `at` in fixed-size chunks (overlapping by
+/// `overlap` bytes, so a match across two chunks is seen whole): `find` gets each chunk and
+/// returns what it found. Memory stays at one chunk however long the range.
+pub fn search_range<T>(
     file: &File,
-    section: &S,
-    cap: u64,
+    at: u64,
+    len: u64,
     overlap: usize,
     mut find: impl FnMut(&[u8]) -> Option<T>,
 ) -> Option<T> {
     use std::os::unix::fs::FileExt;
     const CHUNK: usize = 1 << 20;
-    if !matches!(
-        section.compressed_file_range().ok()?.format,
-        object::CompressionFormat::None
-    ) {
-        return None;
-    }
-    let (offset, size) = section.file_range()?;
-    let end = offset.checked_add(size.min(cap))?;
+    let end = at.checked_add(len)?;
     let mut buf = vec![0u8; CHUNK + overlap];
-    let (mut at, mut kept) = (offset, 0usize);
+    let (mut at, mut kept) = (at, 0usize);
     while at < end {
         let want = usize::try_from((end - at).min(CHUNK as u64)).ok()?;
         let n = file.read_at(&mut buf[kept..kept + want], at).ok()?;

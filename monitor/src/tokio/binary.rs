@@ -4,7 +4,11 @@
 
 use std::{fs::File, sync::Arc};
 
-use object::{Object, ObjectSection, ObjectSegment, ReadCache};
+use object::{
+    Endianness, ReadCache, elf,
+    elf::{FileHeader64, SectionHeader64},
+    read::elf::{FileHeader, ProgramHeader, SectionHeader},
+};
 
 use super::TokioError;
 use crate::proc::files;
@@ -12,6 +16,11 @@ use crate::proc::files;
 /// `.rodata` (and `.strtab`) searched for tokio's version at most: the panic locations tokio
 /// compiles in ("…/tokio-1.54.1/src/…") are there whatever the build strips.
 const MAX_RODATA: u64 = 256 << 20;
+/// Section and program headers accepted, at most (a hostile header claims millions).
+const MAX_SECTIONS: u32 = 4096;
+/// Bytes of one header table (section and program headers, section names, notes) read at
+/// most.
+const MAX_HEADER_READ: u64 = 1 << 20;
 /// `.data.rel.ro` read at most (tens of KiB in a service; the target's file says its size).
 pub(crate) const MAX_DATA_REL_RO: u64 = 64 << 20;
 
@@ -32,59 +41,107 @@ pub(crate) struct TokioBinary {
 }
 
 impl TokioBinary {
-    /// Reads `file` (the executable of a process): a tokio program, or why not.
+    /// Reads `file` (an executable or a library a process maps): a tokio program, or why not.
+    /// Only the ELF headers are parsed (not `object::File`, which reads the whole symbol
+    /// tables: tens of MiB for a large library); sections are searched from the file in
+    /// chunks, so a huge file costs one chunk of memory.
     pub(crate) fn read(file: File) -> Result<Self, TokioError> {
-        // Only headers go through the cache; sections are searched from the file in chunks,
-        // so a huge executable costs one chunk of memory.
-        let cache = ReadCache::new(&file);
-        let obj = object::File::parse(&cache).map_err(|_| TokioError::NotTokio)?;
-        if obj.architecture() != object::Architecture::X86_64 {
+        let whole = ReadCache::new(&file);
+        let cache = files::Capped {
+            cache: &whole,
+            max: MAX_HEADER_READ,
+        };
+        let header = FileHeader64::<Endianness>::parse(cache).map_err(|_| TokioError::NotTokio)?;
+        let endian = header.endian().map_err(|_| TokioError::NotTokio)?;
+        if header.e_machine(endian) != elf::EM_X86_64 {
             return Err(TokioError::NotTokio);
         }
-        let version = obj.section_by_name(".rodata").and_then(|s| {
-            files::search_section(&file, &s, MAX_RODATA, 64, version_in).map(Arc::from)
-        });
-        let stripped = obj.section_by_name(".symtab").is_none();
+        if header
+            .shnum(endian, cache)
+            .map_err(|_| TokioError::NotTokio)?
+            > MAX_SECTIONS
+            || header
+                .phnum(endian, cache)
+                .map_err(|_| TokioError::NotTokio)?
+                > MAX_SECTIONS
+        {
+            return Err(TokioError::NotTokio);
+        }
+        let sections = header
+            .sections(endian, cache)
+            .map_err(|_| TokioError::NotTokio)?;
+        let find = |name: &[u8]| sections.section_by_name(endian, name).map(|(_, s)| s);
+        // Where a section's bytes are in the file, when they are there uncompressed.
+        let stored = |s: &SectionHeader64<Endianness>| {
+            (s.sh_type(endian) != elf::SHT_NOBITS
+                && s.sh_flags(endian).0 & elf::SHF_COMPRESSED.0 == 0)
+                .then(|| (s.sh_offset(endian), s.sh_size(endian)))
+        };
+        let version = find(b".rodata")
+            .and_then(stored)
+            .and_then(|(at, len)| {
+                files::search_range(&file, at, len.min(MAX_RODATA), 64, version_in)
+            })
+            .map(Arc::from);
+        let stripped = find(b".symtab").is_none();
         // Builds with remapped paths still name tokio in their symbols (both manglings
         // spell the path `5tokio7runtime`).
         let named = version.is_some()
-            || obj.section_by_name(".strtab").is_some_and(|s| {
-                files::search_section(&file, &s, MAX_RODATA, 16, |chunk| {
-                    memchr::memmem::find(chunk, b"5tokio7runtime")
+            || find(b".strtab")
+                .and_then(stored)
+                .and_then(|(at, len)| {
+                    files::search_range(&file, at, len.min(MAX_RODATA), 16, |chunk| {
+                        memchr::memmem::find(chunk, b"5tokio7runtime")
+                    })
                 })
-                .is_some()
-            });
+                .is_some();
         if !named {
             return Err(TokioError::NotTokio);
         }
-        let Some(rel_ro) = obj.section_by_name(".data.rel.ro") else {
+        let Some(rel_ro) = find(b".data.rel.ro") else {
             return Err(TokioError::Unsupported {
                 why: "no .data.rel.ro section (where rustc puts the task vtables)".into(),
             });
         };
-        let data_rel_ro = (rel_ro.address(), rel_ro.address() + rel_ro.size());
-        if rel_ro.size() > MAX_DATA_REL_RO {
+        let (rel_ro_at, rel_ro_len) = (rel_ro.sh_addr(endian), rel_ro.sh_size(endian));
+        if rel_ro_len > MAX_DATA_REL_RO {
             return Err(TokioError::Unsupported {
-                why: format!(".data.rel.ro of {} bytes", rel_ro.size()),
+                why: format!(".data.rel.ro of {rel_ro_len} bytes"),
             });
         }
-        let segments: Vec<_> = obj.segments().collect();
-        let lowest_vaddr = segments.iter().map(|s| s.address()).min().unwrap_or(0);
-        let code = segments
+        let data_rel_ro = (rel_ro_at, rel_ro_at.saturating_add(rel_ro_len));
+        let loads: Vec<_> = header
+            .program_headers(endian, cache)
+            .map_err(|_| TokioError::NotTokio)?
             .iter()
-            .filter(|s| is_exec(*s))
-            .map(|s| (s.address(), s.address() + s.size()))
-            .collect::<Vec<_>>();
+            .filter(|p| p.p_type(endian) == elf::PT_LOAD)
+            .collect();
+        let lowest_vaddr = loads.iter().map(|p| p.p_vaddr(endian)).min().unwrap_or(0);
+        let code: Vec<(u64, u64)> = loads
+            .iter()
+            .filter(|p| p.p_flags(endian).0 & elf::PF_X.0 != 0)
+            .map(|p| {
+                let at = p.p_vaddr(endian);
+                (at, at.saturating_add(p.p_memsz(endian)))
+            })
+            .collect();
         if code.is_empty() {
             return Err(TokioError::Unsupported {
                 why: "no executable segment".into(),
             });
         }
-        let build_id = obj
-            .build_id()
-            .ok()
-            .flatten()
-            .map(|id| id.iter().map(|b| format!("{b:02x}")).collect());
+        let build_id = find(b".note.gnu.build-id")
+            .and_then(|s| s.notes(endian, cache).ok().flatten())
+            .and_then(|mut notes| {
+                while let Ok(Some(note)) = notes.next() {
+                    if note.name() == elf::ELF_NOTE_GNU
+                        && note.n_type(endian) == elf::NT_GNU_BUILD_ID
+                    {
+                        return Some(note.desc().iter().map(|b| format!("{b:02x}")).collect());
+                    }
+                }
+                None
+            });
         Ok(Self {
             version,
             lowest_vaddr,
@@ -94,10 +151,6 @@ impl TokioBinary {
             stripped,
         })
     }
-}
-
-fn is_exec<'d, S: ObjectSegment<'d>>(s: &S) -> bool {
-    matches!(s.flags(), object::SegmentFlags::Elf { p_flags, .. } if p_flags.0 & object::elf::PF_X.0 != 0)
 }
 
 /// The tokio version in panic-location paths ("…/tokio-1.54.1/src/…").
