@@ -59,6 +59,7 @@ fn per_version(args: impl Fn(usize, bool) -> Vec<&'static str>) -> Vec<(String, 
 #[test]
 fn leaked_tasks_are_found_on_every_version_and_resolve_when_released() {
     require_root();
+    let _heavy = heavy();
     let mut procs = per_version(|i, newest| {
         let mut args = vec!["leak", "--flavor", flavor(i), "--grow-for", "5"];
         // The newest also runs a second runtime, with two lost wakers in it.
@@ -118,6 +119,7 @@ fn leaked_tasks_are_found_on_every_version_and_resolve_when_released() {
 #[test]
 fn lost_wakers_are_proven_on_every_version() {
     require_root();
+    let _heavy = heavy();
     let mut procs = per_version(|i, _| vec!["lost", "--flavor", flavor(i + 1)]);
     let pids: Vec<u32> = procs.iter().map(|(_, p)| p.pid()).collect();
     let mut lm = Leakmon::watch(&pids, &["--threads", "false"]);
@@ -151,6 +153,7 @@ fn lost_wakers_are_proven_on_every_version() {
 #[test]
 fn blocking_polls_name_their_worker_thread_at_the_default_threshold() {
     require_root();
+    let _heavy = heavy();
     let versions = tokio_versions();
     // (mode, function, marker): a sleep on the oldest version's current-thread runtime, a
     // std Mutex on the newest's multi-thread runtime.
@@ -219,6 +222,7 @@ fn blocking_polls_name_their_worker_thread_at_the_default_threshold() {
 #[test]
 fn stripped_and_lto_builds_are_read_without_symbols() {
     require_root();
+    let _heavy = heavy();
     let versions = tokio_versions();
     let (oldest, newest) = (&versions[0], &versions[versions.len() - 1]);
     let stripped = tokio_fixture("tokio-tasks", oldest, TokioBuild::Stripped);
@@ -251,8 +255,10 @@ fn stripped_and_lto_builds_are_read_without_symbols() {
     }
 }
 
-/// Tests whose processes burn or load the CPUs (spinners, the load on the healthy service)
-/// run one at a time: on two cores, spinners beside the load starve its client threads.
+/// The tests here run one at a time: each builds fixtures (fat LTO among them) or burns a
+/// core (spinners), and on two cores that starves the healthy service's load: its client
+/// threads went quiet for seconds one after another, which reads as a growing group of
+/// idle connections (a CI run raised task_leak so, with the tests in parallel).
 static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn heavy() -> std::sync::MutexGuard<'static, ()> {
@@ -353,6 +359,7 @@ fn spinning_tasks_are_found_in_every_build_and_resolve_when_released() {
 #[test]
 fn tokio_in_a_shared_library_is_found() {
     require_root();
+    let _heavy = heavy();
     let versions = tokio_versions();
     let newest = &versions[versions.len() - 1];
     // tokio-tasks built as a cdylib, loaded by a C program: the executable has no tokio.
@@ -483,6 +490,7 @@ fn healthy_services_are_silent_under_load_and_at_rest() {
 #[test]
 fn run_finds_tokio_programs_at_start_and_on_exec() {
     require_root();
+    let _heavy = heavy();
     let versions = tokio_versions();
     let bin = tokio_fixture(
         "tokio-tasks",
