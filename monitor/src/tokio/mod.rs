@@ -354,28 +354,24 @@ impl TokioTarget {
         tasks: &[TaskRec],
         blocking: &HashMap<u64, polls::Blocking>,
     ) {
-        let live: HashMap<u64, &TaskRec> = tasks
+        // One pass over the tasks (up to a million), with lookups in the few suspects only.
+        let free = |t: &&TaskRec| !blocking.contains_key(&t.id);
+        let mut picked: Vec<&TaskRec> = tasks
             .iter()
-            .filter(|t| !blocking.contains_key(&t.id))
-            .map(|t| (t.id, t))
+            .filter(free)
+            .filter(|t| self.spins.contains_key(&t.id))
             .collect();
         // Suspects go on (whatever this scan sees of them) while they live.
-        let mut spins: HashMap<u64, Spin> = std::mem::take(&mut self.spins)
-            .into_iter()
-            .filter(|(id, _)| live.contains_key(id))
-            .collect();
-        let mut picked: Vec<&TaskRec> = spins
-            .keys()
-            .filter_map(|id| live.get(id).copied())
-            .collect();
+        let mut spins: HashMap<u64, Spin> = std::mem::take(&mut self.spins);
+        spins.retain(|id, _| picked.iter().any(|t| t.id == *id));
         // More scheduled tasks than a burst samples (a busy service): a different slice of
         // them each scan. Suspects beyond a burst's worth are carried over as they are.
         let mut others: Vec<&TaskRec> = tasks
             .iter()
+            .filter(free)
             .filter(|t| {
                 t.header.state & (layout::RUNNING | layout::NOTIFIED) != 0
                     && t.header.state & layout::COMPLETE == 0
-                    && live.contains_key(&t.id)
                     && !spins.contains_key(&t.id)
             })
             .collect();
