@@ -116,19 +116,6 @@ fn check(path: &Path, file: &File, ino: Option<u64>) -> Result<(u64, u64), FileE
     Ok((meta.len(), meta.ino()))
 }
 
-/// A section's contents, decompressed, when it declares at most `cap` bytes: compressed
-/// sections say their own inflated size, which a hostile file sets to anything.
-pub fn section_bytes<'d, S: object::ObjectSection<'d>>(
-    section: &S,
-    cap: u64,
-) -> Option<std::borrow::Cow<'d, [u8]>> {
-    // The size first, from the section or compression header alone.
-    if section.compressed_file_range().ok()?.uncompressed_size > cap {
-        return None;
-    }
-    section.uncompressed_data().ok()
-}
-
 /// A target's file read through a cache that refuses any one read over `max` bytes: ELF
 /// headers are parsed through it, so a header that claims a huge table (a hostile file, or
 /// a section list one reads by mistake) costs an error, not the daemon's memory.

@@ -2,6 +2,7 @@
 //! container.
 
 mod container;
+pub mod elf;
 pub mod files;
 pub mod maps;
 mod mem;

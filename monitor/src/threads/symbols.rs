@@ -3,21 +3,16 @@
 //! (device, inode) and shared by every process that maps them.
 
 use std::{
-    borrow::Cow,
     collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use gimli::{EndianArcSlice, LittleEndian};
-use object::{Object, ObjectSection, ObjectSegment};
 
 pub use crate::proc::maps::Mapping;
 use crate::{
-    proc::{
-        files::{self, FileError, section_bytes},
-        maps,
-    },
+    proc::{elf::Elf, files, maps},
     sys::workers::Gate,
 };
 
@@ -87,44 +82,75 @@ struct Sym {
 const MAX_NAME: usize = 1024;
 
 /// The function symbols of an ELF file (its symbol table and its dynamic one), sorted by
-/// address, and the file ranges of their string tables. Only the symbol tables are read.
-fn function_symbols(cache: &object::ReadCache<std::fs::File>) -> (Vec<Sym>, [(u64, u64); 2]) {
-    use object::read::elf::{ElfFile64, SectionHeader as _, Sym as _};
+/// address, and the file ranges of their string tables. Only the symbol tables are read, a
+/// block of entries at a time.
+fn function_symbols(elf: &Elf) -> (Vec<Sym>, [(u64, u64); 2]) {
+    use std::os::unix::fs::FileExt as _;
+    const ENTRY: usize = 24;
     let mut symbols = Vec::new();
     let mut tables = [(0, 0); 2];
-    let Ok(elf) = ElfFile64::<object::Endianness, _>::parse(cache) else {
-        return (symbols, tables);
-    };
-    let endian = elf.endian();
-    let sections = elf.elf_section_table();
-    for (k, table) in [elf.elf_symbol_table(), elf.elf_dynamic_symbol_table()]
+    let mut block = vec![0u8; ENTRY * 4096];
+    for (k, kind) in [object::elf::SHT_SYMTAB, object::elf::SHT_DYNSYM]
         .into_iter()
         .enumerate()
     {
-        if let Ok(strings) = sections.section(table.string_section()) {
-            tables[k] = strings.file_range(endian).unwrap_or((0, 0));
+        let Some(table) = elf.sections.iter().find(|s| s.kind == kind) else {
+            continue;
+        };
+        let Some((mut at, len)) = table.stored() else {
+            continue;
+        };
+        if let Some(strings) = elf.sections.get(table.link as usize) {
+            tables[k] = strings.stored().unwrap_or((0, 0));
         }
-        for sym in table.iter() {
-            if symbols.len() >= MAX_SYMBOLS {
+        let end = at.saturating_add(len - len % ENTRY as u64);
+        while at < end && symbols.len() < MAX_SYMBOLS {
+            let want = usize::try_from(end - at).map_or(block.len(), |n| n.min(block.len()));
+            let Ok(n) = elf.file.read_at(&mut block[..want], at) else {
+                break;
+            };
+            let n = n - n % ENTRY;
+            if n == 0 {
                 break;
             }
-            let kind = sym.st_type();
-            let is_function = kind == object::elf::STT_FUNC || kind == object::elf::STT_GNU_IFUNC;
-            let start = sym.st_value(endian);
-            if !is_function || start == 0 || sym.st_shndx(endian) == object::elf::SHN_UNDEF {
-                continue;
+            at += n as u64;
+            for e in block[..n].as_chunks::<ENTRY>().0 {
+                if symbols.len() >= MAX_SYMBOLS {
+                    break;
+                }
+                let u32_at = |i: usize| u32::from_le_bytes([e[i], e[i + 1], e[i + 2], e[i + 3]]);
+                let u64_at = |i: usize| u64::from(u32_at(i)) | u64::from(u32_at(i + 4)) << 32;
+                let kind = e[4] & 0xf;
+                let shndx = u16::from_le_bytes([e[6], e[7]]);
+                let start = u64_at(8);
+                let is_function =
+                    kind == object::elf::STT_FUNC.0 || kind == object::elf::STT_GNU_IFUNC.0;
+                if !is_function || start == 0 || shndx == object::elf::SHN_UNDEF.0 {
+                    continue;
+                }
+                symbols.push(Sym {
+                    start,
+                    len: u32::try_from(u64_at(16)).unwrap_or(u32::MAX),
+                    name: u32_at(0),
+                    table: k as u8,
+                });
             }
-            symbols.push(Sym {
-                start,
-                len: u32::try_from(sym.st_size(endian)).unwrap_or(u32::MAX),
-                name: sym.st_name(endian),
-                table: k as u8,
-            });
         }
     }
     symbols.sort_by_key(|s| (s.start, std::cmp::Reverse(s.len)));
     symbols.dedup_by_key(|s| s.start);
     (symbols, tables)
+}
+
+/// Function symbols a module's symbol tables can give, at most (24 bytes an entry).
+fn symbol_count(elf: &Elf) -> usize {
+    let entries: u64 = elf
+        .sections
+        .iter()
+        .filter(|s| s.kind == object::elf::SHT_SYMTAB || s.kind == object::elf::SHT_DYNSYM)
+        .map(|s| s.size / 24)
+        .sum();
+    usize::try_from(entries).map_or(MAX_SYMBOLS, |n| n.min(MAX_SYMBOLS))
 }
 
 /// Whether the search table of the `.eh_frame_hdr` in `data` fits in it: its entry count
@@ -180,22 +206,19 @@ pub struct UnwindRow {
 }
 
 impl Unwind {
-    fn load<'d, R: object::ReadRef<'d>>(file: &object::File<'d, R>) -> Option<(Self, u64)> {
-        let section = |name: &str| {
-            let s = file.section_by_name(name)?;
-            let data = section_bytes(&s, MAX_UNWIND_BYTES)?;
-            Some((
-                s.address(),
-                EndianArcSlice::new(Arc::from(&*data), LittleEndian),
-            ))
+    fn load(elf: &Elf) -> Option<(Self, u64)> {
+        let section = |name: &[u8]| {
+            let s = elf.section(name)?;
+            let data = elf.read(s, MAX_UNWIND_BYTES)?;
+            Some((s.addr, EndianArcSlice::new(data, LittleEndian)))
         };
-        let (eh_addr, eh_data) = section(".eh_frame")?;
+        let (eh_addr, eh_data) = section(b".eh_frame")?;
         let mut bytes = eh_data.len() as u64;
         let mut bases = gimli::BaseAddresses::default().set_eh_frame(eh_addr);
-        if let Some(text) = file.section_by_name(".text") {
-            bases = bases.set_text(text.address());
+        if let Some(text) = elf.section(b".text") {
+            bases = bases.set_text(text.addr);
         }
-        let hdr = section(".eh_frame_hdr").and_then(|(addr, data)| {
+        let hdr = section(b".eh_frame_hdr").and_then(|(addr, data)| {
             bytes += data.len() as u64;
             bases = bases.clone().set_eh_frame_hdr(addr);
             // A table that claims more rows than the section holds is not used (gimli's
@@ -258,87 +281,128 @@ impl Unwind {
     }
 }
 
-impl Module {
-    /// Loads what symbolising and unwinding need from the file `pid` maps at `mapping`, and
-    /// says how many bytes it keeps. Each part is capped: a module over a cap loses that part
-    /// (DWARF lines, unwind tables), not the process its monitoring.
-    fn load(pid: u32, mapping: &Mapping) -> Result<(Self, u64), FileError> {
-        let opened = files::open_mapped(pid, mapping.start, mapping.end, mapping.file.1)?;
-        Ok(Self::from_file(opened.file, mapping.path.clone()))
-    }
+/// A module's file with its headers read, and what loading it will keep: the symbols, the
+/// unwind tables where they fit, the DWARF where it fits beside them. Known before anything
+/// large is read, so the cache makes room first.
+struct Plan {
+    path: Arc<str>,
+    elf: Option<Elf>,
+    unwind: bool,
+    /// Bytes the DWARF is counted at, when it is to be read.
+    dwarf: Option<u64>,
+    /// Bytes of DWARF the file has but that are not read (over a cap).
+    dwarf_left_out: Option<u64>,
+    is_go: bool,
+    /// What the module will keep, at most.
+    bytes: u64,
+}
 
-    /// Loads a module from an open file (whatever it holds).
-    fn from_file(file: std::fs::File, path: Arc<str>) -> (Self, u64) {
-        // Read on demand: only the sections used are read, and dropped once parsed.
-        let cache = object::ReadCache::new(file);
-        let Ok(file) = object::File::parse(&cache) else {
-            return (Self::opaque(path), 0);
+impl Plan {
+    fn new(file: std::fs::File, path: Arc<str>, max_bytes: u64) -> Self {
+        let Ok(elf) = Elf::parse(file) else {
+            return Self {
+                path,
+                elf: None,
+                unwind: false,
+                dwarf: None,
+                dwarf_left_out: None,
+                is_go: false,
+                bytes: 0,
+            };
         };
-        let (symbols, string_tables) = function_symbols(&cache);
-        let mut bytes = (symbols.len() * size_of::<Sym>()) as u64;
-        let segments = file
-            .segments()
-            .map(|s| {
-                let (offset, size) = s.file_range();
-                (offset, s.address(), size)
-            })
-            .collect();
-        let is_go = file.section_by_name(".gopclntab").is_some()
-            || file.section_by_name(".go.buildinfo").is_some();
-        let debug_bytes: u64 = file
-            .sections()
-            .filter(|s| s.name().is_ok_and(|n| n.starts_with(".debug_")))
-            .map(|s| {
-                s.compressed_file_range()
-                    .map_or(u64::MAX, |c| c.uncompressed_size)
-            })
+        let symbols = (symbol_count(&elf) * size_of::<Sym>()) as u64;
+        let unwind_bytes = [&b".eh_frame"[..], b".eh_frame_hdr"]
+            .iter()
+            .filter_map(|n| elf.section(n))
+            .map(|s| elf.size_of(s).unwrap_or(u64::MAX))
             .fold(0, u64::saturating_add);
-        let lines = if file.section_by_name(".debug_info").is_some()
+        let unwind =
+            unwind_bytes <= MAX_UNWIND_BYTES && symbols.saturating_add(unwind_bytes) <= max_bytes;
+        let mut bytes = symbols + if unwind { unwind_bytes } else { 0 };
+        let is_go = elf.section(b".gopclntab").is_some() || elf.section(b".go.buildinfo").is_some();
+        let debug_bytes = elf
+            .sections
+            .iter()
+            .filter(|s| s.name.starts_with(b".debug_"))
+            .map(|s| elf.size_of(s).unwrap_or(u64::MAX))
+            .fold(0, u64::saturating_add);
+        // addr2line parses units as they are asked for: count it at twice the sections.
+        let dwarf_bytes = debug_bytes.saturating_mul(2);
+        let dwarf = elf.section(b".debug_info").is_some()
             && !is_go
             && debug_bytes <= MAX_DWARF_BYTES
-        {
+            && bytes.saturating_add(dwarf_bytes) <= max_bytes;
+        if dwarf {
+            bytes += dwarf_bytes;
+        }
+        let dwarf_left_out = (!dwarf && debug_bytes > 0 && !is_go).then_some(debug_bytes);
+        Self {
+            path,
+            elf: Some(elf),
+            unwind,
+            dwarf: dwarf.then_some(dwarf_bytes),
+            dwarf_left_out,
+            is_go,
+            bytes,
+        }
+    }
+
+    /// Reads what was planned, and says how many bytes it keeps.
+    fn load(self) -> (Module, u64) {
+        let Some(elf) = self.elf else {
+            return (Module::opaque(self.path), 0);
+        };
+        let (symbols, string_tables) = function_symbols(&elf);
+        let mut bytes = (symbols.len() * size_of::<Sym>()) as u64;
+        let segments = elf.loads().map(|p| (p.offset, p.vaddr, p.filesz)).collect();
+        let lines = if let Some(dwarf_bytes) = self.dwarf {
             let load =
                 |id: gimli::SectionId| -> Result<EndianArcSlice<LittleEndian>, gimli::Error> {
-                    let data = file
-                        .section_by_name(id.name())
-                        .and_then(|s| section_bytes(&s, MAX_DWARF_BYTES))
-                        .unwrap_or(Cow::Borrowed(&[]));
-                    Ok(EndianArcSlice::new(Arc::from(&*data), LittleEndian))
+                    let data = elf
+                        .section(id.name().as_bytes())
+                        .and_then(|s| elf.read(s, MAX_DWARF_BYTES))
+                        .unwrap_or_else(|| Arc::from(&[][..]));
+                    Ok(EndianArcSlice::new(data, LittleEndian))
                 };
             let context = gimli::Dwarf::load(load)
                 .ok()
                 .and_then(|dwarf| addr2line::Context::from_dwarf(dwarf).ok())
                 .map(Mutex::new);
-            // addr2line parses units as they are asked for: count it at twice the sections.
-            bytes += context
-                .as_ref()
-                .map_or(0, |_| debug_bytes.saturating_mul(2));
+            if context.is_some() {
+                bytes += dwarf_bytes;
+            }
             context
         } else {
-            if debug_bytes > MAX_DWARF_BYTES && debug_bytes != u64::MAX {
-                log::info!(
-                    "{path}: {debug_bytes} bytes of DWARF, over the {MAX_DWARF_BYTES}-byte cap: \
-                     symbol names only"
-                );
-            }
             None
         };
-        let unwind = Unwind::load(&file).map(|(u, b)| {
-            bytes += b;
-            u
-        });
+        let unwind = self
+            .unwind
+            .then(|| Unwind::load(&elf))
+            .flatten()
+            .map(|(u, b)| {
+                bytes += b;
+                u
+            });
         (
-            Self {
-                path,
+            Module {
+                path: self.path,
                 symbols,
-                names: Some((cache.into_inner(), string_tables)),
+                names: Some((elf.file, string_tables)),
                 segments,
                 lines,
                 unwind,
-                is_go,
+                is_go: self.is_go,
             },
             bytes,
         )
+    }
+}
+
+impl Module {
+    /// Loads a module from an open file (whatever it holds), keeping at most about
+    /// `max_bytes` (the fuzz targets' entry; the symbolizer plans first, to make room).
+    fn from_file(file: std::fs::File, path: Arc<str>, max_bytes: u64) -> (Self, u64) {
+        Plan::new(file, path, max_bytes).load()
     }
 
     /// A mapped file that is not ELF: named by its path only.
@@ -432,7 +496,7 @@ impl Module {
 /// Every reader of a module (ELF symbols, DWARF lines, `.eh_frame` unwinding) on the file at
 /// `file`, at addresses spread over its segments and symbols (the fuzz targets' entry).
 pub(crate) fn exercise_module(file: std::fs::File) {
-    let (module, _) = Module::from_file(file, "fuzz".into());
+    let (module, _) = Module::from_file(file, "fuzz".into(), 32 << 20);
     let mut frames = Vec::new();
     let mut addrs: Vec<u64> = module.symbols.iter().take(64).map(|s| s.start).collect();
     for &(_, vaddr, size) in module.segments.iter().take(8) {
@@ -477,9 +541,12 @@ enum Lookup {
 struct ModuleCache {
     modules: HashMap<(String, u64), Cached>,
     budget: u64,
+    /// Bytes set aside by loads under way.
+    loading: u64,
     tick: u64,
     evicted: u64,
-    /// Modules said to be too large for the cache (said once each; forgotten past 1,024).
+    /// Modules said to be too large for the cache, or for their DWARF (said once each;
+    /// forgotten past 1,024).
     oversized: std::collections::HashSet<(String, u64)>,
 }
 
@@ -507,6 +574,7 @@ impl Symbolizer {
             cache: Arc::new(Mutex::new(ModuleCache {
                 modules: HashMap::new(),
                 budget,
+                loading: 0,
                 tick: 0,
                 evicted: 0,
                 oversized: Default::default(),
@@ -549,21 +617,9 @@ impl Symbolizer {
         cache
             .modules
             .retain(|_, c| c.last_used + IDLE_TICKS >= tick);
-        while cache.bytes_held() > cache.budget {
-            let Some(oldest) = cache
-                .modules
-                .iter()
-                .filter(|(_, c)| c.bytes > 0)
-                .min_by_key(|(_, c)| c.last_used)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            cache.modules.remove(&oldest);
-        }
-        let dropped = (before - cache.modules.len()) as u64;
-        cache.evicted += dropped;
-        dropped
+        let idle = (before - cache.modules.len()) as u64;
+        cache.evicted += idle;
+        idle + cache.make_room(0)
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -572,6 +628,18 @@ impl Symbolizer {
             modules: cache.modules.len(),
             bytes: cache.bytes_held(),
             evicted: cache.evicted,
+        }
+    }
+
+    /// Sets `bytes` aside for a load under way, dropping the least recently used modules
+    /// to make room; given back when the reservation is dropped.
+    fn reserve(&self, bytes: u64) -> Reservation<'_> {
+        let mut cache = self.lock();
+        cache.loading += bytes;
+        cache.make_room(0);
+        Reservation {
+            symbolizer: self,
+            bytes,
         }
     }
 
@@ -596,13 +664,28 @@ impl Symbolizer {
         if let Some(module) = cached(&mut self.lock()) {
             return Lookup::Found(module);
         }
-        let (module, bytes) = match Module::load(pid, m) {
-            Ok((module, bytes)) => {
+        let (module, bytes) = match files::open_mapped(pid, m.start, m.end, m.file.1) {
+            Ok(opened) => {
+                let budget = self.lock().budget;
+                let plan = Plan::new(opened.file, m.path.clone(), budget);
+                if let Some(debug_bytes) = plan.dwarf_left_out
+                    && self.lock().first_time(&m.file)
+                {
+                    log::info!(
+                        "{}: {debug_bytes} bytes of DWARF, more than the symbol cache keeps for \
+                         one file (`memory_budget`): symbol names only, no file:line",
+                        m.path
+                    );
+                }
+                // Room first: what the cache holds and the load together stay in the budget.
+                let reserved = self.reserve(plan.bytes);
+                let (module, bytes) = plan.load();
                 log::debug!(
                     "PID {pid}: loaded {} ({bytes} bytes kept) in {:?}",
                     m.path,
                     started.elapsed()
                 );
+                drop(reserved);
                 (Some(Arc::new(module)), bytes)
             }
             Err(e) => {
@@ -613,10 +696,7 @@ impl Symbolizer {
         drop(entered);
         let mut cache = self.lock();
         if bytes > cache.budget {
-            if cache.oversized.len() >= 1024 {
-                cache.oversized.clear();
-            }
-            if cache.oversized.insert(m.file.clone()) {
+            if cache.first_time(&m.file) {
                 log::info!(
                     "{}: {bytes} bytes of symbols and unwind tables, over the whole cache \
                      budget: loaded for each use, not kept",
@@ -625,6 +705,7 @@ impl Symbolizer {
             }
             return Lookup::Found(module);
         }
+        cache.make_room(bytes);
         let tick = cache.tick;
         cache.modules.insert(
             m.file.clone(),
@@ -639,8 +720,50 @@ impl Symbolizer {
 }
 
 impl ModuleCache {
+    /// Whether what is said of the module `file` is said for the first time.
+    fn first_time(&mut self, file: &(String, u64)) -> bool {
+        if self.oversized.len() >= 1024 {
+            self.oversized.clear();
+        }
+        self.oversized.insert(file.clone())
+    }
+
     fn bytes_held(&self) -> u64 {
         self.modules.values().map(|c| c.bytes).sum()
+    }
+
+    /// Drops the least recently used modules until what is held, what loads have set aside
+    /// and `more` fit the budget (or nothing is left to drop). Returns how many went.
+    fn make_room(&mut self, more: u64) -> u64 {
+        let mut dropped = 0;
+        while self.bytes_held() + self.loading + more > self.budget {
+            let Some(oldest) = self
+                .modules
+                .iter()
+                .filter(|(_, c)| c.bytes > 0)
+                .min_by_key(|(_, c)| c.last_used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            self.modules.remove(&oldest);
+            dropped += 1;
+        }
+        self.evicted += dropped;
+        dropped
+    }
+}
+
+/// Bytes set aside for a load under way ([`Symbolizer::reserve`]).
+struct Reservation<'a> {
+    symbolizer: &'a Symbolizer,
+    bytes: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut cache = self.symbolizer.lock();
+        cache.loading = cache.loading.saturating_sub(self.bytes);
     }
 }
 
@@ -767,5 +890,58 @@ mod tests {
                 .any(|f| f.function.contains("symbolises_this_test_binary")),
             "{frames:?}"
         );
+    }
+
+    /// A module is planned within what it may keep: DWARF, then unwind tables, are left out
+    /// when they do not fit, and what a load keeps never exceeds its plan.
+    #[test]
+    fn loads_keep_within_their_plan() {
+        let exe = || std::fs::File::open("/proc/self/exe").unwrap();
+        let all = Plan::new(exe(), "self".into(), u64::MAX);
+        let symbols = all.bytes - all.dwarf.unwrap_or(0) - 1;
+        for max in [0, symbols, all.bytes, u64::MAX] {
+            let plan = Plan::new(exe(), "self".into(), max);
+            if max < all.bytes {
+                assert!(plan.dwarf.is_none() || plan.bytes <= max, "{max}");
+            }
+            let planned = plan.bytes;
+            let (module, kept) = plan.load();
+            assert!(kept <= planned, "{kept} kept, {planned} planned at {max}");
+            assert!(!module.symbols.is_empty());
+        }
+        // With room for the symbols only, no DWARF nor unwind tables are read.
+        let (module, _) = Plan::new(exe(), "self".into(), symbols).load();
+        assert!(module.lines.is_none() && module.unwind.is_none());
+    }
+
+    /// A load sets its bytes aside first: least recently used modules go to make room, and
+    /// what the cache holds plus what is being loaded stays within the budget.
+    #[test]
+    fn loads_make_room_first() {
+        let symbolizer = Symbolizer::new(100);
+        {
+            let mut cache = symbolizer.lock();
+            for (i, bytes) in [40, 30, 20].into_iter().enumerate() {
+                cache.tick = i as u64;
+                cache.modules.insert(
+                    (format!("m{i}"), 0),
+                    Cached {
+                        module: Some(Arc::new(Module::opaque("m".into()))),
+                        bytes,
+                        last_used: i as u64,
+                    },
+                );
+            }
+        }
+        let reserved = symbolizer.reserve(45);
+        {
+            let cache = symbolizer.lock();
+            // m0 (40 bytes, the oldest) went; 30 + 20 + 45 fit.
+            assert!(!cache.modules.contains_key(&("m0".to_owned(), 0)));
+            assert_eq!(cache.bytes_held() + cache.loading, 95);
+        }
+        drop(reserved);
+        assert_eq!(symbolizer.lock().loading, 0);
+        assert_eq!(symbolizer.stats().evicted, 1);
     }
 }
