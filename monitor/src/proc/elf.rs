@@ -218,7 +218,9 @@ impl Elf {
             let (namesz, descsz, kind) = (word(0) as usize, word(4) as usize, word(8));
             let name_end = 12 + namesz.next_multiple_of(4);
             let desc_end = name_end.checked_add(descsz.next_multiple_of(4))?;
+            // The name's NUL is counted in its size.
             let name = notes.get(12..12 + namesz)?;
+            let name = name.strip_suffix(b"\0").unwrap_or(name);
             let desc = notes.get(name_end..name_end + descsz)?;
             if name == elf::ELF_NOTE_GNU && kind == elf::NT_GNU_BUILD_ID.0 {
                 return Some(desc.iter().map(|b| format!("{b:02x}")).collect());
@@ -245,6 +247,8 @@ mod tests {
         // The version byte of an .eh_frame_hdr.
         assert_eq!(data[0], 1);
         assert!(elf.read(elf.section(b".text").unwrap(), 16).is_none());
+        // Rust links with a build id.
+        assert_eq!(elf.build_id().map(|id| id.len()), Some(40));
     }
 
     #[test]
