@@ -61,6 +61,9 @@ pub(crate) struct HeapOffsets {
     /// ends here (uint16 before go1.22's uintptr).
     pub special_kind: u32,
     pub mheap_allspans: u32,
+    /// `p.pcache`: its first word (`base`) is the address of a chunk of pages, not a
+    /// reference (see `reach.rs`).
+    pub p_pcache: u32,
 }
 
 /// Built-in layout for a minor version; patch releases do not change
@@ -113,6 +116,7 @@ const MSPAN_MEMBERS: &[&str] = &[
 ];
 const SPECIAL_MEMBERS: &[&str] = &["offset", "kind"];
 const MHEAP_MEMBERS: &[&str] = &["allspans"];
+const P_MEMBERS: &[&str] = &["pcache"];
 /// go1.26+: `sudog.elem` and `sudog.c` wrap the address in this struct.
 const TRACEABLE_MEMBERS: &[&str] = &["vu"];
 
@@ -139,6 +143,7 @@ pub(crate) fn from_dwarf(elf: &Elf<'_>) -> Result<Option<DwarfLayout>, GoError> 
         Wanted::new("runtime.mspan", MSPAN_MEMBERS),
         Wanted::new("runtime.mheap", MHEAP_MEMBERS),
         Wanted::new("runtime.special", SPECIAL_MEMBERS),
+        Wanted::new("runtime.p", P_MEMBERS),
         Wanted::new("runtime.maybeTraceablePtr", TRACEABLE_MEMBERS),
     ];
     let mut units = dwarf.units();
@@ -192,7 +197,18 @@ pub(crate) fn from_dwarf(elf: &Elf<'_>) -> Result<Option<DwarfLayout>, GoError> 
         }
     }
 
-    let [g, gobuf, md, sudog, hchan, mspan, mheap, special, traceable] = &wanted;
+    let [
+        g,
+        gobuf,
+        md,
+        sudog,
+        hchan,
+        mspan,
+        mheap,
+        special,
+        p,
+        traceable,
+    ] = &wanted;
     let sched = g.get(5)?;
     let offsets = GOffsets {
         goid: g.get(0)?,
@@ -244,6 +260,7 @@ pub(crate) fn from_dwarf(elf: &Elf<'_>) -> Result<Option<DwarfLayout>, GoError> 
             }
         },
         mheap_allspans: mheap.get(0)?,
+        p_pcache: p.get(0)?,
     };
     Ok(Some(DwarfLayout {
         offsets,

@@ -47,6 +47,7 @@ pub(crate) static TABLE: &[TableEntry] = &[
             mspan_specials: 136,
             special_kind: 10,
             mheap_allspans: 65864,
+            p_pcache: 72,
         },
         wait_reasons: &[
             "",
@@ -124,6 +125,7 @@ pub(crate) static TABLE: &[TableEntry] = &[
             mspan_specials: 128,
             special_kind: 10,
             mheap_allspans: 65864,
+            p_pcache: 72,
         },
         wait_reasons: &[
             "",
@@ -206,6 +208,7 @@ pub(crate) static TABLE: &[TableEntry] = &[
             mspan_specials: 128,
             special_kind: 10,
             mheap_allspans: 65864,
+            p_pcache: 64,
         },
         wait_reasons: &[
             "",
@@ -289,6 +292,7 @@ pub(crate) static TABLE: &[TableEntry] = &[
             mspan_specials: 128,
             special_kind: 16,
             mheap_allspans: 65864,
+            p_pcache: 64,
         },
         wait_reasons: &[
             "",
@@ -378,6 +382,7 @@ pub(crate) static TABLE: &[TableEntry] = &[
             mspan_specials: 128,
             special_kind: 16,
             mheap_allspans: 65864,
+            p_pcache: 64,
         },
         wait_reasons: &[
             "",
@@ -470,6 +475,7 @@ pub(crate) static TABLE: &[TableEntry] = &[
             mspan_specials: 128,
             special_kind: 16,
             mheap_allspans: 65864,
+            p_pcache: 64,
         },
         wait_reasons: &[
             "",
@@ -562,6 +568,7 @@ pub(crate) static TABLE: &[TableEntry] = &[
             mspan_specials: 128,
             special_kind: 16,
             mheap_allspans: 65864,
+            p_pcache: 64,
         },
         wait_reasons: &[
             "",

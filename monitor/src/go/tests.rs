@@ -423,6 +423,7 @@ fn generate_table() {
             ("mspan_specials", h.mspan_specials),
             ("special_kind", h.special_kind),
             ("mheap_allspans", h.mheap_allspans),
+            ("p_pcache", h.p_pcache),
         ] {
             let _ = writeln!(out, "            {k}: {v},");
         }
