@@ -682,15 +682,15 @@ mod tests {
     #[test]
     fn stack_bounds_are_not_references() {
         let mut g = vec![0u8; 64];
-        g[..8].copy_from_slice(&0xc000_0380_00u64.to_le_bytes());
-        g[8..16].copy_from_slice(&0xc000_0388_00u64.to_le_bytes());
+        g[..8].copy_from_slice(&0x00c0_0003_8000_u64.to_le_bytes());
+        g[8..16].copy_from_slice(&0x00c0_0003_8800_u64.to_le_bytes());
         assert_eq!(
-            not_references(&g, 0xc000_0100_00, 64),
+            not_references(&g, 0x00c0_0001_0000, 64),
             [Some(8..16), None, None]
         );
         // Not a power of two apart: two ordinary words.
-        g[8..16].copy_from_slice(&0xc000_0388_08u64.to_le_bytes());
-        assert_eq!(not_references(&g, 0xc000_0100_00, 64), [None, None, None]);
+        g[8..16].copy_from_slice(&0x00c0_0003_8808_u64.to_le_bytes());
+        assert_eq!(not_references(&g, 0x00c0_0001_0000, 64), [None, None, None]);
     }
 
     #[test]
