@@ -21,23 +21,8 @@ pub(crate) type Cache = ReadCache<File>;
 /// Go. False whenever that is not sure (not x86_64, headers unreadable): the full parse says
 /// what is wrong.
 pub(crate) fn lacks_section(cache: &Cache, name: &[u8]) -> bool {
-    let cache = crate::proc::files::Capped {
-        cache,
-        max: 1 << 20,
-    };
-    let Ok(header) = elf::FileHeader64::<Endianness>::parse(cache) else {
-        return false;
-    };
-    let Ok(endian) = header.endian() else {
-        return false;
-    };
-    if header.e_machine(endian) != elf::EM_X86_64 {
-        return false;
-    }
-    let Ok(sections) = header.sections(endian, cache) else {
-        return false;
-    };
-    sections.section_by_name(endian, name).is_none()
+    matches!(crate::proc::elf::headers(cache),
+        Ok((sections, _)) if !sections.iter().any(|s| &*s.name == name))
 }
 
 /// Largest section read or inflated (pclntab of the largest Go binaries is ~100 MiB).

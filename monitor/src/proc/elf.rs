@@ -79,57 +79,7 @@ pub struct Elf {
 impl Elf {
     /// Reads the headers of `file` (whatever it holds: each table read is capped).
     pub fn parse(file: File) -> Result<Self, ElfError> {
-        let (sections, segments) = {
-            let whole = ReadCache::new(&file);
-            let cache = files::Capped {
-                cache: &whole,
-                max: MAX_HEADER_READ,
-            };
-            let header = FileHeader64::<Endianness>::parse(cache).map_err(|_| ElfError::NotElf)?;
-            let endian = header.endian().map_err(|_| ElfError::NotElf)?;
-            if header.e_machine(endian) != elf::EM_X86_64 {
-                return Err(ElfError::OtherMachine);
-            }
-            let shnum = header.shnum(endian, cache).map_err(|_| ElfError::NotElf)?;
-            let phnum = header.phnum(endian, cache).map_err(|_| ElfError::NotElf)?;
-            if shnum.max(phnum) > MAX_HEADERS {
-                return Err(ElfError::TooManyHeaders {
-                    count: shnum.max(phnum),
-                });
-            }
-            let table = header
-                .sections(endian, cache)
-                .map_err(|_| ElfError::NotElf)?;
-            let sections = table
-                .iter()
-                .map(|s| Section {
-                    name: table
-                        .section_name(endian, s)
-                        .map(|n| Box::from(&n[..n.len().min(MAX_NAME)]))
-                        .unwrap_or_default(),
-                    kind: s.sh_type(endian),
-                    flags: s.sh_flags(endian).0,
-                    link: s.sh_link(endian),
-                    addr: s.sh_addr(endian),
-                    offset: s.sh_offset(endian),
-                    size: s.sh_size(endian),
-                })
-                .collect();
-            let segments = header
-                .program_headers(endian, cache)
-                .map_err(|_| ElfError::NotElf)?
-                .iter()
-                .map(|p| Segment {
-                    kind: p.p_type(endian),
-                    flags: p.p_flags(endian).0,
-                    vaddr: p.p_vaddr(endian),
-                    memsz: p.p_memsz(endian),
-                    offset: p.p_offset(endian),
-                    filesz: p.p_filesz(endian),
-                })
-                .collect();
-            (sections, segments)
-        };
+        let (sections, segments) = headers(&ReadCache::new(&file))?;
         Ok(Self {
             file,
             sections,
@@ -229,6 +179,60 @@ impl Elf {
         }
         None
     }
+}
+
+/// The section and program headers of the file `whole` reads (each table read capped).
+pub fn headers<R: object::ReadCacheOps>(
+    whole: &ReadCache<R>,
+) -> Result<(Vec<Section>, Vec<Segment>), ElfError> {
+    let cache = files::Capped {
+        cache: whole,
+        max: MAX_HEADER_READ,
+    };
+    let header = FileHeader64::<Endianness>::parse(cache).map_err(|_| ElfError::NotElf)?;
+    let endian = header.endian().map_err(|_| ElfError::NotElf)?;
+    if header.e_machine(endian) != elf::EM_X86_64 {
+        return Err(ElfError::OtherMachine);
+    }
+    let shnum = header.shnum(endian, cache).map_err(|_| ElfError::NotElf)?;
+    let phnum = header.phnum(endian, cache).map_err(|_| ElfError::NotElf)?;
+    if shnum.max(phnum) > MAX_HEADERS {
+        return Err(ElfError::TooManyHeaders {
+            count: shnum.max(phnum),
+        });
+    }
+    let table = header
+        .sections(endian, cache)
+        .map_err(|_| ElfError::NotElf)?;
+    let sections = table
+        .iter()
+        .map(|s| Section {
+            name: table
+                .section_name(endian, s)
+                .map(|n| Box::from(&n[..n.len().min(MAX_NAME)]))
+                .unwrap_or_default(),
+            kind: s.sh_type(endian),
+            flags: s.sh_flags(endian).0,
+            link: s.sh_link(endian),
+            addr: s.sh_addr(endian),
+            offset: s.sh_offset(endian),
+            size: s.sh_size(endian),
+        })
+        .collect();
+    let segments = header
+        .program_headers(endian, cache)
+        .map_err(|_| ElfError::NotElf)?
+        .iter()
+        .map(|p| Segment {
+            kind: p.p_type(endian),
+            flags: p.p_flags(endian).0,
+            vaddr: p.p_vaddr(endian),
+            memsz: p.p_memsz(endian),
+            offset: p.p_offset(endian),
+            filesz: p.p_filesz(endian),
+        })
+        .collect();
+    Ok((sections, segments))
 }
 
 #[cfg(test)]

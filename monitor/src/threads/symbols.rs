@@ -86,7 +86,7 @@ const MAX_NAME: usize = 1024;
 /// block of entries at a time.
 fn function_symbols(elf: &Elf) -> (Vec<Sym>, [(u64, u64); 2]) {
     use std::os::unix::fs::FileExt as _;
-    const ENTRY: usize = 24;
+    const ENTRY: usize = SYM_ENTRY;
     let mut symbols = Vec::new();
     let mut tables = [(0, 0); 2];
     let mut block = vec![0u8; ENTRY * 4096];
@@ -142,13 +142,16 @@ fn function_symbols(elf: &Elf) -> (Vec<Sym>, [(u64, u64); 2]) {
     (symbols, tables)
 }
 
-/// Function symbols a module's symbol tables can give, at most (24 bytes an entry).
+/// Bytes of one ELF64 symbol table entry (`Elf64_Sym`).
+const SYM_ENTRY: usize = 24;
+
+/// Function symbols a module's symbol tables can give, at most.
 fn symbol_count(elf: &Elf) -> usize {
     let entries: u64 = elf
         .sections
         .iter()
         .filter(|s| s.kind == object::elf::SHT_SYMTAB || s.kind == object::elf::SHT_DYNSYM)
-        .map(|s| s.size / 24)
+        .map(|s| s.size / SYM_ENTRY as u64)
         .sum();
     usize::try_from(entries).map_or(MAX_SYMBOLS, |n| n.min(MAX_SYMBOLS))
 }
