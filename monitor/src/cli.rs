@@ -5,44 +5,47 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
-use crate::config::{DetectArgs, FileConfig, Settings};
+use crate::config::{Options, Settings};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "leakmon",
     version,
-    about = "Finds leaked, stuck and spinning goroutines in Go programs, and deadlocked, stuck and \
-             leaking threads in any program, through eBPF"
+    about = "Finds leaked, stuck and spinning tasks (Go goroutines, tokio tasks) in running \
+             programs, and deadlocked, stuck and leaking threads in any program, through eBPF"
 )]
-pub struct Cli {
+struct Cli {
     /// Config file (TOML) [default: /etc/leakmon/leakmon.toml if present]
     #[arg(long, global = true, env = "LEAKMON_CONFIG")]
-    pub config: Option<PathBuf>,
+    config: Option<PathBuf>,
     /// Log level on stderr: error, warn, info, debug, trace
     #[arg(long, global = true, env = "LEAKMON_LOG", default_value = "info")]
-    pub log: String,
+    log: String,
     #[command(subcommand)]
-    pub command: Command,
+    command: Command,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+enum Command {
     /// Watch the given processes and report alerts until interrupted (or until they exit)
     Watch {
         /// Process to watch (repeat for several)
         #[arg(long = "pid", required = true, value_name = "PID")]
         pids: Vec<u32>,
         #[command(flatten)]
-        detect: DetectArgs,
+        options: Options,
     },
-    /// The daemon: watch every process on the host (goroutines of Go programs, found at start
-    /// and on exec; threads of all)
+    /// The daemon: watch every process on the host (the tasks of every program that runs a
+    /// runtime leakmon knows, found at start and on exec; the threads of all)
     Run {
         #[command(flatten)]
-        detect: DetectArgs,
+        options: Options,
     },
     /// Check the kernel and privileges leakmon needs, and say how to fix what is missing
     Doctor,
+    /// List the alert kinds: what each counts, whether its members are blocked or spinning,
+    /// its severity, and the remedy it points to
+    Kinds,
 }
 
 /// Runs the CLI; the binary's `main` is this.
@@ -54,9 +57,9 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
         .format_timestamp_millis()
         .target(env_logger::Target::Stderr)
         .init();
-    let settings = |detect: &DetectArgs| -> anyhow::Result<Settings> {
-        let file = FileConfig::load(cli.config.as_deref())?;
-        Ok(Settings::try_from((detect, file))?)
+    let settings = |options: &Options| -> anyhow::Result<Settings> {
+        let file = Options::load(cli.config.as_deref())?;
+        Ok(Settings::try_from(options.over(&file)?)?)
     };
     let runtime = || {
         tokio::runtime::Builder::new_current_thread()
@@ -65,8 +68,8 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             .context("starting the async runtime")
     };
     match &cli.command {
-        Command::Watch { pids, detect } => {
-            let settings = settings(detect)?;
+        Command::Watch { pids, options } => {
+            let settings = settings(options)?;
             for pid in pids {
                 if !crate::proc::is_alive(*pid) {
                     bail!("no process with PID {pid}");
@@ -74,9 +77,26 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             }
             runtime()?.block_on(crate::watch::watch(pids, settings, std::io::stdout()))?;
         }
-        Command::Run { detect } => {
-            let settings = settings(detect)?;
+        Command::Run { options } => {
+            let settings = settings(options)?;
             runtime()?.block_on(crate::watch::run(settings, std::io::stdout()))?;
+        }
+        Command::Kinds => {
+            let runtimes = crate::runtime::registry::RUNTIMES
+                .iter()
+                .map(|r| (r.title, r.kinds));
+            for (owner, kinds) in runtimes.chain([("threads", crate::detect::THREAD_KINDS)]) {
+                for k in kinds {
+                    println!(
+                        "{:<20} {owner} {}, {}, {:?}\n  {}\n",
+                        k.name,
+                        k.members,
+                        k.activity.as_str(),
+                        k.severity,
+                        k.hint
+                    );
+                }
+            }
         }
         Command::Doctor => {
             let mut failed = false;

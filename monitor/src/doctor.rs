@@ -4,7 +4,7 @@ use std::path::Path;
 
 use crate::sys::{caps, tracefs};
 
-pub struct Check {
+pub(crate) struct Check {
     pub name: &'static str,
     /// None when fine; else what to do.
     pub problem: Option<String>,
@@ -35,8 +35,8 @@ fn daemon_check() -> Check {
             s.anon_bytes <= s.budget_bytes,
             format!(
                 "PID {}: {:.1} MiB allocated ({:.1} MiB resident) of a {:.0} MiB budget; \
-                 symbol cache {:.1} MiB in {} modules, {} evicted; {} Go processes; {} \
-                 unresponsive",
+                 symbol cache {:.1} MiB in {} modules, {} evicted; {} processes with tasks \
+                 watched; {} unresponsive",
                 s.pid,
                 mib(s.anon_bytes),
                 mib(s.rss_bytes),
@@ -44,7 +44,7 @@ fn daemon_check() -> Check {
                 mib(s.cache_bytes),
                 s.cache_modules,
                 s.cache_evicted,
-                s.go_processes,
+                s.task_processes,
                 s.unresponsive
             ),
             || "the daemon is over its memory budget: raise memory_budget, or report it".into(),
@@ -52,7 +52,7 @@ fn daemon_check() -> Check {
     }
 }
 
-pub fn run_checks() -> Vec<Check> {
+pub(crate) fn run_checks() -> Vec<Check> {
     let mut checks = Vec::new();
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     checks.push(check(
@@ -117,9 +117,9 @@ pub fn run_checks() -> Vec<Check> {
     };
     let (load, discovery, threads) = if missing.is_empty() {
         match crate::bpf::Probes::load(crate::bpf::Capacity {
-            goroutines: 1024,
+            tasks: 1024,
             threads: 1024,
-            go_quota: 1024,
+            task_quota: 1024,
         }) {
             // Attaching the tracepoints briefly is harmless; dropping detaches them.
             Ok(mut probes) => (

@@ -42,7 +42,7 @@ pub fn native_module(data: &[u8]) {
 /// read from.
 pub fn tokio_binary(data: &[u8]) {
     if let Some((file, _)) = memfd(data) {
-        let _ = crate::tokio::TokioBinary::read(file);
+        crate::tokio::exercise_file(file);
     }
     crate::tokio::exercise(data);
 }

@@ -1,22 +1,24 @@
-//! leakmon: finds leaked, stuck and spinning goroutines in running Go programs, and deadlocked,
-//! stuck and leaking OS threads in any program, through eBPF.
+#![warn(unreachable_pub)]
+//! leakmon: finds leaked, stuck and spinning tasks (Go goroutines, tokio tasks) in running
+//! programs, and deadlocked, stuck and leaking OS threads in any program, through eBPF.
 //!
 //! The binary is a thin CLI over this library; detection (`detect`) runs on plain observations
-//! so it is tested without a kernel.
+//! so it is tested without a kernel. Each runtime is a folder behind `runtime`'s registry.
+//! Only the CLI and the fuzz entry points are public: the compiler reports what nothing uses.
 
-pub mod bpf;
+mod bpf;
 pub mod cli;
-pub mod config;
-pub mod detect;
-pub mod doctor;
-pub mod export;
+mod config;
+mod detect;
+mod doctor;
+mod export;
 pub mod fuzzing;
-pub mod go;
-pub mod output;
-pub mod proc;
-pub mod runtime;
-pub mod status;
-pub mod sys;
-pub mod threads;
-pub mod tokio;
-pub mod watch;
+mod go;
+mod output;
+mod proc;
+mod runtime;
+mod status;
+mod sys;
+mod threads;
+mod tokio;
+mod watch;

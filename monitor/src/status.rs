@@ -6,10 +6,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub const STATUS_FILE: &str = "/run/leakmon/status.json";
+pub(crate) const STATUS_FILE: &str = "/run/leakmon/status.json";
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Status {
+pub(crate) struct Status {
     pub pid: u32,
     /// Resident and allocated (anonymous) memory, and the budget, in bytes.
     pub rss_bytes: u64,
@@ -19,7 +19,9 @@ pub struct Status {
     pub cache_bytes: u64,
     pub cache_modules: usize,
     pub cache_evicted: u64,
-    pub go_processes: usize,
+    /// Processes whose tasks are watched (they run a runtime leakmon knows).
+    #[serde(alias = "go_processes")]
+    pub task_processes: usize,
     /// Processes skipped because work on them overran the target timeout.
     pub unresponsive: usize,
     /// Unix time of the scan that wrote it.
@@ -29,7 +31,7 @@ pub struct Status {
 impl Status {
     /// Writes it next to `path` and renames it over (readers never see half a file). Errors
     /// are the caller's to log: a read-only file system costs only the doctor's view.
-    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+    pub(crate) fn write(&self, path: &Path) -> std::io::Result<()> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -42,7 +44,7 @@ impl Status {
     }
 
     /// The status the daemon last wrote, if it is running (its PID alive).
-    pub fn read(path: &Path) -> Option<Self> {
+    pub(crate) fn read(path: &Path) -> Option<Self> {
         let bytes = crate::proc::files::read_proc_capped(&path.to_string_lossy(), 64 << 10).ok()?;
         let status: Self = serde_json::from_slice(&bytes).ok()?;
         crate::proc::is_alive(status.pid).then_some(status)

@@ -14,12 +14,10 @@ use anyhow::{Context as _, Result, bail};
 use crate::{
     Workspace,
     demo::{build_fixture, start_fixture, stop},
+    measure::{RUNS, median, proc_usage, report, report_usage, wait_for, wrk},
+    require_root,
     setup::{self, output},
-    test::require_root,
 };
-
-/// Runs of each variant; the median is reported.
-pub(crate) const RUNS: usize = 5;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Suite {
@@ -208,22 +206,6 @@ fn timed_workload(
         .with_context(|| format!("{cmd:?} printed {line:?}"))
 }
 
-/// Reads `child`'s stderr until a line contains `needle`, then keeps draining it.
-pub(crate) fn wait_for(child: &mut Child, needle: &str) -> Result<()> {
-    let stderr = child.stderr.take().context("leakmon stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(line)) if line.contains(needle) => break,
-            Some(Ok(_)) => {}
-            _ => bail!("leakmon exited before logging {needle:?}"),
-        }
-    }
-    // Keep draining stderr so leakmon never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    Ok(())
-}
-
 fn http_suite(http: &Path, leakmon: &Path, http_seconds: u64) -> Result<()> {
     println!(
         "\n## Go HTTP server under wrk (2 threads, 32 connections, {http_seconds}s; median of {RUNS})"
@@ -282,34 +264,6 @@ fn http_run(bin: &Path, port: u16, seconds: u64, leakmon: Option<&Path>) -> Resu
     }
     stop(&mut server);
     out
-}
-
-fn parse_wrk_duration_us(s: &str) -> Option<f64> {
-    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
-    let v: f64 = num.parse().ok()?;
-    Some(match unit {
-        "us" => v,
-        "ms" => v * 1e3,
-        "s" => v * 1e6,
-        _ => return None,
-    })
-}
-
-pub(crate) fn median(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-pub(crate) fn report(what: &str, bare: &[f64], watched: &[f64], higher_is_better: bool) {
-    let (b, w) = (median(bare), median(watched));
-    let change = (w - b) / b * 100.0;
-    let cost = if higher_is_better { -change } else { change };
-    println!("| {what} | without leakmon {b:.1} | with leakmon {w:.1} | cost {cost:+.1}% |");
-    println!("|  runs | {bare:.1?} | {watched:.1?} | |");
 }
 
 /// leakmon's CPU and memory while watching a process with `n` blocked goroutines: the first
@@ -427,42 +381,6 @@ fn anon_kib(pid: u32) -> u64 {
                 .and_then(|v| v.split_whitespace().next()?.parse().ok())
         })
         .unwrap_or(0)
-}
-
-/// Prints leakmon's CPU since `started` and its memory, now and at its peak.
-pub(crate) fn report_usage(pid: u32, started: Instant) -> Result<()> {
-    let (cpu, rss, hwm) = proc_usage(pid)?;
-    let wall = started.elapsed().as_secs_f64();
-    println!(
-        "| leakmon CPU over {wall:.0}s | {:.1}% of one core ({cpu:.2}s) |",
-        cpu / wall * 100.0
-    );
-    println!("| leakmon RSS | {rss} KiB now, {hwm} KiB peak |");
-    Ok(())
-}
-
-/// (CPU seconds, VmRSS KiB, VmHWM KiB) of `pid`.
-fn proc_usage(pid: u32) -> Result<(f64, u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: f64 = fields
-        .get(11)
-        .zip(fields.get(12))
-        .and_then(|(u, s)| Some(u.parse::<f64>().ok()? + s.parse::<f64>().ok()?))
-        .context("parsing /proc/PID/stat")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    // USER_HZ is 100 on Linux.
-    Ok((ticks / 100.0, kib("VmRSS:"), kib("VmHWM:")))
 }
 
 /// The reachability analysis on a Go HTTP server with a pointer-rich heap of 100 MB and 1 GB and
@@ -584,28 +502,6 @@ fn reach(http: &Path, leakmon: &Path, seconds: u64) -> Result<()> {
         result?;
     }
     Ok(())
-}
-
-/// (requests/s, mean latency in microseconds) of wrk against `addr` for `seconds`.
-pub(crate) fn wrk(addr: &str, seconds: u64) -> Result<(f64, f64)> {
-    let out = output(
-        Command::new("wrk")
-            .args(["-t2", "-c32", "--latency"])
-            .arg(format!("-d{seconds}s"))
-            .arg(format!("http://{addr}/")),
-    )?;
-    let rps = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("wrk printed no Requests/sec")?;
-    let latency = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Latency"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(parse_wrk_duration_us)
-        .context("wrk printed no latency")?;
-    Ok((rps, latency))
 }
 
 /// (milliseconds, MiB read) from leakmon's "reachability analysis: ... N KiB read in D" line.

@@ -12,8 +12,8 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     Workspace,
-    bench::{RUNS, report, report_usage, wait_for, wrk},
     demo::{start_reading as start, stop},
+    measure::{RUNS, report, report_usage, wait_for, wrk},
     setup::output,
 };
 
@@ -205,7 +205,7 @@ pub fn run(ws: &Workspace, leakmon: &Path, seconds: u64) -> Result<()> {
         let max = took.iter().copied().fold(0.0, f64::max);
         println!(
             "| {what} | median {:.1} s, max {max:.1} s | runs {took:.1?} |",
-            crate::bench::median(&took)
+            crate::measure::median(&took)
         );
     }
     Ok(())

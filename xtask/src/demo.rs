@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{Workspace, setup, test::require_root};
+use crate::{Workspace, require_root, setup};
 
 pub fn run(ws: &Workspace, seconds: u64) -> Result<()> {
     let tools = setup::all(ws)?;

@@ -26,7 +26,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_yaml::Value;
 
-use crate::{Workspace, setup, test::require_root};
+use crate::{Workspace, require_root, setup};
 
 /// Debian release of the base image and of the booted system.
 const SUITE: &str = "bookworm";

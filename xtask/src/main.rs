@@ -12,6 +12,7 @@ mod bench_tokio;
 mod demo;
 mod deploy;
 mod fuzz;
+mod measure;
 mod setup;
 mod test;
 
@@ -174,6 +175,19 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+pub fn require_root(why: &str) -> Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1))
+        .unwrap_or("?");
+    if uid != "0" {
+        bail!("{why}: run as root (e.g. `sudo ./x test`); effective uid is {uid}");
     }
     Ok(())
 }

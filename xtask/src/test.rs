@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{Workspace, setup};
+use crate::{Workspace, require_root, setup};
 
 pub fn run_all(ws: &Workspace, args: &[String]) -> Result<()> {
     let tools = setup::all(ws)?;
@@ -111,17 +111,4 @@ fn count_before(s: &str, word: &str) -> u64 {
         .find_map(|part| part.trim().strip_suffix(word.trim_start()))
         .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
         .unwrap_or(0)
-}
-
-pub fn require_root(why: &str) -> Result<()> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|v| v.split_whitespace().nth(1))
-        .unwrap_or("?");
-    if uid != "0" {
-        bail!("{why}: run as root (e.g. `sudo ./x test`); effective uid is {uid}");
-    }
-    Ok(())
 }

@@ -31,7 +31,7 @@ fn str_at(strings: &[u8], at: usize) -> Option<&[u8]> {
 }
 
 /// Byte offset of `member` in `struct name`, looking only at its direct members.
-pub fn member_offset(btf: &[u8], name: &str, member: &str) -> Option<u32> {
+pub(crate) fn member_offset(btf: &[u8], name: &str, member: &str) -> Option<u32> {
     if u16::from_le_bytes(btf.get(..2)?.try_into().ok()?) != 0xeb9f {
         return None;
     }
@@ -72,7 +72,7 @@ pub fn member_offset(btf: &[u8], name: &str, member: &str) -> Option<u32> {
 
 /// Offset of `pid` in this kernel's `struct task_struct` (`tgid` follows it), or None when the
 /// kernel has no BTF or the layout is not the expected one.
-pub fn task_pid_offset() -> Option<u32> {
+pub(super) fn task_pid_offset() -> Option<u32> {
     let btf = std::fs::read("/sys/kernel/btf/vmlinux").ok()?;
     let pid = member_offset(&btf, "task_struct", "pid")?;
     let tgid = member_offset(&btf, "task_struct", "tgid")?;

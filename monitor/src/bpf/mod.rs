@@ -3,8 +3,8 @@
 mod btf;
 mod threads;
 
-pub use btf::member_offset;
-pub use threads::ThreadTables;
+pub(crate) use btf::member_offset;
+pub(crate) use threads::ThreadTables;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -22,17 +22,24 @@ use aya::{
     },
 };
 use monitor_ebpf::{
-    DEFAULT_GO_QUOTA, FutexWait, GoKey, GoProc, GoState, MAX_GOROUTINES, MAX_THREADS, ThreadState,
-    names, stat,
+    DEFAULT_GO_QUOTA, FutexWait, GoKey, GoProc, MAX_GOROUTINES, MAX_THREADS, ThreadState, names,
+    stat,
 };
 
 use crate::sys::caps;
+
+/// What the runtime probes keep of one task: its phase (parked or running) and since when,
+/// what it waits for, how often it ran. Go's uprobes (park, preemption, exit) are the ones that
+/// write it today, and the kernel type is named after them.
+pub(crate) type TaskRecord = monitor_ebpf::GoState;
+/// One process's task records, by task id.
+pub(crate) type TaskRecords = HashMap<u64, TaskRecord>;
 
 /// The kernel programs, built by build.rs for the BPF target.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leakmon"));
 
 #[derive(Debug, thiserror::Error)]
-pub enum BpfError {
+pub(crate) enum BpfError {
     #[error(
         "missing privileges to load eBPF programs ({missing}): run as root, or grant \
          CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, and CAP_SYS_ADMIN in a \
@@ -72,38 +79,38 @@ pub enum BpfError {
     },
 }
 
-/// One Go probe to attach: the program (a `names::GO_*`) and the file offset in the executable.
-pub type GoProbe = (&'static str, u64);
+/// One uprobe to attach: the program (a `names::GO_*`) and the file offset in the executable.
+pub(crate) type Uprobe = (&'static str, u64);
 
-/// The attachments made for one process; detached by [`Probes::detach_go`] (or when `Probes`
+/// The attachments made for one process; detached by [`Probes::detach`] (or when `Probes`
 /// is dropped).
 #[derive(Debug)]
-pub struct GoLinks {
+pub(crate) struct Links {
     pid: u32,
     links: Vec<(&'static str, UProbeLinkId)>,
 }
 
-/// How large the kernel maps are, and each process's share of the goroutine map.
+/// How large the kernel maps are, and each process's share of the task map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Capacity {
-    pub goroutines: u32,
+pub(crate) struct Capacity {
+    pub tasks: u32,
     pub threads: u32,
-    pub go_quota: u32,
+    pub task_quota: u32,
 }
 
 impl Default for Capacity {
     fn default() -> Self {
         Self {
-            goroutines: MAX_GOROUTINES,
+            tasks: MAX_GOROUTINES,
             threads: MAX_THREADS,
-            go_quota: DEFAULT_GO_QUOTA,
+            task_quota: DEFAULT_GO_QUOTA,
         }
     }
 }
 
 /// Totals of the per-CPU counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Stats {
+pub(crate) struct Stats {
     pub parks: u64,
     pub preempts: u64,
     pub exits: u64,
@@ -112,17 +119,17 @@ pub struct Stats {
     pub proc_events_lost: u64,
     pub thread_waits_full: u64,
     pub threads_full: u64,
-    pub go_quota_full: u64,
+    pub quota_full: u64,
 }
 
-pub struct Probes {
+pub(crate) struct Probes {
     ebpf: Ebpf,
     procs: BpfHashMap<MapData, u32, GoProc>,
-    goroutines: BpfHashMap<MapData, GoKey, GoState>,
+    tasks: BpfHashMap<MapData, GoKey, TaskRecord>,
     stats: PerCpuArray<MapData, u64>,
     /// Set once the thread probes are attached ([`Probes::attach_threads`]).
     threads: Option<ThreadMaps>,
-    go_quota: u32,
+    task_quota: u32,
     /// Whether the kernel's BTF gave `task_struct`'s pid offset (thread creation is traced).
     fork_offset: bool,
 }
@@ -136,7 +143,7 @@ const GO_PROGRAMS: [&str; 3] = [names::GO_PARK, names::GO_PREEMPT, names::GO_EXI
 
 impl Probes {
     /// Loads the programs into the kernel (nothing is attached yet).
-    pub fn load(capacity: Capacity) -> Result<Self, BpfError> {
+    pub(crate) fn load(capacity: Capacity) -> Result<Self, BpfError> {
         let missing = caps::missing(&[caps::CAP_BPF, caps::CAP_PERFMON]);
         if !missing.is_empty() {
             return Err(BpfError::Privileges {
@@ -146,7 +153,7 @@ impl Probes {
         raise_memlock_limit();
         let pid_offset = btf::task_pid_offset();
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::GOROUTINES, capacity.goroutines)
+            .map_max_entries(names::GOROUTINES, capacity.tasks)
             .map_max_entries(names::THREADS, capacity.threads)
             .override_global(names::TASK_PID_OFFSET, &pid_offset.unwrap_or(0), true)
             .load(OBJECT)
@@ -160,32 +167,33 @@ impl Probes {
         }
         let procs = BpfHashMap::try_from(take_map(&mut ebpf, names::GO_PROCS)?)
             .map_err(map_err(names::GO_PROCS))?;
-        let goroutines = BpfHashMap::try_from(take_map(&mut ebpf, names::GOROUTINES)?)
+        let tasks = BpfHashMap::try_from(take_map(&mut ebpf, names::GOROUTINES)?)
             .map_err(map_err(names::GOROUTINES))?;
         let stats = PerCpuArray::try_from(take_map(&mut ebpf, names::STATS)?)
             .map_err(map_err(names::STATS))?;
         Ok(Self {
             ebpf,
             procs,
-            goroutines,
+            tasks,
             stats,
             threads: None,
-            go_quota: capacity.go_quota,
+            task_quota: capacity.task_quota,
             fork_offset: pid_offset.is_some(),
         })
     }
 
-    /// Starts tracing the goroutines of `pid` (described by `proc`) with `probes`.
-    pub fn attach_go(
+    /// Starts tracing the tasks of `pid` (where the probes find their ids: `proc`) with
+    /// `probes`.
+    pub(crate) fn attach_uprobes(
         &mut self,
         pid: NonZeroU32,
         proc: GoProc,
-        probes: &[GoProbe],
-    ) -> Result<GoLinks, BpfError> {
+        probes: &[Uprobe],
+    ) -> Result<Links, BpfError> {
         let raw = pid.get();
         let proc = GoProc {
             records: 0,
-            quota: u64::from(self.go_quota),
+            quota: u64::from(self.task_quota),
             ..proc
         };
         self.procs
@@ -193,7 +201,7 @@ impl Probes {
             .map_err(map_err(names::GO_PROCS))?;
         // Through /proc: the kernel resolves the inode even across mount namespaces.
         let exe = PathBuf::from(format!("/proc/{raw}/exe"));
-        let mut links = GoLinks {
+        let mut links = Links {
             pid: raw,
             links: Vec::new(),
         };
@@ -201,7 +209,7 @@ impl Probes {
             match self.attach_one(name, offset, &exe, pid) {
                 Ok(link) => links.links.push((name, link)),
                 Err(source) => {
-                    self.detach_go(links);
+                    self.detach(links);
                     return Err(BpfError::Attach {
                         probe: name,
                         pid: raw,
@@ -229,8 +237,8 @@ impl Probes {
         program.attach([offset], exe, UProbeScope::OneProcess(pid))
     }
 
-    /// Stops tracing a process and forgets its goroutines.
-    pub fn detach_go(&mut self, links: GoLinks) {
+    /// Stops tracing a process and forgets its tasks.
+    pub(crate) fn detach(&mut self, links: Links) {
         for (name, link) in links.links {
             if let Some(Ok(program)) = self.ebpf.program_mut(name).map(<&mut UProbe>::try_from)
                 && let Err(e) = program.detach(link)
@@ -239,34 +247,34 @@ impl Probes {
             }
         }
         let _ = self.procs.remove(&links.pid);
-        // Its goroutines' records go at the next scan (`forget_processes`), in one walk.
+        // Its tasks' records go at the next scan (`forget_processes`), in one walk.
     }
 
-    /// Drops every goroutine record of the processes in `pids` from the map, in one walk.
-    pub fn forget_processes(&mut self, pids: &HashSet<u32>) {
+    /// Drops every task record of the processes in `pids` from the map, in one walk.
+    pub(crate) fn forget_processes(&mut self, pids: &HashSet<u32>) {
         if pids.is_empty() {
             return;
         }
         let keys: Vec<GoKey> = self
-            .goroutines
+            .tasks
             .keys()
             .filter_map(Result::ok)
             .filter(|k| pids.contains(&k.tgid))
             .collect();
         for key in keys {
-            let _ = self.goroutines.remove(&key);
+            let _ = self.tasks.remove(&key);
         }
     }
 
-    /// Every goroutine the probes know of, grouped by process. Each watched process's record
+    /// Every task the probes know of, grouped by process. Each watched process's record
     /// count (what its quota is checked against) is set to what the walk found: the probes
     /// count up, removals from here do not count down.
-    pub fn goroutines(&mut self) -> HashMap<u32, HashMap<u64, GoState>> {
-        let mut by_pid: HashMap<u32, HashMap<u64, GoState>> = HashMap::new();
+    pub(crate) fn task_records(&mut self) -> HashMap<u32, TaskRecords> {
+        let mut by_pid: HashMap<u32, TaskRecords> = HashMap::new();
         // Entries removed while iterating come back as errors: skip them. A deletion under
         // the cursor restarts the walk from the first key, so keying by goid drops the
         // repeats.
-        for (key, state) in self.goroutines.iter().filter_map(Result::ok) {
+        for (key, state) in self.tasks.iter().filter_map(Result::ok) {
             by_pid.entry(key.tgid).or_default().insert(key.goid, state);
         }
         let procs: Vec<(u32, GoProc)> = self.procs.iter().filter_map(Result::ok).collect();
@@ -281,23 +289,23 @@ impl Probes {
         by_pid
     }
 
-    /// Drops a goroutine's record if it is still the one `seen` (a probe may have written a
-    /// newer one since the scan read it).
-    pub fn forget_goroutine(&mut self, pid: u32, goid: u64, seen: &GoState) {
+    /// Drops a task's record if it is still the one `seen` (a probe may have written a newer
+    /// one since the scan read it).
+    pub(crate) fn forget_record(&mut self, pid: u32, id: u64, seen: &TaskRecord) {
         let key = GoKey {
             tgid: pid,
             _pad: 0,
-            goid,
+            goid: id,
         };
-        if let Ok(now) = self.goroutines.get(&key, 0)
+        if let Ok(now) = self.tasks.get(&key, 0)
             && now.since_ns == seen.since_ns
             && now.phase == seen.phase
         {
-            let _ = self.goroutines.remove(&key);
+            let _ = self.tasks.remove(&key);
         }
     }
 
-    pub fn stats(&self) -> Stats {
+    pub(crate) fn stats(&self) -> Stats {
         let total = |index: u32| -> u64 {
             self.stats
                 .get(&index, 0)
@@ -313,12 +321,12 @@ impl Probes {
             proc_events_lost: total(stat::PROC_EVENTS_LOST),
             thread_waits_full: total(stat::THREAD_WAITS_FULL),
             threads_full: total(stat::THREADS_FULL),
-            go_quota_full: total(stat::GO_QUOTA_FULL),
+            quota_full: total(stat::GO_QUOTA_FULL),
         }
     }
 
     /// Attaches the exec tracepoint and returns the ring buffer it fills.
-    pub fn proc_events(&mut self) -> Result<RingBuf<MapData>, BpfError> {
+    pub(crate) fn proc_events(&mut self) -> Result<RingBuf<MapData>, BpfError> {
         let btf = Btf::from_sys_fs().map_err(|e| BpfError::Btf(Box::new(e)))?;
         let name = names::PROC_EXEC;
         let program: &mut BtfTracePoint = program(&mut self.ebpf, name)?;

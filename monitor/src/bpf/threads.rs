@@ -16,7 +16,7 @@ const BTF_TRACEPOINTS: [(&str, &str); 3] = [
 
 /// What the thread probes hold at one instant.
 #[derive(Debug, Default)]
-pub struct ThreadTables {
+pub(crate) struct ThreadTables {
     /// Futex waits in flight, by thread id.
     pub waits: HashMap<u32, FutexWait>,
     /// Known threads, by thread id.
@@ -25,7 +25,7 @@ pub struct ThreadTables {
 
 impl Probes {
     /// Starts tracing futex waits and context switches host-wide. Idempotent.
-    pub fn attach_threads(&mut self) -> Result<(), BpfError> {
+    pub(crate) fn attach_threads(&mut self) -> Result<(), BpfError> {
         if self.threads.is_some() {
             return Ok(());
         }
@@ -57,7 +57,7 @@ impl Probes {
     }
 
     /// Everything the thread probes hold (empty before [`Probes::attach_threads`]).
-    pub fn thread_tables(&self) -> ThreadTables {
+    pub(crate) fn thread_tables(&self) -> ThreadTables {
         let Some(maps) = &self.threads else {
             return ThreadTables::default();
         };
@@ -71,7 +71,7 @@ impl Probes {
     /// Records what userspace found in /proc for a thread the probes have not seen yet: a wait
     /// that began before leakmon started, or a thread that has not left a CPU since.
     /// Never overwrites what a probe wrote meanwhile.
-    pub fn seed_thread(&mut self, tid: u32, state: ThreadState, wait: Option<FutexWait>) {
+    pub(crate) fn seed_thread(&mut self, tid: u32, state: ThreadState, wait: Option<FutexWait>) {
         const BPF_NOEXIST: u64 = 1;
         let Some(maps) = &mut self.threads else {
             return;
@@ -83,7 +83,7 @@ impl Probes {
     }
 
     /// Drops the records of a thread found gone (its exit was missed, e.g. a PID reused).
-    pub fn forget_thread(&mut self, tid: u32) {
+    pub(crate) fn forget_thread(&mut self, tid: u32) {
         if let Some(maps) = &mut self.threads {
             let _ = maps.states.remove(&tid);
             let _ = maps.waits.remove(&tid);
@@ -92,7 +92,7 @@ impl Probes {
 
     /// Drops a wait record userspace found stale (the thread is no longer in that wait), if
     /// no probe has replaced it since.
-    pub fn forget_wait(&mut self, tid: u32, seen: &FutexWait) {
+    pub(crate) fn forget_wait(&mut self, tid: u32, seen: &FutexWait) {
         if let Some(maps) = &mut self.threads
             && maps.waits.get(&tid, 0).is_ok_and(|now| now == *seen)
         {

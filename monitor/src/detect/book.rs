@@ -11,7 +11,57 @@ use std::{
     time::Duration,
 };
 
-use super::{Alert, AlertKind, AlertState, Transition};
+use serde::Serialize;
+
+use super::{
+    AlertKind, Proof,
+    groups::{GroupKey, Stack, ThreadReport, WaitsOn},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum AlertState {
+    Firing,
+    /// Still firing; its count, age or growth moved.
+    Updated,
+    /// Still firing, as another kind (`Transition::previous` says which).
+    Changed,
+    Resolved,
+}
+
+/// An alert's content at a transition.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Alert {
+    pub kind: &'static AlertKind,
+    pub group: GroupKey,
+    pub count: u64,
+    pub oldest_seconds: f64,
+    /// Net growth per minute over the leak window (None until the window is covered).
+    pub growth_per_minute: Option<f64>,
+    /// How the leak is known (e.g. nothing live can reach what the tasks wait on); `None` when
+    /// judged by growth or by age.
+    pub proof: Option<&'static Proof>,
+    /// Members proven leaked.
+    pub proven: u64,
+    /// What the group waits on.
+    pub waits_on: Option<Arc<WaitsOn>>,
+    /// The full stack of one member, innermost first.
+    pub stack: Option<Stack>,
+    /// Thread alerts: the threads involved (at most a few; `count` has the total).
+    pub threads: Vec<ThreadReport>,
+    /// What to do.
+    pub hint: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Transition {
+    /// Stable for the alert's life (and its group's).
+    pub id: Arc<str>,
+    pub state: AlertState,
+    /// For `Changed`: the kind it was.
+    pub previous: Option<&'static AlertKind>,
+    pub alert: Alert,
+}
 
 #[derive(Debug)]
 struct Entry {
@@ -25,14 +75,14 @@ struct Entry {
 /// Firing alerts per process, keyed by `K` (what the alert is about: a goroutine group, a
 /// lock cycle, ...).
 #[derive(Debug)]
-pub struct AlertBook<K> {
+pub(crate) struct AlertBook<K> {
     processes: HashMap<u32, BTreeMap<K, Entry>>,
     /// Least time between two `updated` transitions of one alert.
     update_every: Duration,
 }
 
 impl<K: Ord + Clone + Debug> AlertBook<K> {
-    pub fn new(update_every: Duration) -> Self {
+    pub(crate) fn new(update_every: Duration) -> Self {
         Self {
             processes: HashMap::new(),
             update_every,
@@ -41,7 +91,12 @@ impl<K: Ord + Clone + Debug> AlertBook<K> {
 
     /// What holds for `pid` at `now_ns` (every alert, firing or not yet): returns the
     /// transitions to report.
-    pub fn settle(&mut self, pid: u32, now_ns: u64, holds: Vec<(K, Alert)>) -> Vec<Transition> {
+    pub(crate) fn settle(
+        &mut self,
+        pid: u32,
+        now_ns: u64,
+        holds: Vec<(K, Alert)>,
+    ) -> Vec<Transition> {
         let book = self.processes.entry(pid).or_default();
         let mut holds: BTreeMap<K, Alert> = holds.into_iter().collect();
         let mut out = Vec::new();
@@ -86,7 +141,7 @@ impl<K: Ord + Clone + Debug> AlertBook<K> {
     }
 
     /// The process is gone: everything it had firing resolves.
-    pub fn forget(&mut self, pid: u32) -> Vec<Transition> {
+    pub(crate) fn forget(&mut self, pid: u32) -> Vec<Transition> {
         self.processes
             .remove(&pid)
             .into_iter()
@@ -105,20 +160,25 @@ impl<K: Ord + Clone + Debug> AlertBook<K> {
     }
 
     /// Every alert firing now, with its process, as of the last scan.
-    pub fn firing(&self) -> impl Iterator<Item = (u32, &Alert)> {
+    pub(crate) fn firing(&self) -> impl Iterator<Item = (u32, &Alert)> {
         self.processes
             .iter()
             .flat_map(|(pid, book)| book.values().map(move |e| (*pid, &e.alert)))
     }
 
     /// The kind firing for `key` in `pid`, if any.
-    pub fn kind(&self, pid: u32, key: &K) -> Option<AlertKind> {
+    pub(crate) fn kind(&self, pid: u32, key: &K) -> Option<&'static AlertKind> {
         self.processes.get(&pid)?.get(key).map(|e| e.alert.kind)
     }
 }
 
 impl Entry {
-    fn emit(&mut self, now_ns: u64, state: AlertState, previous: Option<AlertKind>) -> Transition {
+    fn emit(
+        &mut self,
+        now_ns: u64,
+        state: AlertState,
+        previous: Option<&'static AlertKind>,
+    ) -> Transition {
         self.emitted_ns = now_ns;
         self.emitted = self.alert.clone();
         Transition {
@@ -141,7 +201,7 @@ fn moved(before: &Alert, now: &Alert) -> bool {
 
 /// A stable id: the same process, group and kind family get the same id (FNV-1a, which does
 /// not change between builds).
-fn stable_id<K: Debug>(pid: u32, key: &K, kind: AlertKind) -> Arc<str> {
+fn stable_id<K: Debug>(pid: u32, key: &K, kind: &AlertKind) -> Arc<str> {
     let family = if kind.is_thread() { "thread" } else { "task" };
     let text = format!("{pid}/{family}/{key:?}");
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -155,11 +215,14 @@ fn stable_id<K: Debug>(pid: u32, key: &K, kind: AlertKind) -> Arc<str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::detect::GroupKey;
+    use crate::detect::{
+        GroupKey,
+        testing::{LEAK, STUCK},
+    };
 
     const S: u64 = 1_000_000_000;
 
-    fn alert(kind: AlertKind, count: u64) -> Alert {
+    fn alert(kind: &'static AlertKind, count: u64) -> Alert {
         Alert {
             kind,
             group: GroupKey {
@@ -176,10 +239,11 @@ mod tests {
             waits_on: None,
             stack: None,
             threads: Vec::new(),
+            hint: "",
         }
     }
 
-    fn states(t: &[Transition]) -> Vec<(AlertState, AlertKind, u64)> {
+    fn states(t: &[Transition]) -> Vec<(AlertState, &'static AlertKind, u64)> {
         t.iter()
             .map(|t| (t.state, t.alert.kind, t.alert.count))
             .collect()
@@ -188,8 +252,8 @@ mod tests {
     #[test]
     fn lifecycle_fire_update_change_resolve() {
         let mut book = AlertBook::new(Duration::from_secs(10));
-        let stuck = AlertKind::GoroutineStuck;
-        let leak = AlertKind::GoroutineLeak;
+        let stuck = &STUCK;
+        let leak = &LEAK;
         let t = book.settle(1, 0, vec![("g", alert(stuck, 3))]);
         assert_eq!(states(&t), [(AlertState::Firing, stuck, 3)]);
         let id = Arc::clone(&t[0].id);

@@ -1,4 +1,4 @@
-//! Grouping goroutines by where they come from and where they wait.
+//! Grouping tasks by where they come from and where they wait.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -8,7 +8,7 @@ use super::{AlertKind, Observation, TaskState};
 
 /// A source location: function, file and line.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct Site {
+pub(crate) struct Site {
     pub function: String,
     pub file: String,
     pub line: u32,
@@ -20,40 +20,72 @@ impl std::fmt::Display for Site {
     }
 }
 
-/// A stack, innermost frame first (shared by the goroutines parked at the same place).
-pub type Stack = Arc<[Arc<Site>]>;
+/// A stack, innermost frame first (shared by the tasks parked at the same place).
+pub(crate) type Stack = Arc<[Arc<Site>]>;
 
-/// What a task waits on: the kind of object, its address, and for a channel its state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct WaitsOn {
+/// What a task waits on: the kind of object, its address, and what its runtime read of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct WaitsOn {
     pub kind: &'static str,
-    #[serde(serialize_with = "hex")]
     pub address: u64,
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    pub channel: Option<ChannelState>,
-    /// How many distinct objects the group waits on (one per goroutine for a channel each).
+    pub state: Option<Arc<ObjectState>>,
+    /// How many distinct objects the group waits on (one per task for a channel each).
     pub objects: u64,
 }
 
-fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format!("{v:#x}"))
+/// What a runtime read of an object waited on (a Go channel's capacity, length, waiters):
+/// named fields, which JSON and OTLP flatten into `waits_on`, and a phrase for text alerts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ObjectState {
+    pub fields: Vec<(&'static str, Field)>,
+    /// "capacity 0, length 0, open, 1 senders and 0 receivers waiting"
+    pub text: String,
 }
 
-/// A channel's state as read from its `hchan`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct ChannelState {
-    pub capacity: u64,
-    pub length: u64,
-    pub closed: bool,
-    pub waiting_senders: u32,
-    pub waiting_receivers: u32,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Field {
+    Int(u64),
+    Bool(bool),
 }
 
-/// Goroutines with the same key leak (or not) together: same `go` statement, same entry
-/// function, blocked at the same place for the same reason. `wait_reason` is `None` and
-/// `blocked_at` is `None` for running goroutines.
+impl Serialize for WaitsOn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let fields = self.state.as_ref().map_or(&[][..], |st| &st.fields[..]);
+        let mut map = s.serialize_map(Some(3 + fields.len()))?;
+        map.serialize_entry("kind", self.kind)?;
+        map.serialize_entry("address", &format!("{:#x}", self.address))?;
+        for (name, value) in fields {
+            match value {
+                Field::Int(v) => map.serialize_entry(name, v)?,
+                Field::Bool(v) => map.serialize_entry(name, v)?,
+            }
+        }
+        map.serialize_entry("objects", &self.objects)?;
+        map.end()
+    }
+}
+
+/// One thread in an alert's `threads` list.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub(crate) struct ThreadReport {
+    pub tid: u32,
+    pub name: Arc<str>,
+    /// The futex (lock) address, hex.
+    pub waits_on: Option<String>,
+    pub owner_tid: Option<u32>,
+    pub waited_seconds: f64,
+    /// First frame in the program's own code.
+    pub blocked_at: Option<Arc<Site>>,
+    /// Innermost first, "function (file:line)" or "function (library)".
+    pub stack: Arc<[String]>,
+}
+
+/// Tasks with the same key leak (or not) together: created at the same place, same entry
+/// function, blocked at the same place for the same reason. `wait_reason` is `None` for
+/// running tasks.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct GroupKey {
+pub(crate) struct GroupKey {
     pub created_at: Option<Arc<Site>>,
     pub entry: Arc<str>,
     pub blocked_at: Option<Arc<Site>>,
@@ -62,11 +94,11 @@ pub struct GroupKey {
 
 /// Members of a group at one scan.
 #[derive(Clone, Debug, Default)]
-pub struct Members {
+pub(crate) struct Members {
     pub count: u64,
     /// Start of the longest wait (or run) among them.
     pub oldest_since_ns: u64,
-    /// Each member: (goid, start of its wait), and whether it is proven leaked.
+    /// Each member: (task id, start of its wait), and whether it is proven leaked.
     pub ids: Vec<(u64, u64, bool)>,
     /// What the first member waits on, and its stack.
     pub waits_on: Option<Arc<WaitsOn>>,
@@ -74,17 +106,13 @@ pub struct Members {
     /// Distinct wait objects.
     pub objects: std::collections::BTreeSet<u64>,
     /// Threads the members block (tokio polls), a few.
-    pub threads: Vec<Arc<super::ThreadReport>>,
+    pub threads: Vec<Arc<ThreadReport>>,
 }
 
-/// Parked goroutines blocked at least `min_age_ns`, grouped.
-pub fn blocked_groups(
-    goroutines: &[Observation],
-    now_ns: u64,
-    min_age_ns: u64,
-) -> BTreeMap<GroupKey, Members> {
+/// Parked tasks, grouped.
+pub(crate) fn blocked_groups(tasks: &[Observation]) -> BTreeMap<GroupKey, Members> {
     let mut groups: BTreeMap<GroupKey, Members> = BTreeMap::new();
-    for g in goroutines {
+    for g in tasks {
         let TaskState::Parked {
             since_ns,
             wait_reason,
@@ -93,9 +121,6 @@ pub fn blocked_groups(
         else {
             continue;
         };
-        if now_ns.saturating_sub(*since_ns) < min_age_ns {
-            continue;
-        }
         let key = GroupKey {
             created_at: g.created_at.clone(),
             entry: g.entry.clone(),
@@ -104,7 +129,7 @@ pub fn blocked_groups(
         };
         let m = groups.entry(key).or_default();
         add(m, *since_ns);
-        m.ids.push((g.goid, *since_ns, g.proven));
+        m.ids.push((g.id, *since_ns, g.proven));
         if let Some(w) = &g.waits_on {
             m.objects.insert(w.address);
             if m.waits_on.is_none() {
@@ -118,16 +143,16 @@ pub fn blocked_groups(
     groups
 }
 
-/// Tasks that have run without parking past what `judge` (given how many times each was put
-/// on a CPU) says, and were on a CPU within `recent_ns`, grouped, with the kind `judge` gave.
-pub fn running_groups(
-    goroutines: &[Observation],
+/// Tasks that have run without parking, of the kind `judge` gives for how many times each was
+/// put on a CPU, and on a CPU within `recent_ns`, grouped.
+pub(crate) fn running_groups(
+    tasks: &[Observation],
     now_ns: u64,
-    judge: impl Fn(u32) -> Option<(AlertKind, u64)>,
+    judge: impl Fn(u32) -> Option<&'static AlertKind>,
     recent_ns: u64,
-) -> BTreeMap<GroupKey, (AlertKind, Members)> {
-    let mut groups: BTreeMap<GroupKey, (AlertKind, Members)> = BTreeMap::new();
-    for g in goroutines {
+) -> BTreeMap<GroupKey, (&'static AlertKind, Members)> {
+    let mut groups: BTreeMap<GroupKey, (&'static AlertKind, Members)> = BTreeMap::new();
+    for g in tasks {
         let TaskState::Running {
             since_ns,
             runs,
@@ -136,12 +161,10 @@ pub fn running_groups(
         else {
             continue;
         };
-        let Some((kind, min_age_ns)) = judge(runs) else {
+        let Some(kind) = judge(runs) else {
             continue;
         };
-        if now_ns.saturating_sub(since_ns) < min_age_ns
-            || now_ns.saturating_sub(last_run_ns) > recent_ns
-        {
+        if now_ns.saturating_sub(last_run_ns) > recent_ns {
             continue;
         }
         let key = GroupKey {

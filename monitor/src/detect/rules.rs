@@ -4,10 +4,10 @@ use std::{collections::VecDeque, time::Duration};
 
 /// What counts as blocked, spinning and leaking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Thresholds {
-    /// A goroutine parked this long is blocked (and a stuck candidate).
+pub(crate) struct Thresholds {
+    /// A task (goroutine, tokio task) waiting this long is blocked (and a stuck candidate).
     pub block: Duration,
-    /// A goroutine running this long without parking is spinning.
+    /// A task running (or polled over and over) this long without waiting is spinning.
     pub spin: Duration,
     /// A tokio poll running this long in one blocking call blocks its worker.
     pub poll_block: Duration,
@@ -52,31 +52,34 @@ impl Thresholds {
     }
 }
 
+/// Nanoseconds, as the probes' clock counts: the one conversion of a duration.
+pub(crate) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// How a wait reason reads when the wait lasts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WaitClass {
-    /// Waiting for work, input or other goroutines (channel, select, network, timer,
-    /// WaitGroup, Cond): fine however long, a leak when proven unreachable or when the group
-    /// only grows.
+pub(crate) enum WaitClass {
+    /// Waiting for work, input or other tasks (a channel, the network, a timer, a wake):
+    /// fine however long, a leak when proven or when the group only grows.
     Idle,
-    /// Waiting on a lock, or on what nothing can ever wake (nil channel, `select {}`): stuck
-    /// when it lasts.
+    /// Waiting on a lock, or on what nothing can ever wake: stuck when it lasts.
     Stuck,
-    /// The runtime's own bookkeeping goroutines: never reported.
+    /// The runtime's own bookkeeping tasks: never reported.
     Runtime,
 }
 
 /// Count of a group at successive scans, trimmed to what the growth test needs.
 #[derive(Clone, Debug, Default)]
-pub struct History {
+pub(crate) struct History {
     samples: VecDeque<(u64, u64)>,
 }
 
 impl History {
-    pub fn push(&mut self, now_ns: u64, count: u64, window: Duration) {
+    pub(crate) fn push(&mut self, now_ns: u64, count: u64, window: Duration) {
         self.samples.push_back((now_ns, count));
         // Keep one sample at or before the window's start so `at` has an answer there.
-        let start = now_ns.saturating_sub(window_ns(window));
+        let start = now_ns.saturating_sub(nanos(window));
         while self.samples.len() > 1 && self.samples[1].0 <= start {
             self.samples.pop_front();
         }
@@ -91,21 +94,21 @@ impl History {
             .map(|(_, c)| *c)
     }
 
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         self.samples.iter().all(|(_, c)| *c == 0)
     }
 
     /// Net growth over the window ending at `now_ns`, when the history covers the window.
-    pub fn growth(&self, now_ns: u64, window: Duration) -> Option<i128> {
-        let start = self.at(now_ns.saturating_sub(window_ns(window)))?;
+    pub(crate) fn growth(&self, now_ns: u64, window: Duration) -> Option<i128> {
+        let start = self.at(now_ns.saturating_sub(nanos(window)))?;
         let now = self.samples.back()?.1;
         Some(i128::from(now) - i128::from(start))
     }
 
     /// Growing: net growth of at least `min_growth` over the window, spread over at least two
     /// of its thirds, so a one-off burst (a pool filling up at start) is not a leak.
-    pub fn keeps_growing(&self, now_ns: u64, window: Duration, min_growth: u64) -> bool {
-        let w = window_ns(window);
+    pub(crate) fn keeps_growing(&self, now_ns: u64, window: Duration, min_growth: u64) -> bool {
+        let w = nanos(window);
         let points: Option<Vec<u64>> = (0..=3)
             .map(|i| self.at(now_ns.saturating_sub(w - (u128::from(w) * i / 3) as u64)))
             .collect();
@@ -115,10 +118,6 @@ impl History {
         let rising_thirds = points.windows(2).filter(|p| p[1] > p[0]).count();
         points[3] >= points[0] + min_growth && rising_thirds >= 2
     }
-}
-
-fn window_ns(window: Duration) -> u64 {
-    u64::try_from(window.as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -7,16 +7,67 @@ use std::{
     sync::Arc,
 };
 
-use serde::Serialize;
-
 use super::{
-    Alert, AlertBook, AlertKind, GroupKey, Site, Transition,
+    Activity, Alert, AlertBook, AlertKind, Family, GroupKey, Severity, Site, ThreadReport,
+    Transition, alert_kind,
     rules::{History, Thresholds},
 };
 
+pub(crate) static THREAD_DEADLOCK: AlertKind = alert_kind!("thread_deadlock",
+    members: "threads",
+    activity: Activity::Blocked,
+    severity: Severity::Error,
+    family: Family::Thread,
+    hint: "threads hold locks while waiting for each other's: take locks in one global order \
+           (or all at once, e.g. std::scoped_lock), never call out while holding a lock, or use \
+           pthread_mutex_timedlock and back off",
+    running: AlertKind::RUNNING,
+    running_at: false,
+);
+
+pub(crate) static THREAD_STUCK: AlertKind = alert_kind!("thread_stuck",
+    members: "threads",
+    activity: Activity::Blocked,
+    severity: Severity::Warn,
+    family: Family::Thread,
+    hint: "threads wait on a lock that is never released: make sure every path unlocks (RAII \
+           guards, pthread_cleanup_push), keep lock order consistent, and bound waits with a \
+           timed lock",
+    running: AlertKind::RUNNING,
+    running_at: false,
+);
+
+pub(crate) static THREAD_LEAK: AlertKind = alert_kind!("thread_leak",
+    members: "threads",
+    activity: Activity::Blocked,
+    severity: Severity::Warn,
+    family: Family::Thread,
+    hint: "threads are started faster than they finish and stay blocked: use a fixed-size \
+           thread pool or a semaphore to bound them, join or detach every thread, and give \
+           blocked threads a way out (timeouts, cancellation, closing what they wait on)",
+    running: AlertKind::RUNNING,
+    running_at: false,
+);
+
+pub(crate) static PROCESS_HUNG: AlertKind = alert_kind!("process_hung",
+    members: "threads",
+    activity: Activity::Blocked,
+    severity: Severity::Error,
+    family: Family::Thread,
+    hint: "every thread is blocked and at least one waits on a lock: the process cannot make \
+           progress; look for a lock cycle or a lock held by a thread that exited, and restart \
+           it after taking a core dump (gcore) for diagnosis",
+    running: AlertKind::RUNNING,
+    running_at: false,
+);
+
+/// The kinds of alert about threads.
+pub(crate) static THREAD_KINDS: &[&AlertKind] =
+    &[&THREAD_DEADLOCK, &THREAD_STUCK, &THREAD_LEAK, &PROCESS_HUNG];
+
 /// What a thread's futex wait is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum WaitKind {
+pub(crate) enum WaitKind {
     /// Waiting to acquire a lock.
     Lock,
     /// Waiting for work, a signal or another thread's exit (condition variables, semaphores,
@@ -28,7 +79,7 @@ pub enum WaitKind {
 
 impl WaitKind {
     /// The wait reason alerts print.
-    pub fn reason(self, lock: LockFlavor) -> &'static str {
+    pub(crate) fn reason(self, lock: LockFlavor) -> &'static str {
         match (self, lock) {
             (Self::Lock, LockFlavor::PthreadMutex) => "pthread mutex",
             (Self::Lock, LockFlavor::PiMutex) => "PI mutex",
@@ -41,7 +92,7 @@ impl WaitKind {
 
 /// Which kind of lock, which says where its owner is recorded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum LockFlavor {
+pub(crate) enum LockFlavor {
     /// glibc `pthread_mutex_t`: owner in `__owner`.
     PthreadMutex,
     /// A priority-inheritance futex: owner in the futex word.
@@ -52,7 +103,7 @@ pub enum LockFlavor {
 
 /// A futex wait a thread is in.
 #[derive(Clone, Debug, PartialEq)]
-pub struct FutexObs {
+pub(crate) struct FutexObs {
     pub uaddr: u64,
     pub since_ns: u64,
     pub kind: WaitKind,
@@ -63,7 +114,7 @@ pub struct FutexObs {
 
 /// One thread as seen at a scan.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ThreadObs {
+pub(crate) struct ThreadObs {
     pub tid: u32,
     pub name: Arc<str>,
     /// Off a CPU (sleeping) since; None while it runs or waits to run.
@@ -95,24 +146,9 @@ impl ThreadObs {
 
 /// All threads of one process at one instant.
 #[derive(Clone, Debug)]
-pub struct ThreadSnapshot {
+pub(crate) struct ThreadSnapshot {
     pub now_ns: u64,
     pub threads: Vec<ThreadObs>,
-}
-
-/// One thread in an alert's `threads` list.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ThreadReport {
-    pub tid: u32,
-    pub name: Arc<str>,
-    /// The futex (lock) address, hex.
-    pub waits_on: Option<String>,
-    pub owner_tid: Option<u32>,
-    pub waited_seconds: f64,
-    /// First frame in the program's own code.
-    pub blocked_at: Option<Arc<Site>>,
-    /// Innermost first, "function (file:line)" or "function (library)".
-    pub stack: Arc<[String]>,
 }
 
 /// Threads listed per alert at most (`count` has them all).
@@ -141,14 +177,14 @@ struct ProcessState {
 }
 
 #[derive(Debug)]
-pub struct ThreadDetector {
+pub(crate) struct ThreadDetector {
     thresholds: Thresholds,
     processes: HashMap<u32, ProcessState>,
     book: AlertBook<Key>,
 }
 
 impl ThreadDetector {
-    pub fn new(thresholds: Thresholds) -> Self {
+    pub(crate) fn new(thresholds: Thresholds) -> Self {
         Self {
             thresholds,
             processes: HashMap::new(),
@@ -157,7 +193,7 @@ impl ThreadDetector {
     }
 
     /// Takes one snapshot of `pid`'s threads and returns the alerts that started or ended.
-    pub fn observe(&mut self, pid: u32, snapshot: &ThreadSnapshot) -> Vec<Transition> {
+    pub(crate) fn observe(&mut self, pid: u32, snapshot: &ThreadSnapshot) -> Vec<Transition> {
         let t = self.thresholds;
         let now = snapshot.now_ns;
         let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
@@ -236,7 +272,7 @@ impl ThreadDetector {
                         wanted.insert(
                             Key::Deadlock(locks),
                             Alert {
-                                kind: AlertKind::ThreadDeadlock,
+                                kind: &THREAD_DEADLOCK,
                                 group: group_key(first),
                                 count: members.len() as u64,
                                 oldest_seconds: age(oldest) as f64 / 1e9,
@@ -246,6 +282,7 @@ impl ThreadDetector {
                                 waits_on: None,
                                 stack: None,
                                 threads: members.iter().map(|m| report(m)).collect(),
+                                hint: THREAD_DEADLOCK.hint,
                             },
                         );
                     }
@@ -274,7 +311,7 @@ impl ThreadDetector {
         for (key, members) in stuck {
             wanted.insert(
                 Key::Stuck(key.clone()),
-                group_alert(AlertKind::ThreadStuck, key, &members, now, None, &report),
+                group_alert(&THREAD_STUCK, key, &members, now, None, &report),
             );
         }
 
@@ -320,14 +357,7 @@ impl ThreadDetector {
                     .map(|g| g as f64 * 60.0 / t.leak_window.as_secs_f64().max(1e-9));
                 wanted.insert(
                     Key::Leak(key.clone()),
-                    group_alert(
-                        AlertKind::ThreadLeak,
-                        key.clone(),
-                        members,
-                        now,
-                        growth,
-                        &report,
-                    ),
+                    group_alert(&THREAD_LEAK, key.clone(), members, now, growth, &report),
                 );
             }
         }
@@ -348,7 +378,7 @@ impl ThreadDetector {
                 wanted.insert(
                     Key::Hung,
                     group_alert(
-                        AlertKind::ProcessHung,
+                        &PROCESS_HUNG,
                         group_key(first_lock),
                         &members,
                         now,
@@ -367,12 +397,12 @@ impl ThreadDetector {
     }
 
     /// Every alert firing now, with its process, as of the last scan.
-    pub fn firing(&self) -> impl Iterator<Item = (u32, &Alert)> {
+    pub(crate) fn firing(&self) -> impl Iterator<Item = (u32, &Alert)> {
         self.book.firing()
     }
 
     /// The process is gone: resolve its alerts and drop its state.
-    pub fn forget(&mut self, pid: u32) -> Vec<Transition> {
+    pub(crate) fn forget(&mut self, pid: u32) -> Vec<Transition> {
         self.processes.remove(&pid);
         self.book.forget(pid)
     }
@@ -383,7 +413,7 @@ fn lock_wait(t: &ThreadObs) -> Option<&FutexObs> {
 }
 
 fn group_alert(
-    kind: AlertKind,
+    kind: &'static AlertKind,
     group: GroupKey,
     members: &[&ThreadObs],
     now: u64,
@@ -409,6 +439,7 @@ fn group_alert(
         waits_on: None,
         stack: None,
         threads,
+        hint: kind.hint,
     }
 }
 
@@ -453,7 +484,7 @@ mod tests {
         }
     }
 
-    fn kinds(transitions: &[Transition]) -> Vec<(AlertKind, AlertState)> {
+    fn kinds(transitions: &[Transition]) -> Vec<(&'static AlertKind, AlertState)> {
         transitions
             .iter()
             .map(|t| (t.alert.kind, t.state))
@@ -480,10 +511,7 @@ mod tests {
         // Younger than a scan interval: not yet.
         assert!(d.observe(7, &snapshot(0, cycle(0).threads)).is_empty());
         let fired = d.observe(7, &cycle(1));
-        assert_eq!(
-            kinds(&fired),
-            [(AlertKind::ThreadDeadlock, AlertState::Firing)]
-        );
+        assert_eq!(kinds(&fired), [(&THREAD_DEADLOCK, AlertState::Firing)]);
         let alert = &fired[0].alert;
         assert_eq!(alert.count, 2);
         assert_eq!(alert.threads[0].owner_tid, Some(2));
@@ -491,10 +519,7 @@ mod tests {
         // Past the block threshold the cycle is still one deadlock, not also stuck.
         assert!(d.observe(7, &cycle(5)).is_empty());
         let resolved = d.observe(7, &snapshot(6, Vec::new()));
-        assert_eq!(
-            kinds(&resolved),
-            [(AlertKind::ThreadDeadlock, AlertState::Resolved)]
-        );
+        assert_eq!(kinds(&resolved), [(&THREAD_DEADLOCK, AlertState::Resolved)]);
     }
 
     #[test]
@@ -510,7 +535,7 @@ mod tests {
                 thread(3, 0, Some((0xa, WaitKind::Lock, Some(1)))),
             ],
         );
-        let deadlock = (AlertKind::ThreadDeadlock, AlertState::Firing);
+        let deadlock = (&THREAD_DEADLOCK, AlertState::Firing);
         assert!(!kinds(&d.observe(7, &stale)).contains(&deadlock));
         // Read afresh: B owns M and runs; A waits on B's lock, C on M: no cycle.
         let fresh = snapshot(
@@ -545,10 +570,7 @@ mod tests {
         assert!(d.observe(7, &snapshot(1, threads.clone())).is_empty());
         let fired = d.observe(7, &snapshot(3, threads));
         // Not hung: one thread sleeps with a timeout.
-        assert_eq!(
-            kinds(&fired),
-            [(AlertKind::ThreadStuck, AlertState::Firing)]
-        );
+        assert_eq!(kinds(&fired), [(&THREAD_STUCK, AlertState::Firing)]);
         assert_eq!(fired[0].alert.count, 1);
         assert_eq!(
             fired[0].alert.group.blocked_at.as_ref().map(|s| s.line),
@@ -567,8 +589,8 @@ mod tests {
         assert_eq!(
             kinds(&fired),
             [
-                (AlertKind::ThreadStuck, AlertState::Firing),
-                (AlertKind::ProcessHung, AlertState::Firing)
+                (&THREAD_STUCK, AlertState::Firing),
+                (&PROCESS_HUNG, AlertState::Firing)
             ]
         );
         let resolved = d.forget(7);
@@ -594,7 +616,7 @@ mod tests {
                 .collect();
             assert!(pool.observe(1, &snapshot(now, idle)).is_empty(), "t={now}");
         }
-        assert_eq!(kinds(&fired), [(AlertKind::ThreadLeak, AlertState::Firing)]);
+        assert_eq!(kinds(&fired), [(&THREAD_LEAK, AlertState::Firing)]);
         assert!(fired[0].alert.growth_per_minute.is_some_and(|g| g > 0.0));
         assert!(fired[0].alert.threads.len() <= MAX_REPORTED);
     }

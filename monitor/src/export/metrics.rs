@@ -14,10 +14,11 @@ use opentelemetry_sdk::{
 };
 
 use super::ExportStats;
+use crate::{detect::Alert, output::Health};
 
 /// One firing alert's group, as metric attributes and values.
 #[derive(Clone, Debug, PartialEq)]
-pub struct GroupGauge {
+pub(crate) struct GroupGauge {
     /// process.pid, leakmon.kind, code.* of the site, leakmon.wait_reason,
     /// leakmon.task_state (`blocked` or `spinning`).
     pub attributes: Vec<KeyValue>,
@@ -25,36 +26,12 @@ pub struct GroupGauge {
     pub oldest_wait_seconds: f64,
 }
 
-/// The daemon's own health.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Health {
-    /// Probe hits so far (goroutine parks, preemptions, exits seen by uprobes).
-    pub probe_hits: u64,
-    /// Records the kernel side could not keep or deliver (full maps, lost exec events).
-    pub events_dropped: u64,
-    pub last_scan_seconds: f64,
-    /// Go processes with probes attached.
-    pub processes_attached: u64,
-    /// Alerts fired so far, all kinds.
-    pub alerts_fired: u64,
-    /// The daemon's resident memory.
-    pub memory_bytes: u64,
-    /// Bytes held by the symbol and unwind cache, and modules evicted from it so far.
-    pub cache_bytes: u64,
-    pub cache_evicted: u64,
-    /// Processes skipped because work on them overran its deadline.
-    pub targets_unresponsive: u64,
-    /// Worker threads alive, and results that came after their deadline so far.
-    pub workers: u64,
-    pub late_results: u64,
-}
-
 impl GroupGauge {
-    pub fn of(pid: u32, alert: &crate::detect::Alert) -> Self {
+    pub(crate) fn of(pid: u32, alert: &Alert) -> Self {
         let g = &alert.group;
         let mut attributes = vec![
             KeyValue::new("process.pid", i64::from(pid)),
-            KeyValue::new("leakmon.kind", alert.kind.as_str()),
+            KeyValue::new("leakmon.kind", alert.kind.name),
         ];
         if let Some(site) = g.blocked_at.as_deref().or(g.created_at.as_deref()) {
             attributes.push(KeyValue::new("code.function.name", site.function.clone()));
@@ -64,12 +41,10 @@ impl GroupGauge {
         if let Some(reason) = &g.wait_reason {
             attributes.push(KeyValue::new("leakmon.wait_reason", reason.to_string()));
         }
-        let state = if alert.kind == crate::detect::AlertKind::GoroutineSpinning {
-            "spinning"
-        } else {
-            "blocked"
-        };
-        attributes.push(KeyValue::new("leakmon.task_state", state));
+        attributes.push(KeyValue::new(
+            "leakmon.task_state",
+            alert.kind.activity.as_str(),
+        ));
         Self {
             attributes,
             tasks: alert.count,
@@ -79,7 +54,7 @@ impl GroupGauge {
 }
 
 #[derive(Clone, Debug, Default)]
-pub struct MetricsSnapshot {
+pub(crate) struct MetricsSnapshot {
     pub groups: Vec<GroupGauge>,
     pub health: Health,
 }
@@ -151,7 +126,7 @@ pub(super) fn provider(
     let _ = health("leakmon.alerts.fired", "Alerts fired", "{alert}", |h| {
         h.alerts_fired
     });
-    let _ = health("leakmon.probe.hits", "Goroutine probe hits", "{hit}", |h| {
+    let _ = health("leakmon.probe.hits", "Task probe hits", "{hit}", |h| {
         h.probe_hits
     });
     let _ = health(
@@ -212,7 +187,7 @@ pub(super) fn provider(
         let read = read.clone();
         meter
             .u64_observable_gauge("leakmon.processes.attached")
-            .with_description("Go processes with goroutine probes attached")
+            .with_description("Processes whose tasks (goroutines, tokio tasks) are watched")
             .with_unit("{process}")
             .with_callback(move |o| read(&|s| o.observe(s.health.processes_attached, &[])))
             .build();

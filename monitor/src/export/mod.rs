@@ -37,15 +37,19 @@ use opentelemetry_sdk::{
 };
 use tokio::sync::mpsc;
 
-pub use self::{
-    metrics::{GroupGauge, Health, MetricsSnapshot},
-    record::{AlertRecord, Value, alert_record, event_name},
-    settings::{OtlpFile, OtlpSettings, Protocol},
+pub(crate) use self::settings::{OtlpOptions, OtlpSettings, Protocol};
+use self::{
+    metrics::{GroupGauge, MetricsSnapshot},
+    record::alert_record,
 };
-use crate::{detect::Transition, output::ProcessInfo};
+use crate::{
+    detect::Transition,
+    output::{Metrics, Sink},
+    runtime::ProcessInfo,
+};
 
 #[derive(Debug, thiserror::Error)]
-pub enum ExportError {
+pub(crate) enum ExportError {
     #[error("setting up the OTLP exporter for {endpoint}")]
     Exporter {
         endpoint: String,
@@ -62,7 +66,7 @@ type Item = (SdkLogRecord, InstrumentationScope);
 
 /// Export counters, shared with the metrics.
 #[derive(Debug, Default)]
-pub struct ExportStats {
+pub(crate) struct ExportStats {
     /// Alert records the backend accepted.
     pub sent: AtomicU64,
     /// Alert records given up: the queue was full (the oldest go), or still undelivered at
@@ -103,8 +107,8 @@ impl LogProcessor for QueueProcessor {
     }
 }
 
-/// A running exporter.
-pub struct Otlp {
+/// A running exporter: the OTLP sink.
+pub(crate) struct Otlp {
     logs: SdkLoggerProvider,
     logger: SdkLogger,
     stats: Arc<ExportStats>,
@@ -123,7 +127,7 @@ const DRAIN_AT_EXIT: Duration = Duration::from_secs(5);
 
 impl Otlp {
     /// Builds the exporters (on the export thread, which owns their runtime) and starts it.
-    pub fn start(settings: OtlpSettings) -> Result<Self, ExportError> {
+    pub(crate) fn start(settings: OtlpSettings) -> Result<Self, ExportError> {
         let resource = resource();
         let stats = Arc::new(ExportStats::default());
         let snapshot = Arc::new(Mutex::new(MetricsSnapshot::default()));
@@ -168,7 +172,7 @@ impl Otlp {
     }
 
     /// Queues one alert transition as a log record (never blocks).
-    pub fn alert(&self, process: &ProcessInfo, transition: &Transition) {
+    fn queue(&self, process: &ProcessInfo, transition: &Transition) {
         let r = alert_record(process, transition);
         let mut record = self.logger.create_log_record();
         record.set_event_name(r.event_name);
@@ -182,29 +186,45 @@ impl Otlp {
         self.logger.emit(record);
     }
 
-    /// Replaces what the metrics report (read at the next export).
-    pub fn update_metrics(&self, snapshot: MetricsSnapshot) {
-        if let Ok(mut s) = self.snapshot.lock() {
-            *s = snapshot;
-        }
-    }
-
-    pub fn stats(&self) -> &ExportStats {
-        &self.stats
-    }
-
     /// Sends what is queued (trying for a few seconds), exports the metrics one last time,
     /// and stops the thread.
-    pub fn shutdown(mut self) {
+    fn shutdown(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
         let _ = self.logs.shutdown();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        let _ = thread.join();
         let (sent, dropped) = (
             self.stats.sent.load(Ordering::Relaxed),
             self.stats.dropped.load(Ordering::Relaxed),
         );
         log::info!("OTLP export: {sent} alert records sent, {dropped} dropped");
+    }
+}
+
+impl Sink for Otlp {
+    fn alert(&mut self, process: &ProcessInfo, transition: &Transition) -> std::io::Result<()> {
+        self.queue(process, transition);
+        Ok(())
+    }
+
+    /// Replaces what the metrics report (read at the next export).
+    fn metrics(&mut self, metrics: &Metrics<'_>) {
+        let snapshot = MetricsSnapshot {
+            groups: metrics
+                .firing
+                .iter()
+                .map(|(pid, alert)| GroupGauge::of(*pid, alert))
+                .collect(),
+            health: metrics.health,
+        };
+        if let Ok(mut s) = self.snapshot.lock() {
+            *s = snapshot;
+        }
+    }
+
+    fn close(&mut self) {
+        self.shutdown();
     }
 }
 

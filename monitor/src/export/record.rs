@@ -4,13 +4,14 @@
 use opentelemetry::logs::{AnyValue, Severity};
 
 use crate::{
-    detect::{AlertKind, AlertState, Transition, hint},
-    output::ProcessInfo,
+    detect::{AlertKind, AlertState, Severity as Level, Transition},
+    output::round3,
+    runtime::ProcessInfo,
 };
 
 /// An attribute value: what the log record carries.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Value {
+pub(crate) enum Value {
     Str(String),
     Int(i64),
     Float(f64),
@@ -32,7 +33,7 @@ impl From<Value> for AnyValue {
 
 /// The parts of one log record.
 #[derive(Clone, Debug, PartialEq)]
-pub struct AlertRecord {
+pub(crate) struct AlertRecord {
     /// `leakmon.<kind>`, e.g. `leakmon.goroutine_leak`.
     pub event_name: &'static str,
     pub severity: Severity,
@@ -41,38 +42,22 @@ pub struct AlertRecord {
     pub attributes: Vec<(&'static str, Value)>,
 }
 
-pub fn event_name(kind: AlertKind) -> &'static str {
-    match kind {
-        AlertKind::GoroutineLeak => "leakmon.goroutine_leak",
-        AlertKind::GoroutineStuck => "leakmon.goroutine_stuck",
-        AlertKind::GoroutineSpinning => "leakmon.goroutine_spinning",
-        AlertKind::ThreadDeadlock => "leakmon.thread_deadlock",
-        AlertKind::ThreadStuck => "leakmon.thread_stuck",
-        AlertKind::ThreadLeak => "leakmon.thread_leak",
-        AlertKind::ProcessHung => "leakmon.process_hung",
-        AlertKind::TaskLeak => "leakmon.task_leak",
-        AlertKind::TaskLostWaker => "leakmon.task_lost_waker",
-        AlertKind::TaskBlocking => "leakmon.task_blocking",
-        AlertKind::TaskSpinning => "leakmon.task_spinning",
-    }
-}
-
-/// Firing: ERROR for what cannot recover by itself (deadlock, hung process), WARN otherwise;
-/// resolved: INFO.
-fn severity(kind: AlertKind, state: AlertState) -> (Severity, &'static str) {
-    match (state, kind) {
+/// Firing: the kind's (ERROR for what cannot recover by itself, such as a deadlock or a hung
+/// process; WARN otherwise); resolved: INFO.
+fn severity(kind: &AlertKind, state: AlertState) -> (Severity, &'static str) {
+    match (state, kind.severity) {
         (AlertState::Resolved, _) => (Severity::Info, "INFO"),
-        (_, AlertKind::ThreadDeadlock | AlertKind::ProcessHung) => (Severity::Error, "ERROR"),
-        _ => (Severity::Warn, "WARN"),
+        (_, Level::Error) => (Severity::Error, "ERROR"),
+        (_, Level::Warn) => (Severity::Warn, "WARN"),
     }
 }
 
-pub fn alert_record(p: &ProcessInfo, t: &Transition) -> AlertRecord {
+pub(crate) fn alert_record(p: &ProcessInfo, t: &Transition) -> AlertRecord {
     let a = &t.alert;
     let g = &a.group;
     let (severity, severity_text) = severity(a.kind, t.state);
     let mut attrs: Vec<(&'static str, Value)> = vec![
-        ("leakmon.kind", Value::Str(a.kind.as_str().into())),
+        ("leakmon.kind", Value::Str(a.kind.name.into())),
         ("leakmon.state", Value::Str(state_str(t.state).into())),
         ("leakmon.count", Value::Int(a.count as i64)),
         (
@@ -83,10 +68,7 @@ pub fn alert_record(p: &ProcessInfo, t: &Transition) -> AlertRecord {
         ("process.executable.path", Value::Str(p.exe.clone())),
         ("process.runtime.name", Value::Str(p.runtime.into())),
         ("leakmon.entry", Value::Str(g.entry.to_string())),
-        (
-            "leakmon.hint",
-            Value::Str(hint(a.kind, g.wait_reason.as_deref()).into()),
-        ),
+        ("leakmon.hint", Value::Str(a.hint.into())),
     ];
     if !p.runtime_version.is_empty() {
         attrs.push((
@@ -111,13 +93,10 @@ pub fn alert_record(p: &ProcessInfo, t: &Transition) -> AlertRecord {
     }
     attrs.push(("leakmon.alert_id", Value::Str(t.id.to_string())));
     if let Some(previous) = t.previous {
-        attrs.push((
-            "leakmon.previous_kind",
-            Value::Str(previous.as_str().into()),
-        ));
+        attrs.push(("leakmon.previous_kind", Value::Str(previous.name.into())));
     }
     if let Some(proof) = a.proof {
-        attrs.push(("leakmon.proof", Value::Str(proof.into())));
+        attrs.push(("leakmon.proof", Value::Str(proof.name.into())));
         attrs.push(("leakmon.proven", Value::Int(a.proven as i64)));
     }
     if let Some(w) = &a.waits_on {
@@ -150,7 +129,7 @@ pub fn alert_record(p: &ProcessInfo, t: &Transition) -> AlertRecord {
         }
     }
     AlertRecord {
-        event_name: event_name(a.kind),
+        event_name: a.kind.event,
         severity,
         severity_text,
         body: body(p, t),
@@ -171,10 +150,10 @@ fn state_str(s: AlertState) -> &'static str {
 fn body(p: &ProcessInfo, t: &Transition) -> String {
     let a = &t.alert;
     let g = &a.group;
-    let tasks = a.kind.members();
+    let tasks = a.kind.members;
     let mut s = match t.state {
         AlertState::Firing | AlertState::Updated => format!("{} {tasks}", thousands(a.count)),
-        AlertState::Changed => format!("now {} ({} {tasks}):", a.kind.as_str(), thousands(a.count)),
+        AlertState::Changed => format!("now {} ({} {tasks}):", a.kind.name, thousands(a.count)),
         AlertState::Resolved => format!("resolved ({} {tasks} left):", thousands(a.count)),
     };
     match &g.created_at {
@@ -193,12 +172,10 @@ fn body(p: &ProcessInfo, t: &Transition) -> String {
     if let Some(growth) = a.growth_per_minute.filter(|g| *g > 0.0) {
         s.push_str(&format!(", +{growth:.0}/min"));
     }
-    match a.proof {
-        Some("unreachable") => s.push_str(", proven: nothing live can reach what they wait on"),
-        Some("no_waker") => s.push_str(", proven: no waker is left to wake them"),
-        _ => {}
+    if let Some(proof) = a.proof {
+        s.push_str(&format!(", proven: {}", proof.summary));
     }
-    s.push_str(&format!(" ({}, PID {}", a.kind.as_str(), p.pid));
+    s.push_str(&format!(" ({}, PID {}", a.kind.name, p.pid));
     if let Some(pod) = &p.container.pod_name {
         s.push_str(&format!(", pod {pod}"));
     }
@@ -218,17 +195,16 @@ fn thousands(n: u64) -> String {
     out
 }
 
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
     use super::*;
     use crate::{
-        detect::{Alert, GroupKey, Site},
+        detect::{
+            Alert, GroupKey, Site,
+            testing::{LEAK, PROOF},
+        },
         proc::Container,
     };
 
@@ -258,7 +234,7 @@ mod tests {
             state: AlertState::Firing,
             previous: None,
             alert: Alert {
-                kind: AlertKind::GoroutineLeak,
+                kind: &LEAK,
                 group: GroupKey {
                     created_at: site("api/handler.go", 88),
                     entry: "main.handler.func1".into(),
@@ -268,7 +244,7 @@ mod tests {
                 count: 1204,
                 oldest_seconds: 720.4,
                 growth_per_minute: Some(40.0),
-                proof: Some("unreachable"),
+                proof: Some(&PROOF),
                 proven: 1204,
                 waits_on: None,
                 stack: Some(
@@ -278,6 +254,7 @@ mod tests {
                         .collect(),
                 ),
                 threads: Vec::new(),
+                hint: LEAK.hint,
             },
         };
         let r = alert_record(&p, &t);

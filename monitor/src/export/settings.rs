@@ -3,27 +3,49 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// The config file's `[otlp]` table.
-#[derive(Clone, Debug, Default, Deserialize)]
+use crate::config::values::{ConfigError, duration};
+
+/// The OTLP sink's settings: the config file's `[otlp]` table, and the flags that set the same
+/// (part of `config::Options`).
+#[derive(Clone, Debug, Default, clap::Args, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct OtlpFile {
+pub(crate) struct OtlpOptions {
+    /// Export alerts and metrics over OTLP to this collector (e.g. http://collector:4317);
+    /// alerts stay on stdout too
+    #[arg(
+        id = "otlp_endpoint",
+        long = "otlp-endpoint",
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT",
+        value_name = "URL"
+    )]
     pub endpoint: Option<String>,
+    /// OTLP transport [default: grpc]
+    #[arg(
+        id = "otlp_protocol",
+        long = "otlp-protocol",
+        env = "OTEL_EXPORTER_OTLP_PROTOCOL",
+        value_enum
+    )]
     pub protocol: Option<Protocol>,
     /// Sent with every export (e.g. an API key).
+    #[arg(skip)]
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// Per export request.
+    #[arg(skip)]
     pub timeout: Option<String>,
     /// How often metrics are exported.
+    #[arg(skip)]
     pub metrics_interval: Option<String>,
     /// Alert records held while the backend is unreachable; the oldest go first when full.
+    #[arg(skip)]
     pub queue_size: Option<usize>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-pub enum Protocol {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+pub(crate) enum Protocol {
     #[default]
     #[serde(rename = "grpc")]
     #[value(name = "grpc")]
@@ -35,7 +57,7 @@ pub enum Protocol {
 
 /// Effective export settings.
 #[derive(Clone, Debug, PartialEq)]
-pub struct OtlpSettings {
+pub(crate) struct OtlpSettings {
     pub protocol: Protocol,
     /// Full URLs per signal: for HTTP the base endpoint gets `/v1/logs` and `/v1/metrics`;
     /// `OTEL_EXPORTER_OTLP_{LOGS,METRICS}_ENDPOINT` are used as given.
@@ -48,29 +70,19 @@ pub struct OtlpSettings {
     pub queue_size: usize,
 }
 
-pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(30);
-pub const DEFAULT_QUEUE_SIZE: usize = 4096;
+pub(crate) const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_QUEUE_SIZE: usize = 4096;
 
 impl OtlpSettings {
-    /// `endpoint` and `protocol` as flags or `OTEL_EXPORTER_OTLP_ENDPOINT` /
-    /// `OTEL_EXPORTER_OTLP_PROTOCOL` gave them (clap reads both), over the file's.
+    /// What `options` set (flags, `OTEL_EXPORTER_OTLP_ENDPOINT` / `_PROTOCOL`, over the file);
     /// `signal_env` looks up the signal-specific variables (the process environment, or a
     /// test's).
-    pub fn resolve(
-        endpoint: Option<&str>,
-        protocol: Option<Protocol>,
-        file: OtlpFile,
+    pub(crate) fn resolve(
+        options: OtlpOptions,
         signal_env: impl Fn(&str) -> Option<String>,
-        parse_duration: impl Fn(
-            &'static str,
-            Option<String>,
-        ) -> Result<Option<Duration>, crate::config::ConfigError>,
-    ) -> Result<Option<Self>, crate::config::ConfigError> {
-        let protocol = protocol.or(file.protocol).unwrap_or_default();
-        let base = endpoint
-            .map(str::to_owned)
-            .or(file.endpoint)
-            .filter(|e| !e.is_empty());
+    ) -> Result<Option<Self>, ConfigError> {
+        let protocol = options.protocol.unwrap_or_default();
+        let base = options.endpoint.filter(|e| !e.is_empty());
         let logs = signal_env("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT").filter(|e| !e.is_empty());
         let metrics = signal_env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT").filter(|e| !e.is_empty());
         let for_signal = |path: &str| {
@@ -87,25 +99,32 @@ impl OtlpSettings {
         };
         for endpoint in [&logs_endpoint, &metrics_endpoint] {
             if !endpoint.starts_with("http://") {
-                return Err(crate::config::ConfigError::OtlpEndpoint {
+                return Err(ConfigError::OtlpEndpoint {
                     endpoint: endpoint.clone(),
                 });
             }
         }
-        let queue_size = file.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE);
+        let queue_size = options.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE);
         if queue_size == 0 {
-            return Err(crate::config::ConfigError::Zero {
+            return Err(ConfigError::Zero {
                 what: "otlp.queue_size",
             });
         }
+        let timeout = match options.timeout.as_deref() {
+            None => None,
+            Some(t) => Some(duration("otlp.timeout", Some(t), Duration::ZERO)?),
+        };
         Ok(Some(Self {
             protocol,
             logs_endpoint,
             metrics_endpoint,
-            headers: file.headers,
-            timeout: parse_duration("otlp.timeout", file.timeout)?,
-            metrics_interval: parse_duration("otlp.metrics_interval", file.metrics_interval)?
-                .unwrap_or(DEFAULT_METRICS_INTERVAL),
+            headers: options.headers,
+            timeout,
+            metrics_interval: duration(
+                "otlp.metrics_interval",
+                options.metrics_interval.as_deref(),
+                DEFAULT_METRICS_INTERVAL,
+            )?,
             queue_size,
         }))
     }
@@ -115,29 +134,32 @@ impl OtlpSettings {
 mod tests {
     use super::*;
 
+    /// Flags (`endpoint`, `protocol`) over the file's table, as `config::Options::over` lays
+    /// them.
     fn resolve(
         endpoint: Option<&str>,
         protocol: Option<Protocol>,
-        file: OtlpFile,
+        file: OtlpOptions,
         env: &[(&str, &str)],
     ) -> Option<OtlpSettings> {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| ((*k).into(), (*v).into()))
             .collect();
-        OtlpSettings::resolve(
-            endpoint,
-            protocol,
-            file,
-            |k| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()),
-            |_, v| Ok(v.map(|v| humantime::parse_duration(&v).unwrap())),
-        )
+        let options = OtlpOptions {
+            endpoint: endpoint.map(str::to_owned).or(file.endpoint),
+            protocol: protocol.or(file.protocol),
+            ..file
+        };
+        OtlpSettings::resolve(options, |k| {
+            env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone())
+        })
         .unwrap()
     }
 
     #[test]
     fn no_endpoint_no_export() {
-        assert_eq!(resolve(None, None, OtlpFile::default(), &[]), None);
+        assert_eq!(resolve(None, None, OtlpOptions::default(), &[]), None);
     }
 
     #[test]
@@ -145,13 +167,13 @@ mod tests {
         let s = resolve(
             Some("http://c:4318/"),
             Some(Protocol::HttpProtobuf),
-            OtlpFile::default(),
+            OtlpOptions::default(),
             &[],
         )
         .unwrap();
         assert_eq!(s.logs_endpoint, "http://c:4318/v1/logs");
         assert_eq!(s.metrics_endpoint, "http://c:4318/v1/metrics");
-        let s = resolve(Some("http://c:4317"), None, OtlpFile::default(), &[]).unwrap();
+        let s = resolve(Some("http://c:4317"), None, OtlpOptions::default(), &[]).unwrap();
         assert_eq!(
             (s.protocol, s.logs_endpoint.as_str()),
             (Protocol::Grpc, "http://c:4317")
@@ -160,10 +182,10 @@ mod tests {
 
     #[test]
     fn flags_over_file_and_signal_variables_as_given() {
-        let file = OtlpFile {
+        let file = OtlpOptions {
             endpoint: Some("http://file:4317".into()),
             timeout: Some("3s".into()),
-            ..OtlpFile::default()
+            ..OtlpOptions::default()
         };
         let s = resolve(Some("http://flag:4317"), None, file.clone(), &[]).unwrap();
         assert_eq!(s.logs_endpoint, "http://flag:4317");
@@ -183,14 +205,11 @@ mod tests {
 
     #[test]
     fn https_is_refused_clearly() {
-        let err = OtlpSettings::resolve(
-            Some("https://c:4317"),
-            None,
-            OtlpFile::default(),
-            |_| None,
-            |_, _| Ok(None),
-        )
-        .unwrap_err();
+        let options = OtlpOptions {
+            endpoint: Some("https://c:4317".into()),
+            ..OtlpOptions::default()
+        };
+        let err = OtlpSettings::resolve(options, |_| None).unwrap_err();
         assert!(err.to_string().contains("https"), "{err}");
     }
 }

@@ -16,7 +16,7 @@ const FLAG_INLINE_STRINGS: u8 = 2;
 
 /// A released Go toolchain version, e.g. `go1.24.11`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct GoVersion {
+pub(crate) struct GoVersion {
     pub major: u32,
     pub minor: u32,
     pub patch: u32,
@@ -32,7 +32,7 @@ impl GoVersion {
     /// Parses `runtime.Version()` strings: `go1.24.11`, `go1.21rc2`,
     /// `go1.25.5 X:jsonv2`, `devel go1.26-abcdef ...`. Pre-release and devel
     /// builds map to patch 0.
-    pub fn parse(s: &str) -> Option<GoVersion> {
+    pub(crate) fn parse(s: &str) -> Option<GoVersion> {
         let s = s.trim();
         let s = s.strip_prefix("devel ").unwrap_or(s);
         let s = s.split_whitespace().next()?.strip_prefix("go")?;

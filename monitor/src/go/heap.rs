@@ -2,7 +2,7 @@
 //! (`mheap_.allspans`): which addresses are heap objects, where each object starts and how
 //! big it is. Read from outside without stopping the process, so every value is checked.
 
-use super::offsets::HeapOffsets;
+use super::layouts::HeapOffsets;
 use super::pclntab::u64_at;
 use super::task::{SliceError, pointer_slice};
 use crate::proc::ProcMem;

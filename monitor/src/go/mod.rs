@@ -6,20 +6,27 @@
 //! offsets and wait reasons then come from a built-in table generated from
 //! real toolchains (see `table.rs`).
 
+mod budget;
 mod buildinfo;
 mod elf;
-pub(crate) mod heap;
+mod heap;
+mod kinds;
+mod layouts;
 mod offsets;
 mod pclntab;
 mod policy;
 mod prologue;
-pub(crate) mod reach;
+mod reach;
+mod runtime;
 mod symbols;
 mod table;
-pub mod task;
+mod target;
+mod task;
 mod waitreasons;
-pub mod waits;
+mod waits;
 
+#[cfg(test)]
+mod policy_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -31,33 +38,34 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-pub use buildinfo::GoVersion;
+pub(crate) use buildinfo::GoVersion;
 pub(crate) use policy::GO;
+pub(crate) use runtime::RUNTIME;
 
 use elf::{Elf, Segment};
-use offsets::{HeapOffsets, ModuleDataOffsets};
+use layouts::{HeapOffsets, ModuleDataOffsets};
 use pclntab::{GoFunc, Pclntab};
 use prologue::Prologue;
 
 /// Oldest supported minor version of Go 1.
-pub const MIN_MINOR: u32 = 21;
+pub(crate) const MIN_MINOR: u32 = 21;
 
 /// The runtime functions leakmon's uprobes attach to (see monitor-ebpf/src/main.rs for what
 /// each one records): a park, a reschedule without parking, an exit.
-pub const GOPARK: &str = "runtime.gopark";
-pub const GOSCHED_IMPL: &str = "runtime.goschedImpl";
-pub const GOEXIT1: &str = "runtime.goexit1";
-pub const PROBED: [&str; 3] = [GOPARK, GOSCHED_IMPL, GOEXIT1];
+pub(crate) const GOPARK: &str = "runtime.gopark";
+pub(crate) const GOSCHED_IMPL: &str = "runtime.goschedImpl";
+pub(crate) const GOEXIT1: &str = "runtime.goexit1";
+pub(crate) const PROBED: [&str; 3] = [GOPARK, GOSCHED_IMPL, GOEXIT1];
 /// Newest minor version with a built-in table. Newer versions still work
 /// when the binary has DWARF and a symbol table.
-pub const MAX_TABLE_MINOR: u32 = 27;
+pub(crate) const MAX_TABLE_MINOR: u32 = 27;
 /// Largest section read or inflated from a binary, in MiB.
 pub(crate) const MAX_SECTION_MIB: u64 = 256;
 
 /// Errors from inspecting a Go binary.
 #[derive(Debug, Error)]
 #[non_exhaustive]
-pub enum GoError {
+pub(crate) enum GoError {
     #[error("cannot read {path}")]
     Io {
         path: PathBuf,
@@ -132,7 +140,7 @@ pub enum GoError {
 /// Byte offsets inside `runtime.g`. `sched_*` are the offset of `g.sched`
 /// plus the offset of the `gobuf` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct GOffsets {
+pub(crate) struct GOffsets {
     pub goid: u32,
     pub gopc: u32,
     pub startpc: u32,
@@ -151,7 +159,7 @@ pub struct GOffsets {
 
 /// Where [`GOffsets`] came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum OffsetSource {
+pub(crate) enum OffsetSource {
     /// The binary's own DWARF.
     Dwarf,
     /// The built-in per-version table (stripped binary).
@@ -160,7 +168,7 @@ pub enum OffsetSource {
 
 /// Where to attach a uprobe for a function.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProbeSite {
+pub(crate) struct ProbeSite {
     pub function: &'static str,
     /// Function entry (virtual address).
     pub entry: u64,
@@ -177,7 +185,7 @@ pub struct ProbeSite {
 
 /// A symbolized PC.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frame {
+pub(crate) struct Frame {
     /// Innermost function, which is the inlined callee for inlined code.
     pub function: String,
     /// Source file ("?" if the table has none).
@@ -188,7 +196,7 @@ pub struct Frame {
 
 /// An opened Go executable.
 #[derive(Debug)]
-pub struct GoBinary {
+pub(crate) struct GoBinary {
     pub path: PathBuf,
     pub version: GoVersion,
     pub has_dwarf: bool,
@@ -220,19 +228,27 @@ pub struct GoBinary {
 
 impl GoBinary {
     /// Opens and inspects a Go executable of a validated Go version.
-    pub fn open(path: &Path) -> Result<GoBinary, GoError> {
+    #[cfg(test)]
+    pub(crate) fn open(path: &Path) -> Result<GoBinary, GoError> {
         Self::open_with(path, false)
     }
 
     /// Opens and inspects a Go executable; `unvalidated` accepts Go versions newer than the
     /// last one validated when the binary's DWARF gives the layout.
-    pub fn open_with(path: &Path, unvalidated: bool) -> Result<GoBinary, GoError> {
-        let file = crate::proc::files::open_checked(path, None)
-            .map_err(|e| GoError::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::other(e),
-            })?
-            .file;
+    pub(crate) fn open_with(path: &Path, unvalidated: bool) -> Result<GoBinary, GoError> {
+        let file = crate::proc::files::open_checked(path, None).map_err(|e| GoError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e),
+        })?;
+        Self::from_file(file, path, unvalidated)
+    }
+
+    /// Inspects an opened Go executable (`path` names it in errors).
+    pub(crate) fn from_file(
+        file: File,
+        path: &Path,
+        unvalidated: bool,
+    ) -> Result<GoBinary, GoError> {
         let cache = object::ReadCache::new(file);
         let inspected = inspect(&cache, unvalidated)?;
         let file = cache.into_inner();
@@ -266,7 +282,7 @@ impl GoBinary {
     /// Uprobe site for `function` (e.g. `runtime.gopark`): after the
     /// prologue's stack check if recognised (see `prologue.rs`), else the
     /// entry.
-    pub fn probe_site(&self, function: &'static str) -> Result<ProbeSite, GoError> {
+    pub(crate) fn probe_site(&self, function: &'static str) -> Result<ProbeSite, GoError> {
         self.probe_site_with_prologue(function)
             .map(|(site, _)| site)
     }
@@ -316,13 +332,13 @@ impl GoBinary {
     ///
     /// Pass a return address as `pc - 1`: it points after the CALL and may
     /// belong to the next line or even the next function.
-    pub fn symbolize(&self, pc: u64) -> Option<Frame> {
+    pub(crate) fn symbolize(&self, pc: u64) -> Option<Frame> {
         self.pclntab.symbolize(pc)
     }
 
     /// Name of `runtime.waitReason` value `code`, or `waitReason(N)` if this
     /// toolchain does not define it. Value 0 (`waitReasonZero`) is "".
-    pub fn wait_reason(&self, code: u8) -> &str {
+    pub(crate) fn wait_reason(&self, code: u8) -> &str {
         self.wait_reasons
             .get(usize::from(code))
             .or_else(|| self.unknown_reasons.get(usize::from(code)))
@@ -332,7 +348,7 @@ impl GoBinary {
     /// Name of the function whose machine code contains `pc` (not the
     /// inlined callee; use [`GoBinary::symbolize`] for that). Same `pc - 1`
     /// rule for return addresses.
-    pub fn func_name(&self, pc: u64) -> Option<&str> {
+    pub(crate) fn func_name(&self, pc: u64) -> Option<&str> {
         let f = self.pclntab.find_func(pc)?;
         self.pclntab.func_name(&f)
     }

@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use crate::detect::{AlertKind, Finding, Policy, Thresholds, WaitClass};
+use super::kinds::{
+    GOROUTINE_LEAK, GOROUTINE_SPINNING, GOROUTINE_STUCK, UNREACHABLE, hint_for_wait,
+};
+use crate::detect::{AlertKind, Finding, Policy, Proof, Thresholds, WaitClass};
 
 #[derive(Debug)]
 pub(crate) struct GoPolicy;
@@ -11,10 +14,6 @@ pub(crate) struct GoPolicy;
 pub(crate) static GO: GoPolicy = GoPolicy;
 
 impl Policy for GoPolicy {
-    fn runtime(&self) -> &'static str {
-        "go"
-    }
-
     fn classify(&self, reason: &str) -> WaitClass {
         classify_wait(reason)
     }
@@ -36,26 +35,41 @@ impl Policy for GoPolicy {
         )
     }
 
+    /// Proven goroutines: two reachability analyses in a row found nothing live can reach
+    /// what they wait on.
+    fn proof(&self) -> Option<&'static Proof> {
+        Some(&UNREACHABLE)
+    }
+
     /// Nothing can ever wake a nil channel or an empty select: their proof needs no
     /// analysis.
-    fn never_woken(&self, reason: &str) -> Option<&'static str> {
+    fn never_woken(&self, reason: &str) -> Option<&'static Proof> {
         matches!(
             reason,
             "chan send (nil chan)" | "chan receive (nil chan)" | "select (no cases)"
         )
-        .then_some("unreachable")
+        .then_some(&UNREACHABLE)
     }
 
-    fn kind(&self, finding: Finding) -> AlertKind {
+    fn kind(&self, finding: Finding) -> &'static AlertKind {
         match finding {
-            Finding::Leak => AlertKind::GoroutineLeak,
-            Finding::Stuck => AlertKind::GoroutineStuck,
+            Finding::Leak => &GOROUTINE_LEAK,
+            Finding::Stuck => &GOROUTINE_STUCK,
         }
     }
 
     /// Rescheduled after preemption: a loop that never parks. Run once: a long system call.
-    fn running(&self, t: &Thresholds, runs: u32) -> Option<(AlertKind, Duration)> {
-        (runs >= 2).then_some((AlertKind::GoroutineSpinning, t.spin))
+    fn running(&self, t: &Thresholds, runs: u32) -> Option<(&'static AlertKind, Duration)> {
+        (runs >= 2).then_some((&GOROUTINE_SPINNING, t.spin))
+    }
+
+    /// A blocked group's wait says what to do (send on a channel nobody receives from: a
+    /// buffer, or ctx.Done()); a spinning one's is the kind's.
+    fn hint(&self, kind: &'static AlertKind, wait_reason: Option<&str>) -> &'static str {
+        if *kind == GOROUTINE_SPINNING {
+            return kind.hint;
+        }
+        wait_reason.and_then(hint_for_wait).unwrap_or(kind.hint)
     }
 }
 

@@ -16,7 +16,7 @@
 use std::collections::HashSet;
 
 use super::heap::{Heap, Object};
-use super::offsets::HeapOffsets;
+use super::layouts::HeapOffsets;
 use super::pclntab::u64_at;
 use super::waits::WaitObject;
 use crate::proc::ProcMem;

@@ -8,12 +8,12 @@ impl GoBinary {
     /// The frames at `pc` (an unbiased address; `pc - 1` for return addresses), innermost
     /// inlined call first, ending with the function whose code holds `pc`. A lock taken through
     /// an inlined `sync.(*Mutex).Lock` thus shows both the library frame and the program's line.
-    pub fn frames(&self, pc: u64) -> Vec<Frame> {
+    pub(crate) fn frames(&self, pc: u64) -> Vec<Frame> {
         self.pclntab.frames(pc)
     }
 
     /// Lowest virtual address of the PT_LOAD segments (the load bias is measured from it).
-    pub fn lowest_vaddr(&self) -> u64 {
+    pub(crate) fn lowest_vaddr(&self) -> u64 {
         self.segments.iter().map(|s| s.vaddr).min().unwrap_or(0)
     }
 
@@ -21,7 +21,7 @@ impl GoBinary {
     /// into the wrapper, the inline tree names it (the outermost inlined call); else the
     /// first direct `CALL rel32` whose target is the start of a function outside the runtime
     /// (the wrapper's other calls are runtime.morestack and friends).
-    pub fn wrapped_call(&self, entry: u64) -> Option<String> {
+    pub(crate) fn wrapped_call(&self, entry: u64) -> Option<String> {
         let f = self.pclntab.find_func(entry)?;
         let len = usize::try_from(f.end.checked_sub(f.entry)?).ok()?.min(512);
         let inlined = (0..len as u64).find_map(|off| {

@@ -3,7 +3,7 @@
 //! `LEAKMON_GEN_TABLE=src/go/table.rs cargo test generate_table`. Do not edit.
 
 use super::GOffsets;
-use super::offsets::{HeapOffsets, ModuleDataOffsets, TableEntry};
+use super::layouts::{HeapOffsets, ModuleDataOffsets, TableEntry};
 
 pub(crate) static TABLE: &[TableEntry] = &[
     TableEntry {

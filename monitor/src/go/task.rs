@@ -4,15 +4,18 @@
 use super::GOffsets;
 use crate::proc::ProcMem;
 
+/// `runtime._Grunnable`: descheduled, waiting for a CPU.
+pub(super) const G_RUNNABLE: u32 = 1;
+/// `runtime._Grunning`: on a CPU (its saved `sched.sp` is stale).
+pub(super) const G_RUNNING: u32 = 2;
 /// `runtime._Gwaiting`: parked.
-pub const G_WAITING: u32 = 4;
-/// `runtime._Grunning` and `runtime._Gsyscall`: its saved `sched.sp` is stale.
-pub const G_RUNNING: u32 = 2;
-pub const G_SYSCALL: u32 = 3;
+pub(super) const G_WAITING: u32 = 4;
+/// `runtime._Gpreempted`: stopped by a preemption, descheduled.
+pub(super) const G_PREEMPTED: u32 = 9;
 /// `runtime._Gleaked` (go1.27): parked, and found leaked by the runtime's own profile.
-pub const G_LEAKED: u32 = 10;
+pub(super) const G_LEAKED: u32 = 10;
 /// `runtime._Gdead`: exited (the `g` waits for reuse).
-pub const G_DEAD: u32 = 6;
+pub(super) const G_DEAD: u32 = 6;
 /// `runtime._Gscan`: set on top of the status while the GC scans the stack.
 const G_SCAN: u32 = 0x1000;
 /// `g.stack.hi`: `stack` is the first field of `runtime.g` in every version ("offset known to
@@ -23,7 +26,7 @@ const MAX_FRAMES: usize = 48;
 
 /// The fields of one `runtime.g` that leakmon uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GRecord {
+pub(super) struct GRecord {
     pub goid: u64,
     pub status: u32,
     pub waitreason: u8,
@@ -63,13 +66,13 @@ fn g_span(off: &GOffsets) -> usize {
 }
 
 /// Reads the `g` at `addr`.
-pub fn read_g(mem: &ProcMem, addr: u64, off: &GOffsets) -> Option<GRecord> {
+pub(super) fn read_g(mem: &ProcMem, addr: u64, off: &GOffsets) -> Option<GRecord> {
     let mut buf = vec![0u8; g_span(off)];
     mem.read(addr, &mut buf).then(|| parse_g(&buf, off))
 }
 
 /// Reads the `g`s at `addrs`, many per system call (a scan reads every goroutine).
-pub fn read_gs(mem: &ProcMem, addrs: &[u64], off: &GOffsets) -> Vec<Option<GRecord>> {
+pub(super) fn read_gs(mem: &ProcMem, addrs: &[u64], off: &GOffsets) -> Vec<Option<GRecord>> {
     let span = g_span(off);
     let (buf, ok) = mem.read_many(addrs, span);
     ok.iter()
@@ -107,7 +110,7 @@ fn parse_g(buf: &[u8], off: &GOffsets) -> GRecord {
 /// PCs of a parked goroutine's stack, innermost first: `sched.pc` then the return addresses
 /// found by following the frame-pointer chain from `sched.bp` (Go keeps frame pointers on
 /// amd64). All are return addresses: symbolise `pc - 1`.
-pub fn stack(mem: &ProcMem, g: &GRecord) -> Vec<u64> {
+pub(super) fn stack(mem: &ProcMem, g: &GRecord) -> Vec<u64> {
     let mut pcs = vec![g.sched_pc];
     let mut bp = g.sched_bp;
     // Frames lie on the goroutine's own stack, between its saved sp and stack.hi: a frame
@@ -135,7 +138,7 @@ pub fn stack(mem: &ProcMem, g: &GRecord) -> Vec<u64> {
 }
 
 /// The `g` pointers of every goroutine, from the `runtime.allgs` slice at `allgs_addr`.
-pub fn all_gs(mem: &ProcMem, allgs_addr: u64, limit: usize) -> Vec<u64> {
+pub(super) fn all_gs(mem: &ProcMem, allgs_addr: u64, limit: usize) -> Vec<u64> {
     let mut gs = Vec::new();
     // A length past the mapping ends at the first unreadable chunk: what was read is kept.
     let _ = pointer_slice(mem, allgs_addr, limit, |chunk| gs.extend_from_slice(chunk));
@@ -232,7 +235,7 @@ fn is_third_party(package: &str) -> bool {
 /// Where a goroutine is, for an alert: the first frame of `frames` (innermost first) in the
 /// program's own code; else the first in a dependency; else the first outside the runtime
 /// and the standard library's runtime hooks.
-pub fn pick_frame<'f, F>(
+pub(super) fn pick_frame<'f, F>(
     frames: &'f [F],
     function: impl Fn(&F) -> &str,
     main_module: Option<&str>,

@@ -368,7 +368,7 @@ fn generate_table() {
          //! `LEAKMON_GEN_TABLE=src/go/table.rs cargo test generate_table`. Do not edit.\n\
          \n\
          use super::GOffsets;\n\
-         use super::offsets::{HeapOffsets, ModuleDataOffsets, TableEntry};\n\
+         use super::layouts::{HeapOffsets, ModuleDataOffsets, TableEntry};\n\
          \n\
          pub(crate) static TABLE: &[TableEntry] = &[\n",
     );

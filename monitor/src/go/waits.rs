@@ -6,8 +6,11 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use super::{heap::Heap, offsets::HeapOffsets, pclntab::u64_at};
-use crate::{detect::ChannelState, proc::ProcMem};
+use super::{heap::Heap, layouts::HeapOffsets, pclntab::u64_at};
+use crate::{
+    detect::{Field, ObjectState},
+    proc::ProcMem,
+};
 
 /// Sudogs followed per goroutine (a select has one per case) and per channel queue.
 const MAX_SUDOGS: usize = 256;
@@ -15,7 +18,7 @@ const MAX_SUDOGS: usize = 256;
 /// The kind of object a goroutine waits on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum WaitKind {
+pub(super) enum WaitKind {
     Channel,
     /// A `sync.WaitGroup` (or another user of `runtime_Semacquire`).
     Semaphore,
@@ -24,7 +27,7 @@ pub enum WaitKind {
 }
 
 impl WaitKind {
-    pub fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             WaitKind::Channel => "channel",
             WaitKind::Semaphore => "semaphore",
@@ -146,6 +149,46 @@ pub(crate) fn wait_objects(
     objects.sort_unstable();
     objects.dedup();
     objects
+}
+
+/// A channel's state as read from its `hchan`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ChannelState {
+    pub capacity: u64,
+    pub length: u64,
+    pub closed: bool,
+    pub waiting_senders: u32,
+    pub waiting_receivers: u32,
+}
+
+impl ChannelState {
+    /// As alerts show it: `waits_on`'s fields, and "capacity 0, length 0, open, 1 senders and
+    /// 0 receivers waiting".
+    pub(crate) fn described(&self) -> ObjectState {
+        ObjectState {
+            fields: vec![
+                ("capacity", Field::Int(self.capacity)),
+                ("length", Field::Int(self.length)),
+                ("closed", Field::Bool(self.closed)),
+                (
+                    "waiting_senders",
+                    Field::Int(u64::from(self.waiting_senders)),
+                ),
+                (
+                    "waiting_receivers",
+                    Field::Int(u64::from(self.waiting_receivers)),
+                ),
+            ],
+            text: format!(
+                "capacity {}, length {}, {}, {} senders and {} receivers waiting",
+                self.capacity,
+                self.length,
+                if self.closed { "closed" } else { "open" },
+                self.waiting_senders,
+                self.waiting_receivers
+            ),
+        }
+    }
 }
 
 /// The state of the channel at `hchan`.

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Container {
+pub(crate) struct Container {
     #[serde(skip_serializing_if = "Option::is_none")]
     /// The 64-hex-digit container id (docker, containerd, CRI-O).
     pub container_id: Option<String>,
@@ -16,7 +16,7 @@ pub struct Container {
 }
 
 /// Reads /proc/PID/cgroup and, inside a pod, HOSTNAME from /proc/PID/environ.
-pub fn container_of(pid: u32) -> Container {
+pub(crate) fn container_of(pid: u32) -> Container {
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
     let mut c = parse_cgroup(&cgroup);
     if c.pod_uid.is_some() {

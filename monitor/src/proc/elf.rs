@@ -22,7 +22,7 @@ const MAX_HEADER_READ: u64 = 1 << 20;
 const MAX_NAME: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ElfError {
+pub(crate) enum ElfError {
     #[error("not a 64-bit ELF file, or its headers are cut short")]
     NotElf,
     #[error("an ELF file for another machine than x86_64")]
@@ -33,7 +33,7 @@ pub enum ElfError {
 
 /// One section header.
 #[derive(Clone, Debug)]
-pub struct Section {
+pub(crate) struct Section {
     pub name: Box<[u8]>,
     pub kind: elf::SectionType,
     /// `SHF_*` bits.
@@ -47,7 +47,7 @@ pub struct Section {
 
 impl Section {
     /// Where the section's bytes are in the file, when they are there uncompressed.
-    pub fn stored(&self) -> Option<(u64, u64)> {
+    pub(crate) fn stored(&self) -> Option<(u64, u64)> {
         (self.kind != elf::SHT_NOBITS && self.flags & elf::SHF_COMPRESSED.0 == 0)
             .then_some((self.offset, self.size))
     }
@@ -59,7 +59,7 @@ impl Section {
 
 /// One program header.
 #[derive(Clone, Copy, Debug)]
-pub struct Segment {
+pub(crate) struct Segment {
     pub kind: elf::ProgramType,
     /// `PF_*` bits.
     pub flags: u32,
@@ -70,7 +70,7 @@ pub struct Segment {
 }
 
 /// An x86_64 ELF file's headers, and the file to read sections from.
-pub struct Elf {
+pub(crate) struct Elf {
     pub file: File,
     pub sections: Vec<Section>,
     pub segments: Vec<Segment>,
@@ -78,7 +78,7 @@ pub struct Elf {
 
 impl Elf {
     /// Reads the headers of `file` (whatever it holds: each table read is capped).
-    pub fn parse(file: File) -> Result<Self, ElfError> {
+    pub(crate) fn parse(file: File) -> Result<Self, ElfError> {
         let (sections, segments) = headers(&ReadCache::new(&file))?;
         Ok(Self {
             file,
@@ -87,18 +87,18 @@ impl Elf {
         })
     }
 
-    pub fn section(&self, name: &[u8]) -> Option<&Section> {
+    pub(crate) fn section(&self, name: &[u8]) -> Option<&Section> {
         self.sections.iter().find(|s| &*s.name == name)
     }
 
     /// The loadable segments.
-    pub fn loads(&self) -> impl Iterator<Item = &Segment> {
+    pub(crate) fn loads(&self) -> impl Iterator<Item = &Segment> {
         self.segments.iter().filter(|p| p.kind == elf::PT_LOAD)
     }
 
     /// The size of `s`'s contents once inflated, from its compression header when it has
     /// one (None: the header cannot be read).
-    pub fn size_of(&self, s: &Section) -> Option<u64> {
+    pub(crate) fn size_of(&self, s: &Section) -> Option<u64> {
         if s.kind == elf::SHT_NOBITS {
             return Some(0);
         }
@@ -114,7 +114,7 @@ impl Elf {
 
     /// The contents of `s` (inflated when compressed), when at most `cap` bytes: read from
     /// the file straight into the buffer that is kept.
-    pub fn read(&self, s: &Section, cap: u64) -> Option<Arc<[u8]>> {
+    pub(crate) fn read(&self, s: &Section, cap: u64) -> Option<Arc<[u8]>> {
         let size = self.size_of(s)?;
         if size > cap {
             return None;
@@ -157,7 +157,7 @@ impl Elf {
     }
 
     /// The GNU build id, hex, from the `.note.gnu.build-id` section.
-    pub fn build_id(&self) -> Option<String> {
+    pub(crate) fn build_id(&self) -> Option<String> {
         let (at, len) = self.section(b".note.gnu.build-id")?.stored()?;
         let mut raw = vec![0u8; usize::try_from(len.min(4096)).ok()?];
         self.file.read_exact_at(&mut raw, at).ok()?;
@@ -182,7 +182,7 @@ impl Elf {
 }
 
 /// The section and program headers of the file `whole` reads (each table read capped).
-pub fn headers<R: object::ReadCacheOps>(
+pub(crate) fn headers<R: object::ReadCacheOps>(
     whole: &ReadCache<R>,
 ) -> Result<(Vec<Section>, Vec<Segment>), ElfError> {
     let cache = files::Capped {

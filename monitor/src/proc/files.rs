@@ -17,10 +17,10 @@ use std::{
 };
 
 /// Largest file read from a target (executables with debug info run to a few hundred MiB).
-pub const MAX_FILE_BYTES: u64 = 1 << 30;
+pub(crate) const MAX_FILE_BYTES: u64 = 1 << 30;
 
 #[derive(Debug, thiserror::Error)]
-pub enum FileError {
+pub(crate) enum FileError {
     #[error("cannot open {path}: {source}")]
     Open {
         path: PathBuf,
@@ -41,19 +41,11 @@ pub enum FileError {
     TooLarge { path: PathBuf, size: u64 },
 }
 
-/// A regular file opened for reading, with its size when opened.
-#[derive(Debug)]
-pub struct TargetFile {
-    pub file: File,
-    pub size: u64,
-    pub ino: u64,
-}
-
 /// Opens a file `pid` maps at `start..end`, which must be inode `ino` (from /proc/PID/maps),
 /// through map_files only: a path looked up under the process's root could pass through a
 /// mount the process controls (a FUSE server that never answers). map_files needs
 /// CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN).
-pub fn open_mapped(pid: u32, start: u64, end: u64, ino: u64) -> Result<TargetFile, FileError> {
+pub(crate) fn open_mapped(pid: u32, start: u64, end: u64, ino: u64) -> Result<File, FileError> {
     open_checked(
         &PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}")),
         Some(ino),
@@ -63,7 +55,7 @@ pub fn open_mapped(pid: u32, start: u64, end: u64, ino: u64) -> Result<TargetFil
 /// Opens `path` for reading if it is a regular file (of inode `ino`, when given) within the
 /// size cap. Nothing is opened for reading before that is known: an O_PATH descriptor is
 /// checked, then reopened, and the reopened file is checked again.
-pub fn open_checked(path: &Path, ino: Option<u64>) -> Result<TargetFile, FileError> {
+pub(crate) fn open_checked(path: &Path, ino: Option<u64>) -> Result<File, FileError> {
     let open_err = |source| FileError::Open {
         path: path.to_path_buf(),
         source,
@@ -84,11 +76,11 @@ pub fn open_checked(path: &Path, ino: Option<u64>) -> Result<TargetFile, FileErr
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
         .map_err(open_err)?;
-    let (size, ino) = check(path, &file, ino)?;
-    Ok(TargetFile { file, size, ino })
+    check(path, &file, ino)?;
+    Ok(file)
 }
 
-fn check(path: &Path, file: &File, ino: Option<u64>) -> Result<(u64, u64), FileError> {
+fn check(path: &Path, file: &File, ino: Option<u64>) -> Result<(), FileError> {
     let meta = file.metadata().map_err(|source| FileError::Open {
         path: path.to_path_buf(),
         source,
@@ -113,13 +105,13 @@ fn check(path: &Path, file: &File, ino: Option<u64>) -> Result<(u64, u64), FileE
             size: meta.len(),
         });
     }
-    Ok((meta.len(), meta.ino()))
+    Ok(())
 }
 
 /// A target's file read through a cache that refuses any one read over `max` bytes: ELF
 /// headers are parsed through it, so a header that claims a huge table (a hostile file, or
 /// a section list one reads by mistake) costs an error, not the daemon's memory.
-pub struct Capped<'a, R: object::ReadCacheOps> {
+pub(crate) struct Capped<'a, R: object::ReadCacheOps> {
     pub cache: &'a object::ReadCache<R>,
     pub max: u64,
 }
@@ -157,7 +149,7 @@ impl<'a, R: object::ReadCacheOps> object::ReadRef<'a> for Capped<'a, R> {
 /// Searches `len` bytes of `file` from offset `at` in fixed-size chunks (overlapping by
 /// `overlap` bytes, so a match across two chunks is seen whole): `find` gets each chunk and
 /// returns what it found. Memory stays at one chunk however long the range.
-pub fn search_range<T>(
+pub(crate) fn search_range<T>(
     file: &File,
     at: u64,
     len: u64,
@@ -192,7 +184,7 @@ pub fn search_range<T>(
 /// answer keeps the reader in uninterruptible sleep, past SIGKILL, until the server answers
 /// or dies, so one hung FUSE mount could keep leakmon from ever exiting. (NFS and other
 /// network file systems wait killably: the deadlines cover them.)
-pub fn fuse_devices(pid: u32) -> std::collections::HashSet<String> {
+pub(crate) fn fuse_devices(pid: u32) -> std::collections::HashSet<String> {
     let Ok(text) = read_proc_capped(&format!("/proc/{pid}/mountinfo"), 4 << 20) else {
         return Default::default();
     };
@@ -212,19 +204,8 @@ pub fn fuse_devices(pid: u32) -> std::collections::HashSet<String> {
         .collect()
 }
 
-/// `pid`'s mappings of files on FUSE (see [`fuse_devices`]).
-pub fn fuse_mappings(pid: u32) -> Vec<super::maps::Mapping> {
-    let fuse = fuse_devices(pid);
-    if fuse.is_empty() {
-        return Vec::new();
-    }
-    let mut maps = super::maps::read(pid).unwrap_or_default();
-    maps.retain(|m| fuse.contains(&m.file.0));
-    maps
-}
-
 /// Reads at most `limit` bytes of a `/proc` file (the target's own text, of its own size).
-pub fn read_proc_capped(path: &str, limit: u64) -> io::Result<Vec<u8>> {
+pub(crate) fn read_proc_capped(path: &str, limit: u64) -> io::Result<Vec<u8>> {
     use std::io::Read as _;
     let mut out = Vec::new();
     File::open(path)?.take(limit).read_to_end(&mut out)?;
@@ -259,10 +240,10 @@ mod tests {
         ));
         let plain = dir.path().join("plain");
         std::fs::write(&plain, b"abc").unwrap();
-        let opened = open_checked(&plain, None).unwrap();
-        assert_eq!(opened.size, 3);
+        let opened = open_checked(&plain, None).unwrap().metadata().unwrap();
+        assert_eq!(opened.len(), 3);
         assert!(matches!(
-            open_checked(&plain, Some(opened.ino + 1)),
+            open_checked(&plain, Some(opened.ino() + 1)),
             Err(FileError::Replaced { .. })
         ));
     }
@@ -284,6 +265,6 @@ mod tests {
             exe,
         )
         .unwrap();
-        assert_eq!(opened.ino, exe);
+        assert_eq!(opened.metadata().unwrap().ino(), exe);
     }
 }

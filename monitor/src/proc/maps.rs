@@ -8,7 +8,7 @@ const MAX_MAPS_BYTES: u64 = 8 << 20;
 
 /// One mapping of /proc/PID/maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Mapping {
+pub(crate) struct Mapping {
     pub start: u64,
     pub end: u64,
     pub offset: u64,
@@ -19,7 +19,7 @@ pub struct Mapping {
 }
 
 /// Parses /proc/PID/maps; anonymous mappings are left out.
-pub fn parse_maps(text: &str) -> Vec<Mapping> {
+pub(crate) fn parse_maps(text: &str) -> Vec<Mapping> {
     text.lines()
         .filter_map(|line| {
             let mut f = line.split_whitespace();
@@ -44,18 +44,18 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
 }
 
 /// `pid`'s file mappings.
-pub fn read(pid: u32) -> std::io::Result<Vec<Mapping>> {
+pub(crate) fn read(pid: u32) -> std::io::Result<Vec<Mapping>> {
     let text = super::files::read_proc_capped(&format!("/proc/{pid}/maps"), MAX_MAPS_BYTES)?;
     Ok(parse_maps(&String::from_utf8_lossy(&text)))
 }
 
 /// Every mapping of `pid` (files, anonymous memory, stacks), as sorted (start, end).
-pub fn all_ranges(pid: u32) -> std::io::Result<Vec<(u64, u64)>> {
+pub(crate) fn all_ranges(pid: u32) -> std::io::Result<Vec<(u64, u64)>> {
     let text = super::files::read_proc_capped(&format!("/proc/{pid}/maps"), MAX_MAPS_BYTES)?;
     Ok(parse_all_ranges(&String::from_utf8_lossy(&text)))
 }
 
-pub fn parse_all_ranges(text: &str) -> Vec<(u64, u64)> {
+pub(crate) fn parse_all_ranges(text: &str) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = text
         .lines()
         .filter_map(|line| {
@@ -71,7 +71,7 @@ pub fn parse_all_ranges(text: &str) -> Vec<(u64, u64)> {
 }
 
 /// The end of the mapping holding `addr` in sorted `ranges`.
-pub fn end_of(ranges: &[(u64, u64)], addr: u64) -> Option<u64> {
+pub(crate) fn end_of(ranges: &[(u64, u64)], addr: u64) -> Option<u64> {
     let i = ranges.partition_point(|r| r.0 <= addr).checked_sub(1)?;
     let (start, end) = ranges[i];
     (start..end).contains(&addr).then_some(end)
@@ -79,12 +79,12 @@ pub fn end_of(ranges: &[(u64, u64)], addr: u64) -> Option<u64> {
 
 /// `pid`'s private writable anonymous mappings (the heap, thread stacks, allocator arenas):
 /// (start, end).
-pub fn anonymous_writable(pid: u32) -> std::io::Result<Vec<(u64, u64)>> {
+pub(crate) fn anonymous_writable(pid: u32) -> std::io::Result<Vec<(u64, u64)>> {
     let text = super::files::read_proc_capped(&format!("/proc/{pid}/maps"), MAX_MAPS_BYTES)?;
     Ok(parse_anonymous_writable(&String::from_utf8_lossy(&text)))
 }
 
-pub fn parse_anonymous_writable(text: &str) -> Vec<(u64, u64)> {
+pub(crate) fn parse_anonymous_writable(text: &str) -> Vec<(u64, u64)> {
     text.lines()
         .filter_map(|line| {
             let mut f = line.split_whitespace();
@@ -105,6 +105,17 @@ pub fn parse_anonymous_writable(text: &str) -> Vec<(u64, u64)> {
             ))
         })
         .collect()
+}
+
+/// `pid`'s mappings of files on FUSE (see [`super::files::fuse_devices`]).
+pub(crate) fn fuse_mappings(pid: u32) -> Vec<Mapping> {
+    let fuse = super::files::fuse_devices(pid);
+    if fuse.is_empty() {
+        return Vec::new();
+    }
+    let mut maps = read(pid).unwrap_or_default();
+    maps.retain(|m| fuse.contains(&m.file.0));
+    maps
 }
 
 #[cfg(test)]

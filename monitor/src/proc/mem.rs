@@ -9,13 +9,13 @@ use super::{ProcError, proc_err};
 const IOV_MAX: usize = 1024;
 
 /// The little-endian word at `off` of what was read, if it is all there.
-pub fn u64_at(data: &[u8], off: usize) -> Option<u64> {
+pub(crate) fn u64_at(data: &[u8], off: usize) -> Option<u64> {
     let b = data.get(off..off.checked_add(8)?)?;
     Some(u64::from_le_bytes(b.try_into().ok()?))
 }
 
 #[derive(Debug)]
-pub struct ProcMem {
+pub(crate) struct ProcMem {
     pid: u32,
     file: File,
     /// Ranges mapped from files on FUSE: never read (a page fault there may wait on a FUSE
@@ -25,7 +25,7 @@ pub struct ProcMem {
 }
 
 impl ProcMem {
-    pub fn open(pid: u32) -> Result<Self, ProcError> {
+    pub(crate) fn open(pid: u32) -> Result<Self, ProcError> {
         let file = File::open(format!("/proc/{pid}/mem")).map_err(|e| proc_err(pid, "mem", e))?;
         Ok(Self {
             pid,
@@ -33,14 +33,14 @@ impl ProcMem {
             fuse: Vec::new(),
         })
         .map(|mut mem| {
-            mem.set_fuse_mappings(&super::files::fuse_mappings(pid));
+            mem.set_fuse_mappings(&super::maps::fuse_mappings(pid));
             mem
         })
     }
 
     /// The process's mappings of FUSE files, as found now (a long-watched process may have
     /// made some since it was opened).
-    pub fn set_fuse_mappings(&mut self, fuse: &[super::maps::Mapping]) {
+    pub(crate) fn set_fuse_mappings(&mut self, fuse: &[super::maps::Mapping]) {
         self.fuse = fuse.iter().map(|m| (m.start, m.end)).collect();
     }
 
@@ -51,7 +51,7 @@ impl ProcMem {
 
     /// Reads `len` bytes at each of `addrs` into consecutive `len`-byte slots of one buffer,
     /// up to 1,024 reads per system call, and says which slots were read whole.
-    pub fn read_many(&self, addrs: &[u64], len: usize) -> (Vec<u8>, Vec<bool>) {
+    pub(crate) fn read_many(&self, addrs: &[u64], len: usize) -> (Vec<u8>, Vec<bool>) {
         let ranges: Vec<(u64, usize)> = addrs.iter().map(|a| (*a, len)).collect();
         let mut buf = vec![0u8; addrs.len() * len];
         let ok = self.read_ranges(&ranges, &mut buf);
@@ -60,7 +60,7 @@ impl ProcMem {
 
     /// Reads each `(addr, len)` of `ranges` into consecutive slots of `buf` (which must hold
     /// their sum), up to 1,024 reads per system call, and says which were read whole.
-    pub fn read_ranges(&self, ranges: &[(u64, usize)], buf: &mut [u8]) -> Vec<bool> {
+    pub(crate) fn read_ranges(&self, ranges: &[(u64, usize)], buf: &mut [u8]) -> Vec<bool> {
         let mut ok = vec![false; ranges.len()];
         let mut starts = Vec::with_capacity(ranges.len());
         let mut at = 0usize;
@@ -132,13 +132,13 @@ impl ProcMem {
 
     /// Fills `buf` from `addr`; `false` when the memory is not readable (unmapped, or the
     /// process is gone): callers treat that as "not known now".
-    pub fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+    pub(crate) fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
         addr != 0
             && !self.touches_fuse(addr, buf.len())
             && self.file.read_exact_at(buf, addr).is_ok()
     }
 
-    pub fn read_u64(&self, addr: u64) -> Option<u64> {
+    pub(crate) fn read_u64(&self, addr: u64) -> Option<u64> {
         let mut b = [0u8; 8];
         self.read(addr, &mut b).then(|| u64::from_le_bytes(b))
     }

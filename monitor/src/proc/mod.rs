@@ -2,18 +2,18 @@
 //! container.
 
 mod container;
-pub mod elf;
-pub mod files;
-pub mod maps;
+pub(crate) mod elf;
+pub(crate) mod files;
+pub(crate) mod maps;
 mod mem;
 
 use std::{io, path::PathBuf};
 
-pub use container::{Container, container_of};
-pub use mem::{ProcMem, u64_at};
+pub(crate) use container::{Container, container_of};
+pub(crate) use mem::{ProcMem, u64_at};
 
 #[derive(Debug, thiserror::Error)]
-pub enum ProcError {
+pub(crate) enum ProcError {
     #[error("no process with PID {pid}")]
     NoSuchProcess { pid: u32 },
     #[error("cannot read /proc/{pid}/{what}: {source} (run as root, or with CAP_SYS_PTRACE)")]
@@ -92,9 +92,9 @@ fn current_uid() -> u32 {
 }
 
 /// Refuses an executable on a FUSE file system: looked up among `pid`'s mappings of FUSE files
-/// (from [`files::fuse_mappings`]) by the path /proc/PID/exe names, without asking the file's
+/// (from [`maps::fuse_mappings`]) by the path /proc/PID/exe names, without asking the file's
 /// file system.
-pub fn check_exe_not_on_fuse(pid: u32, fuse: &[maps::Mapping]) -> Result<(), ProcError> {
+pub(crate) fn check_exe_not_on_fuse(pid: u32, fuse: &[maps::Mapping]) -> Result<(), ProcError> {
     if fuse.is_empty() {
         return Ok(());
     }
@@ -111,18 +111,18 @@ pub fn check_exe_not_on_fuse(pid: u32, fuse: &[maps::Mapping]) -> Result<(), Pro
 }
 
 /// What failing to reach `pid`'s executable means.
-pub fn exe_error(pid: u32, source: io::Error) -> ProcError {
+pub(crate) fn exe_error(pid: u32, source: io::Error) -> ProcError {
     proc_err(pid, "exe", source)
 }
 
 /// Whether `pid` is alive (not a zombie).
-pub fn is_alive(pid: u32) -> bool {
+pub(crate) fn is_alive(pid: u32) -> bool {
     stat(pid).is_ok_and(|(state, _)| state != 'Z')
 }
 
 /// (state, start time) from /proc/PID/stat; the start time (clock ticks since boot, field 22)
 /// with the PID names a process uniquely across PID reuse.
-pub fn stat(pid: u32) -> Result<(char, u64), ProcError> {
+pub(crate) fn stat(pid: u32) -> Result<(char, u64), ProcError> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map_err(|e| proc_err(pid, "stat", e))?;
     // The name in parentheses may hold spaces: fields are counted after the last ')'.
@@ -138,13 +138,13 @@ pub fn stat(pid: u32) -> Result<(char, u64), ProcError> {
 
 /// The path of the process's executable, as the host sees it (`/proc/PID/exe` resolves it even
 /// inside another mount namespace, so that is what probes attach through).
-pub fn exe_path(pid: u32) -> Result<PathBuf, ProcError> {
+pub(crate) fn exe_path(pid: u32) -> Result<PathBuf, ProcError> {
     std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|e| proc_err(pid, "exe", e))
 }
 
 /// How far the executable was moved when loaded (0 for Go's default non-PIE executables):
 /// the start of its first mapping minus the lowest address its segments ask for.
-pub fn load_bias(pid: u32, lowest_vaddr: u64) -> Result<u64, ProcError> {
+pub(crate) fn load_bias(pid: u32, lowest_vaddr: u64) -> Result<u64, ProcError> {
     use std::os::unix::fs::MetadataExt as _;
     // Matched by inode, not path: the path reads "... (deleted)" once a package upgrade
     // replaced the file, and may hold spaces.
@@ -156,7 +156,7 @@ pub fn load_bias(pid: u32, lowest_vaddr: u64) -> Result<u64, ProcError> {
 
 /// Where the file of inode `inode` (the executable or a library) is loaded in `pid`, given
 /// its lowest PT_LOAD address.
-pub fn load_bias_of(pid: u32, inode: u64, lowest_vaddr: u64) -> Result<u64, ProcError> {
+pub(crate) fn load_bias_of(pid: u32, inode: u64, lowest_vaddr: u64) -> Result<u64, ProcError> {
     let maps = maps::read(pid).map_err(|e| proc_err(pid, "maps", e))?;
     if let Some(m) = maps.iter().find(|m| m.file.1 == inode && m.offset == 0) {
         return Ok(m.start.wrapping_sub(lowest_vaddr & !0xfff));
@@ -169,7 +169,7 @@ pub fn load_bias_of(pid: u32, inode: u64, lowest_vaddr: u64) -> Result<u64, Proc
 
 /// A shared library a process maps: its path as /proc/PID/maps names it, and its inode.
 #[derive(Clone, Debug)]
-pub struct Library {
+pub(crate) struct Library {
     pub path: PathBuf,
     pub ino: u64,
 }
@@ -177,7 +177,7 @@ pub struct Library {
 /// Identity of an executable file (device, inode, mtime), not its path: a redeploy replaces
 /// the file under the same path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct BinaryKey {
+pub(crate) struct BinaryKey {
     dev: u64,
     ino: u64,
     mtime: i64,
@@ -185,7 +185,7 @@ pub struct BinaryKey {
 
 impl BinaryKey {
     /// The executable `pid` runs now.
-    pub fn of(pid: u32) -> Result<Self, ProcError> {
+    pub(crate) fn of(pid: u32) -> Result<Self, ProcError> {
         use std::os::unix::fs::MetadataExt as _;
         let m = std::fs::metadata(format!("/proc/{pid}/exe"))
             .map_err(|source| exe_error(pid, source))?;
@@ -196,7 +196,7 @@ impl BinaryKey {
         })
     }
 
-    pub fn ino(&self) -> u64 {
+    pub(crate) fn ino(&self) -> u64 {
         self.ino
     }
 }
@@ -205,14 +205,14 @@ impl BinaryKey {
 /// brings up to date which of its memory `mem` must not read (mapped from FUSE files).
 /// Checked for FUSE first: the identity is a stat() of the file, and an exec may have brought
 /// in one on a FUSE mount.
-pub fn runs_same_program(pid: u32, key: BinaryKey, mem: &mut ProcMem) -> bool {
-    let fuse = files::fuse_mappings(pid);
+pub(crate) fn runs_same_program(pid: u32, key: BinaryKey, mem: &mut ProcMem) -> bool {
+    let fuse = maps::fuse_mappings(pid);
     mem.set_fuse_mappings(&fuse);
     check_exe_not_on_fuse(pid, &fuse).is_ok() && BinaryKey::of(pid).ok() == Some(key)
 }
 
 /// Monotonic clock in nanoseconds: the clock `bpf_ktime_get_ns` and Go's `nanotime` use.
-pub fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -1,7 +1,7 @@
 //! The daemon's own memory: what it uses, and handing freed memory back to the system.
 
 /// Resident set size of this process, in bytes.
-pub fn rss_bytes() -> u64 {
+pub(crate) fn rss_bytes() -> u64 {
     let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
         return 0;
     };
@@ -15,7 +15,7 @@ pub fn rss_bytes() -> u64 {
 }
 
 /// Anonymous resident memory of this process (what it allocated), in bytes.
-pub fn anon_bytes() -> u64 {
+pub(crate) fn anon_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -28,7 +28,7 @@ pub fn anon_bytes() -> u64 {
 
 /// Returns freed heap memory to the system: after caches are evicted, glibc would otherwise
 /// keep it, and the daemon's footprint would never come down.
-pub fn release_free() {
+pub(crate) fn release_free() {
     // SAFETY: malloc_trim has no preconditions.
     unsafe { libc::malloc_trim(0) };
 }
@@ -40,7 +40,7 @@ pub fn release_free() {
 /// threshold: buffers over 256 KiB are mapped and unmapped on free, instead of the threshold
 /// rising after the first such free and later ones fragmenting the heap (48 MiB peaks while
 /// five Go programs were inspected, against 30 MiB). Call before starting threads.
-pub fn tune_malloc() {
+pub(crate) fn tune_malloc() {
     // SAFETY: mallopt has no preconditions; both take a plain value.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);

@@ -14,7 +14,7 @@ static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 
 /// How long shutdown (detaching, flushing the export queue) may take before the process ends
 /// anyway; the shipped unit gives 20 s.
-pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(10);
+pub(crate) const SHUTDOWN_LIMIT: Duration = Duration::from_secs(10);
 
 extern "C" fn on_signal(_: libc::c_int) {
     if STOP.swap(true, Ordering::SeqCst) {
@@ -36,7 +36,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 /// Installs the handlers; returns the pipe's read end, readable once a stop is requested.
-pub fn install() -> io::Result<OwnedFd> {
+pub(crate) fn install() -> io::Result<OwnedFd> {
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two descriptors.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
@@ -59,12 +59,12 @@ pub fn install() -> io::Result<OwnedFd> {
 }
 
 /// Whether SIGTERM or SIGINT arrived.
-pub fn stop_requested() -> bool {
+pub(crate) fn stop_requested() -> bool {
     STOP.load(Ordering::Relaxed)
 }
 
 /// Ends the process if shutdown has not finished within [`SHUTDOWN_LIMIT`].
-pub fn arm_shutdown_limit() {
+pub(crate) fn arm_shutdown_limit() {
     let _ = std::thread::Builder::new()
         .name("leakmon-shutdown".into())
         .spawn(|| {

@@ -3,10 +3,10 @@
 
 use std::{io, path::Path};
 
-pub const TRACEFS: &str = "/sys/kernel/tracing";
+pub(crate) const TRACEFS: &str = "/sys/kernel/tracing";
 
 #[derive(Debug, thiserror::Error)]
-pub enum TracefsError {
+pub(crate) enum TracefsError {
     #[error(
         "tracefs is not mounted at {TRACEFS} and mounting it failed: run \
          `mount -t tracefs nodev {TRACEFS}` as root (in Kubernetes, mount the host's \
@@ -15,12 +15,12 @@ pub enum TracefsError {
     Mount(#[source] io::Error),
 }
 
-pub fn is_mounted() -> bool {
+pub(crate) fn is_mounted() -> bool {
     Path::new(TRACEFS).join("uprobe_events").exists()
 }
 
 /// Mounts tracefs when it is absent.
-pub fn ensure_mounted() -> Result<(), TracefsError> {
+pub(crate) fn ensure_mounted() -> Result<(), TracefsError> {
     if is_mounted() {
         return Ok(());
     }

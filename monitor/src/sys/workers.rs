@@ -48,26 +48,29 @@ struct Shared {
 
 /// A bounded, self-replacing pool of worker threads.
 #[derive(Clone, Default)]
-pub struct Workers {
+pub(crate) struct Workers {
     shared: Arc<Shared>,
 }
 
 /// The result of work handed to [`Workers::run`], when it comes.
-pub struct Pending<R> {
+pub(crate) struct Pending<R> {
     rx: mpsc::Receiver<R>,
     shared: Arc<Shared>,
 }
 
 /// Work that did not finish in time, or whose worker died.
 #[derive(Debug, PartialEq, Eq)]
-pub enum NotDone {
+pub(crate) enum NotDone {
     Late,
     Lost,
 }
 
 impl Workers {
     /// Queues `work`; its result is taken from the returned [`Pending`].
-    pub fn run<R: Send + 'static>(&self, work: impl FnOnce() -> R + Send + 'static) -> Pending<R> {
+    pub(crate) fn run<R: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> R + Send + 'static,
+    ) -> Pending<R> {
         let (tx, rx) = mpsc::sync_channel(1);
         let job: Job = Box::new(move || {
             let _ = tx.send(work());
@@ -107,7 +110,7 @@ impl Workers {
     }
 
     /// Worker threads alive, and results that came after their deadline.
-    pub fn stats(&self) -> (usize, u64) {
+    pub(crate) fn stats(&self) -> (usize, u64) {
         (
             self.lock().workers,
             self.shared.late.load(Ordering::Relaxed),
@@ -145,7 +148,7 @@ fn worker(shared: &Shared) {
 
 impl<R> Pending<R> {
     /// Waits for the result until `deadline`, giving up early when `stop` says so.
-    pub fn wait(&self, deadline: Instant, stop: impl Fn() -> bool) -> Result<R, NotDone> {
+    pub(crate) fn wait(&self, deadline: Instant, stop: impl Fn() -> bool) -> Result<R, NotDone> {
         loop {
             let now = Instant::now();
             if now >= deadline || stop() {
@@ -161,7 +164,7 @@ impl<R> Pending<R> {
     }
 
     /// The result if it is there now.
-    pub fn try_take(&self) -> Result<R, NotDone> {
+    pub(crate) fn try_take(&self) -> Result<R, NotDone> {
         match self.rx.try_recv() {
             Ok(r) => Ok(r),
             Err(mpsc::TryRecvError::Empty) => Err(NotDone::Late),
@@ -170,7 +173,7 @@ impl<R> Pending<R> {
     }
 
     /// Counts a result taken after its deadline.
-    pub fn came_late(&self) {
+    pub(crate) fn came_late(&self) {
         self.shared.late.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -178,7 +181,7 @@ impl<R> Pending<R> {
 /// State that belongs to one watched process and travels to a worker for each scan of it:
 /// here between scans, away while a worker has it, and still away when that worker missed
 /// its deadline (the process is then skipped until the worker comes back).
-pub struct Slot<T, O> {
+pub(crate) struct Slot<T, O> {
     here: Option<T>,
     away: Option<Away<T, O>>,
 }
@@ -190,7 +193,7 @@ struct Away<T, O> {
 }
 
 /// How a scan of one process ended.
-pub enum Outcome<O> {
+pub(crate) enum Outcome<O> {
     Done(O),
     /// Past the deadline; `first` the first time for this absence (report it then).
     Late {
@@ -203,26 +206,21 @@ pub enum Outcome<O> {
 }
 
 impl<T: Send + 'static, O: Send + 'static> Slot<T, O> {
-    pub fn new(state: T) -> Self {
+    pub(crate) fn new(state: T) -> Self {
         Self {
             here: Some(state),
             away: None,
         }
     }
 
-    /// The state, when it is here.
-    pub fn get(&self) -> Option<&T> {
-        self.here.as_ref()
-    }
-
     /// Whether a worker has the state past its deadline.
-    pub fn is_stuck(&self) -> bool {
+    pub(crate) fn is_stuck(&self) -> bool {
         self.away.as_ref().is_some_and(|a| a.reported)
     }
 
     /// Takes the state back from a worker that came back late, with what it brought (still
     /// worth judging: a very large process's scan may take longer than the deadline).
-    pub fn reclaim(&mut self) -> Option<O> {
+    pub(crate) fn reclaim(&mut self) -> Option<O> {
         let away = self.away.as_ref()?;
         match away.pending.try_take() {
             Ok((state, out)) => {
@@ -240,7 +238,7 @@ impl<T: Send + 'static, O: Send + 'static> Slot<T, O> {
     }
 
     /// Sends the state to a worker to run `work` on it; false when it is away.
-    pub fn dispatch(
+    pub(crate) fn dispatch(
         &mut self,
         workers: &Workers,
         work: impl FnOnce(&mut T) -> O + Send + 'static,
@@ -260,7 +258,7 @@ impl<T: Send + 'static, O: Send + 'static> Slot<T, O> {
     }
 
     /// Waits for the work sent by [`Slot::dispatch`] until `deadline` (or `stop`).
-    pub fn settle(&mut self, deadline: Instant, stop: impl Fn() -> bool) -> Outcome<O> {
+    pub(crate) fn settle(&mut self, deadline: Instant, stop: impl Fn() -> bool) -> Outcome<O> {
         let Some(away) = &mut self.away else {
             return Outcome::Idle;
         };
@@ -287,7 +285,7 @@ impl<T: Send + 'static, O: Send + 'static> Slot<T, O> {
 /// a Go executable: each reads whole tables of a file), so their transient memory does not
 /// add up across workers. A holder that outlasts `stuck_after` (a file on a hung mount) no
 /// longer keeps others out, up to `max` holders.
-pub struct Gate {
+pub(crate) struct Gate {
     holders: Mutex<Vec<(u64, Instant)>>,
     freed: Condvar,
     next: AtomicU64,
@@ -296,13 +294,13 @@ pub struct Gate {
 }
 
 /// A place in a [`Gate`], given back when dropped.
-pub struct Entered<'a> {
+pub(crate) struct Entered<'a> {
     gate: &'a Gate,
     id: u64,
 }
 
 impl Gate {
-    pub fn new(stuck_after: Duration, max: usize) -> Self {
+    pub(crate) fn new(stuck_after: Duration, max: usize) -> Self {
         Self {
             holders: Mutex::new(Vec::new()),
             freed: Condvar::new(),
@@ -313,7 +311,7 @@ impl Gate {
     }
 
     /// Enters once nobody (but stuck holders) is in, waiting at most `wait`.
-    pub fn enter(&self, wait: Duration) -> Option<Entered<'_>> {
+    pub(crate) fn enter(&self, wait: Duration) -> Option<Entered<'_>> {
         let started = Instant::now();
         let mut holders = self.holders.lock().unwrap_or_else(PoisonError::into_inner);
         loop {

@@ -10,11 +10,11 @@ const FUTEX_LOCK_PI2: u32 = 13;
 /// PI futex words hold the owner's thread id in these bits.
 const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
 /// glibc's x86_64 `pthread_mutex_t`: `int __lock; unsigned __count; int __owner; ...`.
-pub const PTHREAD_MUTEX_OWNER_OFFSET: u64 = 8;
+pub(crate) const PTHREAD_MUTEX_OWNER_OFFSET: u64 = 8;
 /// The "locked, with waiters" state of glibc's low-level locks and Rust std's futex mutex.
 const CONTENDED: u32 = 2;
 
-pub use crate::detect::{LockFlavor, WaitKind};
+pub(crate) use crate::detect::{LockFlavor, WaitKind};
 
 /// Functions that settle what a wait is for, innermost frame first; the first frame that
 /// matches decides (a condition variable re-taking its mutex is a lock wait).
@@ -46,7 +46,7 @@ const IDLE_FUNCTIONS: [&str; 11] = [
 /// Judges one wait: `frames` are the symbol names of its stack, innermost first (empty when
 /// unknown); `word` is the futex word now; `in_go_runtime` says the wait was entered from a
 /// Go binary's own code (the runtime parking an idle thread).
-pub fn classify(
+pub(crate) fn classify(
     wait: &FutexWait,
     word: Option<u32>,
     frames: &[&str],
@@ -83,14 +83,14 @@ pub fn classify(
 }
 
 /// The owner of a PI futex word, in the process's PID namespace (0: none).
-pub fn pi_owner(word: u32) -> u32 {
+pub(crate) fn pi_owner(word: u32) -> u32 {
     word & FUTEX_TID_MASK
 }
 
 /// Parses a futex wait from /proc/PID/task/TID/syscall ("202 0xuaddr 0xop 0xval 0xutime ...
 /// sp pc"): for threads already waiting when leakmon started. None unless it is a futex
 /// call in a blocking operation.
-pub fn from_proc_syscall(line: &str, tgid: u32, since_ns: u64) -> Option<FutexWait> {
+pub(crate) fn from_proc_syscall(line: &str, tgid: u32, since_ns: u64) -> Option<FutexWait> {
     const SYS_FUTEX: u64 = 202;
     let fields: Vec<u64> = line
         .split_whitespace()

@@ -3,9 +3,9 @@
 //! [`crate::detect::ThreadDetector`]. Snapshots read what the target controls and run on
 //! workers; the probes' maps are read and written by the loop only.
 
-pub mod futex;
-pub mod stack;
-pub mod symbols;
+pub(crate) mod futex;
+pub(crate) mod stack;
+pub(crate) mod symbols;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -43,13 +43,13 @@ struct Seen {
 /// What is kept of one process's threads between scans. Moved into the worker that takes the
 /// process's snapshot, and back.
 #[derive(Default)]
-pub struct ProcessState {
+pub(crate) struct ProcessState {
     seen: HashMap<u32, Seen>,
 }
 
 /// Records the probes keep that a snapshot found stale: the loop drops them from the maps.
 #[derive(Debug, Default)]
-pub struct Stale {
+pub(crate) struct Stale {
     pub threads: Vec<u32>,
     pub waits: Vec<(u32, FutexWait)>,
 }
@@ -57,7 +57,7 @@ pub struct Stale {
 /// The threads of `pid` as /proc shows them now, for seeding the probes' tables: threads that
 /// were already asleep or in a futex wait when leakmon started are otherwise unseen until they
 /// next run. Reads the target's /proc files, so it runs on a worker.
-pub fn seed(pid: u32, now_ns: u64) -> Vec<(u32, ThreadState, Option<FutexWait>)> {
+pub(crate) fn seed(pid: u32, now_ns: u64) -> Vec<(u32, ThreadState, Option<FutexWait>)> {
     tasks(pid)
         .into_iter()
         .filter_map(|tid| {
@@ -79,7 +79,7 @@ pub fn seed(pid: u32, now_ns: u64) -> Vec<(u32, ThreadState, Option<FutexWait>)>
 }
 
 /// Groups the probes' tables by process, skipping `exclude` (leakmon itself).
-pub fn by_process(tables: ThreadTables, exclude: u32) -> HashMap<u32, ProcessThreads> {
+pub(crate) fn by_process(tables: ThreadTables, exclude: u32) -> HashMap<u32, ProcessThreads> {
     let mut out: HashMap<u32, ProcessThreads> = HashMap::new();
     for (tid, state) in tables.threads {
         if state.tgid != exclude {
@@ -101,7 +101,7 @@ pub fn by_process(tables: ThreadTables, exclude: u32) -> HashMap<u32, ProcessThr
 /// stack and a judged wait; futex waits already after `settle_ns` (so that lock cycles are
 /// found early).
 #[derive(Clone, Copy, Debug)]
-pub struct Depth {
+pub(crate) struct Depth {
     pub settle_ns: u64,
     pub deep_ns: u64,
 }
@@ -109,7 +109,7 @@ pub struct Depth {
 impl ProcessState {
     /// One process's snapshot, taken on a worker (it reads the target's /proc files, memory
     /// and mapped files). Returns it with the records found stale.
-    pub fn snapshot(
+    pub(crate) fn snapshot(
         &mut self,
         symbolizer: &Symbolizer,
         pid: u32,
@@ -259,7 +259,7 @@ fn read_small(path: &str) -> Option<String> {
 
 /// One process's records from the probes.
 #[derive(Debug, Default)]
-pub struct ProcessThreads {
+pub(crate) struct ProcessThreads {
     pub threads: Vec<(u32, ThreadState)>,
     pub waits: HashMap<u32, FutexWait>,
 }

@@ -16,7 +16,7 @@ const MAX_RETURNS: usize = 24;
 
 /// (stack pointer, instruction pointer) of a thread blocked in the kernel, from the last two
 /// fields of its /proc syscall line; None when it is running.
-pub fn registers(syscall_line: &str) -> Option<(u64, u64)> {
+pub(crate) fn registers(syscall_line: &str) -> Option<(u64, u64)> {
     let mut fields = syscall_line.split_whitespace().rev();
     let pc = fields.next()?.strip_prefix("0x")?;
     let sp = fields.next()?.strip_prefix("0x")?;
@@ -62,14 +62,14 @@ fn ends_with_call(code: &[u8; 8]) -> bool {
 
 /// Takes stacks of blocked threads of one process, remembering which code addresses are
 /// return addresses.
-pub struct StackReader {
+pub(crate) struct StackReader {
     mem: ProcMem,
     symbols: ProcessSymbols,
     is_return: HashMap<u64, bool>,
 }
 
 impl StackReader {
-    pub fn new(mem: ProcMem, symbols: ProcessSymbols) -> Self {
+    pub(crate) fn new(mem: ProcMem, symbols: ProcessSymbols) -> Self {
         Self {
             mem,
             symbols,
@@ -81,7 +81,7 @@ impl StackReader {
     /// innermost first. Frames are followed with the modules' call frame information while
     /// it lasts (exact); where it is missing, or needs a register not known here, the rest of
     /// the stack is scanned.
-    pub fn addresses(&mut self, sp: u64, pc: u64) -> Vec<u64> {
+    pub(crate) fn addresses(&mut self, sp: u64, pc: u64) -> Vec<u64> {
         let mut out = vec![pc];
         let (mut rsp, mut rip, mut rbp) = (sp, pc, None::<u64>);
         loop {
@@ -150,7 +150,7 @@ impl StackReader {
     }
 
     /// Symbolised frames of `addresses` (as returned by [`StackReader::addresses`]).
-    pub fn frames(&mut self, addresses: &[u64]) -> Vec<Frame> {
+    pub(crate) fn frames(&mut self, addresses: &[u64]) -> Vec<Frame> {
         let mut frames = Vec::new();
         for (i, addr) in addresses.iter().enumerate() {
             self.symbols.frames(*addr, i == 0, &mut frames);
@@ -160,15 +160,15 @@ impl StackReader {
 
     /// Whether a module could not be had in time for some frame (see
     /// [`ProcessSymbols::incomplete`]).
-    pub fn incomplete(&self) -> bool {
+    pub(crate) fn incomplete(&self) -> bool {
         self.symbols.incomplete
     }
 
-    pub fn is_go_code(&mut self, addr: u64) -> bool {
+    pub(crate) fn is_go_code(&mut self, addr: u64) -> bool {
         self.symbols.is_go_code(addr)
     }
 
-    pub fn read_u32(&self, addr: u64) -> Option<u32> {
+    pub(crate) fn read_u32(&self, addr: u64) -> Option<u32> {
         let mut b = [0u8; 4];
         self.mem.read(addr, &mut b).then(|| u32::from_le_bytes(b))
     }

@@ -10,7 +10,7 @@ use std::{
 
 use gimli::{EndianArcSlice, LittleEndian};
 
-pub use crate::proc::maps::Mapping;
+pub(crate) use crate::proc::maps::Mapping;
 use crate::{
     proc::{elf::Elf, files, maps},
     sys::workers::Gate,
@@ -24,7 +24,7 @@ const MAX_SYMBOLS: usize = 1 << 20;
 
 /// A named code location. `file` and `line` are known where the module has line tables.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Frame {
+pub(crate) struct Frame {
     pub function: Arc<str>,
     pub file: Option<Arc<str>>,
     pub line: u32,
@@ -34,7 +34,7 @@ pub struct Frame {
 
 impl Frame {
     /// As a site of an alert: the file where line tables give it, else the module.
-    pub fn site(&self) -> Arc<crate::detect::Site> {
+    pub(crate) fn site(&self) -> Arc<crate::detect::Site> {
         Arc::new(crate::detect::Site {
             function: self.function.to_string(),
             file: self.file.as_deref().unwrap_or(&self.module).to_owned(),
@@ -201,7 +201,7 @@ struct Unwind {
 /// `cfa + ra_offset` (None: the outermost frame, which returns nowhere), and the caller's rbp
 /// at `cfa + rbp_offset` when this frame saved it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct UnwindRow {
+pub(crate) struct UnwindRow {
     pub cfa_register: u16,
     pub cfa_offset: i64,
     pub ra_offset: Option<i64>,
@@ -522,7 +522,7 @@ pub(crate) fn exercise_module(file: std::fs::File) {
 /// that module. A load that outlasts [`STUCK_LOAD`] (a hung mount) no longer holds the rest
 /// up, up to [`MAX_LOADS`] loads.
 #[derive(Clone)]
-pub struct Symbolizer {
+pub(crate) struct Symbolizer {
     cache: Arc<Mutex<ModuleCache>>,
     gate: Arc<Gate>,
 }
@@ -561,18 +561,18 @@ struct Cached {
 }
 
 /// Scans a module may go unused before it is dropped.
-pub const IDLE_TICKS: u64 = 4;
+pub(crate) const IDLE_TICKS: u64 = 4;
 
 /// What the module cache holds and has dropped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CacheStats {
+pub(crate) struct CacheStats {
     pub modules: usize,
     pub bytes: u64,
     pub evicted: u64,
 }
 
 impl Symbolizer {
-    pub fn new(budget: u64) -> Self {
+    pub(crate) fn new(budget: u64) -> Self {
         Self {
             cache: Arc::new(Mutex::new(ModuleCache {
                 modules: HashMap::new(),
@@ -594,7 +594,7 @@ impl Symbolizer {
     }
 
     /// Reads `pid`'s mappings (None when the process is gone).
-    pub fn process(&self, pid: u32) -> Option<ProcessSymbols> {
+    pub(crate) fn process(&self, pid: u32) -> Option<ProcessSymbols> {
         let mut maps = maps::read(pid).ok()?;
         // Files on FUSE are neither read nor taken for code (reading code checks the bytes
         // before a return address): see `files::fuse_devices`.
@@ -613,7 +613,7 @@ impl Symbolizer {
 
     /// Called once per scan: drops modules unused for [`IDLE_TICKS`] scans, then the least
     /// recently used while over budget. Returns how many were dropped.
-    pub fn tick(&self) -> u64 {
+    pub(crate) fn tick(&self) -> u64 {
         let mut cache = self.lock();
         cache.tick += 1;
         let (tick, before) = (cache.tick, cache.modules.len());
@@ -625,7 +625,7 @@ impl Symbolizer {
         idle + cache.make_room(0)
     }
 
-    pub fn stats(&self) -> CacheStats {
+    pub(crate) fn stats(&self) -> CacheStats {
         let cache = self.lock();
         CacheStats {
             modules: cache.modules.len(),
@@ -670,7 +670,7 @@ impl Symbolizer {
         let (module, bytes) = match files::open_mapped(pid, m.start, m.end, m.file.1) {
             Ok(opened) => {
                 let budget = self.lock().budget;
-                let plan = Plan::new(opened.file, m.path.clone(), budget);
+                let plan = Plan::new(opened, m.path.clone(), budget);
                 if let Some(debug_bytes) = plan.dwarf_left_out
                     && self.lock().first_time(&m.file)
                 {
@@ -771,7 +771,7 @@ impl Drop for Reservation<'_> {
 }
 
 /// One process's view: its mappings, with the modules they resolve to.
-pub struct ProcessSymbols {
+pub(crate) struct ProcessSymbols {
     pid: u32,
     maps: Vec<Mapping>,
     symbolizer: Symbolizer,
@@ -784,7 +784,7 @@ pub struct ProcessSymbols {
 
 impl ProcessSymbols {
     /// Whether `addr` is in an executable file mapping (a plausible return address).
-    pub fn is_code(&self, addr: u64) -> bool {
+    pub(crate) fn is_code(&self, addr: u64) -> bool {
         self.mapping(addr).is_some_and(|m| m.exec)
     }
 
@@ -828,19 +828,19 @@ impl ProcessSymbols {
 
     /// How to unwind from code address `addr` (the instruction itself: callers pass a return
     /// address minus one). None without call frame information.
-    pub fn unwind_row(&mut self, addr: u64) -> Option<UnwindRow> {
+    pub(crate) fn unwind_row(&mut self, addr: u64) -> Option<UnwindRow> {
         let (module, vaddr) = self.module(addr)?;
         module.unwind.as_ref()?.row(vaddr)
     }
 
     /// Whether `addr` is in a Go binary's code.
-    pub fn is_go_code(&mut self, addr: u64) -> bool {
+    pub(crate) fn is_go_code(&mut self, addr: u64) -> bool {
         self.module(addr).is_some_and(|(m, _)| m.is_go)
     }
 
     /// Frames for a return address (looked up one byte back, inside the call) or, when
     /// `exact`, for an instruction address; inlined frames first.
-    pub fn frames(&mut self, addr: u64, exact: bool, out: &mut Vec<Frame>) {
+    pub(crate) fn frames(&mut self, addr: u64, exact: bool, out: &mut Vec<Frame>) {
         let probe = if exact { addr } else { addr.saturating_sub(1) };
         match self.module(probe) {
             Some((module, vaddr)) => module.frames(vaddr, out),

@@ -5,30 +5,32 @@
 
 mod binary;
 mod code;
+mod kinds;
 mod layout;
 mod policy;
 mod polls;
+mod runtime;
 mod spins;
 mod walk;
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc};
+use std::{collections::HashMap, sync::Arc};
 
-pub(crate) use binary::TokioBinary;
-pub(crate) use policy::TOKIO;
-
+pub(crate) use self::runtime::RUNTIME;
 use self::{
+    binary::TokioBinary,
     layout::{Vtable, find_vtables},
+    policy::TOKIO,
     walk::{Runtime, TaskRec},
 };
 use crate::{
-    detect::{Observation, TaskState, ThreadReport},
-    proc::{self, Container, ProcError, ProcMem, maps},
-    runtime::{ScanInput, Scanned, TaskSource},
+    detect::{Due, Observation, TaskState, ThreadReport},
+    proc::{self, ProcError, ProcMem, maps},
+    runtime::{Process, ProcessInfo, ScanInput, Scanned, TaskSource},
     threads::symbols::Symbolizer,
 };
 
 #[derive(Debug, thiserror::Error)]
-pub enum TokioError {
+pub(crate) enum TokioError {
     #[error("not a tokio program")]
     NotTokio,
     #[error(
@@ -58,17 +60,16 @@ const WALK_TRIES: usize = 3;
 
 /// Wait reasons of tokio tasks, as the detector sees them.
 pub(crate) const IDLE: &str = "idle";
-pub(crate) const NO_WAKER: &str = "no waker";
+pub(crate) const LOST: &str = "no waker";
 
 /// A tokio process being watched.
 pub(crate) struct TokioTarget {
-    pub pid: u32,
-    pub start_time: u64,
-    pub exe: PathBuf,
-    pub binary: Arc<TokioBinary>,
+    pid: u32,
+    start_time: u64,
+    info: ProcessInfo,
+    binary: Arc<TokioBinary>,
     /// The shared library tokio is in, when not the executable.
-    pub library: Option<proc::Library>,
-    pub container: Container,
+    library: Option<proc::Library>,
     key: proc::BinaryKey,
     mem: ProcMem,
     vtables: HashMap<u64, Vtable>,
@@ -139,13 +140,12 @@ impl TokioTarget {
     /// Inspects `pid`, which runs `binary` (its executable, or `library`): its task vtables,
     /// named from their poll functions. Reads what the target controls: runs on a worker.
     pub(crate) fn inspect(
-        pid: u32,
-        key: proc::BinaryKey,
+        process: &Process,
         binary: Arc<TokioBinary>,
         symbolizer: Symbolizer,
-        library: Option<proc::Library>,
     ) -> Result<Self, TokioError> {
-        let exe = proc::exe_path(pid)?;
+        let (pid, key, library) = (process.pid, process.key, process.library.clone());
+        let exe = process.exe.clone();
         let (_, start_time) = proc::stat(pid)?;
         let bias = match &library {
             None => proc::load_bias(pid, binary.lowest_vaddr)?,
@@ -185,13 +185,19 @@ impl TokioTarget {
             return Err(TokioError::NoRuntime);
         }
         let names = name_futures(pid, &mem, &symbolizer, &vtables, bias, &binary, module);
+        let info = ProcessInfo {
+            pid,
+            exe: exe.display().to_string(),
+            runtime: process.runtime,
+            runtime_version: binary.version.as_deref().unwrap_or("unknown").to_owned(),
+            container: proc::container_of(pid),
+        };
         Ok(Self {
             pid,
             start_time,
-            exe,
+            info,
             binary,
             library,
-            container: proc::container_of(pid),
             key,
             mem,
             vtables,
@@ -211,16 +217,11 @@ impl TokioTarget {
         })
     }
 
-    /// One scan: every runtime's tasks; those idle at least `block_ns` and the polls found
-    /// blocking, as observations at `now_ns` (a task idle for less is in no group the detector
-    /// judges). None when a walk kept racing with the program: nothing is judged from a
-    /// partial list (a task missed would look like one that left).
-    pub(crate) fn scan(
-        &mut self,
-        now_ns: u64,
-        block_ns: u64,
-        poll_block_ns: u64,
-    ) -> Option<Vec<Observation>> {
+    /// One scan: every runtime's tasks; those `due` admits (idle long enough, polls blocking,
+    /// spins), as observations. None when a walk kept racing with the program: nothing is
+    /// judged from a partial list (a task missed would look like one that left).
+    fn scan(&mut self, due: &Due) -> Option<Vec<Observation>> {
+        let now_ns = due.now_ns;
         if now_ns >= self.discover_at_ns {
             self.discover(now_ns);
         }
@@ -272,14 +273,9 @@ impl TokioTarget {
             .iter()
             .filter(|t| t.header.state & layout::RUNNING != 0)
             .collect();
-        let blocking = self.polls.check(
-            self.pid,
-            &self.mem,
-            &self.symbolizer,
-            &running,
-            now_ns,
-            poll_block_ns,
-        );
+        let blocking = self
+            .polls
+            .check(self.pid, &self.mem, &self.symbolizer, &running, due);
         self.sample_spins(now_ns, &tasks, &blocking);
         for t in &tasks {
             let Some(entry) = self.names.get(&t.header.vtable) else {
@@ -288,9 +284,13 @@ impl TokioTarget {
             // A spinner is idle between its polls: the walk may have caught it there.
             let state = if let Some(s) = self.spins.get(&t.id).filter(|s| s.wakes_itself()) {
                 // Polls seen, at least two: many polls without a wait is a spin.
+                let runs = (s.poll_rate as u32).max(2);
+                if due.running(&TOKIO, s.since_ns, runs).is_none() {
+                    continue;
+                }
                 TaskState::Running {
                     since_ns: s.since_ns,
-                    runs: (s.poll_rate as u32).max(2),
+                    runs,
                     last_run_ns: now_ns,
                 }
             } else if t.header.is_idle() {
@@ -307,12 +307,12 @@ impl TokioTarget {
                         since_ns,
                     },
                 );
-                if now_ns.saturating_sub(since_ns) < block_ns {
+                if !due.parked(since_ns) {
                     continue;
                 }
                 TaskState::Parked {
                     since_ns,
-                    wait_reason: Arc::from(if lost { NO_WAKER } else { IDLE }),
+                    wait_reason: Arc::from(if lost { LOST } else { IDLE }),
                     blocked_at: None,
                 }
             } else if let Some(b) = blocking.get(&t.id) {
@@ -331,7 +331,7 @@ impl TokioTarget {
                 (None, None) => (None, None),
             };
             out.push(Observation {
-                goid: t.id,
+                id: t.id,
                 state,
                 created_at: None,
                 entry: entry.clone(),
@@ -516,29 +516,60 @@ impl TokioTarget {
             self.retry_ns = RETRY_MIN_NS;
         }
     }
-
-    /// Task vtables found (one per future type and scheduler).
-    pub(crate) fn vtables(&self) -> usize {
-        self.vtables.len()
-    }
 }
 
 impl TaskSource for TokioTarget {
+    fn process(&self) -> &ProcessInfo {
+        &self.info
+    }
+
+    fn start_time(&self) -> u64 {
+        self.start_time
+    }
+
+    /// No probes: it says what it watches.
+    fn attach(
+        &mut self,
+        _probes: &mut crate::bpf::Probes,
+    ) -> Result<Option<crate::bpf::Links>, crate::bpf::BpfError> {
+        let library = self
+            .library
+            .as_ref()
+            .map(|l| format!(" in {}", l.path.display()))
+            .unwrap_or_default();
+        log::info!(
+            "watching PID {} ({}, tokio {}{library}, {} task vtables{})",
+            self.pid,
+            self.info.exe,
+            self.info.runtime_version,
+            self.vtables.len(),
+            if self.binary.stripped {
+                ", stripped"
+            } else {
+                ""
+            },
+        );
+        Ok(None)
+    }
+
     fn scan(&mut self, input: ScanInput) -> Scanned {
         if !proc::runs_same_program(self.pid, self.key, &mut self.mem) {
             return Scanned::OtherProgram;
         }
-        let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        let t = input.thresholds;
-        match TokioTarget::scan(self, input.now_ns, ns(t.block), ns(t.poll_block)) {
-            Some(observations) => Scanned::Tasks {
-                observations,
-                stale: Vec::new(),
+        match TokioTarget::scan(self, &input.due) {
+            Some(tasks) => Scanned::Tasks {
+                tasks,
+                stale: Default::default(),
                 policy: &TOKIO,
             },
             None => Scanned::NotJudged,
         }
     }
+}
+
+/// For the fuzz target: an executable or library, read as tokio's are.
+pub(crate) fn exercise_file(file: std::fs::File) {
+    let _ = TokioBinary::read(file);
 }
 
 /// For the fuzz target: the parsers of what a tokio target controls, on arbitrary bytes.

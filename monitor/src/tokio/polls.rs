@@ -12,7 +12,7 @@ use std::{
 
 use super::walk::TaskRec;
 use crate::{
-    detect::{Site, Stack, ThreadReport},
+    detect::{Due, Site, Stack, ThreadReport},
     proc::{ProcMem, files::read_proc_capped, u64_at},
     threads::{
         stack::StackReader,
@@ -58,16 +58,16 @@ pub(crate) struct Polls {
 
 impl Polls {
     /// Finds the polls among `running` that have stayed in one blocking call: task id ->
-    /// what blocks, for those blocked at least `threshold_ns`.
+    /// what blocks, for those `due` admits (blocked past the poll threshold).
     pub(crate) fn check(
         &mut self,
         pid: u32,
         mem: &ProcMem,
         symbolizer: &Symbolizer,
         running: &[&TaskRec],
-        now_ns: u64,
-        threshold_ns: u64,
+        due: &Due,
     ) -> HashMap<u64, Blocking> {
+        let now_ns = due.now_ns;
         if running.is_empty() {
             self.seen.clear();
             return HashMap::new();
@@ -83,7 +83,7 @@ impl Polls {
         }
         // A first sighting with a short threshold is looked at again now, so a blocking poll
         // is reported at this scan rather than the next.
-        let wait = Duration::from_nanos(threshold_ns);
+        let wait = due.thresholds.poll_block;
         let fresh: Vec<u64> = seen
             .iter()
             .filter(|(_, s)| s.since_ns == now_ns)
@@ -117,7 +117,8 @@ impl Polls {
         let mut out = HashMap::new();
         let mut reader: Option<StackReader> = None;
         for (id, s) in &self.seen {
-            if now_ns.saturating_sub(s.since_ns) < threshold_ns {
+            // One poll that has not returned.
+            if due.running(&super::TOKIO, s.since_ns, 1).is_none() {
                 continue;
             }
             if reader.is_none() {

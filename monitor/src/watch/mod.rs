@@ -1,13 +1,11 @@
-//! The monitoring loop: inspect processes (each runtime in its own module, behind
-//! [`crate::runtime`]), scan their tasks, judge, report.
+//! The monitoring loop: inspect processes (each runtime in its own folder, behind
+//! [`crate::runtime`]), scan their tasks, judge, report to the sinks. It names no runtime.
 //!
 //! Everything read from a target (its memory, /proc files, executable, mapped files) is read
 //! on workers with a deadline ([`crate::sys::workers`]): a process that does not answer is
 //! skipped until it does, and the loop goes on with every other one. The loop itself touches
-//! only the kernel maps, the detectors and the output, so it always sees a stop request.
+//! only the kernel maps, the detectors and the sinks, so it always sees a stop request.
 
-mod reach;
-mod target;
 mod threads;
 
 use std::{
@@ -21,31 +19,36 @@ use std::{
 use monitor_ebpf::{PROC_EVENT_EXEC, ProcEvent};
 use tokio::io::{Interest, unix::AsyncFd};
 
-pub use self::target::{Binaries, BinaryKey, Target, TargetError};
-use self::{target::Program, threads::ThreadWatch};
+use self::threads::ThreadWatch;
 use crate::{
-    bpf::{BpfError, GoLinks, Probes, Stats},
+    bpf::{BpfError, Links, Probes, Stats},
     config::Settings,
-    detect::{Detector, Snapshot},
-    export::{GroupGauge, Health, MetricsSnapshot},
-    go::GoError,
-    output::{Format, Output, ProcessInfo},
+    detect::{Detector, Due, Snapshot},
+    export::ExportError,
+    output::{self, Format, Health, Metrics, Sinks},
     proc::{self, ProcError},
-    runtime::{ScanInput, Scanned, TaskSource},
+    runtime::{
+        Binaries, Context, InspectError, Inspected, ProcessInfo, Runtime, ScanInput, Scanned,
+        TaskSource, registry::RUNTIMES,
+    },
     sys::{
         memory, signals,
         workers::{NotDone, Outcome, Pending, Slot, Workers},
     },
     threads::symbols::Symbolizer,
-    tokio::TokioTarget,
 };
 
 #[derive(Debug, thiserror::Error)]
-pub enum WatchError {
+pub(crate) enum WatchError {
     #[error(transparent)]
     Bpf(#[from] BpfError),
     #[error(transparent)]
-    Target(#[from] TargetError),
+    Inspect(#[from] InspectError),
+    #[error(
+        "PID {pid} ({exe}) runs no runtime leakmon watches ({why}); leave --threads on to watch \
+         its threads"
+    )]
+    Plain { pid: u32, exe: String, why: String },
     #[error("writing alerts to stdout")]
     Output(#[source] std::io::Error),
     #[error("polling the process event ring buffer")]
@@ -57,7 +60,7 @@ pub enum WatchError {
     )]
     Unresponsive { pid: u32, timeout: Duration },
     #[error(transparent)]
-    Export(#[from] crate::export::ExportError),
+    Export(#[from] ExportError),
 }
 
 /// How often `leakmon run` looks again at processes that ran no runtime.
@@ -68,58 +71,13 @@ const RECHECK_PER_SCAN: usize = 64;
 /// What one scan of a process brings back, with when it was taken.
 type TaskScan = (u64, Scanned);
 
-/// A process whose tasks are watched (a Go program, with its probes; a tokio program).
+/// A process whose tasks are watched.
 struct Watched {
     info: ProcessInfo,
     start_time: u64,
-    /// Held here, not in the target, so detaching never waits for a worker.
-    links: Option<GoLinks>,
+    /// Held here, not in the source, so detaching never waits for a worker.
+    links: Option<Links>,
     slot: Slot<Box<dyn TaskSource>, TaskScan>,
-}
-
-/// A process as inspected, by runtime.
-enum Inspected {
-    Go(Box<Target>),
-    Tokio(Box<TokioTarget>),
-}
-
-/// What inspecting a process needs, cloned to the worker that does it.
-#[derive(Clone)]
-struct Inspector {
-    binaries: Binaries,
-    symbolizer: Symbolizer,
-    probe_parks: bool,
-    reach: Arc<reach::ReachBudget>,
-}
-
-impl Inspector {
-    /// Inspects `pid` with the runtime its executable is built with.
-    fn inspect(&self, pid: u32) -> Result<Inspected, TargetError> {
-        proc::check_exe_not_on_fuse(pid, &proc::files::fuse_mappings(pid))?;
-        let exe = proc::exe_path(pid)?;
-        let key = BinaryKey::of(pid)?;
-        match self.binaries.open(pid, key, &exe)? {
-            None => Err(TargetError::Busy { pid }),
-            Some(Program::Go(binary)) => Ok(Inspected::Go(Box::new(Target::inspect(
-                pid,
-                key,
-                exe,
-                binary,
-                self.probe_parks,
-                Arc::clone(&self.reach),
-            )?))),
-            Some(Program::Tokio(binary, library)) => {
-                let named = library.as_ref().map_or(exe, |l| l.path.clone());
-                TokioTarget::inspect(pid, key, binary, self.symbolizer.clone(), library)
-                    .map(|t| Inspected::Tokio(Box::new(t)))
-                    .map_err(|source| TargetError::Tokio {
-                        pid,
-                        exe: named,
-                        source,
-                    })
-            }
-        }
-    }
 }
 
 impl Watched {
@@ -131,27 +89,29 @@ impl Watched {
     }
 }
 
-struct Monitor<W: Write> {
+struct Monitor {
     probes: Probes,
     detector: Detector,
     targets: HashMap<u32, Watched>,
     /// Processes being inspected on a worker (`leakmon run`), taken in at the next scan.
-    attaching: HashMap<u32, Pending<Result<Inspected, TargetError>>>,
-    inspector: Inspector,
+    attaching: HashMap<u32, Pending<Result<Inspected, InspectError>>>,
+    /// The programs every runtime of the registry recognised.
+    binaries: Binaries,
     symbolizer: Symbolizer,
     workers: Workers,
     /// Processes found to run no runtime leakmon knows (or not supported): PID -> start time.
     skipped: HashMap<u32, u64>,
     /// Of those, the ones that run no runtime (not an error): looked at again now and then
-    /// (`leakmon run`), for a tokio library loaded since (Python importing a Rust extension).
+    /// (`leakmon run`), for a runtime in a library loaded since (Python importing a Rust
+    /// extension).
     plain: HashSet<u32>,
     last_recheck: Instant,
     recheck: Vec<u32>,
     /// Processes whose inspection waited too long for another: tried again at the next scan.
     retry: Vec<u32>,
-    out: Output<W>,
+    sinks: Sinks,
     settings: Settings,
-    /// `leakmon run`: look for new Go processes (again, after lost exec events).
+    /// `leakmon run`: look for new processes (again, after lost exec events).
     discover: bool,
     last_stats: Stats,
     scans: u64,
@@ -164,22 +124,22 @@ struct Monitor<W: Write> {
 }
 
 /// `leakmon watch`: the given processes, until interrupted or until they have all exited.
-/// Go programs get goroutine and thread detection; any other program thread detection.
-pub async fn watch<W: Write>(pids: &[u32], settings: Settings, out: W) -> Result<(), WatchError> {
+/// Programs that run a runtime leakmon knows get task and thread detection; any other program
+/// thread detection.
+pub(crate) async fn watch<W: Write + 'static>(
+    pids: &[u32],
+    settings: Settings,
+    out: W,
+) -> Result<(), WatchError> {
     let mut m = Monitor::new(settings, Format::Text, out)?;
     let with_threads = m.settings.threads;
     for pid in pids {
         match m.add_now(*pid) {
             Ok(()) => {}
-            Err(WatchError::Target(TargetError::Go {
-                source: GoError::NotGo,
-                ..
-            })) if with_threads => {
-                log::info!(
-                    "PID {pid} is neither a Go nor a tokio program (nor maps a library with tokio): watching its threads only"
-                );
+            Err(WatchError::Plain { pid, exe, why }) if with_threads => {
+                log::info!("PID {pid} ({exe}): {why}: watching its threads only");
             }
-            Err(WatchError::Target(TargetError::Proc(e @ ProcError::OnFuse { .. })))
+            Err(WatchError::Inspect(InspectError::Proc(e @ ProcError::OnFuse { .. })))
                 if with_threads =>
             {
                 log::warn!("{e}");
@@ -200,9 +160,9 @@ pub async fn watch<W: Write>(pids: &[u32], settings: Settings, out: W) -> Result
     m.run_loop(None, true).await
 }
 
-/// `leakmon run`: the threads of every process on the host, and the goroutines of every Go
-/// program, found now and on exec.
-pub async fn run<W: Write>(settings: Settings, out: W) -> Result<(), WatchError> {
+/// `leakmon run`: the threads of every process on the host, and the tasks of every program
+/// that runs a runtime leakmon knows, found now and on exec.
+pub(crate) async fn run<W: Write + 'static>(settings: Settings, out: W) -> Result<(), WatchError> {
     let mut m = Monitor::new(settings, Format::Json, out)?;
     m.discover = true;
     let events = m.probes.proc_events()?;
@@ -225,14 +185,21 @@ pub async fn run<W: Write>(settings: Settings, out: W) -> Result<(), WatchError>
             None,
         )?);
     }
-    let tokio = m
-        .targets
-        .values()
-        .filter(|w| w.info.runtime == "tokio")
-        .count();
+    // "watching 3 Go processes and 1 tokio processes, and the threads of every process"
+    let counts: Vec<String> = RUNTIMES
+        .iter()
+        .map(|r| {
+            let n = m
+                .targets
+                .values()
+                .filter(|w| w.info.runtime == r.name)
+                .count();
+            format!("{n} {} processes", r.title)
+        })
+        .collect();
     log::info!(
-        "watching {} Go processes and {tokio} tokio processes{}",
-        m.targets.len() - tokio,
+        "watching {}{}",
+        counts.join(" and "),
         if m.threads.is_some() {
             ", and the threads of every process"
         } else {
@@ -244,8 +211,12 @@ pub async fn run<W: Write>(settings: Settings, out: W) -> Result<(), WatchError>
 
 type Events = AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>;
 
-impl<W: Write> Monitor<W> {
-    fn new(settings: Settings, default_format: Format, out: W) -> Result<Self, WatchError> {
+impl Monitor {
+    fn new<W: Write + 'static>(
+        settings: Settings,
+        default_format: Format,
+        out: W,
+    ) -> Result<Self, WatchError> {
         let stop = signals::install().map_err(WatchError::Signals)?;
         if let Err(e) = crate::sys::tracefs::ensure_mounted() {
             // Not needed for perf-based uprobes; say so and go on.
@@ -254,31 +225,23 @@ impl<W: Write> Monitor<W> {
         if let Some(note) = crate::config::scan_note(&settings.thresholds) {
             log::warn!("{note}");
         }
-        let otlp = match &settings.otlp {
-            Some(s) => {
-                log::info!(
-                    "exporting alerts to {} and metrics to {} over OTLP ({:?})",
-                    s.logs_endpoint,
-                    s.metrics_endpoint,
-                    s.protocol
-                );
-                Some(crate::export::Otlp::start(s.clone())?)
-            }
-            None => None,
-        };
+        let sinks = output::start(&settings.sinks, default_format, out)?;
         // Caches get half the budget; the rest is the daemon's own tables and buffers.
         let symbolizer = Symbolizer::new(settings.memory_budget / 2);
+        let context = Context {
+            unvalidated: settings.go_unvalidated,
+            probe_parks: settings.probe_parks,
+            reach_budget: settings.reach_budget,
+            symbolizer: symbolizer.clone(),
+        };
+        let runtimes: Arc<[Arc<dyn Runtime>]> =
+            RUNTIMES.iter().map(|r| (r.start)(&context)).collect();
         Ok(Self {
             probes: Probes::load(settings.capacity)?,
             detector: Detector::new(settings.thresholds),
             targets: HashMap::new(),
             attaching: HashMap::new(),
-            inspector: Inspector {
-                binaries: Binaries::new(settings.go_unvalidated),
-                symbolizer: symbolizer.clone(),
-                probe_parks: settings.probe_parks,
-                reach: Arc::new(reach::ReachBudget::new(settings.reach_budget)),
-            },
+            binaries: Binaries::new(runtimes),
             symbolizer,
             workers: Workers::default(),
             skipped: HashMap::new(),
@@ -290,7 +253,7 @@ impl<W: Write> Monitor<W> {
             last_stats: Stats::default(),
             scans: 0,
             threads: None,
-            out: Output::new(settings.format.unwrap_or(default_format), out, otlp),
+            sinks,
             settings,
             stop,
             status_warned: false,
@@ -298,69 +261,47 @@ impl<W: Write> Monitor<W> {
     }
 
     /// Inspects `pid` on a worker (it reads what the target controls).
-    fn inspect(&self, pid: u32) -> Pending<Result<Inspected, TargetError>> {
-        let inspector = self.inspector.clone();
-        self.workers.run(move || inspector.inspect(pid))
+    fn inspect(&self, pid: u32) -> Pending<Result<Inspected, InspectError>> {
+        let binaries = self.binaries.clone();
+        self.workers.run(move || binaries.inspect(pid))
     }
 
     /// `leakmon watch`: attaches to `pid` now, or says why not.
     fn add_now(&mut self, pid: u32) -> Result<(), WatchError> {
         let deadline = Instant::now() + self.settings.target_timeout;
-        match self.inspect(pid).wait(deadline, signals::stop_requested) {
-            Ok(target) => Ok(self.attach(target?)?),
-            Err(_) => Err(WatchError::Unresponsive {
+        let inspected = match self.inspect(pid).wait(deadline, signals::stop_requested) {
+            Ok(inspected) => inspected?,
+            Err(_) => {
+                return Err(WatchError::Unresponsive {
+                    pid,
+                    timeout: self.settings.target_timeout,
+                });
+            }
+        };
+        match inspected {
+            Inspected::Source(source) => self.attach(source),
+            Inspected::Plain => Err(WatchError::Plain {
+                pid,
+                exe: proc::exe_path(pid).map_or_else(|_| "?".into(), |e| e.display().to_string()),
+                why: self.binaries.absent(),
+            }),
+            // One inspection at a time: nothing else is inspected while `watch` starts.
+            Inspected::Busy => Err(WatchError::Unresponsive {
                 pid,
                 timeout: self.settings.target_timeout,
             }),
         }
     }
 
-    fn attach(&mut self, inspected: Inspected) -> Result<(), TargetError> {
-        let (info, start_time, links, source): (_, _, _, Box<dyn TaskSource>) = match inspected {
-            Inspected::Go(target) => {
-                let links = target.attach(&mut self.probes)?;
-                let info = ProcessInfo {
-                    pid: target.pid,
-                    exe: target.exe.display().to_string(),
-                    runtime: "go",
-                    runtime_version: target.binary.version.to_string(),
-                    container: target.container.clone(),
-                };
-                (info, target.start_time, Some(links), target)
-            }
-            Inspected::Tokio(target) => {
-                let version = target.binary.version.as_deref().unwrap_or("unknown");
-                let library = target
-                    .library
-                    .as_ref()
-                    .map(|l| format!(" in {}", l.path.display()))
-                    .unwrap_or_default();
-                log::info!(
-                    "watching PID {} ({}, tokio {version}{library}, {} task vtables{})",
-                    target.pid,
-                    target.exe.display(),
-                    target.vtables(),
-                    if target.binary.stripped {
-                        ", stripped"
-                    } else {
-                        ""
-                    },
-                );
-                let info = ProcessInfo {
-                    pid: target.pid,
-                    exe: target.exe.display().to_string(),
-                    runtime: "tokio",
-                    runtime_version: version.to_owned(),
-                    container: target.container.clone(),
-                };
-                (info, target.start_time, None, target)
-            }
-        };
+    /// Attaches what probes `source` needs and starts scanning it.
+    fn attach(&mut self, mut source: Box<dyn TaskSource>) -> Result<(), WatchError> {
+        let links = source.attach(&mut self.probes)?;
+        let info = source.process().clone();
         self.targets.insert(
             info.pid,
             Watched {
+                start_time: source.start_time(),
                 info,
-                start_time,
                 links,
                 slot: Slot::new(source),
             },
@@ -368,8 +309,8 @@ impl<W: Write> Monitor<W> {
         Ok(())
     }
 
-    /// `leakmon run`: starts inspecting `pid` if it may be a Go program not yet watched;
-    /// anything else is remembered and skipped.
+    /// `leakmon run`: starts inspecting `pid` if it is not watched yet and was not found to
+    /// run no runtime; anything else is remembered and skipped.
     fn try_add(&mut self, pid: u32) {
         if pid == std::process::id()
             || self.targets.contains_key(&pid)
@@ -412,31 +353,36 @@ impl<W: Write> Monitor<W> {
                     }
                     continue;
                 }
-                Err(NotDone::Lost) => Err(TargetError::Proc(ProcError::NoSuchProcess { pid })),
+                Err(NotDone::Lost) => Err(InspectError::Proc(ProcError::NoSuchProcess { pid })),
             };
             self.attaching.remove(&pid);
             let start = proc::stat(pid).map_or(0, |(_, s)| s);
-            match result.and_then(|t| self.attach(t)) {
-                Ok(()) => {}
-                Err(TargetError::Busy { .. }) => self.retry.push(pid),
-                Err(TargetError::Go {
-                    source: GoError::NotGo | GoError::NotElf { .. },
-                    ..
-                })
-                | Err(TargetError::Tokio {
-                    source: crate::tokio::TokioError::NoRuntime,
-                    ..
-                }) => {
+            let attached = match result {
+                Ok(Inspected::Source(source)) => self.attach(source),
+                Ok(Inspected::Busy) => {
+                    self.retry.push(pid);
+                    Ok(())
+                }
+                Ok(Inspected::Plain) => {
                     self.skipped.insert(pid, start);
                     self.plain.insert(pid);
+                    Ok(())
                 }
-                Err(TargetError::Proc(
+                Err(e) => Err(e.into()),
+            };
+            match attached {
+                Ok(()) => {}
+                // Gone meanwhile, or a kernel thread: nothing to say.
+                Err(WatchError::Inspect(InspectError::Proc(
                     ProcError::NoSuchProcess { .. } | ProcError::NoExecutable { .. },
-                )) => {
+                ))) => {
+                    self.skipped.insert(pid, start);
+                }
+                Err(_) if !proc::is_alive(pid) => {
                     self.skipped.insert(pid, start);
                 }
                 Err(e) => {
-                    log::warn!("not watching PID {pid}: {e}");
+                    log::warn!("not watching PID {pid}: {}", crate::sys::chain(&e));
                     self.skipped.insert(pid, start);
                 }
             }
@@ -494,25 +440,25 @@ impl<W: Write> Monitor<W> {
             if let Some(mut w) = self.targets.remove(&pid)
                 && let Some(links) = w.links.take()
             {
-                self.probes.detach_go(links);
+                self.probes.detach(links);
             }
         }
         let stats = self.probes.stats();
         log::info!("detached; probe totals: {stats:?}");
-        self.out.close();
+        self.sinks.close();
         Ok(())
     }
 
     fn drop_target(&mut self, pid: u32) {
         if let Some(mut w) = self.targets.remove(&pid) {
             if let Some(links) = w.links.take() {
-                self.probes.detach_go(links);
+                self.probes.detach(links);
             }
             let info = w.info.clone();
             drop(w);
-            self.inspector.binaries.evict_unused();
+            self.binaries.evict_unused();
             for t in self.detector.forget(pid) {
-                let _ = self.out.emit(&info, &t);
+                let _ = self.sinks.alert(&info, &t);
             }
         }
     }
@@ -524,21 +470,21 @@ impl<W: Write> Monitor<W> {
         let last = std::mem::replace(&mut self.last_stats, now);
         if now.map_full > last.map_full {
             log::warn!(
-                "{} goroutine records did not fit in the kernel map (capacity: --max-goroutines)",
+                "{} task records did not fit in the kernel map (capacity: --max-goroutines)",
                 now.map_full - last.map_full
             );
         }
         if now.read_errors > last.read_errors {
             log::warn!(
-                "{} goroutine reads failed in the probes",
+                "{} task reads failed in the probes",
                 now.read_errors - last.read_errors
             );
         }
-        if now.go_quota_full > last.go_quota_full {
+        if now.quota_full > last.quota_full {
             log::warn!(
-                "{} goroutine records refused: a process had its share of the kernel map \
+                "{} task records refused: a process had its share of the kernel map \
                  (--max-goroutines-per-process)",
-                now.go_quota_full - last.go_quota_full
+                now.quota_full - last.quota_full
             );
         }
         if now.thread_waits_full > last.thread_waits_full || now.threads_full > last.threads_full {
@@ -551,7 +497,7 @@ impl<W: Write> Monitor<W> {
         }
         if now.proc_events_lost > last.proc_events_lost {
             log::warn!(
-                "{} exec events lost (ring buffer full); searching /proc for new Go processes",
+                "{} exec events lost (ring buffer full); searching /proc for new processes",
                 now.proc_events_lost - last.proc_events_lost
             );
             if self.discover {
@@ -574,7 +520,7 @@ impl<W: Write> Monitor<W> {
         for pid in std::mem::take(&mut self.retry) {
             self.try_add(pid);
         }
-        let mut by_pid = self.probes.goroutines();
+        let mut by_pid = self.probes.task_records();
         let gone: Vec<u32> = self
             .targets
             .iter()
@@ -596,8 +542,10 @@ impl<W: Write> Monitor<W> {
                 done.push((*pid, late));
             }
             let input = ScanInput {
-                now_ns: now,
-                thresholds: t,
+                due: Due {
+                    now_ns: now,
+                    thresholds: t,
+                },
                 records: entries,
             };
             w.slot
@@ -616,8 +564,8 @@ impl<W: Write> Monitor<W> {
                     if first {
                         log::warn!(
                             "PID {pid} did not answer within {:?} (a very large process, or \
-                             its memory blocks: a hung mount?): its goroutines are judged when \
-                             its scan is done; every other process is still watched",
+                             its memory blocks: a hung mount?): its tasks are judged when its \
+                             scan is done; every other process is still watched",
                             self.settings.target_timeout
                         );
                     }
@@ -627,12 +575,12 @@ impl<W: Write> Monitor<W> {
             }
         }
         for (pid, (taken_ns, scan)) in done {
-            let (goroutines, stale, policy) = match scan {
+            let (tasks, stale, policy) = match scan {
                 Scanned::Tasks {
-                    observations,
+                    tasks,
                     stale,
                     policy,
-                } => (observations, stale, policy),
+                } => (tasks, stale, policy),
                 Scanned::NotJudged => continue,
                 Scanned::OtherProgram => {
                     lost.push(pid);
@@ -642,18 +590,18 @@ impl<W: Write> Monitor<W> {
             let Some(w) = self.targets.get(&pid) else {
                 continue;
             };
-            for (goid, state) in stale {
-                self.probes.forget_goroutine(pid, goid, &state);
+            for (id, record) in stale {
+                self.probes.forget_record(pid, id, &record);
             }
-            judged += goroutines.len();
+            judged += tasks.len();
             let snapshot = Snapshot {
                 now_ns: taken_ns,
-                goroutines,
+                tasks,
                 policy,
             };
             for transition in self.detector.observe(pid, &snapshot) {
-                self.out
-                    .emit(&w.info, &transition)
+                self.sinks
+                    .alert(&w.info, &transition)
                     .map_err(WatchError::Output)?;
             }
         }
@@ -668,10 +616,10 @@ impl<W: Write> Monitor<W> {
         }
         if let Some(threads) = &mut self.threads {
             let targets = &self.targets;
-            let go_info = |pid| targets.get(&pid).map(|w: &Watched| w.info.clone());
-            for (info, transition) in threads.collect(&mut self.probes, deadline, go_info) {
-                self.out
-                    .emit(&info, &transition)
+            let task_info = |pid| targets.get(&pid).map(|w: &Watched| w.info.clone());
+            for (info, transition) in threads.collect(&mut self.probes, deadline, task_info) {
+                self.sinks
+                    .alert(&info, &transition)
                     .map_err(WatchError::Output)?;
             }
         }
@@ -689,8 +637,8 @@ impl<W: Write> Monitor<W> {
             self.plain.retain(|pid| skipped.contains_key(pid));
         }
         // Programs that ran no runtime may have loaded a library with one since: looked at
-        // again (their executables are known not to be Go or tokio, and libraries already
-        // read are remembered, so this reads /proc/PID/maps and little else).
+        // again (their executables are known to run none, and libraries already read are
+        // remembered, so this reads /proc/PID/maps and little else).
         if self.discover && self.last_recheck.elapsed() >= RECHECK_PLAIN {
             self.last_recheck = Instant::now();
             self.recheck.extend(self.plain.drain());
@@ -702,13 +650,13 @@ impl<W: Write> Monitor<W> {
                 self.try_add(pid);
             }
         }
-        self.inspector.binaries.evict_unused();
+        self.binaries.evict_unused();
         self.symbolizer.tick();
         // What was freed this scan (evicted modules, processes gone, read buffers) goes back
         // to the system; without this the footprint only ever grows. About 1 ms.
         memory::release_free();
         log::debug!(
-            "scan: {} processes, {judged} goroutines judged in {:?}; {:?}; caches {:?}; {} KiB",
+            "scan: {} processes, {judged} tasks judged in {:?}; {:?}; caches {:?}; {} KiB",
             self.targets.len(),
             started.elapsed(),
             self.last_stats,
@@ -733,7 +681,7 @@ impl<W: Write> Monitor<W> {
             cache_bytes: cache.bytes,
             cache_modules: cache.modules,
             cache_evicted: cache.evicted,
-            go_processes: self.targets.len(),
+            task_processes: self.targets.len(),
             unresponsive: self.targets.values().filter(|w| w.slot.is_stuck()).count()
                 + self.threads.as_ref().map_or(0, ThreadWatch::stuck),
             time: std::time::SystemTime::now()
@@ -752,40 +700,29 @@ impl<W: Write> Monitor<W> {
         }
     }
 
-    /// Refreshes what the OTLP metrics report.
-    fn export_metrics(&self, scan: Duration) {
-        let Some(otlp) = self.out.otlp() else {
-            return;
-        };
+    /// Hands the sinks what this scan leaves for the metrics.
+    fn export_metrics(&mut self, scan: Duration) {
         let s = self.last_stats;
         let cache = self.symbolizer.stats();
         let (workers, late) = self.workers.stats();
         let stuck = self.targets.values().filter(|w| w.slot.is_stuck()).count()
             + self.threads.as_ref().map_or(0, ThreadWatch::stuck);
-        let mut groups: Vec<GroupGauge> = self
-            .detector
-            .firing()
-            .map(|(pid, alert)| GroupGauge::of(pid, alert))
-            .collect();
+        let mut firing: Vec<_> = self.detector.firing().collect();
         if let Some(threads) = &self.threads {
-            groups.extend(
-                threads
-                    .firing()
-                    .map(|(pid, alert)| GroupGauge::of(pid, alert)),
-            );
+            firing.extend(threads.firing());
         }
-        otlp.update_metrics(MetricsSnapshot {
-            groups,
+        let metrics = Metrics {
+            firing,
             health: Health {
                 probe_hits: s.parks + s.preempts + s.exits,
                 events_dropped: s.map_full
-                    + s.go_quota_full
+                    + s.quota_full
                     + s.proc_events_lost
                     + s.thread_waits_full
                     + s.threads_full,
                 last_scan_seconds: scan.as_secs_f64(),
                 processes_attached: self.targets.len() as u64,
-                alerts_fired: self.out.fired(),
+                alerts_fired: self.sinks.fired(),
                 memory_bytes: memory::rss_bytes(),
                 cache_bytes: cache.bytes,
                 cache_evicted: cache.evicted,
@@ -793,7 +730,8 @@ impl<W: Write> Monitor<W> {
                 workers: workers as u64,
                 late_results: late,
             },
-        });
+        };
+        self.sinks.metrics(&metrics);
     }
 }
 

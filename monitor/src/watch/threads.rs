@@ -10,8 +10,8 @@ use std::{
 use crate::{
     bpf::{BpfError, Probes},
     detect::{ThreadDetector, ThreadSnapshot, Thresholds, Transition},
-    output::ProcessInfo,
     proc,
+    runtime::ProcessInfo,
     sys::{
         signals,
         workers::{Outcome, Slot, Workers},
@@ -35,7 +35,7 @@ struct Watched {
 }
 
 /// Judges the threads of every process (`leakmon run`) or of the watched ones.
-pub struct ThreadWatch {
+pub(super) struct ThreadWatch {
     detector: ThreadDetector,
     symbolizer: Symbolizer,
     /// None: every process on the host.
@@ -50,7 +50,7 @@ pub struct ThreadWatch {
 
 impl ThreadWatch {
     /// Attaches the thread probes and seeds them with what /proc shows of `scope`.
-    pub fn start(
+    pub(super) fn start(
         probes: &mut Probes,
         workers: &Workers,
         symbolizer: Symbolizer,
@@ -103,24 +103,24 @@ impl ThreadWatch {
     }
 
     /// Thread alerts firing now.
-    pub fn firing(&self) -> impl Iterator<Item = (u32, &crate::detect::Alert)> {
+    pub(super) fn firing(&self) -> impl Iterator<Item = (u32, &crate::detect::Alert)> {
         self.detector.firing()
     }
 
     /// Whether any process in scope is alive (`watch` ends when none is).
-    pub fn any_alive(&self) -> bool {
+    pub(super) fn any_alive(&self) -> bool {
         self.scope
             .as_ref()
             .is_none_or(|pids| pids.iter().any(|pid| proc::is_alive(*pid)))
     }
 
     /// Processes skipped because a worker still has them past its deadline.
-    pub fn stuck(&self) -> usize {
+    pub(super) fn stuck(&self) -> usize {
         self.procs.values().filter(|w| w.slot.is_stuck()).count()
     }
 
     /// First half of a scan: sends a snapshot of every process in scope to the workers.
-    pub fn dispatch(&mut self, probes: &Probes, workers: &Workers, now_ns: u64) {
+    pub(super) fn dispatch(&mut self, probes: &Probes, workers: &Workers, now_ns: u64) {
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let depth = Depth {
             deep_ns: ns(self.thresholds.block),
@@ -166,12 +166,12 @@ impl ThreadWatch {
 
     /// Second half: takes the snapshots back (until `deadline`), judges them, and resolves
     /// what processes that are gone had firing. Returns the transitions with their process;
-    /// `go_info` names Go targets.
-    pub fn collect(
+    /// `task_info` names processes whose tasks are watched (as their runtime does).
+    pub(super) fn collect(
         &mut self,
         probes: &mut Probes,
         deadline: Instant,
-        go_info: impl Fn(u32) -> Option<ProcessInfo>,
+        task_info: impl Fn(u32) -> Option<ProcessInfo>,
     ) -> Vec<(ProcessInfo, Transition)> {
         let mut out = Vec::new();
         let mut lost = Vec::new();
@@ -206,7 +206,7 @@ impl ThreadWatch {
             if let Some(identity) = scanned.identity {
                 w.info = Some(identity);
             }
-            let Some(info) = go_info(pid).or_else(|| w.info.clone().flatten()) else {
+            let Some(info) = task_info(pid).or_else(|| w.info.clone().flatten()) else {
                 continue;
             };
             for t in self.detector.observe(pid, &scanned.snapshot) {
@@ -231,7 +231,7 @@ impl ThreadWatch {
             .collect();
         for pid in gone {
             if let Some(w) = self.procs.remove(&pid)
-                && let Some(info) = go_info(pid).or_else(|| w.info.flatten())
+                && let Some(info) = task_info(pid).or_else(|| w.info.flatten())
             {
                 for t in self.detector.forget(pid) {
                     out.push((info.clone(), t));
@@ -242,7 +242,7 @@ impl ThreadWatch {
     }
 }
 
-/// The identity of a process that is not a Go target, looked up once, on a worker (its
+/// The identity of a process whose tasks are not watched, looked up once, on a worker (its
 /// environment is read for the pod name).
 fn identify_process(pid: u32) -> Option<ProcessInfo> {
     // Kernel threads have no executable: nothing to judge.

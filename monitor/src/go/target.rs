@@ -4,310 +4,33 @@
 use std::{
     collections::{HashMap, HashSet},
     num::NonZeroU32,
-    path::{Path, PathBuf},
-    sync::{Arc, Mutex},
-    time::Duration,
+    path::PathBuf,
+    sync::Arc,
 };
 
-use monitor_ebpf::{GoPhase, GoProc, GoState, names};
+use monitor_ebpf::{GoPhase, GoProc, names};
 
+use super::{
+    Frame, GoBinary, GoError,
+    budget::ReachBudget,
+    heap::Heap,
+    reach,
+    task::{self, GRecord, pick_frame},
+    waits::{self, WaitClass, WaitKind, WaitObject},
+};
 use crate::{
-    bpf::{BpfError, GoLinks, Probes},
-    detect::{Observation, Site, Stack, TaskState, WaitsOn},
-    go::{
-        self, Frame, GoBinary, GoError,
-        heap::Heap,
-        reach,
-        task::{self, GRecord, pick_frame},
-        waits::{self, WaitClass, WaitKind, WaitObject},
-    },
-    proc::{self, Container, Library, ProcError, ProcMem},
-    runtime::{ScanInput, Scanned, TaskSource},
-    sys::workers::Gate,
-    tokio::{TokioBinary, TokioError},
+    bpf::{BpfError, Links, Probes, TaskRecord, TaskRecords},
+    detect::{Due, Observation, Site, Stack, TaskState, WaitsOn},
+    proc::{self, BinaryKey, ProcError, ProcMem},
+    runtime::{Process, ProcessInfo, ScanInput, Scanned, TaskSource},
 };
-
-use super::reach::ReachBudget;
 
 #[derive(Debug, thiserror::Error)]
-pub enum TargetError {
+pub(crate) enum TargetError {
     #[error(transparent)]
     Proc(#[from] ProcError),
-    #[error("PID {pid} ({exe}): {source}")]
-    Go {
-        pid: u32,
-        exe: PathBuf,
-        #[source]
-        source: GoError,
-    },
-    #[error("PID {pid} ({exe}): {source}")]
-    Tokio {
-        pid: u32,
-        exe: PathBuf,
-        #[source]
-        source: TokioError,
-    },
     #[error(transparent)]
-    Bpf(#[from] BpfError),
-    #[error("PID {pid}: another executable is being inspected; tried again at the next scan")]
-    Busy { pid: u32 },
-}
-
-pub use crate::proc::BinaryKey;
-
-/// Inspected executables, shared by the processes that run them, and the ones found not to be
-/// Go (so a host's other programs are looked at once, not at every exec). Shared with the
-/// workers that inspect processes; the lock is held for lookups only, never while reading.
-#[derive(Clone)]
-pub struct Binaries {
-    inner: Arc<Mutex<BinaryCache>>,
-    /// One inspection at a time: each reads the pclntab and DWARF whole.
-    gate: Arc<Gate>,
-    /// Go versions newer than the last validated one are accepted.
-    unvalidated: bool,
-}
-
-/// How long an inspection waits for another; when one is taken to be stuck.
-const INSPECT_WAIT: Duration = Duration::from_secs(2);
-const INSPECT_STUCK: Duration = Duration::from_secs(5);
-
-#[derive(Default)]
-struct BinaryCache {
-    go: HashMap<BinaryKey, Arc<GoBinary>>,
-    tokio: HashMap<BinaryKey, Arc<TokioBinary>>,
-    /// Neither Go nor tokio.
-    not_go: HashSet<BinaryKey>,
-    /// Shared libraries, by (device, inode) as /proc/PID/maps names them: with tokio, and not.
-    tokio_libs: HashMap<(String, u64), Arc<TokioBinary>>,
-    not_tokio_libs: HashSet<(String, u64)>,
-}
-
-/// An executable of a runtime leakmon knows, or a program whose tokio is in a shared library
-/// it maps (a cdylib loaded by Python, C or another runtime).
-#[derive(Clone)]
-pub(crate) enum Program {
-    Go(Arc<GoBinary>),
-    Tokio(Arc<TokioBinary>, Option<Library>),
-}
-
-/// Executables (and libraries) remembered as not Go (not tokio), at most (then the set
-/// starts again).
-const MAX_NOT_GO: usize = 16_384;
-/// Libraries of one process looked at, at most.
-const MAX_LIBRARIES: usize = 512;
-
-/// What looking through a process's libraries found.
-enum LibrarySearch {
-    Found(Program),
-    None,
-    /// Another inspection kept it waiting: tried again.
-    Busy,
-}
-
-impl Binaries {
-    pub fn new(unvalidated: bool) -> Self {
-        Self {
-            inner: Arc::default(),
-            gate: Arc::new(Gate::new(INSPECT_STUCK, 4)),
-            unvalidated,
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BinaryCache> {
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The inspected executable `pid` runs, or the tokio library it maps; Ok(None) when
-    /// another inspection kept it waiting. `GoError::NotGo` when it is neither a Go nor a
-    /// tokio program and maps no tokio library.
-    pub(crate) fn open(
-        &self,
-        pid: u32,
-        key: BinaryKey,
-        exe: &Path,
-    ) -> Result<Option<Program>, TargetError> {
-        let result = self.open_exe(pid, key, exe);
-        if !matches!(
-            result,
-            Err(TargetError::Go {
-                source: GoError::NotGo,
-                ..
-            })
-        ) {
-            return result;
-        }
-        match self.tokio_library(pid, key)? {
-            LibrarySearch::Found(p) => Ok(Some(p)),
-            LibrarySearch::Busy => Ok(None),
-            LibrarySearch::None => result,
-        }
-    }
-
-    /// The first shared library `pid` maps that holds tokio. Libraries are read once per
-    /// file (through map_files, never from FUSE), and remembered either way. Keyed by device
-    /// and inode as /proc/PID/maps gives them (no stat needed): a library is replaced by a new
-    /// file, not rewritten in place (which would crash the processes that map it).
-    fn tokio_library(&self, pid: u32, exe: BinaryKey) -> Result<LibrarySearch, TargetError> {
-        let Ok(maps) = proc::maps::read(pid) else {
-            return Ok(LibrarySearch::None);
-        };
-        let fuse = proc::files::fuse_devices(pid);
-        let mut seen = HashSet::new();
-        let libraries = maps
-            .iter()
-            .filter(|m| m.exec && m.file.1 != exe.ino() && !fuse.contains(&m.file.0))
-            .filter(|m| seen.insert(m.file.clone()))
-            .take(MAX_LIBRARIES);
-        let mut entered = None;
-        for m in libraries {
-            let library = Library {
-                path: PathBuf::from(&*m.path),
-                ino: m.file.1,
-            };
-            {
-                let cache = self.lock();
-                if let Some(b) = cache.tokio_libs.get(&m.file) {
-                    return Ok(LibrarySearch::Found(Program::Tokio(
-                        Arc::clone(b),
-                        Some(library),
-                    )));
-                }
-                if cache.not_tokio_libs.contains(&m.file) {
-                    continue;
-                }
-            }
-            if entered.is_none() {
-                entered = self.gate.enter(INSPECT_WAIT);
-                if entered.is_none() {
-                    return Ok(LibrarySearch::Busy);
-                }
-            }
-            let tokio_err = |source| TargetError::Tokio {
-                pid,
-                exe: library.path.clone(),
-                source,
-            };
-            let Ok(file) = proc::files::open_mapped(pid, m.start, m.end, m.file.1) else {
-                continue;
-            };
-            match TokioBinary::read(file.file) {
-                Ok(b) => {
-                    let b = Arc::new(b);
-                    self.lock()
-                        .tokio_libs
-                        .insert(m.file.clone(), Arc::clone(&b));
-                    return Ok(LibrarySearch::Found(Program::Tokio(b, Some(library))));
-                }
-                Err(TokioError::NotTokio) => {
-                    let mut cache = self.lock();
-                    if cache.not_tokio_libs.len() >= MAX_NOT_GO {
-                        cache.not_tokio_libs.clear();
-                    }
-                    cache.not_tokio_libs.insert(m.file.clone());
-                }
-                Err(source) => {
-                    // Said once per file, and the other libraries are still looked at.
-                    log::warn!("not watching PID {pid}: {}", tokio_err(source));
-                    let mut cache = self.lock();
-                    if cache.not_tokio_libs.len() >= MAX_NOT_GO {
-                        cache.not_tokio_libs.clear();
-                    }
-                    cache.not_tokio_libs.insert(m.file.clone());
-                }
-            }
-        }
-        Ok(LibrarySearch::None)
-    }
-
-    /// The inspected executable `pid` runs; Ok(None) when another inspection kept it waiting.
-    /// `GoError::NotGo` when it is neither a Go nor a tokio program.
-    fn open_exe(
-        &self,
-        pid: u32,
-        key: BinaryKey,
-        exe: &Path,
-    ) -> Result<Option<Program>, TargetError> {
-        let go_err = |source| TargetError::Go {
-            pid,
-            exe: exe.to_path_buf(),
-            source,
-        };
-        let cached = || {
-            let cache = self.lock();
-            if let Some(b) = cache.go.get(&key) {
-                return Some(Ok(Some(Program::Go(Arc::clone(b)))));
-            }
-            if let Some(b) = cache.tokio.get(&key) {
-                return Some(Ok(Some(Program::Tokio(Arc::clone(b), None))));
-            }
-            cache
-                .not_go
-                .contains(&key)
-                .then(|| Err(go_err(GoError::NotGo)))
-        };
-        if let Some(known) = cached() {
-            return known;
-        }
-        let Some(_entered) = self.gate.enter(INSPECT_WAIT) else {
-            return Ok(None);
-        };
-        if let Some(known) = cached() {
-            return known;
-        }
-        // Read through /proc so a binary in another mount namespace is found.
-        let path = PathBuf::from(format!("/proc/{pid}/exe"));
-        let not_any = |this: &Self| {
-            let mut cache = this.lock();
-            if cache.not_go.len() >= MAX_NOT_GO {
-                cache.not_go.clear();
-            }
-            cache.not_go.insert(key);
-        };
-        match GoBinary::open_with(&path, self.unvalidated) {
-            Ok(b) => {
-                let b = Arc::new(b);
-                self.lock().go.insert(key, Arc::clone(&b));
-                Ok(Some(Program::Go(b)))
-            }
-            Err(GoError::NotGo) => {
-                let tokio_err = |source| TargetError::Tokio {
-                    pid,
-                    exe: exe.to_path_buf(),
-                    source,
-                };
-                let file = proc::files::open_checked(&path, Some(key.ino()))
-                    .map_err(|e| tokio_err(TokioError::Open(e)))?;
-                match TokioBinary::read(file.file) {
-                    Ok(b) => {
-                        let b = Arc::new(b);
-                        self.lock().tokio.insert(key, Arc::clone(&b));
-                        Ok(Some(Program::Tokio(b, None)))
-                    }
-                    Err(TokioError::NotTokio) => {
-                        not_any(self);
-                        Err(go_err(GoError::NotGo))
-                    }
-                    Err(source) => Err(tokio_err(source)),
-                }
-            }
-            Err(e) => {
-                if matches!(e, GoError::NotElf { .. }) {
-                    not_any(self);
-                }
-                Err(go_err(e))
-            }
-        }
-    }
-
-    /// Drops binaries no watched process runs any more (their file stays open otherwise).
-    pub fn evict_unused(&self) {
-        let mut cache = self.lock();
-        cache.go.retain(|_, b| Arc::strong_count(b) > 1);
-        cache.tokio.retain(|_, b| Arc::strong_count(b) > 1);
-        cache.tokio_libs.retain(|_, b| Arc::strong_count(b) > 1);
-    }
+    Go(#[from] GoError),
 }
 
 /// What a goroutine's `g` and stack said, keyed by the phase start it was read for.
@@ -359,17 +82,17 @@ impl Interner {
     }
 }
 
-pub struct Target {
-    pub pid: u32,
-    pub start_time: u64,
-    pub key: BinaryKey,
-    pub exe: PathBuf,
-    pub binary: Arc<GoBinary>,
-    pub container: Container,
+pub(crate) struct Target {
+    pid: u32,
+    start_time: u64,
+    key: BinaryKey,
+    exe: PathBuf,
+    binary: Arc<GoBinary>,
+    info: ProcessInfo,
     bias: u64,
     mem: ProcMem,
     /// Where the probes go: (program, file offset), read from the executable at inspection.
-    pub probe_sites: Vec<(&'static str, u64)>,
+    probe_sites: Vec<(&'static str, u64)>,
     resolved: HashMap<u64, Resolved>,
     interned: Interner,
     /// Parks seen by the last goroutine-table scan, by goid.
@@ -404,18 +127,54 @@ pub struct Target {
 }
 
 impl TaskSource for Target {
+    fn process(&self) -> &ProcessInfo {
+        &self.info
+    }
+
+    fn start_time(&self) -> u64 {
+        self.start_time
+    }
+
+    /// The probes found by [`Target::inspect`].
+    fn attach(&mut self, probes: &mut Probes) -> Result<Option<Links>, BpfError> {
+        let Some(pid) = NonZeroU32::new(self.pid) else {
+            return Ok(None);
+        };
+        let params = GoProc {
+            goid_offset: self.binary.offsets.goid,
+            tracking_seq_offset: self.binary.offsets.tracking_seq,
+            ..GoProc::default()
+        };
+        let links = probes.attach_uprobes(pid, params, &self.probe_sites)?;
+        log::info!(
+            "watching PID {} ({}, {}{}, offsets from {:?}, parks seen by {})",
+            self.pid,
+            self.exe.display(),
+            self.binary.version,
+            if self.binary.has_dwarf {
+                ""
+            } else {
+                ", stripped"
+            },
+            self.binary.offset_source,
+            if self.scan.is_some() {
+                "scanning runtime.allgs"
+            } else {
+                "gopark probe"
+            },
+        );
+        Ok(Some(links))
+    }
+
     fn scan(&mut self, input: ScanInput) -> Scanned {
         if !self.runs_same_program() {
             return Scanned::OtherProgram;
         }
-        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        let t = input.thresholds;
-        let (observations, stale) =
-            Target::scan(self, &input.records, input.now_ns, ns(t.block), ns(t.spin));
+        let (tasks, stale) = Target::scan(self, &input.records, &input.due);
         Scanned::Tasks {
-            observations,
+            tasks,
             stale,
-            policy: &go::GO,
+            policy: &super::GO,
         }
     }
 }
@@ -450,7 +209,10 @@ const MAX_CHAN_READS: usize = 256;
 /// whole stack when running or in a system call (what is saved is stale), or when the saved
 /// value is not inside it.
 fn live_stack(rec: &GRecord) -> (u64, u64) {
-    let descheduled = matches!(rec.status, 1 | task::G_WAITING | 9 | task::G_LEAKED);
+    let descheduled = matches!(
+        rec.status,
+        task::G_RUNNABLE | task::G_WAITING | task::G_PREEMPTED | task::G_LEAKED
+    );
     if descheduled && rec.sched_sp >= rec.stack_lo && rec.sched_sp <= rec.stack_hi {
         (rec.sched_sp, rec.stack_hi)
     } else {
@@ -483,28 +245,22 @@ enum Seen {
 impl Target {
     /// Inspects `pid`: its executable, memory and container, and where its probes go. Reads
     /// only what the target controls, so it runs on a worker, with a deadline.
-    pub fn inspect(
-        pid: u32,
-        key: BinaryKey,
-        exe: PathBuf,
+    pub(crate) fn inspect(
+        process: &Process,
         binary: Arc<GoBinary>,
         probe_parks: bool,
         reach: Arc<ReachBudget>,
     ) -> Result<Self, TargetError> {
+        let (pid, key, exe) = (process.pid, process.key, process.exe.clone());
         let (_, start_time) = proc::stat(pid)?;
-        let go_err = |source| TargetError::Go {
-            pid,
-            exe: exe.clone(),
-            source,
-        };
-        let site = |f| binary.probe_site(f).map_err(go_err).map(|s| s.file_offset);
+        let site = |f| binary.probe_site(f).map(|s| s.file_offset);
         // Parks are found by scanning the goroutine table, or (asked for, or the table cannot
         // be found) by probing every park and exit, which costs on the hot path.
-        let mut probe_sites = vec![(names::GO_PREEMPT, site(go::GOSCHED_IMPL)?)];
+        let mut probe_sites = vec![(names::GO_PREEMPT, site(super::GOSCHED_IMPL)?)];
         let scan = (!probe_parks).then_some(binary.allgs).flatten();
         if scan.is_none() {
-            probe_sites.push((names::GO_PARK, site(go::GOPARK)?));
-            probe_sites.push((names::GO_EXIT, site(go::GOEXIT1)?));
+            probe_sites.push((names::GO_PARK, site(super::GOPARK)?));
+            probe_sites.push((names::GO_EXIT, site(super::GOEXIT1)?));
         }
         let bias = if binary.pie {
             proc::load_bias(pid, binary.lowest_vaddr())?
@@ -512,12 +268,19 @@ impl Target {
             0
         };
         let mem = ProcMem::open(pid)?;
+        let info = ProcessInfo {
+            pid,
+            exe: exe.display().to_string(),
+            runtime: process.runtime,
+            runtime_version: binary.version.to_string(),
+            container: proc::container_of(pid),
+        };
         Ok(Self {
             pid,
             start_time,
             key,
             exe,
-            container: proc::container_of(pid),
+            info,
             binary,
             bias,
             mem,
@@ -541,7 +304,7 @@ impl Target {
 
     /// Whether the process still runs the executable inspected (an exec replaces it).
     /// Also brings up to date which of its memory is mapped from FUSE files (not read).
-    pub fn runs_same_program(&mut self) -> bool {
+    fn runs_same_program(&mut self) -> bool {
         proc::runs_same_program(self.pid, self.key, &mut self.mem)
     }
 
@@ -551,48 +314,19 @@ impl Target {
             && self.runs_same_program()
     }
 
-    /// Attaches the probes found by [`Target::inspect`].
-    pub fn attach(&self, probes: &mut Probes) -> Result<GoLinks, TargetError> {
-        let nz = NonZeroU32::new(self.pid).ok_or(ProcError::NoSuchProcess { pid: self.pid })?;
-        let params = GoProc {
-            goid_offset: self.binary.offsets.goid,
-            tracking_seq_offset: self.binary.offsets.tracking_seq,
-            ..GoProc::default()
-        };
-        let links = probes.attach_go(nz, params, &self.probe_sites)?;
-        log::info!(
-            "watching PID {} ({}, {}, offsets from {:?}, parks seen by {})",
-            self.pid,
-            self.exe.display(),
-            self.binary.version,
-            self.binary.offset_source,
-            if self.scan.is_some() {
-                "scanning runtime.allgs"
-            } else {
-                "gopark probe"
-            },
-        );
-        Ok(links)
-    }
-
     /// One scan of this process, on a worker: parked goroutines from its table, and the probes'
-    /// records (`entries`) read and judged. Returns what to judge and the records found stale.
-    pub fn scan(
-        &mut self,
-        entries: &HashMap<u64, GoState>,
-        now_ns: u64,
-        block_ns: u64,
-        spin_ns: u64,
-    ) -> (Vec<Observation>, Vec<(u64, GoState)>) {
+    /// records (`entries`) read and judged. Returns what `due` admits and the records found
+    /// stale.
+    fn scan(&mut self, entries: &TaskRecords, due: &Due) -> (Vec<Observation>, TaskRecords) {
         let reach = Arc::clone(&self.reach);
-        let mut goroutines = self.scan_parked(now_ns, block_ns, &reach);
-        let mut stale = Vec::new();
+        let mut goroutines = self.scan_parked(due, &reach);
+        let mut stale = TaskRecords::new();
         for (goid, state) in entries {
             let mut is_stale = false;
-            if let Some(o) = self.observe(*goid, state, now_ns, block_ns, spin_ns, &mut is_stale) {
+            if let Some(o) = self.observe(*goid, state, due, &mut is_stale) {
                 goroutines.push(o);
             } else if is_stale {
-                stale.push((*goid, *state));
+                stale.insert(*goid, *state);
             }
         }
         self.retain_resolved(|g| entries.contains_key(&g));
@@ -605,12 +339,8 @@ impl Target {
     /// every park and wake), so a worker re-parking at the same place between scans is a new
     /// park. Those parked at least `min_parked_ns` are returned for judging, with what they
     /// wait on, and proven leaked when two reachability analyses in a row say so.
-    fn scan_parked(
-        &mut self,
-        now_ns: u64,
-        min_parked_ns: u64,
-        budget: &ReachBudget,
-    ) -> Vec<Observation> {
+    fn scan_parked(&mut self, due: &Due, budget: &ReachBudget) -> Vec<Observation> {
+        let now_ns = due.now_ns;
         let Some(allgs) = self.scan else {
             return Vec::new();
         };
@@ -649,7 +379,7 @@ impl Target {
                         since_ns,
                     },
                 );
-                if now_ns.saturating_sub(since_ns) >= min_parked_ns {
+                if due.parked(since_ns) {
                     let o = self.judge(
                         &rec,
                         Seen::Parked {
@@ -699,7 +429,7 @@ impl Target {
             .any(|(goid, w)| !self.settled(*goid, w.as_ref()));
         self.analysis_due = !current.is_empty() && (unsettled || now_ns >= self.recheck_at_ns);
         let proven: HashSet<u64> = self.proven.keys().copied().collect();
-        let mut channels: HashMap<u64, Option<crate::detect::ChannelState>> = HashMap::new();
+        let mut channels: HashMap<u64, Option<waits::ChannelState>> = HashMap::new();
         for Candidate { index: i, rec, .. } in &candidates {
             let Some(waits) = self.waits_of(rec.goid) else {
                 continue;
@@ -717,7 +447,7 @@ impl Target {
             o.waits_on = Some(Arc::new(WaitsOn {
                 kind: first.kind.as_str(),
                 address: first.addr,
-                channel,
+                state: channel.map(|c| Arc::new(c.described())),
                 objects: 1,
             }));
         }
@@ -894,21 +624,20 @@ impl Target {
     fn observe(
         &mut self,
         goid: u64,
-        state: &GoState,
-        now_ns: u64,
-        min_parked_ns: u64,
-        min_running_ns: u64,
+        state: &TaskRecord,
+        due: &Due,
         stale: &mut bool,
     ) -> Option<Observation> {
-        let age = now_ns.saturating_sub(state.since_ns);
         let parked = state.phase == GoPhase::Parked as u8;
-        if age
-            < if parked {
-                min_parked_ns
-            } else {
-                min_running_ns
-            }
-        {
+        // A running record is read once it is old enough to be a loop, even one run only
+        // once: reading it is how a record whose goroutine has gone is found stale.
+        let is_due = if parked {
+            due.parked(state.since_ns)
+        } else {
+            due.running(&super::GO, state.since_ns, state.runs.max(2))
+                .is_some()
+        };
+        if !is_due {
             return None;
         }
         let Some(rec) = task::read_g(&self.mem, state.g, &self.binary.offsets) else {
@@ -936,16 +665,17 @@ impl Target {
         // Runnable or running, rescheduled at least once without parking, and no transition
         // out of running since the last preemption (else it parked or made a system call).
         let same_run = rec.tracking_seq == state.seq.wrapping_add(1);
-        (matches!(rec.status, 1 | 2) && state.runs >= 2 && same_run).then(|| {
-            self.judge(
-                &rec,
-                Seen::Running {
-                    since_ns: state.since_ns,
-                    runs: state.runs,
-                    last_run_ns: state.last_run_ns,
-                },
-            )
-        })
+        (matches!(rec.status, task::G_RUNNABLE | task::G_RUNNING) && state.runs >= 2 && same_run)
+            .then(|| {
+                self.judge(
+                    &rec,
+                    Seen::Running {
+                        since_ns: state.since_ns,
+                        runs: state.runs,
+                        last_run_ns: state.last_run_ns,
+                    },
+                )
+            })
     }
 
     fn judge(&mut self, rec: &GRecord, seen: Seen) -> Observation {
@@ -978,7 +708,7 @@ impl Target {
             },
         };
         Observation {
-            goid: rec.goid,
+            id: rec.goid,
             state,
             created_at: resolved.created_at,
             entry: resolved.entry,

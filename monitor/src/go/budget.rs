@@ -1,4 +1,4 @@
-//! The budget of the reachability analysis (see `go/reach.rs`), shared by every process:
+//! The budget of the reachability analysis (see `reach.rs`), shared by every process:
 //! bytes of target memory read and time spent per minute. Analyses run only while the
 //! budget has something left, so proving leaks never costs more than the setting, however
 //! large or numerous the heaps.
@@ -15,7 +15,7 @@ const CPU_PER_MINUTE: Duration = Duration::from_secs(3);
 const BURST_MINUTES: f64 = 4.0;
 
 #[derive(Debug)]
-pub struct ReachBudget {
+pub(super) struct ReachBudget {
     per_minute: u64,
     state: Mutex<State>,
 }
@@ -26,32 +26,17 @@ struct State {
     bytes: f64,
     cpu: f64,
     refilled: Instant,
-    /// Totals, for the status and metrics.
-    analyses: u64,
-    total_bytes: u64,
-    total_cpu: Duration,
-}
-
-/// What the analyses have cost so far.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ReachStats {
-    pub analyses: u64,
-    pub bytes_read: u64,
-    pub cpu: Duration,
 }
 
 impl ReachBudget {
     /// `per_minute` bytes of target memory per minute; 0 turns the analysis off.
-    pub fn new(per_minute: u64) -> Self {
+    pub(super) fn new(per_minute: u64) -> Self {
         Self {
             per_minute,
             state: Mutex::new(State {
                 bytes: per_minute as f64 * BURST_MINUTES,
                 cpu: CPU_PER_MINUTE.as_secs_f64(),
                 refilled: Instant::now(),
-                analyses: 0,
-                total_bytes: 0,
-                total_cpu: Duration::ZERO,
             }),
         }
     }
@@ -72,7 +57,7 @@ impl ReachBudget {
     }
 
     /// Whether an analysis may start now.
-    pub fn allows(&self) -> bool {
+    pub(super) fn allows(&self) -> bool {
         if self.per_minute == 0 {
             return false;
         }
@@ -82,27 +67,15 @@ impl ReachBudget {
 
     /// Bytes one analysis may read: what builds up in a few minutes (it may overdraw what is
     /// left; the next analysis then waits for the refill).
-    pub fn limit(&self) -> u64 {
+    pub(super) fn limit(&self) -> u64 {
         (self.per_minute as f64 * BURST_MINUTES) as u64
     }
 
     /// Records what an analysis cost.
-    pub fn charge(&self, bytes: u64, cpu: Duration) {
+    pub(super) fn charge(&self, bytes: u64, cpu: Duration) {
         let mut s = self.lock();
         s.bytes -= bytes as f64;
         s.cpu -= cpu.as_secs_f64();
-        s.analyses += 1;
-        s.total_bytes += bytes;
-        s.total_cpu += cpu;
-    }
-
-    pub fn stats(&self) -> ReachStats {
-        let s = self.lock();
-        ReachStats {
-            analyses: s.analyses,
-            bytes_read: s.total_bytes,
-            cpu: s.total_cpu,
-        }
     }
 }
 
@@ -117,7 +90,6 @@ mod tests {
         assert_eq!(b.limit(), 4 << 20);
         b.charge(5 << 20, Duration::from_millis(5));
         assert!(!b.allows());
-        assert_eq!(b.stats().analyses, 1);
         assert!(!ReachBudget::new(0).allows());
     }
 }

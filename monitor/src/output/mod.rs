@@ -1,0 +1,103 @@
+//! Outputs: every place alerts and metrics go is a [`Sink`]. Alerts always go to stdout (text
+//! or JSON lines), and to an OTLP collector when one is set. Adding an output is a file that
+//! implements [`Sink`], its settings (`config::Options`), and a line in [`start`].
+
+mod json;
+mod sink;
+mod text;
+
+use std::io::{self, Write};
+
+pub(crate) use self::{
+    json::round3,
+    sink::{Health, Metrics, Sink},
+};
+use crate::{
+    detect::{AlertState, Transition},
+    export::{ExportError, Otlp, OtlpSettings},
+    runtime::ProcessInfo,
+};
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Format {
+    Text,
+    Json,
+}
+
+/// What the sinks are set to (part of `config::Settings`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct SinkSettings {
+    /// Of stdout. None: the command's own default (people read `watch`, machines read `run`).
+    pub format: Option<Format>,
+    /// None: no export.
+    pub otlp: Option<OtlpSettings>,
+}
+
+/// The sinks of one monitor.
+pub(crate) struct Sinks {
+    sinks: Vec<Box<dyn Sink>>,
+    /// Alerts fired so far, all kinds.
+    fired: u64,
+}
+
+/// The sinks `settings` ask for: stdout in their format (else `default_format`), OTLP when an
+/// endpoint is set.
+pub(crate) fn start<W: Write + 'static>(
+    settings: &SinkSettings,
+    default_format: Format,
+    out: W,
+) -> Result<Sinks, ExportError> {
+    let mut sinks: Vec<Box<dyn Sink>> = vec![match settings.format.unwrap_or(default_format) {
+        Format::Text => Box::new(text::Text::new(out)),
+        Format::Json => Box::new(json::Json::new(out)),
+    }];
+    if let Some(s) = &settings.otlp {
+        log::info!(
+            "exporting alerts to {} and metrics to {} over OTLP ({:?})",
+            s.logs_endpoint,
+            s.metrics_endpoint,
+            s.protocol
+        );
+        sinks.push(Box::new(Otlp::start(s.clone())?));
+    }
+    Ok(Sinks { sinks, fired: 0 })
+}
+
+impl Sinks {
+    /// Alerts fired so far.
+    pub(crate) fn fired(&self) -> u64 {
+        self.fired
+    }
+
+    /// Hands a transition to every sink (each gets it whatever another did); a failure
+    /// (stdout closed) is returned after.
+    pub(crate) fn alert(&mut self, process: &ProcessInfo, t: &Transition) -> io::Result<()> {
+        if t.state == AlertState::Firing {
+            self.fired += 1;
+        }
+        let mut result = Ok(());
+        for sink in &mut self.sinks {
+            let r = sink.alert(process, t);
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+
+    pub(crate) fn metrics(&mut self, metrics: &Metrics<'_>) {
+        for sink in &mut self.sinks {
+            sink.metrics(metrics);
+        }
+    }
+
+    /// Flushes and stops every sink.
+    pub(crate) fn close(&mut self) {
+        for sink in &mut self.sinks {
+            sink.close();
+        }
+    }
+}
