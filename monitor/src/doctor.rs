@@ -106,15 +106,7 @@ pub(crate) fn run_checks() -> Vec<Check> {
         .into(),
         String::new,
     ));
-    let errors = |e: crate::bpf::BpfError| {
-        let mut msg = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            msg.push_str(&format!(": {s}"));
-            source = s.source();
-        }
-        msg
-    };
+    let errors = |e: crate::bpf::BpfError| crate::sys::chain(&e);
     let (load, discovery, threads) = if missing.is_empty() {
         match crate::bpf::Probes::load(crate::bpf::Capacity {
             tasks: 1024,

@@ -161,3 +161,29 @@ fn otlp_endpoint_with_tls_is_refused() {
         "only plain http:// endpoints are supported",
     );
 }
+
+/// `leakmon kinds` lists every alert kind with its remedy, and each has a row in the alert
+/// docs (a kind added without docs fails here).
+#[test]
+fn kinds_are_listed_and_documented() {
+    let out = leakmon(&["kinds"]);
+    assert!(out.status.success(), "{out:?}");
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let names: Vec<&str> = listed
+        .lines()
+        .filter(|l| !l.starts_with(' ') && !l.is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(names.len(), 11, "{listed}");
+    for expected in ["goroutine_leak", "task_spinning", "thread_deadlock"] {
+        assert!(names.contains(&expected), "{expected} not in {names:?}");
+    }
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/alerts.md")).unwrap();
+    for name in names {
+        assert!(
+            docs.contains(&format!("| `{name}` |")),
+            "{name} has no row in docs/alerts.md"
+        );
+    }
+}

@@ -71,7 +71,7 @@ pub(crate) enum BpfError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
-    #[error("eBPF map {map}: {source}")]
+    #[error("eBPF map {map}")]
     Map {
         map: &'static str,
         #[source]

@@ -17,7 +17,7 @@ pub(crate) enum ConfigError {
         #[source]
         source: toml::de::Error,
     },
-    #[error("settings: {0}")]
+    #[error("laying the flags and environment over the config file")]
     Merge(#[source] serde_json::Error),
     #[error("{what}: invalid duration {value:?} (examples: 90s, 5m, 1h30m)")]
     Duration {

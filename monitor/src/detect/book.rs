@@ -16,6 +16,7 @@ use serde::Serialize;
 use super::{
     AlertKind, Proof,
     groups::{GroupKey, Stack, ThreadReport, WaitsOn},
+    nanos,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -51,6 +52,31 @@ pub(crate) struct Alert {
     pub threads: Vec<ThreadReport>,
     /// What to do.
     pub hint: &'static str,
+}
+
+impl Alert {
+    /// An alert of `kind` about one `chan send` group of `main.worker`, 10 s old.
+    #[cfg(test)]
+    pub(crate) fn example(kind: &'static AlertKind) -> Self {
+        Self {
+            kind,
+            group: GroupKey {
+                created_at: None,
+                entry: "main.worker".into(),
+                blocked_at: None,
+                wait_reason: Some("chan send".into()),
+            },
+            count: 1,
+            oldest_seconds: 10.0,
+            growth_per_minute: None,
+            proof: None,
+            proven: 0,
+            waits_on: None,
+            stack: None,
+            threads: Vec::new(),
+            hint: kind.hint,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -100,7 +126,7 @@ impl<K: Ord + Clone + Debug> AlertBook<K> {
         let book = self.processes.entry(pid).or_default();
         let mut holds: BTreeMap<K, Alert> = holds.into_iter().collect();
         let mut out = Vec::new();
-        let every = u64::try_from(self.update_every.as_nanos()).unwrap_or(u64::MAX);
+        let every = nanos(self.update_every);
         book.retain(|key, entry| {
             let Some(alert) = holds.remove(key) else {
                 let mut alert = entry.alert.clone();
@@ -215,31 +241,14 @@ fn stable_id<K: Debug>(pid: u32, key: &K, kind: &AlertKind) -> Arc<str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::detect::{
-        GroupKey,
-        testing::{LEAK, STUCK},
-    };
+    use crate::detect::testing::{LEAK, STUCK};
 
     const S: u64 = 1_000_000_000;
 
     fn alert(kind: &'static AlertKind, count: u64) -> Alert {
         Alert {
-            kind,
-            group: GroupKey {
-                created_at: None,
-                entry: "main.worker".into(),
-                blocked_at: None,
-                wait_reason: Some("chan send".into()),
-            },
             count,
-            oldest_seconds: 10.0,
-            growth_per_minute: None,
-            proof: None,
-            proven: 0,
-            waits_on: None,
-            stack: None,
-            threads: Vec::new(),
-            hint: "",
+            ..Alert::example(kind)
         }
     }
 

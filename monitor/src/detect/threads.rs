@@ -9,7 +9,7 @@ use std::{
 
 use super::{
     Activity, Alert, AlertBook, AlertKind, Family, GroupKey, Severity, Site, ThreadReport,
-    Transition, alert_kind,
+    Transition, alert_kind, nanos,
     rules::{History, Thresholds},
 };
 
@@ -196,8 +196,7 @@ impl ThreadDetector {
     pub(crate) fn observe(&mut self, pid: u32, snapshot: &ThreadSnapshot) -> Vec<Transition> {
         let t = self.thresholds;
         let now = snapshot.now_ns;
-        let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        let block = ns(t.block);
+        let block = nanos(t.block);
         let state = self.processes.entry(pid).or_default();
         let by_tid: HashMap<u32, &ThreadObs> =
             snapshot.threads.iter().map(|t| (t.tid, t)).collect();
@@ -222,7 +221,7 @@ impl ThreadDetector {
         // Lock waits, and the wait-for graph through the owners the locks record. A cycle is
         // final once it has held for a scan interval and two snapshots in a row show it; a
         // lone wait only past the threshold.
-        let settled = ns(t.scan_interval).min(block);
+        let settled = nanos(t.scan_interval).min(block);
         let mut in_cycle = BTreeSet::new();
         let mut cycles = BTreeSet::new();
         for start in snapshot.threads.iter().filter(|t| lock_wait(t).is_some()) {

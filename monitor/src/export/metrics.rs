@@ -235,3 +235,42 @@ pub(super) fn provider(
     }
     provider
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{detect::THREAD_KINDS, runtime::registry::RUNTIMES};
+
+    /// Every kind, of every runtime and of threads, is exported with the state its name says
+    /// (a spinning kind exported as blocked was a bug), its event named after it, and no two
+    /// kinds share a name (kinds are compared by name).
+    #[test]
+    fn every_kind_exports_its_state() {
+        let kinds: Vec<_> = RUNTIMES
+            .iter()
+            .flat_map(|r| r.kinds.iter())
+            .chain(THREAD_KINDS.iter())
+            .collect();
+        for kind in &kinds {
+            let gauge = GroupGauge::of(7, &Alert::example(kind));
+            let state = gauge
+                .attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == "leakmon.task_state")
+                .map(|kv| kv.value.as_str().into_owned());
+            let expected = if kind.name.ends_with("_spinning") {
+                "spinning"
+            } else {
+                "blocked"
+            };
+            assert_eq!(state.as_deref(), Some(expected), "{}", kind.name);
+            assert_eq!(kind.event, format!("leakmon.{}", kind.name));
+            assert!(!kind.hint.is_empty(), "{}", kind.name);
+        }
+        let mut names: Vec<&str> = kinds.iter().map(|k| k.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), kinds.len(), "{names:?}");
+        assert_eq!(kinds.len(), 11);
+    }
+}

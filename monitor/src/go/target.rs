@@ -268,13 +268,7 @@ impl Target {
             0
         };
         let mem = ProcMem::open(pid)?;
-        let info = ProcessInfo {
-            pid,
-            exe: exe.display().to_string(),
-            runtime: process.runtime,
-            runtime_version: binary.version.to_string(),
-            container: proc::container_of(pid),
-        };
+        let info = ProcessInfo::of(process, binary.version.to_string());
         Ok(Self {
             pid,
             start_time,

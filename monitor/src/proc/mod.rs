@@ -16,7 +16,7 @@ pub(crate) use mem::{ProcMem, u64_at};
 pub(crate) enum ProcError {
     #[error("no process with PID {pid}")]
     NoSuchProcess { pid: u32 },
-    #[error("cannot read /proc/{pid}/{what}: {source} (run as root, or with CAP_SYS_PTRACE)")]
+    #[error("cannot read /proc/{pid}/{what} (run as root, or with CAP_SYS_PTRACE)")]
     Access {
         pid: u32,
         what: &'static str,

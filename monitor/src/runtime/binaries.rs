@@ -44,12 +44,8 @@ pub(crate) enum Inspected {
 pub(crate) enum InspectError {
     #[error(transparent)]
     Proc(#[from] ProcError),
-    #[error("opening {path}")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: files::FileError,
-    },
+    #[error(transparent)]
+    Open(#[from] files::FileError),
     #[error("PID {pid} ({path}): not watching its {runtime} tasks")]
     Runtime {
         pid: u32,
@@ -177,11 +173,7 @@ impl Binaries {
         }
         // Through /proc, so a binary in another mount namespace is found.
         let path = PathBuf::from(format!("/proc/{pid}/exe"));
-        let file =
-            files::open_checked(&path, Some(key.ino())).map_err(|source| InspectError::Open {
-                path: exe.to_path_buf(),
-                source,
-            })?;
+        let file = files::open_checked(&path, Some(key.ino()))?;
         for runtime in self.runtimes.iter() {
             let program =
                 runtime
@@ -204,11 +196,7 @@ impl Binaries {
                 });
             }
         }
-        let mut cache = self.lock();
-        if cache.plain.len() >= MAX_PLAIN {
-            cache.plain.clear();
-        }
-        cache.plain.insert(key);
+        remember(&mut self.lock().plain, key);
         Ok(Found::Plain)
     }
 
@@ -287,11 +275,7 @@ impl Binaries {
                     ),
                 }
             }
-            let mut cache = self.lock();
-            if cache.plain_libraries.len() >= MAX_PLAIN {
-                cache.plain_libraries.clear();
-            }
-            cache.plain_libraries.insert(m.file.clone());
+            remember(&mut self.lock().plain_libraries, m.file.clone());
         }
         Ok(Found::Plain)
     }
@@ -302,4 +286,12 @@ impl Binaries {
         cache.programs.retain(|_, (p, _)| p.in_use());
         cache.libraries.retain(|_, (p, _)| p.in_use());
     }
+}
+
+/// Remembers a file that runs no runtime; a set at its limit starts again.
+fn remember<K: Eq + std::hash::Hash>(plain: &mut HashSet<K>, key: K) {
+    if plain.len() >= MAX_PLAIN {
+        plain.clear();
+    }
+    plain.insert(key);
 }

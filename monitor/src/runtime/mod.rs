@@ -98,6 +98,20 @@ pub(crate) struct ProcessInfo {
     pub container: Container,
 }
 
+impl ProcessInfo {
+    /// `process`, as its runtime's alerts name it (its container read from /proc: on a
+    /// worker).
+    pub(crate) fn of(process: &Process, runtime_version: String) -> Self {
+        Self {
+            pid: process.pid,
+            exe: process.exe.display().to_string(),
+            runtime: process.runtime,
+            runtime_version,
+            container: crate::proc::container_of(process.pid),
+        }
+    }
+}
+
 /// What a scan gives every source.
 pub(crate) struct ScanInput {
     /// When the scan was taken (CLOCK_MONOTONIC), and which tasks are worth judging then.

@@ -692,7 +692,11 @@ impl Symbolizer {
                 (Some(Arc::new(module)), bytes)
             }
             Err(e) => {
-                log::debug!("PID {pid}: not symbolising {}: {e}", m.path);
+                log::debug!(
+                    "PID {pid}: not symbolising {}: {}",
+                    m.path,
+                    crate::sys::chain(&e)
+                );
                 (None, 0)
             }
         };

@@ -185,13 +185,8 @@ impl TokioTarget {
             return Err(TokioError::NoRuntime);
         }
         let names = name_futures(pid, &mem, &symbolizer, &vtables, bias, &binary, module);
-        let info = ProcessInfo {
-            pid,
-            exe: exe.display().to_string(),
-            runtime: process.runtime,
-            runtime_version: binary.version.as_deref().unwrap_or("unknown").to_owned(),
-            container: proc::container_of(pid),
-        };
+        let version = binary.version.as_deref().unwrap_or("unknown");
+        let info = ProcessInfo::of(process, version.to_owned());
         Ok(Self {
             pid,
             start_time,

@@ -12,7 +12,7 @@ use std::{
 
 use super::walk::TaskRec;
 use crate::{
-    detect::{Due, Site, Stack, ThreadReport},
+    detect::{Due, Site, Stack, ThreadReport, nanos},
     proc::{ProcMem, files::read_proc_capped, u64_at},
     threads::{
         stack::StackReader,
@@ -98,7 +98,7 @@ impl Polls {
                 .copied()
                 .collect();
             let again = locate(pid, mem, &still);
-            let elapsed = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let elapsed = nanos(started.elapsed());
             for id in fresh {
                 let keep = again.get(&id).is_some_and(|s| {
                     seen.get(&id).is_some_and(|old| same_call(old, s))

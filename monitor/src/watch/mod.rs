@@ -220,7 +220,7 @@ impl Monitor {
         let stop = signals::install().map_err(WatchError::Signals)?;
         if let Err(e) = crate::sys::tracefs::ensure_mounted() {
             // Not needed for perf-based uprobes; say so and go on.
-            log::warn!("{e}");
+            log::warn!("{}", crate::sys::chain(&e));
         }
         if let Some(note) = crate::config::scan_note(&settings.thresholds) {
             log::warn!("{note}");

@@ -9,7 +9,7 @@ use std::{
 
 use crate::{
     bpf::{BpfError, Probes},
-    detect::{ThreadDetector, ThreadSnapshot, Thresholds, Transition},
+    detect::{ThreadDetector, ThreadSnapshot, Thresholds, Transition, nanos},
     proc,
     runtime::ProcessInfo,
     sys::{
@@ -121,10 +121,9 @@ impl ThreadWatch {
 
     /// First half of a scan: sends a snapshot of every process in scope to the workers.
     pub(super) fn dispatch(&mut self, probes: &Probes, workers: &Workers, now_ns: u64) {
-        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let depth = Depth {
-            deep_ns: ns(self.thresholds.block),
-            settle_ns: ns(self.thresholds.scan_interval.min(self.thresholds.block)),
+            deep_ns: nanos(self.thresholds.block),
+            settle_ns: nanos(self.thresholds.scan_interval.min(self.thresholds.block)),
         };
         let by_process = threads::by_process(probes.thread_tables(), std::process::id());
         for (pid, threads) in by_process {
