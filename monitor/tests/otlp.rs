@@ -199,6 +199,37 @@ impl Sink {
         );
     }
 
+    /// The totals of up-down counter `name` for process `pid`, one per export (its data points
+    /// summed over their other attributes), in the order they arrived.
+    fn totals(&self, name: &str, pid: u32) -> Vec<i64> {
+        use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point};
+        let mut out = Vec::new();
+        for req in self.metrics.lock().unwrap().iter() {
+            let points = req
+                .resource_metrics
+                .iter()
+                .flat_map(|r| &r.scope_metrics)
+                .flat_map(|s| &s.metrics)
+                .filter(|m| m.name == name)
+                .filter_map(|m| match &m.data {
+                    Some(Data::Sum(sum)) => Some(&sum.data_points),
+                    _ => None,
+                })
+                .flatten()
+                .filter(|p| {
+                    attr(&p.attributes, "process.pid") == Some(Value::IntValue(i64::from(pid)))
+                });
+            let mut total = None;
+            for p in points {
+                if let Some(number_data_point::Value::AsInt(v)) = p.value {
+                    *total.get_or_insert(0) += v;
+                }
+            }
+            out.extend(total);
+        }
+        out
+    }
+
     /// Waits for a data point of metric `name` with attribute process.pid = `pid`.
     fn wait_metric(&self, name: &str, pid: u32) {
         let deadline = Instant::now() + Duration::from_secs(45);
@@ -439,6 +470,73 @@ fn a_collector_that_never_answers_does_not_hold_up_exit() {
     }
 }
 
+/// The goroutine count of every watched Go process is exported as `go.goroutine.count` (by
+/// state and wait reason), and follows the program: up while it spawns goroutines that block,
+/// down when they are released, at production thresholds (nothing needs to be judged).
+#[test]
+fn goroutine_counts_follow_the_program() {
+    require_root();
+    let sink = Sink::default();
+    let (port, metrics_port) = (free_port(), free_port());
+    sink.serve_grpc(port, metrics_port);
+    let bin = fixture(&fixture_versions()[0], "leaky", false);
+    // 20 goroutines blocked every 200 ms for 3 s (about 300), released at 8 s.
+    let fx = start_fixture(
+        &bin,
+        &[
+            "-mode",
+            "send",
+            "-batch",
+            "20",
+            "-grow-for",
+            "3s",
+            "-release-after",
+            "8s",
+        ],
+    );
+    let (_dir, config) = fast_metrics_config();
+    let pid = fx.pid().to_string();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let metrics_endpoint = format!("http://127.0.0.1:{metrics_port}");
+    let _lm = Leakmon::start_with_env(
+        &[
+            "watch",
+            "--pid",
+            &pid,
+            "--format",
+            "json",
+            "--config",
+            config.to_str().unwrap(),
+            "--scan-interval",
+            "500ms",
+            "--otlp-endpoint",
+            &endpoint,
+        ],
+        &[("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", &metrics_endpoint)],
+    );
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let (mut peak, mut after_peak_low) = (0, i64::MAX);
+    loop {
+        let totals = sink.totals("go.goroutine.count", fx.pid());
+        for t in &totals {
+            if *t > peak {
+                peak = *t;
+                after_peak_low = i64::MAX;
+            } else {
+                after_peak_low = after_peak_low.min(*t);
+            }
+        }
+        if peak >= 250 && after_peak_low <= 20 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "go.goroutine.count never rose past 250 then fell to 20: {totals:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// A real collector: rotel, printing what it receives.
 fn rotel(protocol: &str) {
     let bin = PathBuf::from(std::env::var("LEAKMON_ROTEL").expect(
@@ -511,6 +609,7 @@ fn rotel(protocol: &str) {
         "service.name: Str(leakmon)".to_owned(),
         "Name: leakmon.group.tasks".to_owned(),
         "Name: leakmon.alerts.fired".to_owned(),
+        "Name: go.goroutine.count".to_owned(),
     ];
     let deadline = Instant::now() + Duration::from_secs(45);
     loop {

@@ -14,7 +14,11 @@ use opentelemetry_sdk::{
 };
 
 use super::ExportStats;
-use crate::{detect::Alert, output::Health};
+use crate::{
+    detect::Alert,
+    output::Health,
+    runtime::{Census, CountMetric, ProcessInfo, registry::RUNTIMES},
+};
 
 /// One firing alert's group, as metric attributes and values.
 #[derive(Clone, Debug, PartialEq)]
@@ -56,7 +60,76 @@ impl GroupGauge {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct MetricsSnapshot {
     pub groups: Vec<GroupGauge>,
+    pub counts: Vec<CountPoint>,
     pub health: Health,
+}
+
+/// One process's tasks in one state (and wait reason), as a data point of its runtime's count
+/// metric.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct CountPoint {
+    pub metric: &'static str,
+    pub attributes: Vec<KeyValue>,
+    pub value: i64,
+}
+
+/// Processes whose counts are exported, at most: the ones with the most tasks. With
+/// [`MAX_SERIES_PER_PROCESS`], what bounds the metric's cardinality.
+pub(crate) const MAX_COUNTED_PROCESSES: usize = 512;
+/// Data points of one process, at most: its (state, wait reason) pairs with the most tasks;
+/// the rest are summed into one point of wait reason `other`.
+pub(crate) const MAX_SERIES_PER_PROCESS: usize = 24;
+
+impl CountPoint {
+    /// The data points of the processes with the most tasks.
+    pub(crate) fn all(counts: &[(&ProcessInfo, &Census)]) -> Vec<CountPoint> {
+        let mut by_size: Vec<&(&ProcessInfo, &Census)> = counts.iter().collect();
+        by_size.sort_by_key(|(_, c)| std::cmp::Reverse(c.total()));
+        by_size
+            .into_iter()
+            .take(MAX_COUNTED_PROCESSES)
+            .flat_map(|(p, c)| Self::of(p, c))
+            .collect()
+    }
+
+    fn of(process: &ProcessInfo, census: &Census) -> Vec<CountPoint> {
+        let mut series: Vec<(&(&'static str, Arc<str>), &u64)> = census.counts.iter().collect();
+        series.sort_by_key(|(_, n)| std::cmp::Reverse(**n));
+        let rest: u64 = series
+            .iter()
+            .skip(MAX_SERIES_PER_PROCESS - 1)
+            .map(|(_, n)| **n)
+            .sum();
+        if series.len() > MAX_SERIES_PER_PROCESS {
+            series.truncate(MAX_SERIES_PER_PROCESS - 1);
+        }
+        let point = |state: &str, reason: &str, value: u64| {
+            let mut attributes = vec![
+                KeyValue::new("process.pid", i64::from(process.pid)),
+                KeyValue::new("process.executable.path", process.exe.clone()),
+                KeyValue::new("leakmon.task_state", state.to_owned()),
+            ];
+            if !reason.is_empty() {
+                attributes.push(KeyValue::new("leakmon.wait_reason", reason.to_owned()));
+            }
+            if let Some(pod) = &process.container.pod_name {
+                attributes.push(KeyValue::new("k8s.pod.name", pod.clone()));
+            }
+            CountPoint {
+                metric: census.metric.name,
+                attributes,
+                value: i64::try_from(value).unwrap_or(i64::MAX),
+            }
+        };
+        let mut points: Vec<CountPoint> = series
+            .iter()
+            .map(|((state, reason), n)| point(state, reason, **n))
+            .collect();
+        if census.counts.len() > MAX_SERIES_PER_PROCESS {
+            points.push(point("waiting", "other", rest));
+        }
+        points
+    }
 }
 
 /// The meter provider, exporting every `interval` on the SDK's reader thread.
@@ -123,6 +196,28 @@ pub(super) fn provider(
             .with_callback(move |o| read(&|s| o.observe(f(&s.health), &[])))
             .build()
     };
+    // Each runtime's task count, once per metric name.
+    let mut metrics: Vec<&'static CountMetric> = Vec::new();
+    for m in RUNTIMES.iter().map(|r| r.count) {
+        if !metrics.iter().any(|known| known.name == m.name) {
+            metrics.push(m);
+        }
+    }
+    for m in metrics {
+        let read = read.clone();
+        meter
+            .i64_observable_up_down_counter(m.name)
+            .with_description(m.description)
+            .with_unit(m.unit)
+            .with_callback(move |o| {
+                read(&|s| {
+                    for p in s.counts.iter().filter(|p| p.metric == m.name) {
+                        o.observe(p.value, &p.attributes);
+                    }
+                });
+            })
+            .build();
+    }
     let _ = health("leakmon.alerts.fired", "Alerts fired", "{alert}", |h| {
         h.alerts_fired
     });
@@ -239,7 +334,44 @@ pub(super) fn provider(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{detect::THREAD_KINDS, runtime::registry::RUNTIMES};
+    use crate::{detect::THREAD_KINDS, proc::Container};
+
+    /// A process's count points are bounded: the largest (state, reason) pairs, then the rest
+    /// summed as `other`; the total is kept.
+    #[test]
+    fn counts_are_bounded_and_keep_the_total() {
+        static METRIC: CountMetric = CountMetric {
+            name: "go.goroutine.count",
+            unit: "{goroutine}",
+            description: "",
+        };
+        let process = ProcessInfo {
+            pid: 9,
+            exe: "/srv/api".into(),
+            runtime: "go",
+            runtime_version: String::new(),
+            container: Container::default(),
+        };
+        let mut census = Census::new(&METRIC);
+        let reasons: Vec<Arc<str>> = (0..40).map(|i| format!("reason {i}").into()).collect();
+        for (i, r) in reasons.iter().enumerate() {
+            for _ in 0..=i {
+                census.add("waiting", r);
+            }
+        }
+        let points = CountPoint::all(&[(&process, &census)]);
+        assert_eq!(points.len(), MAX_SERIES_PER_PROCESS);
+        let total: i64 = points.iter().map(|p| p.value).sum();
+        assert_eq!(total as u64, census.total());
+        assert_eq!(points[0].value, 40, "largest first");
+        let other = points.last().unwrap();
+        assert!(
+            other
+                .attributes
+                .contains(&KeyValue::new("leakmon.wait_reason", "other"))
+        );
+        assert!(points.iter().all(|p| p.metric == "go.goroutine.count"));
+    }
 
     /// Every kind, of every runtime and of threads, is exported with the state its name says
     /// (a spinning kind exported as blocked was a bug), its event named after it, and no two

@@ -39,7 +39,7 @@ use tokio::sync::mpsc;
 
 pub(crate) use self::settings::{OtlpOptions, OtlpSettings, Protocol};
 use self::{
-    metrics::{GroupGauge, MetricsSnapshot},
+    metrics::{CountPoint, GroupGauge, MetricsSnapshot},
     record::alert_record,
 };
 use crate::{
@@ -216,6 +216,7 @@ impl Sink for Otlp {
                 .iter()
                 .map(|(pid, alert)| GroupGauge::of(*pid, alert))
                 .collect(),
+            counts: CountPoint::all(&metrics.counts),
             health: metrics.health,
         };
         if let Ok(mut s) = self.snapshot.lock() {

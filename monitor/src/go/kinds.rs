@@ -1,6 +1,9 @@
-//! Go's alert kinds, and what proves a goroutine leaked.
+//! Go's alert kinds, what proves a goroutine leaked, and how goroutines are counted.
 
-use crate::detect::{Activity, AlertKind, Family, Proof, Severity, alert_kind};
+use crate::{
+    detect::{Activity, AlertKind, Family, Proof, Severity, alert_kind},
+    runtime::CountMetric,
+};
 
 pub(crate) static GOROUTINE_LEAK: AlertKind = alert_kind!("goroutine_leak",
     members: "goroutines",
@@ -92,3 +95,11 @@ pub(crate) fn hint_for_wait(wait_reason: &str) -> Option<&'static str> {
         _ => return None,
     })
 }
+
+/// OpenTelemetry's semantic convention for the Go runtime's goroutine count.
+pub(crate) static GOROUTINES: CountMetric = CountMetric {
+    name: "go.goroutine.count",
+    unit: "{goroutine}",
+    description: "Goroutines of a Go process, by state and wait reason (the count \
+                  runtime.NumGoroutine gives: the runtime's own are left out)",
+};

@@ -9,6 +9,7 @@ pub(crate) static RUNTIME: Entry = Entry {
     name: "go",
     title: "Go",
     kinds: kinds::KINDS,
+    count: &kinds::GOROUTINES,
     start,
 };
 

@@ -20,9 +20,10 @@ use super::{
 };
 use crate::{
     bpf::{BpfError, Links, Probes, TaskRecord, TaskRecords},
+    detect::Policy as _,
     detect::{Due, Observation, Site, Stack, TaskState, WaitsOn},
     proc::{self, BinaryKey, ProcError, ProcMem},
-    runtime::{Process, ProcessInfo, ScanInput, Scanned, TaskSource},
+    runtime::{Census, Process, ProcessInfo, ScanInput, Scanned, TaskSource},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +100,9 @@ pub(crate) struct Target {
     parks: HashMap<u64, Park>,
     /// Entry function name by start PC (naming a wrapper's callee reads code).
     entries: HashMap<u64, Arc<str>>,
+    /// Whether the function at each start PC is the runtime's own (its goroutines are not
+    /// counted, as `runtime.NumGoroutine` leaves them out).
+    system: HashMap<u64, bool>,
     /// Creation site by `go`-statement PC: a leak's goroutines share one.
     creation_sites: HashMap<u64, Option<Arc<Site>>>,
     /// Address of `runtime.allgs` when parks are found by scanning; `None` when probed.
@@ -170,11 +174,12 @@ impl TaskSource for Target {
         if !self.runs_same_program() {
             return Scanned::OtherProgram;
         }
-        let (tasks, stale) = Target::scan(self, &input.records, &input.due);
+        let (tasks, stale, census) = Target::scan(self, &input.records, &input.due);
         Scanned::Tasks {
             tasks,
             stale,
             policy: &super::GO,
+            census,
         }
     }
 }
@@ -283,6 +288,7 @@ impl Target {
             interned: Interner::default(),
             parks: HashMap::new(),
             entries: HashMap::new(),
+            system: HashMap::new(),
             creation_sites: HashMap::new(),
             scan,
             leaked: HashMap::new(),
@@ -311,9 +317,13 @@ impl Target {
     /// One scan of this process, on a worker: parked goroutines from its table, and the probes'
     /// records (`entries`) read and judged. Returns what `due` admits and the records found
     /// stale.
-    fn scan(&mut self, entries: &TaskRecords, due: &Due) -> (Vec<Observation>, TaskRecords) {
+    fn scan(
+        &mut self,
+        entries: &TaskRecords,
+        due: &Due,
+    ) -> (Vec<Observation>, TaskRecords, Option<Census>) {
         let reach = Arc::clone(&self.reach);
-        let mut goroutines = self.scan_parked(due, &reach);
+        let (mut goroutines, census) = self.scan_parked(due, &reach);
         let mut stale = TaskRecords::new();
         for (goid, state) in entries {
             let mut is_stale = false;
@@ -324,7 +334,7 @@ impl Target {
             }
         }
         self.retain_resolved(|g| entries.contains_key(&g));
-        (goroutines, stale)
+        (goroutines, stale, census)
     }
 
     /// Parked goroutines from the goroutine table (`runtime.allgs`), for binaries whose symbol
@@ -333,11 +343,17 @@ impl Target {
     /// every park and wake), so a worker re-parking at the same place between scans is a new
     /// park. Those parked at least `min_parked_ns` are returned for judging, with what they
     /// wait on, and proven leaked when two reachability analyses in a row say so.
-    fn scan_parked(&mut self, due: &Due, budget: &ReachBudget) -> Vec<Observation> {
+    fn scan_parked(
+        &mut self,
+        due: &Due,
+        budget: &ReachBudget,
+    ) -> (Vec<Observation>, Option<Census>) {
         let now_ns = due.now_ns;
         let Some(allgs) = self.scan else {
-            return Vec::new();
+            return (Vec::new(), None);
         };
+        let mut census = Census::new(&super::kinds::GOROUTINES);
+        let no_reason = self.interned.name("");
         let previous = std::mem::take(&mut self.parks);
         let mut judged = Vec::new();
         // Candidates: index into `judged`, and into `roots` when an analysis runs.
@@ -351,6 +367,16 @@ impl Target {
             for (addr, rec) in chunk.iter().zip(records) {
                 let Some(rec) = rec else { continue };
                 let parked = matches!(rec.status, task::G_WAITING | task::G_LEAKED);
+                if let Some(state) = task::state_name(rec.status)
+                    && !self.is_system(rec.startpc)
+                {
+                    if parked {
+                        let reason = self.interned.name(self.binary.wait_reason(rec.waitreason));
+                        census.add(state, &reason);
+                    } else {
+                        census.add(state, &no_reason);
+                    }
+                }
                 if analyse && rec.status != task::G_DEAD && rec.status != 0 {
                     roots.push(reach::Goroutine {
                         g: *addr,
@@ -445,7 +471,7 @@ impl Target {
                 objects: 1,
             }));
         }
-        judged
+        (judged, Some(census))
     }
 
     /// The heap's spans, for an analysis (`None`, said at debug level, when unreadable).
@@ -595,6 +621,17 @@ impl Target {
         self.leaked = leaked;
         let [older, last] = &mut self.analysed;
         *older = std::mem::replace(last, analysed);
+    }
+
+    /// Whether a goroutine that started at `startpc` is one of the runtime's own.
+    fn is_system(&mut self, startpc: u64) -> bool {
+        if let Some(known) = self.system.get(&startpc) {
+            return *known;
+        }
+        let name = self.binary.func_name(startpc.wrapping_sub(self.bias));
+        let system = name.is_some_and(|n| super::GO.is_runtime_task(n));
+        self.system.insert(startpc, system);
+        system
     }
 
     /// What goroutine `goid` waits on, once read (cached with its sites, per park).

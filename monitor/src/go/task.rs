@@ -8,6 +8,10 @@ use crate::proc::ProcMem;
 pub(super) const G_RUNNABLE: u32 = 1;
 /// `runtime._Grunning`: on a CPU (its saved `sched.sp` is stale).
 pub(super) const G_RUNNING: u32 = 2;
+/// `runtime._Gsyscall`: in a system call.
+pub(super) const G_SYSCALL: u32 = 3;
+/// `runtime._Gcopystack`: its stack is being moved (not running user code).
+const G_COPYSTACK: u32 = 8;
 /// `runtime._Gwaiting`: parked.
 pub(super) const G_WAITING: u32 = 4;
 /// `runtime._Gpreempted`: stopped by a preemption, descheduled.
@@ -16,6 +20,18 @@ pub(super) const G_PREEMPTED: u32 = 9;
 pub(super) const G_LEAKED: u32 = 10;
 /// `runtime._Gdead`: exited (the `g` waits for reuse).
 pub(super) const G_DEAD: u32 = 6;
+/// How a goroutine's status is counted (`go.goroutine.count`'s `leakmon.task_state`); None
+/// for a `g` that runs no goroutine (idle, dead, exiting).
+pub(super) fn state_name(status: u32) -> Option<&'static str> {
+    match status {
+        G_RUNNABLE | G_PREEMPTED | G_COPYSTACK => Some("runnable"),
+        G_RUNNING => Some("running"),
+        G_SYSCALL => Some("syscall"),
+        G_WAITING | G_LEAKED => Some("waiting"),
+        _ => None,
+    }
+}
+
 /// `runtime._Gscan`: set on top of the status while the GC scans the stack.
 const G_SCAN: u32 = 0x1000;
 /// `g.stack.hi`: `stack` is the first field of `runtime.g` in every version ("offset known to

@@ -5,7 +5,7 @@ use std::io;
 
 use crate::{
     detect::{Alert, Transition},
-    runtime::ProcessInfo,
+    runtime::{Census, ProcessInfo},
 };
 
 pub(crate) trait Sink {
@@ -23,6 +23,8 @@ pub(crate) trait Sink {
 pub(crate) struct Metrics<'a> {
     /// Every alert firing now, with its process.
     pub firing: Vec<(u32, &'a Alert)>,
+    /// The tasks of every watched process, counted at its last scan.
+    pub counts: Vec<(&'a ProcessInfo, &'a Census)>,
     pub health: Health,
 }
 

@@ -8,7 +8,7 @@
 mod binaries;
 pub(crate) mod registry;
 
-use std::{fs::File, path::Path, path::PathBuf, sync::Arc};
+use std::{collections::BTreeMap, fs::File, path::Path, path::PathBuf, sync::Arc};
 
 use serde::Serialize;
 
@@ -32,6 +32,8 @@ pub(crate) struct Entry {
     pub title: &'static str,
     /// Its alert kinds.
     pub kinds: &'static [&'static AlertKind],
+    /// The metric its processes' task counts are exported as.
+    pub count: &'static CountMetric,
     /// Starts it for one monitor, with the settings and caches it shares.
     pub start: fn(&Context) -> Arc<dyn Runtime>,
 }
@@ -112,6 +114,48 @@ impl ProcessInfo {
     }
 }
 
+/// How many tasks a process has, by state and wait reason, at one scan: what a dashboard's
+/// task count curve is drawn from (the NumGoroutine curve of every Go process, with no code in
+/// any of them).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Census {
+    /// The metric the counts are exported as.
+    pub metric: &'static CountMetric,
+    /// (state, wait reason or "") -> tasks.
+    pub counts: BTreeMap<(&'static str, Arc<str>), u64>,
+}
+
+/// A runtime's task count metric, named after the OpenTelemetry semantic conventions where
+/// one exists (`go.goroutine.count`).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct CountMetric {
+    pub name: &'static str,
+    pub unit: &'static str,
+    pub description: &'static str,
+}
+
+impl Census {
+    pub(crate) fn new(metric: &'static CountMetric) -> Self {
+        Self {
+            metric,
+            counts: BTreeMap::new(),
+        }
+    }
+
+    pub(crate) fn add(&mut self, state: &'static str, reason: &Arc<str>) {
+        match self.counts.get_mut(&(state, Arc::clone(reason))) {
+            Some(n) => *n += 1,
+            None => {
+                self.counts.insert((state, Arc::clone(reason)), 1);
+            }
+        }
+    }
+
+    pub(crate) fn total(&self) -> u64 {
+        self.counts.values().sum()
+    }
+}
+
 /// What a scan gives every source.
 pub(crate) struct ScanInput {
     /// When the scan was taken (CLOCK_MONOTONIC), and which tasks are worth judging then.
@@ -128,6 +172,8 @@ pub(crate) enum Scanned {
         tasks: Vec<Observation>,
         stale: TaskRecords,
         policy: &'static dyn Policy,
+        /// Every task, counted (when the source saw them all).
+        census: Option<Census>,
     },
     /// Nothing to judge this time (a walk raced with the program): alerts stay as they are.
     NotJudged,

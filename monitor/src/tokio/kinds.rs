@@ -1,6 +1,9 @@
-//! tokio's alert kinds, and what proves a task leaked.
+//! tokio's alert kinds, what proves a task leaked, and how tasks are counted.
 
-use crate::detect::{Activity, AlertKind, Family, Proof, Severity, alert_kind};
+use crate::{
+    detect::{Activity, AlertKind, Family, Proof, Severity, alert_kind},
+    runtime::CountMetric,
+};
 
 pub(crate) static TASK_LEAK: AlertKind = alert_kind!("task_leak",
     members: "tasks",
@@ -62,4 +65,12 @@ pub(crate) static NO_WAKER: Proof = Proof {
     name: "no_waker",
     text: "{n} of them hold no waker and are not scheduled: nothing can wake them",
     summary: "no waker is left to wake them",
+};
+
+/// tokio has no semantic convention of its own: leakmon's name.
+pub(crate) static TASKS: CountMetric = CountMetric {
+    name: "leakmon.tokio.task.count",
+    unit: "{task}",
+    description: "tokio tasks of a process, by state (running, scheduled, idle; idle with no \
+                  waker left)",
 };

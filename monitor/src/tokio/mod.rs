@@ -25,7 +25,7 @@ use self::{
 use crate::{
     detect::{Due, Observation, TaskState, ThreadReport},
     proc::{self, ProcError, ProcMem, maps},
-    runtime::{Process, ProcessInfo, ScanInput, Scanned, TaskSource},
+    runtime::{Census, Process, ProcessInfo, ScanInput, Scanned, TaskSource},
     threads::symbols::Symbolizer,
 };
 
@@ -108,12 +108,16 @@ struct Spin {
     /// When a scan last saw it spin, and scans since that did not.
     seen_ns: u64,
     unseen: u32,
-    /// Scans that saw it spin, and of those, scans when the busy threads of the process
-    /// never slept.
+    /// Of the last scans that saw it spin (up to `SPIN_WINDOW`), the ones when the busy
+    /// threads of the process never slept: a bit each, newest lowest.
     scans: u32,
     sleepless: u32,
     /// The threads found busy without sleeping, last time: its workers.
     threads: Vec<u32>,
+    /// Found to wake itself once: it stays so while it is seen spinning with the same
+    /// future at rest (a loaded machine lets a spinner's worker sleep in some scans; an alert
+    /// that resolves while the spin goes on is a false alarm too).
+    established: bool,
 }
 
 impl Spin {
@@ -122,15 +126,27 @@ impl Spin {
     /// what makes a spin is that the task wakes itself, and so its worker never sleeps, where
     /// a worker fed by another thread parks thousands of times a second (and a task's state
     /// cannot tell: a feeder wakes a busy consumer inside its poll as often as a self-waking
-    /// task is seen woken there). Judged over the scans that saw it spin, at least four, in
-    /// three quarters of them: a feeder can go one scan without sleeping.
+    /// task is seen woken there). Judged over the last scans that saw it spin, at least four,
+    /// in three quarters of them: a feeder can go one scan without sleeping. The last ones,
+    /// not all: on a multi-thread runtime a spinner moving between workers lets them park
+    /// for a while, and a bad start would otherwise outweigh the spin that follows.
     fn wakes_itself(&self) -> bool {
-        self.scans >= SPIN_MIN_SCANS && self.sleepless * 4 >= self.scans * 3
+        let n = self.scans.min(SPIN_WINDOW);
+        let sleepless = (self.sleepless & ((1 << n) - 1)).count_ones();
+        self.established || (n >= SPIN_MIN_SCANS && sleepless * 4 >= n * 3)
+    }
+
+    /// Records one scan that saw it spin.
+    fn saw(&mut self, never_sleeps: bool) {
+        self.scans = self.scans.saturating_add(1);
+        self.sleepless = (self.sleepless << 1) | u32::from(never_sleeps);
+        self.established = self.wakes_itself();
     }
 }
 
-/// Scans a spin needs before it is judged to wake itself.
+/// Scans a spin needs before it is judged to wake itself, and the most it is judged over.
 const SPIN_MIN_SCANS: u32 = 4;
+const SPIN_WINDOW: u32 = 8;
 
 /// A spinning task not seen spinning for this many scans and this long is taken as stopped.
 const SPIN_UNSEEN_SCANS: u32 = 3;
@@ -215,7 +231,7 @@ impl TokioTarget {
     /// One scan: every runtime's tasks; those `due` admits (idle long enough, polls blocking,
     /// spins), as observations. None when a walk kept racing with the program: nothing is
     /// judged from a partial list (a task missed would look like one that left).
-    fn scan(&mut self, due: &Due) -> Option<Vec<Observation>> {
+    fn scan(&mut self, due: &Due) -> Option<(Vec<Observation>, Census)> {
         let now_ns = due.now_ns;
         if now_ns >= self.discover_at_ns {
             self.discover(now_ns);
@@ -272,6 +288,7 @@ impl TokioTarget {
             .polls
             .check(self.pid, &self.mem, &self.symbolizer, &running, due);
         self.sample_spins(now_ns, &tasks, &blocking);
+        let census = count(&tasks);
         for t in &tasks {
             let Some(entry) = self.names.get(&t.header.vtable) else {
                 continue;
@@ -337,7 +354,7 @@ impl TokioTarget {
             });
         }
         self.idle = idle;
-        Some(out)
+        Some((out, census))
     }
 
     /// Samples the tasks scheduled now (polled, or queued to be) and those spinning at the last
@@ -420,14 +437,14 @@ impl TokioTarget {
                             unseen: 0,
                             scans: 0,
                             sleepless: 0,
+                            established: false,
                             threads: Vec::new(),
                         },
                     };
                     spin.poll_rate = s.change_rate;
                     spin.seen_ns = now_ns;
                     spin.unseen = 0;
-                    spin.scans += 1;
-                    spin.sleepless += u32::from(never_sleeps);
+                    spin.saw(never_sleeps);
                     if never_sleeps {
                         spin.threads.clone_from(&sleepless);
                     }
@@ -552,14 +569,38 @@ impl TaskSource for TokioTarget {
             return Scanned::OtherProgram;
         }
         match TokioTarget::scan(self, &input.due) {
-            Some(tasks) => Scanned::Tasks {
+            Some((tasks, census)) => Scanned::Tasks {
                 tasks,
                 stale: Default::default(),
                 policy: &TOKIO,
+                census: Some(census),
             },
             None => Scanned::NotJudged,
         }
     }
+}
+
+/// Every task walked, by state: running (being polled), scheduled (queued to be), idle
+/// (waiting for a wake; "no waker" when none is left).
+fn count(tasks: &[TaskRec]) -> Census {
+    let mut census = Census::new(&kinds::TASKS);
+    let (none, lost): (Arc<str>, Arc<str>) = ("".into(), LOST.into());
+    for t in tasks {
+        let state = t.header.state;
+        if state & layout::COMPLETE != 0 {
+            continue;
+        }
+        if state & layout::RUNNING != 0 {
+            census.add("running", &none);
+        } else if state & layout::NOTIFIED != 0 {
+            census.add("scheduled", &none);
+        } else if t.header.waker_lost() {
+            census.add("idle", &lost);
+        } else {
+            census.add("idle", &none);
+        }
+    }
+    census
 }
 
 /// For the fuzz target: an executable or library, read as tokio's are.
@@ -828,6 +869,52 @@ fn async_fn_name(t: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spin() -> Spin {
+        Spin {
+            since_ns: 0,
+            rest: 1,
+            poll_rate: 1e5,
+            seen_ns: 0,
+            unseen: 0,
+            scans: 0,
+            sleepless: 0,
+            threads: Vec::new(),
+            established: false,
+        }
+    }
+
+    /// Judged over the last scans: a bad start does not outweigh a spin seen clearly since,
+    /// a feeder that goes a scan without sleeping now and then never gets there, and once
+    /// found the spin stays found.
+    #[test]
+    fn a_spin_is_judged_over_its_last_scans_and_stays_found() {
+        let mut s = spin();
+        for _ in 0..12 {
+            s.saw(false);
+        }
+        assert!(!s.wakes_itself());
+        for _ in 0..5 {
+            s.saw(true);
+            assert!(!s.wakes_itself());
+        }
+        s.saw(true);
+        assert!(s.wakes_itself(), "6 of the last 8");
+        s.saw(false);
+        s.saw(false);
+        s.saw(false);
+        assert!(s.wakes_itself(), "stays found");
+        let mut feeder = spin();
+        for i in 0..40 {
+            feeder.saw(i % 3 == 0);
+        }
+        assert!(!feeder.wakes_itself());
+        let mut few = spin();
+        for _ in 0..3 {
+            few.saw(true);
+        }
+        assert!(!few.wakes_itself(), "four scans at least");
+    }
 
     #[test]
     fn future_types_from_both_manglings() {

@@ -13,6 +13,7 @@ pub(crate) static RUNTIME: Entry = Entry {
     name: "tokio",
     title: "tokio",
     kinds: kinds::KINDS,
+    count: &kinds::TASKS,
     start,
 };
 

@@ -52,9 +52,11 @@ const MIN_CHANGE_RATE: f64 = 20_000.0;
 /// woken by I/O or another thread waits longer, even under load: a loopback round trip is
 /// 30-80 µs. The median of its idle stretches says which.
 const MAX_IDLE_STRETCH: Duration = Duration::from_micros(25);
-/// Share of the future's reads at rest that must agree: a read can race with a poll, but a
-/// task going back and forth between two awaits (a ping-pong) rests at two states.
-const MIN_SAME_SHARE: f64 = 0.8;
+/// Share of the future's reads at rest that must agree. A task going back and forth between
+/// two awaits (a ping-pong) rests at two states about evenly; a spinner rests at one, but an
+/// optimised (LTO) build's yield loop was seen resting at two or three that differ in the
+/// state machine's own bytes, the most common 60-80% of reads.
+const MIN_SAME_SHARE: f64 = 0.6;
 /// Reads at rest needed to judge the future.
 const MIN_RESTS: usize = 8;
 /// Future bytes read to tell progress, at most.
@@ -260,12 +262,15 @@ pub(crate) fn sample(mem: &ProcMem, tasks: &[Task]) -> Vec<Sampled> {
         return Vec::new();
     }
     let states: Vec<(u64, usize)> = tasks.iter().map(|t| (t.addr, 8)).collect();
+    // The state word, the future, and the state word again: a future read while a poll began
+    // (the worker writing it) is not a read at rest.
     let full: Vec<(u64, usize)> = tasks
         .iter()
         .flat_map(|t| {
             [
                 (t.addr, 8),
                 (t.future_at, t.future_len.clamp(1, FUTURE_BYTES)),
+                (t.addr, 8),
             ]
         })
         .collect();
@@ -285,15 +290,16 @@ pub(crate) fn sample(mem: &ProcMem, tasks: &[Task]) -> Vec<Sampled> {
             let ok = mem.read_ranges(&full, &mut full_buf);
             let mut at = 0;
             for (k, tally) in tallies.iter_mut().enumerate() {
-                let len = full[2 * k + 1].1;
-                let (state, future) = (&full_buf[at..at + 8], &full_buf[at + 8..at + 8 + len]);
-                at += 8 + len;
-                if ok[2 * k] && ok[2 * k + 1] {
-                    let state = u64_at(state, 0).unwrap_or(RUNNING);
-                    if state & RUNNING == 0 {
+                let len = full[3 * k + 1].1;
+                let future = &full_buf[at + 8..at + 8 + len];
+                let before = u64_at(&full_buf[at..at + 8], 0).unwrap_or(RUNNING);
+                let after = u64_at(&full_buf[at + 8 + len..at + 16 + len], 0).unwrap_or(RUNNING);
+                at += 16 + len;
+                if ok[3 * k] && ok[3 * k + 1] && ok[3 * k + 2] {
+                    if before & RUNNING == 0 && after == before {
                         tally.rests.push(super::walk::fnv(future));
                     }
-                    tally.count(state, now);
+                    tally.count(before, now);
                 }
             }
         } else {

@@ -28,8 +28,8 @@ use crate::{
     output::{self, Format, Health, Metrics, Sinks},
     proc::{self, ProcError},
     runtime::{
-        Binaries, Context, InspectError, Inspected, ProcessInfo, Runtime, ScanInput, Scanned,
-        TaskSource, registry::RUNTIMES,
+        Binaries, Census, Context, InspectError, Inspected, ProcessInfo, Runtime, ScanInput,
+        Scanned, TaskSource, registry::RUNTIMES,
     },
     sys::{
         memory, signals,
@@ -77,6 +77,8 @@ struct Watched {
     start_time: u64,
     /// Held here, not in the source, so detaching never waits for a worker.
     links: Option<Links>,
+    /// Its tasks, counted at the last scan that saw them all.
+    census: Option<Census>,
     slot: Slot<Box<dyn TaskSource>, TaskScan>,
 }
 
@@ -303,6 +305,7 @@ impl Monitor {
                 start_time: source.start_time(),
                 info,
                 links,
+                census: None,
                 slot: Slot::new(source),
             },
         );
@@ -575,21 +578,25 @@ impl Monitor {
             }
         }
         for (pid, (taken_ns, scan)) in done {
-            let (tasks, stale, policy) = match scan {
+            let (tasks, stale, policy, census) = match scan {
                 Scanned::Tasks {
                     tasks,
                     stale,
                     policy,
-                } => (tasks, stale, policy),
+                    census,
+                } => (tasks, stale, policy, census),
                 Scanned::NotJudged => continue,
                 Scanned::OtherProgram => {
                     lost.push(pid);
                     continue;
                 }
             };
-            let Some(w) = self.targets.get(&pid) else {
+            let Some(w) = self.targets.get_mut(&pid) else {
                 continue;
             };
+            if census.is_some() {
+                w.census = census;
+            }
             for (id, record) in stale {
                 self.probes.forget_record(pid, id, &record);
             }
@@ -713,6 +720,11 @@ impl Monitor {
         }
         let metrics = Metrics {
             firing,
+            counts: self
+                .targets
+                .values()
+                .filter_map(|w| Some((&w.info, w.census.as_ref()?)))
+                .collect(),
             health: Health {
                 probe_hits: s.parks + s.preempts + s.exits,
                 events_dropped: s.map_full
