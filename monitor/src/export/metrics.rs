@@ -356,7 +356,7 @@ mod tests {
         let reasons: Vec<Arc<str>> = (0..40).map(|i| format!("reason {i}").into()).collect();
         for (i, r) in reasons.iter().enumerate() {
             for _ in 0..=i {
-                census.add("waiting", r);
+                census.add_n("waiting", r, 1);
             }
         }
         let points = CountPoint::all(&[(&process, &census)]);

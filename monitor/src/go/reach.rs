@@ -65,6 +65,9 @@ pub(crate) enum ReachError {
     Unreadable,
 }
 
+/// Candidates found live whose chain of marking words is logged (at debug), per analysis.
+const MAX_CHAINS_TOLD: usize = 16;
+
 /// Runs the analysis over `goroutines` (all of them: the candidates and every other live
 /// one), the heap read just before and `globals` (biased address ranges). Reads at most
 /// `max_bytes` of the process's memory.
@@ -90,6 +93,7 @@ pub(crate) fn analyse(
     m.drain()?;
     // Fixpoint: a candidate whose objects are reachable is live, and what its stack holds
     // is reachable in turn.
+    let mut chains_told = 0;
     loop {
         let mut woke = false;
         for (i, g) in goroutines.iter().enumerate() {
@@ -99,9 +103,12 @@ pub(crate) fn analyse(
             if live[i] || !objects.iter().any(|o| m.reachable(o.addr)) {
                 continue;
             }
+            // A few chains say why; 100,000 live candidates would take a minute to log.
             if m.trace.is_some()
+                && chains_told < MAX_CHAINS_TOLD
                 && let Some(o) = objects.iter().find(|o| m.reachable(o.addr))
             {
+                chains_told += 1;
                 log::debug!(
                     "reachability: g {:#x} is live: what it waits on, {:#x}, is {}",
                     g.g,

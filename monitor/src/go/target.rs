@@ -352,8 +352,9 @@ impl Target {
         let Some(allgs) = self.scan else {
             return (Vec::new(), None);
         };
-        let mut census = Census::new(&super::kinds::GOROUTINES);
-        let no_reason = self.interned.name("");
+        // Counted by state and wait reason code, named once at the end (100,000 goroutines
+        // cost a hash of a small key each).
+        let mut counted: HashMap<(&'static str, u8), u64> = HashMap::new();
         let previous = std::mem::take(&mut self.parks);
         let mut judged = Vec::new();
         // Candidates: index into `judged`, and into `roots` when an analysis runs.
@@ -370,12 +371,8 @@ impl Target {
                 if let Some(state) = task::state_name(rec.status)
                     && !self.is_system(rec.startpc)
                 {
-                    if parked {
-                        let reason = self.interned.name(self.binary.wait_reason(rec.waitreason));
-                        census.add(state, &reason);
-                    } else {
-                        census.add(state, &no_reason);
-                    }
+                    let code = if parked { rec.waitreason } else { 0 };
+                    *counted.entry((state, code)).or_default() += 1;
                 }
                 if analyse && rec.status != task::G_DEAD && rec.status != 0 {
                     roots.push(reach::Goroutine {
@@ -470,6 +467,12 @@ impl Target {
                 state: channel.map(|c| Arc::new(c.described())),
                 objects: 1,
             }));
+        }
+        let mut census = Census::new(&super::kinds::GOROUTINES);
+        for ((state, code), n) in counted {
+            // Code 0 is Go's `waitReasonZero`: "".
+            let reason = self.interned.name(self.binary.wait_reason(code));
+            census.add_n(state, &reason, n);
         }
         (judged, Some(census))
     }

@@ -142,13 +142,8 @@ impl Census {
         }
     }
 
-    pub(crate) fn add(&mut self, state: &'static str, reason: &Arc<str>) {
-        match self.counts.get_mut(&(state, Arc::clone(reason))) {
-            Some(n) => *n += 1,
-            None => {
-                self.counts.insert((state, Arc::clone(reason)), 1);
-            }
-        }
+    pub(crate) fn add_n(&mut self, state: &'static str, reason: &Arc<str>, n: u64) {
+        *self.counts.entry((state, Arc::clone(reason))).or_default() += n;
     }
 
     pub(crate) fn total(&self) -> u64 {

@@ -583,21 +583,37 @@ impl TaskSource for TokioTarget {
 /// Every task walked, by state: running (being polled), scheduled (queued to be), idle
 /// (waiting for a wake; "no waker" when none is left).
 fn count(tasks: &[TaskRec]) -> Census {
-    let mut census = Census::new(&kinds::TASKS);
-    let (none, lost): (Arc<str>, Arc<str>) = ("".into(), LOST.into());
+    // running, scheduled, idle, idle with no waker.
+    let mut n = [0u64; 4];
     for t in tasks {
         let state = t.header.state;
         if state & layout::COMPLETE != 0 {
             continue;
         }
-        if state & layout::RUNNING != 0 {
-            census.add("running", &none);
+        let i = if state & layout::RUNNING != 0 {
+            0
         } else if state & layout::NOTIFIED != 0 {
-            census.add("scheduled", &none);
+            1
         } else if t.header.waker_lost() {
-            census.add("idle", &lost);
+            3
         } else {
-            census.add("idle", &none);
+            2
+        };
+        n[i] += 1;
+    }
+    let mut census = Census::new(&kinds::TASKS);
+    let (none, lost): (Arc<str>, Arc<str>) = ("".into(), LOST.into());
+    for (i, (state, reason)) in [
+        ("running", &none),
+        ("scheduled", &none),
+        ("idle", &none),
+        ("idle", &lost),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if n[i] > 0 {
+            census.add_n(state, reason, n[i]);
         }
     }
     census
