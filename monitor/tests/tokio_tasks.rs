@@ -56,6 +56,9 @@ fn per_version(args: impl Fn(usize, bool) -> Vec<&'static str>) -> Vec<(String, 
         .collect()
 }
 
+/// How long a spinning task may take to be found (see the spinning test).
+const SPIN_FOUND_WITHIN: Duration = Duration::from_secs(120);
+
 #[test]
 fn leaked_tasks_are_found_on_every_version_and_resolve_when_released() {
     require_root();
@@ -317,7 +320,11 @@ fn spinning_tasks_are_found_in_every_build_and_resolve_when_released() {
         let started = Instant::now();
         let mut lm = Leakmon::watch(&[p.pid()], &["--threads", "false"]);
         let what = format!("task_spinning ({mode}, {flavor}, tokio {v} {build:?})");
-        let a = lm.expect(&what, |a| firing(a, p.pid(), "task_spinning"));
+        // A yield loop on a multi-thread runtime moves between workers, which then park:
+        // the scans that see its worker never sleep come in stretches, later on some runs.
+        let a = lm.expect_within(&what, SPIN_FOUND_WITHIN, |a| {
+            firing(a, p.pid(), "task_spinning")
+        });
         eprintln!("{what}: after {:?}", started.elapsed());
         let entry = a["entry"]["function"].as_str().unwrap();
         match (build, mode) {

@@ -103,7 +103,10 @@ struct Idle {
 #[derive(Clone)]
 struct Spin {
     since_ns: u64,
-    rest: u64,
+    /// Its future's bytes at rest (hashed), the few states it was seen resting at: an
+    /// optimised build's loop rests at two or three, and each scan's most common one may be
+    /// any of them.
+    rests: Vec<u64>,
     poll_rate: f64,
     /// When a scan last saw it spin, and scans since that did not.
     seen_ns: u64,
@@ -136,6 +139,29 @@ impl Spin {
         self.established || (n >= SPIN_MIN_SCANS && sleepless * 4 >= n * 3)
     }
 
+    /// First seen spinning at `now_ns`, resting at `rest`.
+    fn new(rest: u64, now_ns: u64) -> Self {
+        Self {
+            since_ns: now_ns,
+            rests: vec![rest],
+            poll_rate: 0.0,
+            seen_ns: now_ns,
+            unseen: 0,
+            scans: 0,
+            sleepless: 0,
+            threads: Vec::new(),
+            established: false,
+        }
+    }
+
+    /// Learns that it rests at `rest` too (a task whose rests keep changing, past
+    /// `SPIN_RESTS` of them, is making progress: the caller starts a new spin then).
+    fn rests_at(&mut self, rest: u64) {
+        if !self.rests.contains(&rest) {
+            self.rests.push(rest);
+        }
+    }
+
     /// Records one scan that saw it spin.
     fn saw(&mut self, never_sleeps: bool) {
         self.scans = self.scans.saturating_add(1);
@@ -143,6 +169,9 @@ impl Spin {
         self.established = self.wakes_itself();
     }
 }
+
+/// States at rest one spin may go through.
+const SPIN_RESTS: usize = 4;
 
 /// Scans a spin needs before it is judged to wake itself, and the most it is judged over.
 const SPIN_MIN_SCANS: u32 = 4;
@@ -428,18 +457,11 @@ impl TokioTarget {
             let spin = match (verdict, old) {
                 (spins::Verdict::Spins(rest), old) => {
                     let mut spin = match old {
-                        Some(o) if o.rest == rest => o,
-                        _ => Spin {
-                            since_ns: now_ns,
-                            rest,
-                            poll_rate: 0.0,
-                            seen_ns: now_ns,
-                            unseen: 0,
-                            scans: 0,
-                            sleepless: 0,
-                            established: false,
-                            threads: Vec::new(),
-                        },
+                        Some(mut o) if o.rests.len() < SPIN_RESTS || o.rests.contains(&rest) => {
+                            o.rests_at(rest);
+                            o
+                        }
+                        _ => Spin::new(rest, now_ns),
                     };
                     spin.poll_rate = s.change_rate;
                     spin.seen_ns = now_ns;
@@ -454,7 +476,7 @@ impl TokioTarget {
                 // does not start a spin, and ends one only when several in a row over a while
                 // say so: on a busy machine a spinner's thread is off the CPU for seconds.
                 (spins::Verdict::Unknown, Some(o))
-                    if s.rest.is_none_or(|r| r == o.rest)
+                    if s.rest.is_none_or(|r| o.rests.contains(&r))
                         && (o.unseen < SPIN_UNSEEN_SCANS
                             || now_ns.saturating_sub(o.seen_ns) < SPIN_UNSEEN_NS) =>
                 {
@@ -887,17 +909,7 @@ mod tests {
     use super::*;
 
     fn spin() -> Spin {
-        Spin {
-            since_ns: 0,
-            rest: 1,
-            poll_rate: 1e5,
-            seen_ns: 0,
-            unseen: 0,
-            scans: 0,
-            sleepless: 0,
-            threads: Vec::new(),
-            established: false,
-        }
+        Spin::new(1, 0)
     }
 
     /// Judged over the last scans: a bad start does not outweigh a spin seen clearly since,

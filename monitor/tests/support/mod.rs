@@ -480,10 +480,20 @@ impl Leakmon {
     /// The first alert (in order of arrival, including earlier ones not yet matched) that
     /// satisfies `pred`.
     pub fn expect(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.expect_within(what, ALERT_TIMEOUT, pred)
+    }
+
+    /// [`Leakmon::expect`], waiting up to `timeout`.
+    pub fn expect_within(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         if let Some(v) = self.seen.iter().find(|v| pred(v)) {
             return v.clone();
         }
-        let deadline = Instant::now() + ALERT_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.alerts.recv_timeout(left) {
                 Ok(v) => {
@@ -496,7 +506,7 @@ impl Leakmon {
             }
         }
         panic!(
-            "no alert {what} within {ALERT_TIMEOUT:?}; alerts seen: {:#?}\nleakmon stderr:\n{}",
+            "no alert {what} within {timeout:?}; alerts seen: {:#?}\nleakmon stderr:\n{}",
             self.seen,
             self.stderr()
         );
