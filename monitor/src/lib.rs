@@ -11,7 +11,6 @@ pub mod cli;
 mod config;
 mod detect;
 mod doctor;
-mod export;
 pub mod fuzzing;
 mod go;
 mod output;

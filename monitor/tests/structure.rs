@@ -25,7 +25,7 @@ use std::path::Path;
 
 /// Layers every runtime builds on, under `monitor/src/` (a folder `x/` or a file `x.rs`): they
 /// must not import from a runtime, or each new runtime means editing them.
-const SHARED: &[&str] = &["watch", "detect", "export", "output"];
+const SHARED: &[&str] = &["watch", "detect", "output"];
 /// Code for one runtime each (a folder `x/` or a file `x.rs` under `monitor/src/`).
 const RUNTIMES: &[&str] = &["go", "tokio"];
 

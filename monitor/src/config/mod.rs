@@ -13,8 +13,7 @@ pub(crate) use self::values::ConfigError;
 use crate::{
     bpf::Capacity,
     detect::Thresholds,
-    export::{OtlpOptions, OtlpSettings},
-    output::{Format, SinkSettings},
+    output::{Format, OtlpOptions, OtlpSettings, SinkSettings},
 };
 
 /// Every setting, as the config file (`/etc/leakmon/leakmon.toml` or `--config`; unknown keys

@@ -1,20 +1,22 @@
 //! Outputs: every place alerts and metrics go is a [`Sink`]. Alerts always go to stdout (text
-//! or JSON lines), and to an OTLP collector when one is set. Adding an output is a file that
+//! or JSON lines, `text.rs`, `json.rs`), and to an OTLP collector when one is set (`otlp/`). Adding an output is a file that
 //! implements [`Sink`], its settings (`config::Options`), and a line in [`start`].
 
 mod json;
+mod otlp;
 mod sink;
 mod text;
 
 use std::io::{self, Write};
 
+use self::otlp::Otlp;
 pub(crate) use self::{
     json::round3,
+    otlp::{ExportError, OtlpOptions, OtlpSettings},
     sink::{Health, Metrics, Sink},
 };
 use crate::{
     detect::{AlertState, Transition},
-    export::{ExportError, Otlp, OtlpSettings},
     runtime::ProcessInfo,
 };
 

@@ -24,8 +24,7 @@ use crate::{
     bpf::{BpfError, Links, Probes, Stats},
     config::Settings,
     detect::{Detector, Due, Snapshot},
-    export::ExportError,
-    output::{self, Format, Health, Metrics, Sinks},
+    output::{self, ExportError, Format, Health, Metrics, Sinks},
     proc::{self, ProcError},
     runtime::{
         Binaries, Census, Context, InspectError, Inspected, ProcessInfo, Runtime, ScanInput,
