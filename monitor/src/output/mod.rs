@@ -90,6 +90,11 @@ impl Sinks {
         result
     }
 
+    /// Whether any sink takes metrics.
+    pub(crate) fn wants_metrics(&self) -> bool {
+        self.sinks.iter().any(|s| s.wants_metrics())
+    }
+
     pub(crate) fn metrics(&mut self, metrics: &Metrics<'_>) {
         for sink in &mut self.sinks {
             sink.metrics(metrics);

@@ -12,6 +12,10 @@ pub(crate) trait Sink {
     /// One alert transition, as it happens. An error ends the watch (stdout closed); a sink
     /// that can wait (a backend that is down) queues instead.
     fn alert(&mut self, process: &ProcessInfo, transition: &Transition) -> io::Result<()>;
+    /// Whether it takes [`Sink::metrics`] (else the loop does not gather them).
+    fn wants_metrics(&self) -> bool {
+        false
+    }
     /// What the daemon sees after a scan.
     fn metrics(&mut self, _metrics: &Metrics<'_>) {}
     /// Flushes and stops (at exit).

@@ -33,8 +33,8 @@ enum Found {
 /// What inspecting a process found.
 pub(crate) enum Inspected {
     Source(Box<dyn TaskSource>),
-    /// It runs no runtime leakmon knows (or none of it yet).
-    Plain,
+    /// It runs no runtime leakmon knows (or none of it yet): its executable.
+    Plain(PathBuf),
     /// Another inspection kept it waiting: tried again at the next scan.
     Busy,
 }
@@ -116,7 +116,7 @@ impl Binaries {
                 runtime,
                 library,
             } => (program, runtime, library),
-            Found::Plain => return Ok(Inspected::Plain),
+            Found::Plain => return Ok(Inspected::Plain(exe)),
             Found::Busy => return Ok(Inspected::Busy),
         };
         let path = library
@@ -131,7 +131,7 @@ impl Binaries {
         };
         match program.inspect(&process) {
             Ok(Some(source)) => Ok(Inspected::Source(source)),
-            Ok(None) => Ok(Inspected::Plain),
+            Ok(None) => Ok(Inspected::Plain(process.exe)),
             Err(source) => Err(InspectError::Runtime {
                 pid,
                 path,

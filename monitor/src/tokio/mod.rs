@@ -154,12 +154,17 @@ impl Spin {
         }
     }
 
-    /// Learns that it rests at `rest` too (a task whose rests keep changing, past
-    /// `SPIN_RESTS` of them, is making progress: the caller starts a new spin then).
-    fn rests_at(&mut self, rest: u64) {
-        if !self.rests.contains(&rest) {
-            self.rests.push(rest);
+    /// Whether it rests at `rest`, learning it while there is room: a task whose rests keep
+    /// changing, past `SPIN_RESTS` of them, is making progress.
+    fn rests_at(&mut self, rest: u64) -> bool {
+        if self.rests.contains(&rest) {
+            return true;
         }
+        if self.rests.len() < SPIN_RESTS {
+            self.rests.push(rest);
+            return true;
+        }
+        false
     }
 
     /// Records one scan that saw it spin.
@@ -456,13 +461,9 @@ impl TokioTarget {
             let old = spins.remove(&t.id);
             let spin = match (verdict, old) {
                 (spins::Verdict::Spins(rest), old) => {
-                    let mut spin = match old {
-                        Some(mut o) if o.rests.len() < SPIN_RESTS || o.rests.contains(&rest) => {
-                            o.rests_at(rest);
-                            o
-                        }
-                        _ => Spin::new(rest, now_ns),
-                    };
+                    let mut spin = old
+                        .and_then(|mut o| o.rests_at(rest).then_some(o))
+                        .unwrap_or_else(|| Spin::new(rest, now_ns));
                     spin.poll_rate = s.change_rate;
                     spin.seen_ns = now_ns;
                     spin.unseen = 0;

@@ -281,9 +281,9 @@ impl Monitor {
         };
         match inspected {
             Inspected::Source(source) => self.attach(source),
-            Inspected::Plain => Err(WatchError::Plain {
+            Inspected::Plain(exe) => Err(WatchError::Plain {
                 pid,
-                exe: proc::exe_path(pid).map_or_else(|_| "?".into(), |e| e.display().to_string()),
+                exe: exe.display().to_string(),
                 why: self.binaries.absent(),
             }),
             // One inspection at a time: nothing else is inspected while `watch` starts.
@@ -365,7 +365,7 @@ impl Monitor {
                     self.retry.push(pid);
                     Ok(())
                 }
-                Ok(Inspected::Plain) => {
+                Ok(Inspected::Plain(_)) => {
                     self.skipped.insert(pid, start);
                     self.plain.insert(pid);
                     Ok(())
@@ -708,6 +708,9 @@ impl Monitor {
 
     /// Hands the sinks what this scan leaves for the metrics.
     fn export_metrics(&mut self, scan: Duration) {
+        if !self.sinks.wants_metrics() {
+            return;
+        }
         let s = self.last_stats;
         let cache = self.symbolizer.stats();
         let (workers, late) = self.workers.stats();

@@ -208,6 +208,10 @@ impl Sink for Otlp {
         Ok(())
     }
 
+    fn wants_metrics(&self) -> bool {
+        true
+    }
+
     /// Replaces what the metrics report (read at the next export).
     fn metrics(&mut self, metrics: &Metrics<'_>) {
         let snapshot = MetricsSnapshot {
