@@ -1,4 +1,4 @@
-//! The command line: `leakmon watch | run | doctor`.
+//! The command line: `leakmon watch | run | dump | doctor | kinds`.
 
 use std::path::PathBuf;
 
@@ -41,6 +41,24 @@ enum Command {
         #[command(flatten)]
         options: Options,
     },
+    /// Every goroutine or tokio task of a running process, now, read from outside with no
+    /// pause: stacks, wait reasons and times, creators, what each waits on, leakmon's verdicts
+    Dump {
+        /// Process to dump
+        #[arg(long, value_name = "PID")]
+        pid: u32,
+        /// text: like Go's debug=2 goroutine dump; grouped: identical stacks counted, like
+        /// debug=1; json; pprof: a goroutine profile for `go tool pprof`
+        #[arg(long, value_enum, default_value = "text")]
+        format: crate::dump::DumpFormat,
+        /// Only the tasks proven leaked (for Go, what Go 1.27's goroutineleak profile lists,
+        /// on any Go version from 1.21)
+        #[arg(long)]
+        leaked: bool,
+        /// Write to this file instead of standard output
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// Check the kernel and privileges leakmon needs, and say how to fix what is missing
     Doctor,
     /// List the alert kinds: what each counts, whether its members are blocked or spinning,
@@ -80,6 +98,37 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Run { options } => {
             let settings = settings(options)?;
             runtime()?.block_on(crate::watch::run(settings, std::io::stdout()))?;
+        }
+        Command::Dump {
+            pid,
+            format,
+            leaked,
+            output,
+        } => {
+            use std::io::{IsTerminal as _, Write as _};
+            if *format == crate::dump::DumpFormat::Pprof
+                && output.is_none()
+                && std::io::stdout().is_terminal()
+            {
+                bail!("a pprof profile is binary: write it to a file with --output FILE");
+            }
+            let settings = Settings::try_from(
+                Options::default().over(&Options::load(cli.config.as_deref())?)?,
+            )?;
+            let mut dump = crate::dump::take(*pid, &(&settings).into())?;
+            if *leaked {
+                dump.leaked_only();
+            }
+            let mut out: Box<dyn std::io::Write> = match output {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("creating {}", path.display()))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            dump.write(*format, &mut out)
+                .and_then(|()| out.flush())
+                .context("writing the dump")?;
         }
         Command::Kinds => {
             let runtimes = crate::runtime::registry::RUNTIMES

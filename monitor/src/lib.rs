@@ -11,6 +11,7 @@ pub mod cli;
 mod config;
 mod detect;
 mod doctor;
+mod dump;
 pub mod fuzzing;
 mod go;
 mod output;

@@ -155,6 +155,11 @@ pub(crate) struct GOffsets {
     /// `g.waiting`: the sudogs of its channel waits (since go1.26 also of semaphore and
     /// sync.Cond waits), linked by `waitlink`.
     pub waiting: u32,
+    /// `g.parentGoid`: the goroutine that created it (go1.21+).
+    pub parent_goid: u32,
+    /// `g.waitsince`: roughly when it started waiting (nanotime), set by the GC's first
+    /// stack scan after it parked; 0 until then.
+    pub waitsince: u32,
 }
 
 /// Where [`GOffsets`] came from.

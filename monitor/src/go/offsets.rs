@@ -45,6 +45,8 @@ const G_MEMBERS: &[&str] = &[
     "sched",
     "trackingSeq",
     "waiting",
+    "parentGoid",
+    "waitsince",
 ];
 const GOBUF_MEMBERS: &[&str] = &["sp", "pc", "bp"];
 const MODULEDATA_MEMBERS: &[&str] = &["funcnametab", "text", "gofunc"];
@@ -166,6 +168,8 @@ pub(crate) fn from_dwarf(elf: &Elf<'_>) -> Result<Option<DwarfLayout>, GoError> 
         sched_bp: add(sched, gobuf.get(2)?)?,
         tracking_seq: g.get(6)?,
         waiting: g.get(7)?,
+        parent_goid: g.get(8)?,
+        waitsince: g.get(9)?,
     };
     let moduledata = ModuleDataOffsets {
         funcnametab: md.get(0)?,

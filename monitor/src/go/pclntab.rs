@@ -70,6 +70,9 @@ pub(crate) struct Func {
     pcln: u32,
     npcdata: u32,
     cu_offset: u32,
+    /// `_func.funcID`: what kind of function the runtime takes it for (its wrappers are left
+    /// out of tracebacks).
+    pub func_id: u8,
     nfuncdata: u8,
 }
 
@@ -186,6 +189,7 @@ impl Pclntab {
             pcln: at(24)?,
             npcdata: at(28)?,
             cu_offset: at(32)?,
+            func_id: rec[40],
             nfuncdata: rec[43],
         })
     }

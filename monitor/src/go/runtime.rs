@@ -8,6 +8,7 @@ use crate::runtime::{Context, Entry, Process, Program, Runtime, RuntimeError, Ta
 pub(crate) static RUNTIME: Entry = Entry {
     name: "go",
     title: "Go",
+    task_word: "goroutine",
     kinds: kinds::KINDS,
     count: &kinds::GOROUTINES,
     start,

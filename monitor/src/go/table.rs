@@ -21,6 +21,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             sched_bp: 104,
             tracking_seq: 188,
             waiting: 312,
+            parent_goid: 272,
+            waitsince: 168,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,
@@ -99,6 +101,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             sched_bp: 104,
             tracking_seq: 191,
             waiting: 312,
+            parent_goid: 272,
+            waitsince: 168,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,
@@ -182,6 +186,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             sched_bp: 104,
             tracking_seq: 199,
             waiting: 320,
+            parent_goid: 280,
+            waitsince: 176,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,
@@ -266,6 +272,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             sched_bp: 104,
             tracking_seq: 199,
             waiting: 320,
+            parent_goid: 280,
+            waitsince: 176,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,
@@ -356,6 +364,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             sched_bp: 96,
             tracking_seq: 191,
             waiting: 312,
+            parent_goid: 272,
+            waitsince: 168,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,
@@ -449,6 +459,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             sched_bp: 96,
             tracking_seq: 191,
             waiting: 320,
+            parent_goid: 280,
+            waitsince: 168,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,
@@ -542,6 +554,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             sched_bp: 96,
             tracking_seq: 191,
             waiting: 320,
+            parent_goid: 280,
+            waitsince: 168,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,

@@ -26,12 +26,19 @@ use crate::{
     runtime::{Census, Process, ProcessInfo, ScanInput, Scanned, TaskSource},
 };
 
+mod dump;
+
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum TargetError {
     #[error(transparent)]
     Proc(#[from] ProcError),
     #[error(transparent)]
     Go(#[from] GoError),
+    #[error(
+        "its goroutine table (runtime.allgs) was not found (parks are probed instead): its \
+         goroutines cannot be listed"
+    )]
+    NoTable,
 }
 
 /// What a goroutine's `g` and stack said, keyed by the phase start it was read for.
@@ -181,6 +188,14 @@ impl TaskSource for Target {
             policy: &super::GO,
             census,
         }
+    }
+
+    fn dump(
+        &mut self,
+        now_ns: u64,
+        notes: &mut Vec<String>,
+    ) -> Result<Vec<crate::dump::Task>, crate::runtime::RuntimeError> {
+        Ok(self.dump_goroutines(now_ns, notes)?)
     }
 }
 
@@ -771,21 +786,7 @@ impl Target {
                 site
             }
         };
-        let entry = match self.entries.get(&rec.startpc) {
-            Some(e) => Arc::clone(e),
-            None => {
-                let pc = rec.startpc.wrapping_sub(self.bias);
-                let name = self.binary.func_name(pc).unwrap_or("?");
-                // Since go1.22 `go f(x)` starts a compiler wrapper `caller.gowrapN`; name f.
-                let callee = name
-                    .contains(".gowrap")
-                    .then(|| self.binary.wrapped_call(pc))
-                    .flatten();
-                let e = self.interned.name(callee.as_deref().unwrap_or(name));
-                self.entries.insert(rec.startpc, Arc::clone(&e));
-                e
-            }
-        };
+        let entry = self.entry(rec.startpc);
         // A running goroutine's saved registers are stale (its stack moved on): no stack.
         let (blocked_at, stack) = if parked {
             let frames = self.frames_at(task::stack(&self.mem, rec));
@@ -802,6 +803,24 @@ impl Target {
             stack,
             waits: None,
         }
+    }
+
+    /// The function a goroutine that started at `startpc` runs (the function a `go`
+    /// statement named, not the compiler's wrapper around it).
+    fn entry(&mut self, startpc: u64) -> Arc<str> {
+        if let Some(e) = self.entries.get(&startpc) {
+            return Arc::clone(e);
+        }
+        let pc = startpc.wrapping_sub(self.bias);
+        let name = self.binary.func_name(pc).unwrap_or("?");
+        // Since go1.22 `go f(x)` starts a compiler wrapper `caller.gowrapN`; name f.
+        let callee = name
+            .contains(".gowrap")
+            .then(|| self.binary.wrapped_call(pc))
+            .flatten();
+        let e = self.interned.name(callee.as_deref().unwrap_or(name));
+        self.entries.insert(startpc, Arc::clone(&e));
+        e
     }
 
     /// Frames of return addresses `pcs` (innermost first, inlined calls expanded).

@@ -62,6 +62,10 @@ pub(super) struct GRecord {
     pub stack_hi: u64,
     /// `g.waiting` (a `*sudog`).
     pub waiting: u64,
+    /// The goroutine that created it.
+    pub parent_goid: u64,
+    /// `g.waitsince` (nanotime; 0 until a GC has scanned it parked).
+    pub waitsince: i64,
 }
 
 /// Bytes of a `g` that [`parse_g`] needs: from its start (`stack`) to the last field used.
@@ -77,6 +81,8 @@ fn g_span(off: &GOffsets) -> usize {
         off.sched_bp,
         off.tracking_seq,
         off.waiting,
+        off.parent_goid,
+        off.waitsince,
     ];
     fields.iter().max().map_or(0, |m| *m as usize + 8)
 }
@@ -120,6 +126,8 @@ fn parse_g(buf: &[u8], off: &GOffsets) -> GRecord {
         stack_lo: at(0, 8),
         stack_hi: at(STACK_HI_OFFSET as u32, 8),
         waiting: at(off.waiting, 8),
+        parent_goid: at(off.parent_goid, 8),
+        waitsince: at(off.waitsince, 8) as i64,
     }
 }
 

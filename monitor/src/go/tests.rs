@@ -392,6 +392,8 @@ fn generate_table() {
             ("sched_bp", o.sched_bp),
             ("tracking_seq", o.tracking_seq),
             ("waiting", o.waiting),
+            ("parent_goid", o.parent_goid),
+            ("waitsince", o.waitsince),
         ] {
             let _ = writeln!(out, "            {k}: {v},");
         }

@@ -16,6 +16,7 @@ pub(crate) use self::binaries::{Binaries, InspectError, Inspected};
 use crate::{
     bpf::{BpfError, Links, Probes, TaskRecords},
     detect::{AlertKind, Due, Observation, Policy},
+    dump::task::Task,
     proc::{BinaryKey, Container, Library},
     threads::symbols::Symbolizer,
 };
@@ -30,6 +31,8 @@ pub(crate) struct Entry {
     pub name: &'static str,
     /// How logs name its programs: "Go", "tokio".
     pub title: &'static str,
+    /// What its tasks are called in dumps: "goroutine", "task".
+    pub task_word: &'static str,
     /// Its alert kinds.
     pub kinds: &'static [&'static AlertKind],
     /// The metric its processes' task counts are exported as.
@@ -189,4 +192,8 @@ pub(crate) trait TaskSource: Send {
     }
     /// One scan, on a worker (it reads what the target controls).
     fn scan(&mut self, input: ScanInput) -> Scanned;
+    /// Every task of the process now, for a dump (on a worker; `now_ns` on the probes'
+    /// clock), with what the dump could not tell added to `notes`. Verdicts are left to the
+    /// caller, which has the scans.
+    fn dump(&mut self, now_ns: u64, notes: &mut Vec<String>) -> Result<Vec<Task>, RuntimeError>;
 }

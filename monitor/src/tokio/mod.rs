@@ -5,6 +5,7 @@
 
 mod binary;
 mod code;
+mod dump;
 mod kinds;
 mod layout;
 mod policy;
@@ -43,6 +44,12 @@ pub(crate) enum TokioError {
     Proc(#[from] ProcError),
     #[error(transparent)]
     Open(#[from] proc::files::FileError),
+    #[error(
+        "its task lists could not be read whole (a walk kept racing with the program, a list \
+         holds more than {} tasks, or it exited); try again",
+        walk::MAX_TASKS
+    )]
+    NotWalked,
 }
 
 /// Anonymous memory searched for a live task per discovery, at most: enough for the heap
@@ -267,6 +274,13 @@ impl TokioTarget {
     /// judged from a partial list (a task missed would look like one that left).
     fn scan(&mut self, due: &Due) -> Option<(Vec<Observation>, Census)> {
         let now_ns = due.now_ns;
+        let tasks = self.walk_all(now_ns)?;
+        self.judge(due, &tasks)
+    }
+
+    /// Every task of every runtime found, when each list was walked whole (`None`: a walk
+    /// kept racing with the program, a list is over the limit, or the process is gone).
+    fn walk_all(&mut self, now_ns: u64) -> Option<Vec<TaskRec>> {
         if now_ns >= self.discover_at_ns {
             self.discover(now_ns);
         }
@@ -312,6 +326,12 @@ impl TokioTarget {
                 }
             }
         }
+        Some(tasks)
+    }
+
+    /// The tasks `due` admits, judged, and every task counted.
+    fn judge(&mut self, due: &Due, tasks: &[TaskRec]) -> Option<(Vec<Observation>, Census)> {
+        let now_ns = due.now_ns;
         let mut out = Vec::with_capacity(tasks.len());
         let mut idle = HashMap::with_capacity(self.idle.len());
         let running: Vec<&TaskRec> = tasks
@@ -321,9 +341,9 @@ impl TokioTarget {
         let blocking = self
             .polls
             .check(self.pid, &self.mem, &self.symbolizer, &running, due);
-        self.sample_spins(now_ns, &tasks, &blocking);
-        let census = count(&tasks);
-        for t in &tasks {
+        self.sample_spins(now_ns, tasks, &blocking);
+        let census = count(tasks);
+        for t in tasks {
             let Some(entry) = self.names.get(&t.header.vtable) else {
                 continue;
             };
@@ -600,6 +620,20 @@ impl TaskSource for TokioTarget {
             },
             None => Scanned::NotJudged,
         }
+    }
+
+    fn dump(
+        &mut self,
+        now_ns: u64,
+        notes: &mut Vec<String>,
+    ) -> Result<Vec<crate::dump::Task>, crate::runtime::RuntimeError> {
+        let tasks = self.walk_all(now_ns).ok_or(TokioError::NotWalked)?;
+        notes.push(
+            "a task's spawn site is not kept by tokio without tokio_unstable: tasks are named \
+             by their future's type"
+                .to_owned(),
+        );
+        Ok(self.dump_tasks(now_ns, &tasks))
     }
 }
 

@@ -12,6 +12,7 @@ use crate::{
 pub(crate) static RUNTIME: Entry = Entry {
     name: "tokio",
     title: "tokio",
+    task_word: "task",
     kinds: kinds::KINDS,
     count: &kinds::TASKS,
     start,

@@ -57,6 +57,11 @@ pub fn require_root() {
     assert_eq!(euid, 0, "these tests load eBPF programs: run them as root");
 }
 
+/// The `go` command of Go `version` (installed by `./x setup`).
+pub fn go_tool(version: &str) -> PathBuf {
+    tools_dir().join("go").join(version).join("go/bin/go")
+}
+
 /// Builds `fixtures/go/<name>` with Go `version` (once per test binary).
 pub fn fixture(version: &str, name: &str, stripped: bool) -> PathBuf {
     /// (Go version, fixture, stripped) -> binary.

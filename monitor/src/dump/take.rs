@@ -1,0 +1,171 @@
+//! A dump of one process taken here and now (`leakmon dump --pid N`): no probes, nothing
+//! attached; its runtime's tasks read from outside, and its proofs run so the dump carries
+//! verdicts.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use super::{Dump, Task};
+use crate::{
+    bpf::TaskRecords,
+    config::Settings,
+    detect::{Due, Finding, TaskState, Thresholds, WaitClass},
+    proc,
+    runtime::{
+        Binaries, Context, InspectError, Inspected, Runtime, RuntimeError, ScanInput, Scanned,
+        registry::RUNTIMES,
+    },
+    threads::symbols::Symbolizer,
+};
+
+/// What a dump takes from the settings.
+#[derive(Clone, Debug)]
+pub(crate) struct DumpOptions {
+    pub unvalidated: bool,
+    /// Bytes of target memory its proofs may read (0: no verdicts).
+    pub reach_budget: u64,
+    /// What its symbol caches may hold.
+    pub memory_budget: u64,
+}
+
+impl From<&Settings> for DumpOptions {
+    fn from(s: &Settings) -> Self {
+        Self {
+            unvalidated: s.go_unvalidated,
+            reach_budget: s.reach_budget,
+            memory_budget: s.memory_budget,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DumpError {
+    #[error("no process with PID {pid}")]
+    NoProcess { pid: u32 },
+    #[error(transparent)]
+    Inspect(#[from] InspectError),
+    #[error(
+        "PID {pid} ({exe}) runs no runtime whose tasks leakmon reads ({absent}): only its \
+         threads can be watched (`leakmon watch --pid {pid}`)"
+    )]
+    NoRuntime {
+        pid: u32,
+        exe: PathBuf,
+        absent: String,
+    },
+    #[error("PID {pid}: another inspection of its executable is under way; try again")]
+    Busy { pid: u32 },
+    #[error("PID {pid}: its {runtime} tasks could not be dumped")]
+    Runtime {
+        pid: u32,
+        runtime: &'static str,
+        #[source]
+        source: RuntimeError,
+    },
+    #[error("PID {pid} exited during the dump")]
+    Exited { pid: u32 },
+}
+
+/// Scans run before the dump, a moment apart: a proof needs two reachability analyses in a
+/// row that agree, and the first scan only finds the candidates.
+const PROOF_SCANS: usize = 3;
+const PROOF_PAUSE: Duration = Duration::from_millis(200);
+
+/// Takes a dump of `pid`.
+pub(crate) fn take(pid: u32, options: &DumpOptions) -> Result<Dump, DumpError> {
+    if !proc::is_alive(pid) {
+        return Err(DumpError::NoProcess { pid });
+    }
+    let context = Context {
+        unvalidated: options.unvalidated,
+        probe_parks: false,
+        reach_budget: options.reach_budget,
+        symbolizer: Symbolizer::new(options.memory_budget / 2),
+    };
+    let runtimes: Arc<[Arc<dyn Runtime>]> = RUNTIMES.iter().map(|r| (r.start)(&context)).collect();
+    let binaries = Binaries::new(runtimes);
+    let mut source = match binaries.inspect(pid)? {
+        Inspected::Source(s) => s,
+        Inspected::Plain(exe) => {
+            return Err(DumpError::NoRuntime {
+                pid,
+                exe,
+                absent: binaries.absent(),
+            });
+        }
+        Inspected::Busy => return Err(DumpError::Busy { pid }),
+    };
+    let runtime = source.process().runtime;
+    let start_time = source.start_time();
+    let mut verdicts = std::collections::HashMap::new();
+    for i in 0..PROOF_SCANS {
+        if i > 0 {
+            std::thread::sleep(PROOF_PAUSE);
+        }
+        let input = ScanInput {
+            due: Due {
+                now_ns: proc::monotonic_ns(),
+                thresholds: Thresholds {
+                    block: Duration::ZERO,
+                    ..Thresholds::default()
+                },
+            },
+            records: TaskRecords::new(),
+        };
+        if let Scanned::Tasks { tasks, policy, .. } = source.scan(input) {
+            verdicts = tasks
+                .iter()
+                .filter_map(|o| {
+                    let TaskState::Parked { wait_reason, .. } = &o.state else {
+                        return None;
+                    };
+                    // As the detector names them: what nothing can wake and is not a lock
+                    // wait is a leak; a proof of a stuck wait (a lost waker) keeps its kind.
+                    let never_woken = policy.never_woken(wait_reason).is_some();
+                    (o.proven || never_woken).then(|| {
+                        let finding = if policy.classify(wait_reason) == WaitClass::Stuck {
+                            Finding::Stuck
+                        } else {
+                            Finding::Leak
+                        };
+                        (o.id, policy.kind(finding).name)
+                    })
+                })
+                .collect();
+        }
+    }
+    let mut notes = Vec::new();
+    if options.reach_budget == 0 {
+        notes.push("proofs are off (reach_budget = 0): no verdicts".to_owned());
+    }
+    let mut tasks: Vec<Task> = source
+        .dump(proc::monotonic_ns(), &mut notes)
+        .map_err(|source| DumpError::Runtime {
+            pid,
+            runtime,
+            source,
+        })?;
+    if !proc::stat(pid).is_ok_and(|(state, start)| state != 'Z' && start == start_time) {
+        return Err(DumpError::Exited { pid });
+    }
+    for t in &mut tasks {
+        t.verdict = verdicts.get(&t.id).copied();
+        t.proven = t.verdict.is_some();
+    }
+    let task_word = RUNTIMES
+        .iter()
+        .find(|r| r.name == runtime)
+        .map_or("task", |r| r.task_word);
+    Ok(Dump {
+        process: source.process().clone(),
+        task_word,
+        taken_unix_ns: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+        tasks,
+        notes,
+    })
+}
