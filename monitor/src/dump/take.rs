@@ -74,6 +74,23 @@ pub(crate) enum DumpError {
 const PROOF_SCANS: usize = 3;
 const PROOF_PAUSE: Duration = Duration::from_millis(200);
 
+/// Tasks a dump judges, at most (its scans read every task's stack, and proofs the heap).
+const MAX_JUDGED: u64 = 100_000;
+
+/// A scan's input now: tasks parked at least `block` are judged.
+fn scan_input(block: Duration) -> ScanInput {
+    ScanInput {
+        due: Due {
+            now_ns: proc::monotonic_ns(),
+            thresholds: Thresholds {
+                block,
+                ..Thresholds::default()
+            },
+        },
+        records: TaskRecords::new(),
+    }
+}
+
 /// Takes a dump of `pid`.
 pub(crate) fn take(pid: u32, options: &DumpOptions) -> Result<Dump, DumpError> {
     if !proc::is_alive(pid) {
@@ -100,46 +117,48 @@ pub(crate) fn take(pid: u32, options: &DumpOptions) -> Result<Dump, DumpError> {
     };
     let runtime = source.process().runtime;
     let start_time = source.start_time();
-    let mut verdicts = std::collections::HashMap::new();
-    for i in 0..PROOF_SCANS {
-        if i > 0 {
-            std::thread::sleep(PROOF_PAUSE);
-        }
-        let input = ScanInput {
-            due: Due {
-                now_ns: proc::monotonic_ns(),
-                thresholds: Thresholds {
-                    block: Duration::ZERO,
-                    ..Thresholds::default()
-                },
-            },
-            records: TaskRecords::new(),
-        };
-        if let Scanned::Tasks { tasks, policy, .. } = source.scan(input) {
-            verdicts = tasks
-                .iter()
-                .filter_map(|o| {
-                    let TaskState::Parked { wait_reason, .. } = &o.state else {
-                        return None;
-                    };
-                    // As the detector names them: what nothing can wake and is not a lock
-                    // wait is a leak; a proof of a stuck wait (a lost waker) keeps its kind.
-                    let never_woken = policy.never_woken(wait_reason).is_some();
-                    (o.proven || never_woken).then(|| {
-                        let finding = if policy.classify(wait_reason) == WaitClass::Stuck {
-                            Finding::Stuck
-                        } else {
-                            Finding::Leak
-                        };
-                        (o.id, policy.kind(finding).name)
-                    })
-                })
-                .collect();
-        }
-    }
     let mut notes = Vec::new();
+    // A first scan judges nothing and only counts: proofs are run where they fit.
+    let count = match source.scan(scan_input(Duration::MAX)) {
+        Scanned::Tasks { census, .. } => census.map_or(0, |c| c.total()),
+        _ => 0,
+    };
+    let mut verdicts = std::collections::HashMap::new();
     if options.reach_budget == 0 {
         notes.push("proofs are off (reach_budget = 0): no verdicts".to_owned());
+    } else if count > MAX_JUDGED {
+        notes.push(format!(
+            "no verdicts: {count} tasks, more than the {MAX_JUDGED} a dump judges (a proof at \
+             this size would take the daemon past its memory budget)"
+        ));
+    } else {
+        for i in 0..PROOF_SCANS {
+            if i > 0 {
+                std::thread::sleep(PROOF_PAUSE);
+            }
+            if let Scanned::Tasks { tasks, policy, .. } = source.scan(scan_input(Duration::ZERO)) {
+                verdicts = tasks
+                    .iter()
+                    .filter_map(|o| {
+                        let TaskState::Parked { wait_reason, .. } = &o.state else {
+                            return None;
+                        };
+                        // As the detector names them: what nothing can wake and is not a
+                        // lock wait is a leak; a proof of a stuck wait (a lost waker) keeps
+                        // its kind.
+                        let never_woken = policy.never_woken(wait_reason).is_some();
+                        (o.proven || never_woken).then(|| {
+                            let finding = if policy.classify(wait_reason) == WaitClass::Stuck {
+                                Finding::Stuck
+                            } else {
+                                Finding::Leak
+                            };
+                            (o.id, policy.kind(finding).name)
+                        })
+                    })
+                    .collect();
+            }
+        }
     }
     let mut tasks: Vec<Task> = source
         .dump(proc::monotonic_ns(), &mut notes)
