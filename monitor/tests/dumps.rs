@@ -9,7 +9,7 @@ mod support;
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::Duration,
@@ -17,8 +17,8 @@ use std::{
 
 use serde_json::Value;
 use support::{
-    TokioBuild, block_line, fixture, fixture_versions, go_tool, native_fixture, require_root,
-    start_fixture, tokio_fixture, tokio_versions,
+    TokioBuild, block_line, fixture, fixture_versions, free_port, go_tool, native_fixture,
+    require_root, start_fixture, tokio_fixture, tokio_versions,
 };
 
 const LEAKY: &str = "fixtures/go/leaky/main.go";
@@ -42,14 +42,6 @@ fn dump_ok(pid: u32, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The goroutine profile the program serves itself (net/http/pprof), saved to `path`.

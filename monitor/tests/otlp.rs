@@ -30,7 +30,9 @@ use opentelemetry_proto::tonic::{
     logs::v1::LogRecord,
 };
 use prost::Message as _;
-use support::{Leakmon, fixture, fixture_versions, markers, require_root, start_fixture};
+use support::{
+    Leakmon, fixture, fixture_versions, free_port, markers, require_root, start_fixture,
+};
 
 /// What a receiver got.
 #[derive(Clone, Default)]
@@ -59,15 +61,6 @@ impl MetricsService for Sink {
         self.metrics.lock().unwrap().push(req.into_inner());
         Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
     }
-}
-
-/// A free local port (bound, then released for the receiver or leakmon to use).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Sink {

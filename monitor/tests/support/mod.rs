@@ -57,6 +57,15 @@ pub fn require_root() {
     assert_eq!(euid, 0, "these tests load eBPF programs: run them as root");
 }
 
+/// A free local port (bound, then released for a receiver or a fixture to use).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// The `go` command of Go `version` (installed by `./x setup`).
 pub fn go_tool(version: &str) -> PathBuf {
     tools_dir().join("go").join(version).join("go/bin/go")
