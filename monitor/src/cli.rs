@@ -1,4 +1,4 @@
-//! The command line: `leakmon watch | run | dump | doctor | kinds`.
+//! The command line: `leakmon watch | run | dump | top | doctor | kinds`.
 
 use std::path::PathBuf;
 
@@ -58,6 +58,28 @@ enum Command {
         /// Write to this file instead of standard output
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
+        /// Ask the daemon serving on this socket [default: /run/leakmon/leakmon.sock when a
+        /// daemon serves there, else the dump is taken here]
+        #[arg(
+            long,
+            env = "LEAKMON_SOCKET",
+            value_name = "PATH",
+            conflicts_with = "local"
+        )]
+        socket: Option<PathBuf>,
+        /// Take the dump here even beside a running daemon
+        #[arg(long)]
+        local: bool,
+    },
+    /// A live view of what the daemon sees: processes with their task counts and trends,
+    /// firing alerts, and each process's tasks, grouped; or of one process watched here
+    Top {
+        /// The daemon's socket
+        #[arg(long, env = "LEAKMON_SOCKET", value_name = "PATH", default_value = crate::output::socket::protocol::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Watch this process here instead of asking the daemon (a dump every 2 s)
+        #[arg(long, value_name = "PID")]
+        pid: Option<u32>,
     },
     /// Check the kernel and privileges leakmon needs, and say how to fix what is missing
     Doctor,
@@ -104,6 +126,8 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             format,
             leaked,
             output,
+            socket,
+            local,
         } => {
             use std::io::{IsTerminal as _, Write as _};
             if *format == crate::dump::DumpFormat::Pprof
@@ -112,13 +136,6 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
             {
                 bail!("a pprof profile is binary: write it to a file with --output FILE");
             }
-            let settings = Settings::try_from(
-                Options::default().over(&Options::load(cli.config.as_deref())?)?,
-            )?;
-            let mut dump = crate::dump::take(*pid, &(&settings).into())?;
-            if *leaked {
-                dump.leaked_only();
-            }
             let mut out: Box<dyn std::io::Write> = match output {
                 Some(path) => Box::new(std::io::BufWriter::new(
                     std::fs::File::create(path)
@@ -126,9 +143,50 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
                 )),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
             };
-            dump.write(*format, &mut out)
-                .and_then(|()| out.flush())
-                .context("writing the dump")?;
+            // Beside a daemon, it is asked; with none there, the dump is taken here.
+            let path = socket
+                .clone()
+                .unwrap_or_else(|| crate::output::socket::protocol::DEFAULT_SOCKET.into());
+            let asked = if *local {
+                false
+            } else {
+                match crate::output::socket::client::dump(&path, *pid, *format, *leaked, &mut out) {
+                    Ok(()) => true,
+                    Err(e) if e.no_daemon() && socket.is_none() => false,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            if !asked {
+                let file = Options::load(cli.config.as_deref())?;
+                let settings = Settings::try_from(Options::default().over(&file)?)?;
+                let mut dump = crate::dump::take(*pid, &settings.sinks.dump)?;
+                if *leaked {
+                    dump.leaked_only();
+                }
+                dump.write(*format, &mut out).context("writing the dump")?;
+            }
+            out.flush().context("writing the dump")?;
+        }
+        Command::Top { socket, pid } => {
+            let source = match pid {
+                Some(pid) => {
+                    if !crate::proc::is_alive(*pid) {
+                        bail!("no process with PID {pid}");
+                    }
+                    let file = Options::load(cli.config.as_deref())?;
+                    let settings = Settings::try_from(Options::default().over(&file)?)?;
+                    crate::top::Source::Process {
+                        pid: *pid,
+                        options: settings.sinks.dump,
+                    }
+                }
+                None => {
+                    // Said before the screen takes over, not in its footer.
+                    crate::output::socket::client::view(socket)?;
+                    crate::top::Source::Daemon(socket.clone())
+                }
+            };
+            crate::top::run(source)?;
         }
         Command::Kinds => {
             let runtimes = crate::runtime::registry::RUNTIMES

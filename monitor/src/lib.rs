@@ -21,4 +21,5 @@ mod status;
 mod sys;
 mod threads;
 mod tokio;
+mod top;
 mod watch;

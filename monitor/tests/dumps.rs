@@ -27,7 +27,15 @@ const LEAKED: u64 = 5;
 
 fn dump(pid: u32, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_leakmon"))
-        .args(["dump", "--log", "warn", "--pid", &pid.to_string()])
+        // Taken here: a daemon another test runs may be serving on the default socket.
+        .args([
+            "dump",
+            "--local",
+            "--log",
+            "warn",
+            "--pid",
+            &pid.to_string(),
+        ])
         .args(args)
         .stdin(Stdio::null())
         .output()

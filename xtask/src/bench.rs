@@ -48,13 +48,8 @@ pub fn run(
     let wanted = |suite| only.is_none_or(|o| o == suite);
     let tools = setup::all(ws)?;
     require_root("leakmon loads eBPF programs")?;
-    if (wanted(Suite::Http) || wanted(Suite::Reach) || wanted(Suite::Tokio))
-        && Command::new("wrk").arg("--version").output().is_err()
-    {
-        eprintln!("xtask: installing wrk (Debian) for the HTTP benchmark");
-        crate::run(Command::new("apt-get").args(["install", "-y", "-q", "wrk"])).context(
-            "apt-get install wrk (run apt-get update first if the package is not found)",
-        )?;
+    if wanted(Suite::Http) || wanted(Suite::Reach) || wanted(Suite::Tokio) {
+        setup::debian_tool("wrk", "--version", "wrk")?;
     }
     ws.build(&tools, true)?;
     let go = setup::GO_FIXTURE_VERSIONS[setup::GO_FIXTURE_VERSIONS.len() - 1];

@@ -116,6 +116,21 @@ pub fn all(ws: &Workspace) -> Result<Tools> {
     Ok(tools)
 }
 
+/// Installs Debian's `package` when `binary` does not run (`--version`-style `probe` argument):
+/// apt-get install, after an apt-get update if the package is not found at first.
+pub fn debian_tool(binary: &str, probe: &str, package: &str) -> Result<()> {
+    if Command::new(binary).arg(probe).output().is_ok() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {package} (Debian)");
+    let install = || run(Command::new("apt-get").args(["install", "-y", "-q", package]));
+    if install().is_err() {
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        install().with_context(|| format!("apt-get install {package}"))?;
+    }
+    Ok(())
+}
+
 /// The crates the tokio fixtures are built from (offline, at test time), for each lock file:
 /// fixtures/native/tokio-tasks/locks/*.lock (one per tokio version) and tokio-http's own.
 fn tokio_fixture_crates(ws: &Workspace, tools: &Tools) -> Result<()> {

@@ -13,6 +13,8 @@ use crate::{Workspace, require_root, setup};
 pub fn run_all(ws: &Workspace, args: &[String]) -> Result<()> {
     let tools = setup::all(ws)?;
     require_root("the integration tests load eBPF programs")?;
+    // `leakmon top` is driven in a real terminal.
+    setup::debian_tool("tmux", "-V", "tmux")?;
     ws.lint(&tools)?;
     let mut cmd = ws.cargo(&tools);
     cmd.args(["test", "--workspace", "--no-fail-fast"])

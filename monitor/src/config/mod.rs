@@ -13,6 +13,7 @@ pub(crate) use self::values::ConfigError;
 use crate::{
     bpf::Capacity,
     detect::Thresholds,
+    dump::DumpOptions,
     output::{Format, OtlpOptions, OtlpSettings, SinkSettings},
 };
 
@@ -65,6 +66,10 @@ pub(crate) struct Options {
     /// Output format of alerts on stdout [default: text for watch, json for run]
     #[arg(long, env = "LEAKMON_FORMAT", value_enum)]
     pub format: Option<Format>,
+    /// The daemon's local socket, which serves `leakmon dump` and `leakmon top` to root; ""
+    /// for none [default: /run/leakmon/leakmon.sock for `run`, none for `watch`]
+    #[arg(long, env = "LEAKMON_SOCKET", value_name = "PATH")]
+    pub socket: Option<String>,
     /// Trace every goroutine park with a uprobe on runtime.gopark (exact park times) instead
     /// of scanning the goroutine table; costs about 1 us per park in the watched program
     #[arg(long, env = "LEAKMON_PROBE_PARKS", num_args = 0..=1, default_missing_value = "true")]
@@ -235,6 +240,12 @@ impl TryFrom<Options> for Settings {
             sinks: SinkSettings {
                 format: o.format,
                 otlp: OtlpSettings::resolve(o.otlp, |name| std::env::var(name).ok())?,
+                socket: o.socket.map(Into::into),
+                dump: DumpOptions {
+                    unvalidated: o.go_unvalidated.unwrap_or(false),
+                    reach_budget,
+                    memory_budget,
+                },
             },
             reach_budget,
             thresholds,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-pub(crate) use self::take::take;
+pub(crate) use self::take::{DumpOptions, take};
 pub(crate) use self::task::{Creator, Frame, Task};
 use crate::runtime::ProcessInfo;
 
@@ -31,7 +31,10 @@ pub(crate) struct Dump {
 }
 
 /// How a dump is written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub(crate) enum DumpFormat {
     /// Every task with its stack, like Go's `debug=2` goroutine dump
     Text,

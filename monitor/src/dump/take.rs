@@ -11,7 +11,6 @@ use std::{
 use super::{Dump, Task};
 use crate::{
     bpf::TaskRecords,
-    config::Settings,
     detect::{Due, Finding, TaskState, Thresholds, WaitClass},
     proc,
     runtime::{
@@ -22,23 +21,13 @@ use crate::{
 };
 
 /// What a dump takes from the settings.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct DumpOptions {
     pub unvalidated: bool,
     /// Bytes of target memory its proofs may read (0: no verdicts).
     pub reach_budget: u64,
     /// What its symbol caches may hold.
     pub memory_budget: u64,
-}
-
-impl From<&Settings> for DumpOptions {
-    fn from(s: &Settings) -> Self {
-        Self {
-            unvalidated: s.go_unvalidated,
-            reach_budget: s.reach_budget,
-            memory_budget: s.memory_budget,
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -5,6 +5,7 @@
 mod json;
 mod otlp;
 mod sink;
+pub(crate) mod socket;
 mod text;
 
 use std::io::{self, Write};
@@ -36,6 +37,11 @@ pub(crate) struct SinkSettings {
     pub format: Option<Format>,
     /// None: no export.
     pub otlp: Option<OtlpSettings>,
+    /// The local socket that serves dumps and the live view: None for the command's own
+    /// default (`run` serves on [`socket::protocol::DEFAULT_SOCKET`]), "" for none.
+    pub socket: Option<std::path::PathBuf>,
+    /// How the socket's dumps are taken.
+    pub dump: crate::dump::DumpOptions,
 }
 
 /// The sinks of one monitor.
@@ -45,13 +51,23 @@ pub(crate) struct Sinks {
     fired: u64,
 }
 
-/// The sinks `settings` ask for: stdout in their format (else `default_format`), OTLP when an
-/// endpoint is set.
+/// What a command does unless told otherwise.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Defaults {
+    pub format: Format,
+    /// Serve on the default socket.
+    pub serve: bool,
+}
+
+/// The sinks `settings` ask for: stdout in their format (else the command's), OTLP when an
+/// endpoint is set, the local socket where one is (a socket that cannot be served is said and
+/// left out: the watching goes on).
 pub(crate) fn start<W: Write + 'static>(
     settings: &SinkSettings,
-    default_format: Format,
+    defaults: Defaults,
     out: W,
 ) -> Result<Sinks, ExportError> {
+    let default_format = defaults.format;
     let mut sinks: Vec<Box<dyn Sink>> = vec![match settings.format.unwrap_or(default_format) {
         Format::Text => Box::new(text::Text::new(out)),
         Format::Json => Box::new(json::Json::new(out)),
@@ -64,6 +80,22 @@ pub(crate) fn start<W: Write + 'static>(
             s.protocol
         );
         sinks.push(Box::new(Otlp::start(s.clone())?));
+    }
+    let socket = match &settings.socket {
+        Some(p) if p.as_os_str().is_empty() => None,
+        Some(p) => Some(p.clone()),
+        None => defaults
+            .serve
+            .then(|| socket::protocol::DEFAULT_SOCKET.into()),
+    };
+    if let Some(path) = socket {
+        match socket::Board::start(&path, settings.dump.clone()) {
+            Ok(board) => sinks.push(Box::new(board)),
+            Err(e) => log::warn!(
+                "{}: no dumps or live view from this daemon",
+                crate::sys::chain(&e)
+            ),
+        }
     }
     Ok(Sinks { sinks, fired: 0 })
 }

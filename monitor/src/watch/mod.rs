@@ -132,7 +132,11 @@ pub(crate) async fn watch<W: Write + 'static>(
     settings: Settings,
     out: W,
 ) -> Result<(), WatchError> {
-    let mut m = Monitor::new(settings, Format::Text, out)?;
+    let defaults = output::Defaults {
+        format: Format::Text,
+        serve: false,
+    };
+    let mut m = Monitor::new(settings, defaults, out)?;
     let with_threads = m.settings.threads;
     for pid in pids {
         match m.add_now(*pid) {
@@ -164,7 +168,11 @@ pub(crate) async fn watch<W: Write + 'static>(
 /// `leakmon run`: the threads of every process on the host, and the tasks of every program
 /// that runs a runtime leakmon knows, found now and on exec.
 pub(crate) async fn run<W: Write + 'static>(settings: Settings, out: W) -> Result<(), WatchError> {
-    let mut m = Monitor::new(settings, Format::Json, out)?;
+    let defaults = output::Defaults {
+        format: Format::Json,
+        serve: true,
+    };
+    let mut m = Monitor::new(settings, defaults, out)?;
     m.discover = true;
     let events = m.probes.proc_events()?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged while the
@@ -215,7 +223,7 @@ type Events = AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>;
 impl Monitor {
     fn new<W: Write + 'static>(
         settings: Settings,
-        default_format: Format,
+        defaults: output::Defaults,
         out: W,
     ) -> Result<Self, WatchError> {
         let stop = signals::install().map_err(WatchError::Signals)?;
@@ -226,7 +234,7 @@ impl Monitor {
         if let Some(note) = crate::config::scan_note(&settings.thresholds) {
             log::warn!("{note}");
         }
-        let sinks = output::start(&settings.sinks, default_format, out)?;
+        let sinks = output::start(&settings.sinks, defaults, out)?;
         // Caches get half the budget; the rest is the daemon's own tables and buffers.
         let symbolizer = Symbolizer::new(settings.memory_budget / 2);
         let context = Context {
