@@ -111,6 +111,7 @@ fn the_daemon_serves_dumps_and_the_live_view() {
     let bin = fixture(&versions[versions.len() - 1], "leaky", false);
     let p = start_fixture(&bin, &["-mode", "once-send", "-count", "3"]);
     let pid = p.pid().to_string();
+    let stuck = start_fixture(&bin, &["-mode", "mutex", "-count", "2"]);
     let dir = scratch();
     let socket = dir.join("leakmon.sock");
     let socket = socket.to_str().unwrap();
@@ -125,6 +126,9 @@ fn the_daemon_serves_dumps_and_the_live_view() {
     ]);
     lm.expect("the fixture's goroutine_leak", |a| {
         a["pid"] == p.pid() && a["kind"] == "goroutine_leak" && a["state"] == "firing"
+    });
+    lm.expect("the mutex fixture's goroutine_stuck", |a| {
+        a["pid"] == stuck.pid() && a["kind"] == "goroutine_stuck" && a["state"] == "firing"
     });
     let mode = std::fs::metadata(socket).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "the socket is root's only");
@@ -142,6 +146,36 @@ fn the_daemon_serves_dumps_and_the_live_view() {
         "{text}"
     );
     assert_eq!(text.matches("goroutine_leak; waiting").count(), 3, "{text}");
+
+    // What only the daemon knows, from watching over time: the stuck goroutines' alert names
+    // them, and no other goroutine of the process.
+    let out = leakmon(&[
+        "dump",
+        "--socket",
+        socket,
+        "--pid",
+        &stuck.pid().to_string(),
+        "--format",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let judged: Vec<&serde_json::Value> = dump["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| !t["verdict"].is_null())
+        .collect();
+    assert_eq!(judged.len(), 2, "{dump:#}");
+    for t in judged {
+        assert_eq!(t["verdict"], "goroutine_stuck", "{t:#}");
+        assert_eq!(t["entry"], "main.lockForever", "{t:#}");
+        assert!(t["proven"].is_null(), "stuck, not proven leaked: {t:#}");
+    }
 
     // Not root: said so, and nothing else is given.
     let out = Command::new("setpriv")

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::detect::WaitsOn;
+use crate::detect::{GroupKey, WaitsOn};
 
 /// One task as a dump shows it.
 #[derive(Clone, Debug, Serialize)]
@@ -36,6 +36,9 @@ pub(crate) struct Task {
     /// tokio: whether a waker is registered ("registered", "none").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waker: Option<&'static str>,
+    /// The group the detector puts it in while it waits (to name the alerts it is part of).
+    #[serde(skip)]
+    pub group: Option<GroupKey>,
     /// The OS thread it runs on, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub thread: Option<u32>,

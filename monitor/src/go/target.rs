@@ -776,16 +776,7 @@ impl Target {
     }
 
     fn resolve(&mut self, rec: &GRecord, since_ns: u64, parked: bool) -> Resolved {
-        let created_at = match self.creation_sites.get(&rec.gopc) {
-            Some(site) => site.clone(),
-            None => {
-                let site = self
-                    .pick_site(&self.frames_at([rec.gopc]))
-                    .map(|s| self.interned.site(s));
-                self.creation_sites.insert(rec.gopc, site.clone());
-                site
-            }
-        };
+        let created_at = self.creation_site(rec.gopc);
         let entry = self.entry(rec.startpc);
         // A running goroutine's saved registers are stale (its stack moved on): no stack.
         let (blocked_at, stack) = if parked {
@@ -803,6 +794,19 @@ impl Target {
             stack,
             waits: None,
         }
+    }
+
+    /// Where the `go` statement at `gopc` is, as alerts name it (cached: a leak's goroutines
+    /// share one).
+    fn creation_site(&mut self, gopc: u64) -> Option<Arc<Site>> {
+        if let Some(site) = self.creation_sites.get(&gopc) {
+            return site.clone();
+        }
+        let site = self
+            .pick_site(&self.frames_at([gopc]))
+            .map(|s| self.interned.site(s));
+        self.creation_sites.insert(gopc, site.clone());
+        site
     }
 
     /// The function a goroutine that started at `startpc` runs (the function a `go`

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{IDLE, LOST, TokioTarget, layout, walk::TaskRec};
-use crate::dump::Task;
+use crate::{detect::GroupKey, dump::Task};
 
 impl TokioTarget {
     pub(super) fn dump_tasks(&self, now_ns: u64, tasks: &[TaskRec]) -> Vec<Task> {
@@ -30,24 +30,34 @@ impl TokioTarget {
                 .get(&t.id)
                 .filter(|i| is_idle && i.signature == t.signature)
                 .map(|i| now_ns.saturating_sub(i.since_ns));
+            let wait_reason = is_idle.then(|| {
+                if h.waker_lost() {
+                    Arc::clone(&lost)
+                } else {
+                    Arc::clone(&idle)
+                }
+            });
+            let entry = Arc::clone(self.names.get(&h.vtable).unwrap_or(&unknown));
+            // As the detector groups idle tasks: by future type and wait.
+            let group = wait_reason.as_ref().map(|r| GroupKey {
+                created_at: None,
+                entry: Arc::clone(&entry),
+                blocked_at: None,
+                wait_reason: Some(Arc::clone(r)),
+            });
             out.push(Task {
                 id: t.id,
                 state,
-                wait_reason: is_idle.then(|| {
-                    if h.waker_lost() {
-                        Arc::clone(&lost)
-                    } else {
-                        Arc::clone(&idle)
-                    }
-                }),
+                wait_reason,
                 waiting_ns,
-                entry: Arc::clone(self.names.get(&h.vtable).unwrap_or(&unknown)),
+                entry,
                 stack: Arc::from([]),
                 created_by: None,
                 waits_on: None,
                 verdict: None,
                 proven: false,
                 waker: is_idle.then_some(if h.waker_lost() { "none" } else { "registered" }),
+                group,
                 thread: None,
             });
         }

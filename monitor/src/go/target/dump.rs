@@ -5,7 +5,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use super::{MAX_CHAN_READS, MAX_GS, READ_CHUNK, Target, TargetError};
 use crate::{
-    detect::WaitsOn,
+    detect::{GroupKey, Site, WaitsOn},
     dump::{Creator, Frame, Task},
     go::{
         task::{self, GRecord},
@@ -28,7 +28,8 @@ impl Target {
         let allgs = self.scan.ok_or(TargetError::NoTable)?;
         let gs = task::all_gs(&self.mem, allgs.wrapping_add(self.bias), MAX_GS);
         let mut out = Vec::new();
-        let mut stacks: HashMap<Vec<u64>, Arc<[Frame]>> = HashMap::new();
+        // Each distinct stack once: its frames, and where alerts say its goroutines block.
+        let mut stacks: HashMap<Vec<u64>, (Arc<[Frame]>, Option<Arc<Site>>)> = HashMap::new();
         let mut channels: HashMap<u64, Option<waits::ChannelState>> = HashMap::new();
         let (mut running, mut left_out) = (0u64, 0u64);
         let empty: Arc<[Frame]> = Arc::from([]);
@@ -49,17 +50,20 @@ impl Target {
                 let waiting = matches!(rec.status, task::G_WAITING | task::G_LEAKED);
                 // A running goroutine's saved registers are stale: its stack cannot be read
                 // without stopping it.
-                let stack = if rec.status == task::G_RUNNING {
+                let (stack, blocked_at) = if rec.status == task::G_RUNNING {
                     running += 1;
-                    Arc::clone(&empty)
+                    (Arc::clone(&empty), None)
                 } else {
                     let pcs = task::stack(&self.mem, &rec);
                     match stacks.get(&pcs) {
-                        Some(s) => Arc::clone(s),
+                        Some(s) => s.clone(),
                         None => {
-                            let s: Arc<[Frame]> = self.dump_frames(&pcs).into();
-                            stacks.insert(pcs, Arc::clone(&s));
-                            s
+                            let frames: Arc<[Frame]> = self.dump_frames(&pcs).into();
+                            let site = self
+                                .pick_site(&self.frames_at(pcs.iter().copied()))
+                                .map(|s| self.interned.site(s));
+                            stacks.insert(pcs, (Arc::clone(&frames), site.clone()));
+                            (frames, site)
                         }
                     }
                 };
@@ -69,13 +73,21 @@ impl Target {
                 } else {
                     None
                 };
+                let wait_reason =
+                    waiting.then(|| self.interned.name(self.binary.wait_reason(rec.waitreason)));
+                let entry = self.entry(rec.startpc);
+                let group = wait_reason.as_ref().map(|r| GroupKey {
+                    created_at: self.creation_site(rec.gopc),
+                    entry: Arc::clone(&entry),
+                    blocked_at,
+                    wait_reason: Some(Arc::clone(r)),
+                });
                 out.push(Task {
                     id: rec.goid,
                     state,
-                    wait_reason: waiting
-                        .then(|| self.interned.name(self.binary.wait_reason(rec.waitreason))),
+                    wait_reason,
                     waiting_ns: waiting.then(|| self.waited(&rec, now_ns)).flatten(),
-                    entry: self.entry(rec.startpc),
+                    entry,
                     stack,
                     // Go names no creator for the main goroutine, which the runtime starts.
                     created_by: (rec.goid != 1).then_some(Creator {
@@ -86,6 +98,7 @@ impl Target {
                     verdict: None,
                     proven: false,
                     waker: None,
+                    group,
                     thread: None,
                 });
             }

@@ -40,6 +40,8 @@ pub(crate) enum SocketError {
 /// What the socket serves from, shared with its threads.
 pub(super) struct Shared {
     view: Mutex<View>,
+    /// The alerts firing now, by process: what a dump's tasks are judged part of.
+    firing: Mutex<Vec<(u32, Alert)>>,
     dump: DumpOptions,
 }
 
@@ -56,6 +58,7 @@ impl Board {
         let listener = server::bind(path)?;
         let shared = Arc::new(Shared {
             view: Mutex::new(View::default()),
+            firing: Mutex::new(Vec::new()),
             dump,
         });
         server::serve(listener, Arc::clone(&shared));
@@ -74,6 +77,46 @@ impl Shared {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Names, for each task of `dump` that has no verdict yet, the firing alert whose group
+    /// it is in (a growing group, a stuck wait), and notes each firing alert of its process.
+    fn judge(&self, dump: &mut crate::dump::Dump) {
+        let pid = dump.process.pid;
+        let firing = self
+            .firing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let alerts: Vec<&Alert> = firing
+            .iter()
+            .filter(|(p, _)| *p == pid)
+            .map(|(_, a)| a)
+            .collect();
+        for t in &mut dump.tasks {
+            if t.verdict.is_some() {
+                continue;
+            }
+            if let Some(key) = &t.group
+                && let Some(a) = alerts.iter().find(|a| a.group == *key)
+            {
+                t.verdict = Some(a.kind.name);
+            }
+        }
+        for a in alerts {
+            let v = alert_view(pid, a);
+            dump.notes.push(format!(
+                "firing: {} ({} {}s{}{})",
+                v.kind,
+                v.count,
+                dump.task_word,
+                v.blocked_at
+                    .map(|s| format!(", blocked at {s}"))
+                    .unwrap_or_default(),
+                v.created_at
+                    .map(|s| format!(", created at {s}"))
+                    .unwrap_or_default(),
+            ));
+        }
     }
 }
 
@@ -138,6 +181,15 @@ impl Sink for Board {
             .view
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = view;
+        *self
+            .shared
+            .firing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = m
+            .firing
+            .iter()
+            .map(|(pid, a)| (*pid, (*a).clone()))
+            .collect();
     }
 
     fn close(&mut self) {

@@ -124,22 +124,7 @@ fn handle(mut stream: UnixStream, shared: &Shared, dumping: &Mutex<()>) -> std::
                 Err(e) => return reply(&mut stream, &Reply::Error(crate::sys::chain(&e))),
             };
             // What the daemon has judged over time, which a dump alone cannot.
-            for a in shared.view().alerts.iter().filter(|a| a.pid == pid) {
-                dump.notes.push(format!(
-                    "firing: {} ({} {}s{}{})",
-                    a.kind,
-                    a.count,
-                    dump.task_word,
-                    a.blocked_at
-                        .as_deref()
-                        .map(|s| format!(", blocked at {s}"))
-                        .unwrap_or_default(),
-                    a.created_at
-                        .as_deref()
-                        .map(|s| format!(", created at {s}"))
-                        .unwrap_or_default(),
-                ));
-            }
+            shared.judge(&mut dump);
             if leaked {
                 dump.leaked_only();
             }
