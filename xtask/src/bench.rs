@@ -36,6 +36,9 @@ pub enum Suite {
     /// tokio: a hyper server under wrk, spawn/yield churn, 100,000 tasks walked, time to a
     /// blocking-poll alert
     Tokio,
+    /// A Go HTTP server's latency while `leakmon dump` reads it in a loop, beside its own
+    /// goroutine profile endpoint
+    Dump,
 }
 
 pub fn run(
@@ -48,7 +51,7 @@ pub fn run(
     let wanted = |suite| only.is_none_or(|o| o == suite);
     let tools = setup::all(ws)?;
     require_root("leakmon loads eBPF programs")?;
-    if wanted(Suite::Http) || wanted(Suite::Reach) || wanted(Suite::Tokio) {
+    if wanted(Suite::Http) || wanted(Suite::Reach) || wanted(Suite::Tokio) || wanted(Suite::Dump) {
         setup::debian_tool("wrk", "--version", "wrk")?;
     }
     ws.build(&tools, true)?;
@@ -97,6 +100,9 @@ pub fn run(
     }
     if wanted(Suite::Tokio) {
         crate::bench_tokio::run(ws, &leakmon, http_seconds)?;
+    }
+    if wanted(Suite::Dump) {
+        crate::bench_dump::run(&http, &leakmon, http_seconds)?;
     }
     if wanted(Suite::Footprint) {
         println!(

@@ -8,6 +8,7 @@
 )]
 
 mod bench;
+mod bench_dump;
 mod bench_tokio;
 mod demo;
 mod deploy;

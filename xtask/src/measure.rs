@@ -95,6 +95,41 @@ pub(crate) fn proc_usage(pid: u32) -> Result<(f64, u64, u64)> {
 }
 
 /// (requests/s, mean latency in microseconds) of wrk against `addr` for `seconds`.
+/// What wrk measured: requests per second, and latency in microseconds (mean, 99th
+/// percentile, worst).
+pub(crate) struct Wrk {
+    pub rps: f64,
+    pub mean_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+}
+
+/// wrk with 2 threads and 32 connections on `addr` for `seconds`.
+pub(crate) fn wrk_latency(addr: &str, seconds: u64) -> Result<Wrk> {
+    let out = output(
+        Command::new("wrk")
+            .args(["-t2", "-c32", "--latency"])
+            .arg(format!("-d{seconds}s"))
+            .arg(format!("http://{addr}/")),
+    )?;
+    let field = |prefix: &str, column: usize| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|v| v.split_whitespace().nth(column))
+            .and_then(parse_wrk_duration_us)
+    };
+    Ok(Wrk {
+        rps: out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("wrk printed no Requests/sec")?,
+        mean_us: field("Latency", 0).context("wrk printed no latency")?,
+        max_us: field("Latency", 2).context("wrk printed no worst latency")?,
+        p99_us: field("99%", 0).context("wrk printed no 99th percentile")?,
+    })
+}
+
 pub(crate) fn wrk(addr: &str, seconds: u64) -> Result<(f64, f64)> {
     let out = output(
         Command::new("wrk")
