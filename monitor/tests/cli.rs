@@ -3,17 +3,9 @@
 
 mod support;
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
-use support::{fixture, fixture_versions, require_root, start_fixture};
-
-fn leakmon(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_leakmon"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
+use support::{fixture, fixture_versions, leakmon, require_root, start_fixture};
 
 /// `leakmon` as user nobody, with no capabilities.
 fn unprivileged_leakmon(args: &[&str]) -> Output {

@@ -9,24 +9,16 @@ mod support;
 use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Output},
     time::{Duration, Instant},
 };
 
-use support::{Leakmon, fixture, fixture_versions, require_root, start_fixture};
+use support::{Leakmon, fixture, fixture_versions, leakmon, require_root, start_fixture};
 
 fn scratch() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("live-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn leakmon(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_leakmon"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
 }
 
 fn failure(out: &Output) -> String {

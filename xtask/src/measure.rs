@@ -130,23 +130,7 @@ pub(crate) fn wrk_latency(addr: &str, seconds: u64) -> Result<Wrk> {
     })
 }
 
+/// wrk's requests per second and mean latency (microseconds).
 pub(crate) fn wrk(addr: &str, seconds: u64) -> Result<(f64, f64)> {
-    let out = output(
-        Command::new("wrk")
-            .args(["-t2", "-c32", "--latency"])
-            .arg(format!("-d{seconds}s"))
-            .arg(format!("http://{addr}/")),
-    )?;
-    let rps = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("wrk printed no Requests/sec")?;
-    let latency = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Latency"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(parse_wrk_duration_us)
-        .context("wrk printed no latency")?;
-    Ok((rps, latency))
+    wrk_latency(addr, seconds).map(|w| (w.rps, w.mean_us))
 }

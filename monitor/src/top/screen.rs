@@ -89,25 +89,20 @@ fn overview(f: &mut Frame<'_>, state: &State, title: Rect, body: Rect) {
     });
     let mut table_state = TableState::default()
         .with_selected(Some(state.selected.min(processes.len().saturating_sub(1))));
-    let table = Table::new(
-        rows,
-        [
-            Constraint::Length(8),
-            Constraint::Length(6),
-            Constraint::Length(9),
-            Constraint::Length(7),
-            Constraint::Length(6),
-            Constraint::Length(10),
-            Constraint::Min(10),
+    let processes_table = table(
+        "Processes",
+        &[
+            ("PID", 8),
+            ("RT", 6),
+            ("TASKS", 9),
+            ("/MIN", 7),
+            ("ALERTS", 6),
+            ("TREND", 10),
+            ("PROCESS", 10),
         ],
-    )
-    .header(
-        Row::new(["PID", "RT", "TASKS", "/MIN", "ALERTS", "TREND", "PROCESS"])
-            .style(Style::new().add_modifier(Modifier::BOLD)),
-    )
-    .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED))
-    .block(Block::new().borders(Borders::TOP).title("Processes"));
-    f.render_stateful_widget(table, top, &mut table_state);
+        rows,
+    );
+    f.render_stateful_widget(processes_table, top, &mut table_state);
     let alerts: Vec<Row<'_>> = state.view.as_ref().map_or_else(Vec::new, |v| {
         v.alerts
             .iter()
@@ -125,23 +120,19 @@ fn overview(f: &mut Frame<'_>, state: &State, title: Rect, body: Rect) {
             })
             .collect()
     });
-    let table = Table::new(
-        alerts,
-        [
-            Constraint::Length(18),
-            Constraint::Length(8),
-            Constraint::Length(7),
-            Constraint::Length(6),
-            Constraint::Length(13),
-            Constraint::Min(10),
+    let alerts_table = table(
+        "Firing alerts",
+        &[
+            ("ALERT", 18),
+            ("PID", 8),
+            ("COUNT", 7),
+            ("AGE", 6),
+            ("PROOF", 13),
+            ("WHERE", 10),
         ],
-    )
-    .header(
-        Row::new(["ALERT", "PID", "COUNT", "AGE", "PROOF", "WHERE"])
-            .style(Style::new().add_modifier(Modifier::BOLD)),
-    )
-    .block(Block::new().borders(Borders::TOP).title("Firing alerts"));
-    f.render_widget(table, bottom);
+        alerts,
+    );
+    f.render_widget(alerts_table, bottom);
 }
 
 fn tasks(f: &mut Frame<'_>, state: &State, pid: u32, title: Rect, body: Rect) {
@@ -207,27 +198,18 @@ fn tasks(f: &mut Frame<'_>, state: &State, pid: u32, title: Rect, body: Rect) {
     let mut table_state = TableState::default().with_selected(Some(
         state.task_selected.min(groups.len().saturating_sub(1)),
     ));
-    let table = Table::new(
-        rows,
-        [
-            Constraint::Length(7),
-            Constraint::Length(16),
-            Constraint::Length(6),
-            Constraint::Length(16),
-            Constraint::Min(10),
+    let groups_table = table(
+        &format!("{}s", t.word),
+        &[
+            ("COUNT", 7),
+            ("STATE", 16),
+            ("WAIT", 6),
+            ("VERDICT", 16),
+            ("WHERE", 10),
         ],
-    )
-    .header(
-        Row::new(["COUNT", "STATE", "WAIT", "VERDICT", "WHERE"])
-            .style(Style::new().add_modifier(Modifier::BOLD)),
-    )
-    .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED))
-    .block(
-        Block::new()
-            .borders(Borders::TOP)
-            .title(format!("{}s", t.word)),
+        rows,
     );
-    f.render_stateful_widget(table, top, &mut table_state);
+    f.render_stateful_widget(groups_table, top, &mut table_state);
     let notes: Vec<Line<'_>> = t
         .notes
         .iter()
@@ -235,6 +217,30 @@ fn tasks(f: &mut Frame<'_>, state: &State, pid: u32, title: Rect, body: Rect) {
         .map(|n| Line::from(format!("# {n}")))
         .collect();
     f.render_widget(Paragraph::new(notes), bottom);
+}
+
+/// A table of `rows` under bold column names (with their widths; the last takes the rest),
+/// the selected row reversed.
+fn table<'a>(
+    title: &str,
+    columns: &[(&'static str, u16)],
+    rows: impl IntoIterator<Item = Row<'a>>,
+) -> Table<'a> {
+    let last = columns.len().saturating_sub(1);
+    let widths = columns.iter().enumerate().map(|(i, (_, w))| {
+        if i == last {
+            Constraint::Min(*w)
+        } else {
+            Constraint::Length(*w)
+        }
+    });
+    Table::new(rows, widths)
+        .header(
+            Row::new(columns.iter().map(|(name, _)| *name))
+                .style(Style::new().add_modifier(Modifier::BOLD)),
+        )
+        .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED))
+        .block(Block::new().borders(Borders::TOP).title(title.to_owned()))
 }
 
 fn help(f: &mut Frame<'_>) {

@@ -57,6 +57,15 @@ pub fn require_root() {
     assert_eq!(euid, 0, "these tests load eBPF programs: run them as root");
 }
 
+/// `leakmon args`, run to its end, with no input.
+pub fn leakmon(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_leakmon"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
 /// A free local port (bound, then released for a receiver or a fixture to use).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -18,6 +18,9 @@ use crate::{
 const MAX_LISTED: usize = 200_000;
 const GOEXIT: &str = "runtime.goexit";
 
+/// A stack's frames, and where alerts say its goroutines block.
+type StackSeen = (Arc<[Frame]>, Option<Arc<Site>>);
+
 impl Target {
     /// Every goroutine but the runtime's own (as Go's own dumps and profiles leave them out).
     pub(super) fn dump_goroutines(
@@ -29,7 +32,7 @@ impl Target {
         let gs = task::all_gs(&self.mem, allgs.wrapping_add(self.bias), MAX_GS);
         let mut out = Vec::new();
         // Each distinct stack once: its frames, and where alerts say its goroutines block.
-        let mut stacks: HashMap<Vec<u64>, (Arc<[Frame]>, Option<Arc<Site>>)> = HashMap::new();
+        let mut stacks: HashMap<Vec<u64>, StackSeen> = HashMap::new();
         let mut channels: HashMap<u64, Option<waits::ChannelState>> = HashMap::new();
         let (mut running, mut left_out) = (0u64, 0u64);
         let empty: Arc<[Frame]> = Arc::from([]);
