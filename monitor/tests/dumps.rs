@@ -118,9 +118,9 @@ fn scratch(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// leakmon's pprof goroutine profile names the same stacks with the same counts as Go's own
-/// `/debug/pprof/goroutine`, taken just after it, for every goroutine that stays parked: on
-/// the oldest and newest Go and a stripped build.
+/// leakmon's pprof goroutine profile of an HTTP server that leaked goroutines names the same
+/// stacks with the same counts as Go's own `/debug/pprof/goroutine`, taken just after it, for
+/// every goroutine that stays parked: on the oldest and newest Go and a stripped build.
 #[test]
 fn pprof_profiles_match_the_programs_own() {
     require_root();
@@ -128,15 +128,13 @@ fn pprof_profiles_match_the_programs_own() {
     let (oldest, newest) = (&versions[0], &versions[versions.len() - 1]);
     for (version, stripped) in [(oldest, false), (newest, false), (newest, true)] {
         let what = format!("Go {version}{}", if stripped { ", stripped" } else { "" });
-        let bin = fixture(version, "leaky", stripped);
+        let bin = fixture(version, "httpserver", stripped);
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let count = LEAKED.to_string();
-        let p = start_fixture(
-            &bin,
-            &["-mode", "once-send", "-count", &count, "-pprof", &addr],
-        );
-        std::thread::sleep(Duration::from_millis(300));
+        let p = start_fixture(&bin, &["-addr", &addr, "-pprof", "-leak", &count]);
+        // The fixture says ready once its goroutines are started; give them time to park.
+        std::thread::sleep(Duration::from_secs(1));
         let ours = scratch(&format!("leakmon-{version}-{stripped}.pb.gz"));
         let theirs = scratch(&format!("go-{version}-{stripped}.pb.gz"));
         let out = dump(
@@ -166,7 +164,7 @@ fn pprof_profiles_match_the_programs_own() {
         );
         let leaked = ours
             .iter()
-            .find(|(stack, _)| stack.iter().any(|f| f == "main.sendOnce"))
+            .find(|(stack, _)| stack.iter().any(|f| f == "main.leakOnce.func1"))
             .map(|(_, n)| *n);
         assert_eq!(leaked, Some(LEAKED), "{what}: {ours:#?}");
     }
@@ -183,13 +181,15 @@ fn text_dumps_carry_creators_waits_and_verdicts() {
     let bin = fixture(version, "leaky", false);
     let count = LEAKED.to_string();
     let p = start_fixture(&bin, &["-mode", "once-send", "-count", &count]);
-    std::thread::sleep(Duration::from_millis(300));
+    // The fixture says ready once its goroutines are started; give them time to park.
+    std::thread::sleep(Duration::from_secs(1));
     let block = format!("{LEAKY}:{}", block_line(LEAKY, "once-send"));
 
     let leaked = dump_ok(p.pid(), &["--leaked"]);
+    // Blocks of one goroutine each (the dump's own notes come first, a block of their own).
     let blocks: Vec<&str> = leaked
         .split("\n\n")
-        .filter(|b| b.contains("goroutine "))
+        .filter(|b| b.lines().any(|l| l.starts_with("goroutine ")))
         .collect();
     assert_eq!(blocks.len() as u64, LEAKED, "{leaked}");
     for b in &blocks {
@@ -280,8 +280,7 @@ fn tokio_dumps_name_futures_and_states() {
     }
 }
 
-/// Bad input: a PID that runs no runtime (said so, threads only), one that does not exist, and
-/// a binary profile asked for on a terminal.
+/// Bad input: a PID that runs no runtime (said so, threads only), and one that does not exist.
 #[test]
 fn dumps_of_what_cannot_be_dumped_say_why() {
     require_root();

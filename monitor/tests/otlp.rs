@@ -465,7 +465,8 @@ fn a_collector_that_never_answers_does_not_hold_up_exit() {
 
 /// The goroutine count of every watched Go process is exported as `go.goroutine.count` (by
 /// state and wait reason), and follows the program: up while it spawns goroutines that block,
-/// down when they are released, at production thresholds (nothing needs to be judged).
+/// down when they are released, at production thresholds (nothing needs to be judged); its
+/// thread count as `process.thread.count`.
 #[test]
 fn goroutine_counts_follow_the_program() {
     require_root();
@@ -528,6 +529,12 @@ fn goroutine_counts_follow_the_program() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+    // Its threads too (the Go runtime runs several: sysmon, the GC's, the Ms of its Ps).
+    let threads = sink.totals("process.thread.count", fx.pid());
+    assert!(
+        threads.iter().any(|n| *n >= 2),
+        "process.thread.count of the fixture: {threads:?}"
+    );
 }
 
 /// A real collector: rotel, printing what it receives.

@@ -245,6 +245,7 @@ impl TryFrom<Options> for Settings {
                     unvalidated: o.go_unvalidated.unwrap_or(false),
                     reach_budget,
                     memory_budget,
+                    max_listed: crate::dump::MAX_LISTED,
                 },
             },
             reach_budget,

@@ -102,15 +102,10 @@ impl Detector {
         let mut holds: Vec<(GroupKey, Alert)> = Vec::new();
         for (key, members) in &blocked {
             let reason = key.wait_reason.as_deref().unwrap_or_default();
+            if !policy.may_find(&key.entry, reason) {
+                continue;
+            }
             let class = policy.classify(reason);
-            if class == WaitClass::Runtime || policy.is_runtime_task(&key.entry) {
-                continue;
-            }
-            // The main task may wait for its whole life (Go's main in select{} or wg.Wait() on
-            // lifetime workers); only a lock it never gets is a finding there.
-            if policy.is_main_task(&key.entry) && !policy.is_lock_wait(reason) {
-                continue;
-            }
             let Some(group) = state.groups.get_mut(key) else {
                 continue;
             };

@@ -44,4 +44,12 @@ pub(crate) trait Policy: Send + Sync + std::fmt::Debug {
     fn hint(&self, kind: &'static AlertKind, _wait_reason: Option<&str>) -> &'static str {
         kind.hint
     }
+    /// Whether tasks started at `entry` waiting for `reason` may be a finding at all: not the
+    /// runtime's own, and not the main task waiting its whole life (Go's main in `select{}`
+    /// or `wg.Wait()` on lifetime workers), where only a lock it never gets is one.
+    fn may_find(&self, entry: &str, reason: &str) -> bool {
+        self.classify(reason) != WaitClass::Runtime
+            && !self.is_runtime_task(entry)
+            && (!self.is_main_task(entry) || self.is_lock_wait(reason))
+    }
 }

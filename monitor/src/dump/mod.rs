@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-pub(crate) use self::take::{DumpOptions, take};
-pub(crate) use self::task::{Creator, Frame, Task};
+pub(crate) use self::take::{DumpOptions, MAX_LISTED, take};
+pub(crate) use self::task::{Creator, Frame, Task, physical};
 use crate::runtime::ProcessInfo;
 
 /// One process's tasks at one instant.
@@ -98,6 +98,7 @@ fn frames_of(task: &Task) -> std::borrow::Cow<'_, [Frame]> {
             line: 0,
             pc: 0,
             offset: None,
+            inlined: false,
         }])
     } else {
         std::borrow::Cow::Borrowed(&task.stack)

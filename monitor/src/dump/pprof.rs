@@ -9,14 +9,15 @@ use libdd_profiling_protobuf::prost_impls::{
     Function, Label, Line, Location, Mapping, Message as _, Profile, Sample, ValueType,
 };
 
-use super::{Dump, Frame, Labels, frames_of};
+use super::{Dump, Frame, Labels, frames_of, physical};
 
 #[derive(Default)]
 struct Builder {
     profile: Profile,
     strings: HashMap<String, i64>,
     functions: HashMap<(Arc<str>, Arc<str>), u64>,
-    /// By pc, or for a frame with none (an entry standing for its stack) by function.
+    /// By pc (the same call holds the same inlined calls), or for a frame with none (an entry
+    /// standing for its stack) by function.
     locations: HashMap<(u64, Arc<str>), u64>,
 }
 
@@ -49,8 +50,8 @@ impl Builder {
         id
     }
 
-    /// The location of frames sharing one pc (inlined calls), innermost first as
-    /// profile.proto orders its lines.
+    /// The location of one physical frame (its inlined calls, then itself), innermost first
+    /// as profile.proto orders its lines.
     fn location(&mut self, frames: &[Frame]) -> u64 {
         let Some(first) = frames.first() else {
             return 0;
@@ -130,8 +131,8 @@ pub(super) fn write(dump: &Dump, out: &mut dyn Write) -> std::io::Result<()> {
     for t in &dump.tasks {
         let frames = frames_of(t);
         let mut ids = Vec::new();
-        for inlined in frames.chunk_by(|a, b| a.pc != 0 && a.pc == b.pc) {
-            ids.push(b.location(inlined));
+        for call in physical(&frames) {
+            ids.push(b.location(call));
         }
         *samples.entry((ids, Labels::of(t))).or_default() += 1;
     }

@@ -28,7 +28,13 @@ pub(crate) struct DumpOptions {
     pub reach_budget: u64,
     /// What its symbol caches may hold.
     pub memory_budget: u64,
+    /// Tasks it lists, at most (the rest are counted).
+    pub max_listed: usize,
 }
+
+/// Tasks a dump taken here lists, at most: 200,000 goroutines with their stacks shared fit in
+/// about 40 MiB; past that the dump says how many it left out rather than grow.
+pub(crate) const MAX_LISTED: usize = 200_000;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DumpError {
@@ -136,7 +142,8 @@ pub(crate) fn take(pid: u32, options: &DumpOptions) -> Result<Dump, DumpError> {
                         // lock wait is a leak; a proof of a stuck wait (a lost waker) keeps
                         // its kind.
                         let never_woken = policy.never_woken(wait_reason).is_some();
-                        (o.proven || never_woken).then(|| {
+                        let found = o.proven || never_woken;
+                        (found && policy.may_find(&o.entry, wait_reason)).then(|| {
                             let finding = if policy.classify(wait_reason) == WaitClass::Stuck {
                                 Finding::Stuck
                             } else {
@@ -150,7 +157,7 @@ pub(crate) fn take(pid: u32, options: &DumpOptions) -> Result<Dump, DumpError> {
         }
     }
     let mut tasks: Vec<Task> = source
-        .dump(proc::monotonic_ns(), &mut notes)
+        .dump(proc::monotonic_ns(), options.max_listed, &mut notes)
         .map_err(|source| DumpError::Runtime {
             pid,
             runtime,

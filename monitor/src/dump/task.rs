@@ -57,6 +57,15 @@ pub(crate) struct Frame {
     /// none, as in Go's tracebacks).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
+    /// Inlined into the next frame (the same call): a physical frame is the run of frames up
+    /// to the first that is not (a function recursing from one call site repeats its pc).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub inlined: bool,
+}
+
+/// A stack's physical frames: each the inlined calls it holds, then itself.
+pub(crate) fn physical(frames: &[Frame]) -> impl Iterator<Item = &[Frame]> {
+    frames.split_inclusive(|f| !f.inlined)
 }
 
 /// Who created a task.

@@ -6,12 +6,15 @@
 
 use std::{collections::HashMap, io::Write};
 
-use super::{Dump, Frame, Labels, Task, frames_of};
+use super::{Dump, Frame, Labels, Task, frames_of, physical};
 
 /// Every task, as Go's `debug=2` goroutine dump shows it.
 pub(super) fn full(dump: &Dump, out: &mut dyn Write) -> std::io::Result<()> {
     for note in &dump.notes {
         writeln!(out, "# leakmon: {note}")?;
+    }
+    if !dump.notes.is_empty() {
+        writeln!(out)?;
     }
     for task in &dump.tasks {
         if let Some(extra) = extra(task) {
@@ -106,9 +109,10 @@ pub(super) fn grouped(dump: &Dump, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(out, "# leakmon: {note}")?;
     }
     for ((frames, labels), n) in &groups {
-        let mut pcs: Vec<u64> = frames.iter().map(|f| f.pc).collect();
-        pcs.dedup();
-        let pcs: Vec<String> = pcs.iter().map(|pc| format!("{pc:#x}")).collect();
+        let pcs: Vec<String> = physical(frames)
+            .filter_map(|call| call.last())
+            .map(|f| format!("{:#x}", f.pc))
+            .collect();
         writeln!(out, "{n} @ {}", pcs.join(" "))?;
         for f in frames {
             // As Go prints them: the call instruction (a return address minus one).

@@ -193,9 +193,10 @@ impl TaskSource for Target {
     fn dump(
         &mut self,
         now_ns: u64,
+        limit: usize,
         notes: &mut Vec<String>,
     ) -> Result<Vec<crate::dump::Task>, crate::runtime::RuntimeError> {
-        Ok(self.dump_goroutines(now_ns, notes)?)
+        Ok(self.dump_goroutines(now_ns, limit, notes)?)
     }
 }
 

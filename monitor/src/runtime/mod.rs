@@ -192,8 +192,13 @@ pub(crate) trait TaskSource: Send {
     }
     /// One scan, on a worker (it reads what the target controls).
     fn scan(&mut self, input: ScanInput) -> Scanned;
-    /// Every task of the process now, for a dump (on a worker; `now_ns` on the probes'
-    /// clock), with what the dump could not tell added to `notes`. Verdicts are left to the
-    /// caller, which has the scans.
-    fn dump(&mut self, now_ns: u64, notes: &mut Vec<String>) -> Result<Vec<Task>, RuntimeError>;
+    /// Every task of the process now, at most `limit` (the rest counted in a note), for a
+    /// dump (on a worker; `now_ns` on the probes' clock), with what the dump could not tell
+    /// added to `notes`. Verdicts are left to the caller, which has the scans.
+    fn dump(
+        &mut self,
+        now_ns: u64,
+        limit: usize,
+        notes: &mut Vec<String>,
+    ) -> Result<Vec<Task>, RuntimeError>;
 }

@@ -23,6 +23,15 @@ use crate::{
     bpf::ThreadTables,
     detect::{FutexObs, Site, ThreadObs, ThreadSnapshot},
     proc::ProcMem,
+    runtime::{Census, CountMetric},
+};
+
+/// Every process's thread count, OpenTelemetry's `process.thread.count`, by state.
+pub(crate) static THREAD_COUNT: CountMetric = CountMetric {
+    name: "process.thread.count",
+    unit: "{thread}",
+    description: "Threads of the process at leakmon's last scan, by state: running (on a CPU), \
+                  waiting (futex: in a futex wait), off_cpu (any other wait)",
 };
 
 /// What is kept of a thread's long wait between scans: its stack does not change while the
@@ -262,6 +271,34 @@ fn read_small(path: &str) -> Option<String> {
 pub(crate) struct ProcessThreads {
     pub threads: Vec<(u32, ThreadState)>,
     pub waits: HashMap<u32, FutexWait>,
+}
+
+impl ProcessThreads {
+    /// Its threads counted: on a CPU, in a futex wait, off a CPU for anything else.
+    pub(crate) fn count(&self) -> Census {
+        let (mut running, mut futex, mut off) = (0, 0, 0);
+        for (tid, t) in &self.threads {
+            if t.off_cpu_since_ns == 0 {
+                running += 1;
+            } else if self.waits.contains_key(tid) {
+                futex += 1;
+            } else {
+                off += 1;
+            }
+        }
+        let mut census = Census::new(&THREAD_COUNT);
+        let (none, futex_reason): (Arc<str>, Arc<str>) = ("".into(), "futex".into());
+        for (state, reason, n) in [
+            ("running", &none, running),
+            ("waiting", &futex_reason, futex),
+            ("off_cpu", &none, off),
+        ] {
+            if n > 0 {
+                census.add_n(state, reason, n);
+            }
+        }
+        census
+    }
 }
 
 /// Names a long wait: the thread's name and stack, and what the futex is for.

@@ -625,6 +625,7 @@ impl TaskSource for TokioTarget {
     fn dump(
         &mut self,
         now_ns: u64,
+        limit: usize,
         notes: &mut Vec<String>,
     ) -> Result<Vec<crate::dump::Task>, crate::runtime::RuntimeError> {
         let tasks = self.walk_all(now_ns).ok_or(TokioError::NotWalked)?;
@@ -633,7 +634,13 @@ impl TaskSource for TokioTarget {
              by their future's type"
                 .to_owned(),
         );
-        Ok(self.dump_tasks(now_ns, &tasks))
+        if tasks.len() > limit {
+            notes.push(format!(
+                "{} more tasks are not listed: this dump lists at most {limit}",
+                tasks.len() - limit
+            ));
+        }
+        Ok(self.dump_tasks(now_ns, tasks.get(..limit).unwrap_or(&tasks)))
     }
 }
 

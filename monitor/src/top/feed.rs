@@ -111,6 +111,7 @@ fn feed(source: &Source, wanted: &Mutex<Option<u32>>, tx: &Sender<Update>) {
                             runtime: d.process.runtime.to_owned(),
                             pod: d.process.container.pod_name.clone(),
                             tasks: tasks.total,
+                            threads: None,
                             by_state: Vec::new(),
                             history: history.clone(),
                             growth_per_minute: None,

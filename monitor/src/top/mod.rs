@@ -71,6 +71,7 @@ impl State {
             alerts(b.pid)
                 .cmp(&alerts(a.pid))
                 .then(b.tasks.cmp(&a.tasks))
+                .then(b.threads.cmp(&a.threads))
                 .then(a.pid.cmp(&b.pid))
         });
         ps
@@ -184,9 +185,15 @@ pub(crate) fn run(source: Source) -> Result<(), TopError> {
                 }
                 KeyCode::Down | KeyCode::Char('j') => {
                     if state.drilled.is_some() {
-                        state.task_selected += 1;
+                        let groups = match &state.tasks {
+                            Some(Ok(t)) => t.groups.len(),
+                            _ => 0,
+                        };
+                        state.task_selected =
+                            (state.task_selected + 1).min(groups.saturating_sub(1));
                     } else {
-                        state.selected += 1;
+                        let n = state.processes().len();
+                        state.selected = (state.selected + 1).min(n.saturating_sub(1));
                     }
                 }
                 KeyCode::Enter if state.drilled.is_none() => {

@@ -80,6 +80,7 @@ fn overview(f: &mut Frame<'_>, state: &State, title: Rect, body: Rect) {
             p.pid.to_string(),
             p.runtime.clone(),
             p.tasks.to_string(),
+            p.threads.map_or_else(String::new, |t| t.to_string()),
             p.growth_per_minute
                 .map_or_else(String::new, |g| format!("{g:+.0}")),
             if n > 0 { n.to_string() } else { String::new() },
@@ -95,6 +96,7 @@ fn overview(f: &mut Frame<'_>, state: &State, title: Rect, body: Rect) {
             ("PID", 8),
             ("RT", 6),
             ("TASKS", 9),
+            ("THR", 6),
             ("/MIN", 7),
             ("ALERTS", 6),
             ("TREND", 10),

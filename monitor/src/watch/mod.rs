@@ -734,6 +734,15 @@ impl Monitor {
                 .targets
                 .values()
                 .filter_map(|w| Some((&w.info, w.census.as_ref()?)))
+                // A process whose tasks are watched is named as its runtime names it.
+                .chain(
+                    self.threads
+                        .iter()
+                        .flat_map(ThreadWatch::counts)
+                        .map(|(info, c)| {
+                            (self.targets.get(&info.pid).map_or(info, |w| &w.info), c)
+                        }),
+                )
                 .collect(),
             health: Health {
                 probe_hits: s.parks + s.preempts + s.exits,

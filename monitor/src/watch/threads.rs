@@ -11,7 +11,7 @@ use crate::{
     bpf::{BpfError, Probes},
     detect::{ThreadDetector, ThreadSnapshot, Thresholds, Transition, nanos},
     proc,
-    runtime::ProcessInfo,
+    runtime::{Census, ProcessInfo},
     sys::{
         signals,
         workers::{Outcome, Slot, Workers},
@@ -32,6 +32,8 @@ struct Watched {
     /// None until identified; Some(None) for processes not to judge (kernel threads).
     info: Option<Option<ProcessInfo>>,
     slot: Slot<ProcessState, Scanned>,
+    /// Its threads, counted at the last scan.
+    census: Census,
 }
 
 /// Judges the threads of every process (`leakmon run`) or of the watched ones.
@@ -114,6 +116,13 @@ impl ThreadWatch {
             .is_none_or(|pids| pids.iter().any(|pid| proc::is_alive(*pid)))
     }
 
+    /// Every identified process's threads, counted at the last scan.
+    pub(super) fn counts(&self) -> impl Iterator<Item = (&ProcessInfo, &Census)> {
+        self.procs
+            .values()
+            .filter_map(|w| Some((w.info.as_ref()?.as_ref()?, &w.census)))
+    }
+
     /// Processes skipped because a worker still has them past its deadline.
     pub(super) fn stuck(&self) -> usize {
         self.procs.values().filter(|w| w.slot.is_stuck()).count()
@@ -137,6 +146,7 @@ impl ThreadWatch {
                 start,
                 info: None,
                 slot: Slot::new(ProcessState::default()),
+                census: Census::new(&threads::THREAD_COUNT),
             });
             if w.start != start {
                 // The PID was reused: the gone check resolves the old one's alerts.
@@ -149,6 +159,7 @@ impl ThreadWatch {
             if matches!(w.info, Some(None)) {
                 continue;
             }
+            w.census = threads.count();
             let identify = w.info.is_none();
             let symbolizer = self.symbolizer.clone();
             w.slot.dispatch(workers, move |state| {

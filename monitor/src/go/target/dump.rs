@@ -13,9 +13,6 @@ use crate::{
     },
 };
 
-/// Goroutines a dump lists, at most: 200,000 with their stacks shared fit in about 40 MiB;
-/// past that the dump says how many it left out rather than grow.
-const MAX_LISTED: usize = 200_000;
 const GOEXIT: &str = "runtime.goexit";
 
 /// A stack's frames, and where alerts say its goroutines block.
@@ -26,6 +23,7 @@ impl Target {
     pub(super) fn dump_goroutines(
         &mut self,
         now_ns: u64,
+        limit: usize,
         notes: &mut Vec<String>,
     ) -> Result<Vec<Task>, TargetError> {
         let allgs = self.scan.ok_or(TargetError::NoTable)?;
@@ -46,7 +44,7 @@ impl Target {
                 if self.is_system(rec.startpc) {
                     continue;
                 }
-                if out.len() >= MAX_LISTED {
+                if out.len() >= limit {
                     left_out += 1;
                     continue;
                 }
@@ -114,7 +112,7 @@ impl Target {
         }
         if left_out > 0 {
             notes.push(format!(
-                "{left_out} more goroutines are not listed: a dump lists at most {MAX_LISTED}"
+                "{left_out} more goroutines are not listed: this dump lists at most {limit}"
             ));
         }
         Ok(out)
@@ -186,12 +184,17 @@ impl Target {
                 break;
             }
             let (offset, wrapper) = match self.binary.func_entry(at.wrapping_sub(1)) {
-                Some((entry, wrapper)) => (Some(at - entry), wrapper),
+                Some((entry, wrapper)) => (at.checked_sub(entry), wrapper),
                 None => (None, false),
             };
             let last = frames.len().saturating_sub(1);
+            let first = out.len();
             for (i, f) in frames.into_iter().enumerate() {
                 if i == last && wrapper {
+                    // The wrapper's place goes to what was inlined into it, if anything.
+                    if let Some(f) = out.get_mut(first..).and_then(<[Frame]>::last_mut) {
+                        f.inlined = false;
+                    }
                     break;
                 }
                 out.push(Frame {
@@ -200,6 +203,7 @@ impl Target {
                     line: f.line,
                     pc,
                     offset: if i == last { offset } else { None },
+                    inlined: i != last,
                 });
             }
         }

@@ -73,7 +73,7 @@ pub(crate) struct CountPoint {
     pub value: i64,
 }
 
-/// Processes whose counts are exported, at most: the ones with the most tasks. With
+/// Processes whose counts are exported per metric, at most: the ones with the most tasks. With
 /// [`MAX_SERIES_PER_PROCESS`], what bounds the metric's cardinality.
 pub(crate) const MAX_COUNTED_PROCESSES: usize = 512;
 /// Data points of one process, at most: its (state, wait reason) pairs with the most tasks;
@@ -81,13 +81,14 @@ pub(crate) const MAX_COUNTED_PROCESSES: usize = 512;
 pub(crate) const MAX_SERIES_PER_PROCESS: usize = 24;
 
 impl CountPoint {
-    /// The data points of the processes with the most tasks.
+    /// The data points of the processes with the most tasks, per metric (a host's many
+    /// threads do not crowd out its goroutines).
     pub(crate) fn all(counts: &[(&ProcessInfo, &Census)]) -> Vec<CountPoint> {
         let mut by_size: Vec<&(&ProcessInfo, &Census)> = counts.iter().collect();
-        by_size.sort_by_key(|(_, c)| std::cmp::Reverse(c.total()));
+        by_size.sort_by_key(|(_, c)| (c.metric.name, std::cmp::Reverse(c.total())));
         by_size
-            .into_iter()
-            .take(MAX_COUNTED_PROCESSES)
+            .chunk_by(|(_, a), (_, b)| a.metric.name == b.metric.name)
+            .flat_map(|same| same.iter().take(MAX_COUNTED_PROCESSES))
             .flat_map(|(p, c)| Self::of(p, c))
             .collect()
     }
@@ -198,7 +199,11 @@ pub(super) fn provider(
     };
     // Each runtime's task count, once per metric name.
     let mut metrics: Vec<&'static CountMetric> = Vec::new();
-    for m in RUNTIMES.iter().map(|r| r.count) {
+    for m in RUNTIMES
+        .iter()
+        .map(|r| r.count)
+        .chain([&crate::threads::THREAD_COUNT])
+    {
         if !metrics.iter().any(|known| known.name == m.name) {
             metrics.push(m);
         }

@@ -101,7 +101,7 @@ pub(crate) fn dump(
     leaked: bool,
     out: &mut dyn io::Write,
 ) -> Result<(), ClientError> {
-    let (mut reader, _) = ask(
+    let (reader, reply) = ask(
         path,
         &Request::Dump {
             pid,
@@ -109,9 +109,24 @@ pub(crate) fn dump(
             leaked,
         },
     )?;
-    io::copy(&mut reader, out).map_err(|source| ClientError::Io {
+    let Reply::Dump { len } = reply else {
+        return Err(ClientError::Io {
+            path: path.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::InvalidData, "not a dump"),
+        });
+    };
+    let copied = io::copy(&mut reader.take(len), out).map_err(|source| ClientError::Io {
         path: path.to_path_buf(),
         source,
     })?;
+    if copied != len {
+        return Err(ClientError::Io {
+            path: path.to_path_buf(),
+            source: io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the dump was cut off after {copied} of {len} bytes"),
+            ),
+        });
+    }
     Ok(())
 }

@@ -24,11 +24,15 @@ use crate::{
 
 /// Scans of task counts kept per process for trends.
 const HISTORY: usize = 60;
+/// Tasks a dump from the daemon lists, at most (its text or JSON is held whole while sent).
+const DAEMON_LISTED: usize = 20_000;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SocketError {
     #[error("another leakmon daemon serves {path}")]
     InUse { path: PathBuf },
+    #[error("{path} is not a socket: not replaced")]
+    NotSocket { path: PathBuf },
     #[error("cannot serve on {path}")]
     Bind {
         path: PathBuf,
@@ -56,6 +60,13 @@ impl Board {
     /// Serves on `path`.
     pub(crate) fn start(path: &Path, dump: DumpOptions) -> Result<Self, SocketError> {
         let listener = server::bind(path)?;
+        // Dumps share the daemon's memory: fewer tasks listed (`--local` lists them all) and
+        // a smaller symbol cache than a dump taken on its own.
+        let dump = DumpOptions {
+            max_listed: dump.max_listed.min(DAEMON_LISTED),
+            memory_budget: dump.memory_budget / 4,
+            ..dump
+        };
         let shared = Arc::new(Shared {
             view: Mutex::new(View::default()),
             firing: Mutex::new(Vec::new()),
@@ -83,14 +94,14 @@ impl Shared {
     /// it is in (a growing group, a stuck wait), and notes each firing alert of its process.
     fn judge(&self, dump: &mut crate::dump::Dump) {
         let pid = dump.process.pid;
-        let firing = self
+        // Copied out: the scan loop waits on this lock to hand over the next alerts.
+        let alerts: Vec<Alert> = self
             .firing
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let alerts: Vec<&Alert> = firing
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
             .filter(|(p, _)| *p == pid)
-            .map(|(_, a)| a)
+            .map(|(_, a)| a.clone())
             .collect();
         for t in &mut dump.tasks {
             if t.verdict.is_some() {
@@ -102,7 +113,7 @@ impl Shared {
                 t.verdict = Some(a.kind.name);
             }
         }
-        for a in alerts {
+        for a in &alerts {
             let v = alert_view(pid, a);
             dump.notes.push(format!(
                 "firing: {} ({} {}s{}{})",
@@ -133,34 +144,48 @@ impl Sink for Board {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
-        let mut processes = Vec::with_capacity(m.counts.len());
+        // One row per process: its tasks (its runtime's count), its threads.
+        let mut processes: Vec<ProcessView> = Vec::new();
+        let mut row: HashMap<u32, usize> = HashMap::new();
         for (info, census) in &m.counts {
-            let total = census.total();
-            let history = self.history.entry(info.pid).or_default();
-            history.push_back((now, total));
+            let i = *row.entry(info.pid).or_insert_with(|| {
+                processes.push(ProcessView {
+                    pid: info.pid,
+                    exe: info.exe.clone(),
+                    runtime: info.runtime.to_owned(),
+                    pod: info.container.pod_name.clone(),
+                    ..ProcessView::default()
+                });
+                processes.len() - 1
+            });
+            let Some(p) = processes.get_mut(i) else {
+                continue;
+            };
+            if std::ptr::eq(census.metric, &crate::threads::THREAD_COUNT) {
+                p.threads = Some(census.total());
+                continue;
+            }
+            p.runtime = info.runtime.to_owned();
+            p.tasks = census.total();
+            p.by_state = census
+                .counts
+                .iter()
+                .map(|((state, reason), n)| ((*state).to_owned(), reason.to_string(), *n))
+                .collect();
+        }
+        for p in &mut processes {
+            let history = self.history.entry(p.pid).or_default();
+            history.push_back((now, p.tasks));
             if history.len() > HISTORY {
                 history.pop_front();
             }
-            let growth_per_minute = match (history.front(), history.back()) {
+            p.growth_per_minute = match (history.front(), history.back()) {
                 (Some((t0, n0)), Some((t1, n1))) if t1 - t0 >= 10.0 => {
                     Some((*n1 as f64 - *n0 as f64) * 60.0 / (t1 - t0))
                 }
                 _ => None,
             };
-            processes.push(ProcessView {
-                pid: info.pid,
-                exe: info.exe.clone(),
-                runtime: info.runtime.to_owned(),
-                pod: info.container.pod_name.clone(),
-                tasks: total,
-                by_state: census
-                    .counts
-                    .iter()
-                    .map(|((state, reason), n)| ((*state).to_owned(), reason.to_string(), *n))
-                    .collect(),
-                history: history.iter().map(|(_, n)| *n).collect(),
-                growth_per_minute,
-            });
+            p.history = history.iter().map(|(_, n)| *n).collect();
         }
         let watched: std::collections::HashSet<u32> = processes.iter().map(|p| p.pid).collect();
         self.history.retain(|pid, _| watched.contains(pid));

@@ -27,8 +27,10 @@ pub(crate) enum Request {
 pub(crate) enum Reply {
     /// A view follows on this line.
     View(View),
-    /// The dump's bytes follow.
-    Dump,
+    /// The dump's `len` bytes follow.
+    Dump {
+        len: u64,
+    },
     Error(String),
 }
 
@@ -50,8 +52,11 @@ pub(crate) struct ProcessView {
     pub runtime: String,
     #[serde(default)]
     pub pod: Option<String>,
-    /// Tasks now.
+    /// Tasks now (0 for a process whose runtime leakmon does not read).
     pub tasks: u64,
+    /// Threads now, when the thread probes run.
+    #[serde(default)]
+    pub threads: Option<u64>,
     /// (state, wait reason or "", tasks).
     pub by_state: Vec<(String, String, u64)>,
     /// Tasks at the last scans, oldest first.
