@@ -472,7 +472,21 @@ impl TokioTarget {
         let sleepless = self.thread_clock.sleepless(self.pid);
         let never_sleeps = !sleepless.is_empty();
         for (t, s) in picked.iter().zip(sampled) {
-            let verdict = s.verdict();
+            let verdict = match (s.verdict(), spins.get_mut(&t.id)) {
+                // A spin already seen goes on while it rests at a few states, one it was seen
+                // at, whichever is the most common this time; it learns the others.
+                (spins::Verdict::Progress, Some(o)) => match s.spins_among(&o.rests) {
+                    Some(states) => {
+                        let known = states.first().copied().unwrap_or_default();
+                        for state in states {
+                            o.rests_at(state);
+                        }
+                        spins::Verdict::Spins(known)
+                    }
+                    None => spins::Verdict::Progress,
+                },
+                (v, _) => v,
+            };
             log::debug!(
                 "PID {}: task {} sampled: {s:?}: {verdict:?} (busy threads never sleep: {never_sleeps})",
                 self.pid,

@@ -167,7 +167,13 @@ pub(crate) struct Sampled {
     pub rest: Option<u64>,
     /// Reads of the future at rest (not in a poll).
     pub rests: usize,
+    /// The states most often read at rest, with how many reads each (most first; a count of
+    /// 0 is none).
+    pub common: [(u64, usize); COMMON],
 }
+
+/// States at rest kept per sample: as many as one spin may go through.
+pub(crate) const COMMON: usize = 4;
 
 /// What one scan's samples say of a task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,6 +189,27 @@ pub(crate) enum Verdict {
 }
 
 impl Sampled {
+    /// For a task already seen spinning through the states `known`: whether it still spins,
+    /// resting mostly at a few states (each a tenth of the reads or more), one of them known
+    /// (an LTO build's yield loop rests at two or three, none of them always most of the
+    /// reads). Those states, the known ones first.
+    pub(crate) fn spins_among(&self, known: &[u64]) -> Option<Vec<u64>> {
+        let mut states: Vec<(u64, usize)> = self
+            .common
+            .iter()
+            .filter(|(_, n)| *n > 0 && n * 10 >= self.rests)
+            .copied()
+            .collect();
+        let covered: usize = states.iter().map(|(_, n)| n).sum();
+        let agree = self.rests >= MIN_RESTS
+            && covered as f64 >= MIN_SAME_SHARE * self.rests as f64
+            && states.iter().any(|(state, _)| known.contains(state))
+            && self.change_rate >= MIN_CHANGE_RATE
+            && self.idle_stretch <= MAX_IDLE_STRETCH;
+        states.sort_by_key(|(state, _)| !known.contains(state));
+        agree.then(|| states.into_iter().map(|(state, _)| state).collect())
+    }
+
     pub(crate) fn verdict(&self) -> Verdict {
         let Some(rest) = self.rest else {
             // Too few reads at rest to say (its worker off the CPU in mid-poll), or reads that
@@ -251,6 +278,7 @@ impl Tally {
                 .unwrap_or_default(),
             rest: most_common(&self.rests),
             rests: self.rests.len(),
+            common: common(&self.rests),
         }
     }
 }
@@ -320,6 +348,22 @@ pub(crate) fn sample(mem: &ProcMem, tasks: &[Task]) -> Vec<Sampled> {
 
 /// The hash most reads at rest agree on, when enough were taken and `MIN_SAME_SHARE` of them
 /// agree.
+/// The `COMMON` states read most often, with their counts, most first.
+fn common(rests: &[u64]) -> [(u64, usize); COMMON] {
+    let mut sorted = rests.to_vec();
+    sorted.sort_unstable();
+    let mut runs: Vec<(u64, usize)> = sorted
+        .chunk_by(|a, b| a == b)
+        .filter_map(|run| Some((*run.first()?, run.len())))
+        .collect();
+    runs.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut out = [(0, 0); COMMON];
+    for (slot, run) in out.iter_mut().zip(runs) {
+        *slot = run;
+    }
+    out
+}
+
 fn most_common(rests: &[u64]) -> Option<u64> {
     if rests.len() < MIN_RESTS {
         return None;
@@ -388,6 +432,7 @@ mod tests {
             idle_stretch: Duration::from_micros(1),
             rest: Some(1),
             rests: 100,
+            common: [(1, 100), (0, 0), (0, 0), (0, 0)],
         };
         assert_eq!(spinner.verdict(), Verdict::Spins(1));
         // A future that changes, a task that waits, or too little seen.
@@ -409,5 +454,42 @@ mod tests {
             ..spinner
         };
         assert_eq!(unseen.verdict(), Verdict::Unknown);
+    }
+
+    #[test]
+    fn a_known_spin_goes_on_through_its_rests_when_none_is_most_of_them() {
+        // An LTO yield loop: two states at rest, 50/50 this time, both seen before.
+        let mut reads = vec![7u64; 50];
+        reads.extend([9u64; 45]);
+        reads.extend([1, 2, 3, 4, 5]);
+        let s = Sampled {
+            change_rate: 50_000.0,
+            idle_share: 0.3,
+            idle_stretch: Duration::from_micros(1),
+            rest: most_common(&reads),
+            rests: reads.len(),
+            common: common(&reads),
+        };
+        assert_eq!(
+            s.verdict(),
+            Verdict::Progress,
+            "no one state is most of the reads"
+        );
+        assert_eq!(s.spins_among(&[9]), Some(vec![9, 7]));
+        // Not a spin that rested elsewhere, nor a future that changes.
+        assert_eq!(s.spins_among(&[5]), None);
+        let changing: Vec<u64> = (0..100).collect();
+        let c = Sampled {
+            rest: None,
+            common: common(&changing),
+            ..s
+        };
+        assert_eq!(c.spins_among(&[0, 1, 2, 3]), None);
+        // Nor when the task waits between polls.
+        let waits = Sampled {
+            idle_stretch: Duration::from_micros(40),
+            ..s
+        };
+        assert_eq!(waits.spins_among(&[9, 7]), None);
     }
 }
