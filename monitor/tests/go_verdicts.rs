@@ -180,9 +180,11 @@ fn global_channel_leak_is_found_by_growth_and_stays_until_released() {
     require_root();
     let version = fixture_versions().pop().unwrap();
     let bin = fixture(&version, "leaky", false);
+    // Growing for 8 s: found by growth (a 3 s window) while it still grows, on a loaded CI
+    // machine too, then left to stand.
     let fx = start_fixture(
         &bin,
-        &["-mode", "global", "-interval", "200ms", "-grow-for", "4s"],
+        &["-mode", "global", "-interval", "200ms", "-grow-for", "8s"],
     );
     let pid = fx.pid();
     let mut lm = Leakmon::watch(&[pid], &["--update-interval", "1s"]);
@@ -195,8 +197,8 @@ fn global_channel_leak_is_found_by_growth_and_stays_until_released() {
         fired["growth_per_minute"].as_f64().unwrap() > 0.0,
         "{fired:#}"
     );
-    // Growth stops after 4 s; the leaked goroutines stay: firing, with updates, no resolution.
-    let later = lm.collect_for(Duration::from_secs(12));
+    // Growth stops after 8 s; the leaked goroutines stay: firing, with updates, no resolution.
+    let later = lm.collect_for(Duration::from_secs(14));
     let resolved: Vec<&Value> = later.iter().filter(|a| a["state"] == "resolved").collect();
     assert!(resolved.is_empty(), "resolved while leaked: {resolved:#?}");
     let last = later
