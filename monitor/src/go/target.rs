@@ -249,6 +249,13 @@ struct Park {
     since_ns: u64,
 }
 
+impl Park {
+    /// What a park of `rec` looks like from scan to scan.
+    fn signature(rec: &GRecord) -> (u64, u8, u8) {
+        (rec.stack_depth, rec.waitreason, rec.tracking_seq)
+    }
+}
+
 /// What the probes or the scan saw of a goroutine.
 #[derive(Clone, Copy)]
 enum Seen {
@@ -400,7 +407,7 @@ impl Target {
                 if !parked {
                     continue;
                 }
-                let signature = (rec.stack_depth, rec.waitreason, rec.tracking_seq);
+                let signature = Park::signature(&rec);
                 let since_ns = match previous.get(&rec.goid) {
                     Some(p) if p.signature == signature => p.since_ns,
                     _ => now_ns,

@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use super::{MAX_CHAN_READS, MAX_GS, READ_CHUNK, Target, TargetError};
+use super::{MAX_CHAN_READS, MAX_GS, Park, READ_CHUNK, Target, TargetError};
 use crate::{
     detect::{GroupKey, Site, WaitsOn},
     dump::{Creator, Frame, Task},
@@ -32,6 +32,8 @@ impl Target {
         // Each distinct stack once: its frames, and where alerts say its goroutines block.
         let mut stacks: HashMap<Vec<u64>, StackSeen> = HashMap::new();
         let mut channels: HashMap<u64, Option<waits::ChannelState>> = HashMap::new();
+        // The `go` statement each creation PC is (a leak's goroutines share one).
+        let mut creators: HashMap<u64, Option<Frame>> = HashMap::new();
         let (mut running, mut left_out) = (0u64, 0u64);
         let empty: Arc<[Frame]> = Arc::from([]);
         for chunk in gs.chunks(READ_CHUNK) {
@@ -68,7 +70,14 @@ impl Target {
                         }
                     }
                 };
-                let creator = self.dump_frames(&[rec.gopc]).into_iter().next();
+                let creator = match creators.get(&rec.gopc) {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = self.dump_frames(&[rec.gopc]).into_iter().next();
+                        creators.insert(rec.gopc, c.clone());
+                        c
+                    }
+                };
                 let waits_on = if waiting {
                     self.dump_waits(*addr, &rec, &mut channels)
                 } else {
@@ -122,11 +131,10 @@ impl Target {
     /// park, or since the GC first scanned it parked (`g.waitsince`, what Go's own dumps
     /// print as minutes), whichever says longer.
     fn waited(&self, rec: &GRecord, now_ns: u64) -> Option<u64> {
-        let signature = (rec.stack_depth, rec.waitreason, rec.tracking_seq);
         let scanned = self
             .parks
             .get(&rec.goid)
-            .filter(|p| p.signature == signature)
+            .filter(|p| p.signature == Park::signature(rec))
             .map(|p| now_ns.saturating_sub(p.since_ns));
         let since = u64::try_from(rec.waitsince).unwrap_or(0);
         let gc = (since > 0 && since <= now_ns).then(|| now_ns - since);
