@@ -264,3 +264,79 @@ fn busy_http_server_with_the_analysis_running_is_silent() {
     assert!(n > 1000, "only {n} requests served in 20 s");
     lm.stop();
 }
+
+/// Locks and stack slots, as the runtime's own GC sees them (issue 20): waiters of a lock
+/// held by a leaked goroutine are proven leaked, never first called stuck; a lock held by a
+/// live goroutine stays `goroutine_stuck`; a channel left only in a dead stack slot of a
+/// live goroutine does not keep its senders alive, one in a live slot does.
+#[test]
+fn locks_and_stack_slots_are_judged_as_the_runtime_sees_them() {
+    require_root();
+    let markers = markers();
+    for version in fixture_versions() {
+        for stripped in [false, true] {
+            let what = format!("go{version}{}", if stripped { " stripped" } else { "" });
+            let bin = fixture(&version, "leaky", stripped);
+            let once_mutex = start_fixture(&bin, &["-mode", "once-mutex"]);
+            let dead = start_fixture(&bin, &["-mode", "deadslot"]);
+            let live = start_fixture(&bin, &["-mode", "liveslot"]);
+            let held = start_fixture(&bin, &["-mode", "mutex"]);
+            let pids = [once_mutex.pid(), dead.pid(), live.pid(), held.pid()];
+            let mut lm = Leakmon::watch(&pids, &[]);
+            for (p, mode, reason, kind) in [
+                (&once_mutex, "once-mutex", "sync.Mutex.Lock", "lock"),
+                (&dead, "deadslot", "chan send", "channel"),
+            ] {
+                let pid = p.pid();
+                let a = lm.expect(&format!("{mode} proven on {what}"), |a| {
+                    for_pid(pid)(a)
+                        && a["kind"] == "goroutine_leak"
+                        && a["state"] == "firing"
+                        && a["wait_reason"] == reason
+                });
+                let w = format!("{mode} on {what}: {a:#}");
+                assert_eq!(a["proof"], "unreachable", "{w}");
+                assert_eq!(a["proven"], 3, "{w}");
+                assert_eq!(a["count"], 3, "{w}");
+                assert_eq!(a["waits_on"]["kind"], kind, "{w}");
+                let (create, block) = markers[mode];
+                assert_eq!(a["created_at"]["line"], create, "{w}");
+                assert_eq!(a["blocked_at"]["line"], block, "{w}");
+            }
+            // The holder itself leaked on its send.
+            let holder = lm.expect(&format!("once-mutex holder on {what}"), |a| {
+                for_pid(once_mutex.pid())(a)
+                    && a["kind"] == "goroutine_leak"
+                    && a["wait_reason"] == "chan send"
+            });
+            assert_eq!(holder["proven"], 1, "{what}: {holder:#}");
+            // Held by the main goroutine, which lives: stuck, no proof of a leak.
+            let stuck = lm.expect(&format!("mutex stuck on {what}"), |a| {
+                for_pid(held.pid())(a) && a["state"] == "firing"
+            });
+            assert_eq!(stuck["kind"], "goroutine_stuck", "{what}: {stuck:#}");
+            assert_eq!(stuck["count"], 3, "{what}: {stuck:#}");
+            let all = lm.collect_for(Duration::from_secs(3));
+            let wrong: Vec<&Value> = all
+                .iter()
+                .filter(|a| {
+                    a["pid"] == live.pid()
+                        || (a["pid"] == held.pid() && a["kind"] != "goroutine_stuck")
+                        || ((a["pid"] == once_mutex.pid() || a["pid"] == dead.pid())
+                            && a["kind"] != "goroutine_leak")
+                })
+                .collect();
+            assert!(wrong.is_empty(), "{what}: unexpected alerts {wrong:#?}");
+            for p in [&once_mutex, &dead, &held] {
+                p.signal(libc::SIGUSR1);
+            }
+            for p in [&once_mutex, &dead, &held] {
+                let pid = p.pid();
+                lm.expect(&format!("{pid} resolved on {what}"), |a| {
+                    for_pid(pid)(a) && a["state"] == "resolved"
+                });
+            }
+            lm.stop();
+        }
+    }
+}

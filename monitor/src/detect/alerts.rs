@@ -9,7 +9,6 @@ use super::{
     Snapshot,
     book::{Alert, AlertBook, Transition},
     groups::{GroupKey, WaitsOn, blocked_groups, running_groups},
-    policy::Finding,
     rules::{History, Thresholds, WaitClass, nanos},
 };
 
@@ -122,13 +121,10 @@ impl Detector {
             if grows || proven > 0 || !group.leaked.is_empty() {
                 group.leaked.extend(members.ids.iter().map(|(g, _, _)| *g));
             }
-            let kind = if !group.leaked.is_empty() && class != WaitClass::Stuck {
-                policy.kind(Finding::Leak)
-            } else if class == WaitClass::Stuck {
-                policy.kind(Finding::Stuck)
-            } else {
+            let Some(finding) = policy.finding(reason, !group.leaked.is_empty()) else {
                 continue;
             };
+            let kind = policy.kind(finding);
             // What nothing can ever wake needs no analysis to be proven.
             let (proof, proven) = if let Some(proof) = policy.never_woken(reason) {
                 (Some(proof), members.count)

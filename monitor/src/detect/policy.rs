@@ -44,6 +44,16 @@ pub(crate) trait Policy: Send + Sync + std::fmt::Debug {
     fn hint(&self, kind: &'static AlertKind, _wait_reason: Option<&str>) -> &'static str {
         kind.hint
     }
+    /// What a blocked group waiting for `reason` is: leaked (proven by an analysis, or
+    /// growing) is a leak whatever the wait, a lock never released among them; otherwise a
+    /// wait classed stuck is stuck, and the rest is nothing yet.
+    fn finding(&self, reason: &str, leaked: bool) -> Option<Finding> {
+        if leaked {
+            Some(Finding::Leak)
+        } else {
+            (self.classify(reason) == WaitClass::Stuck).then_some(Finding::Stuck)
+        }
+    }
     /// Whether tasks started at `entry` waiting for `reason` may be a finding at all: not the
     /// runtime's own, and not the main task waiting its whole life (Go's main in `select{}`
     /// or `wg.Wait()` on lifetime workers), where only a lock it never gets is one.

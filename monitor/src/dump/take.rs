@@ -11,7 +11,7 @@ use std::{
 use super::{Dump, Task};
 use crate::{
     bpf::TaskRecords,
-    detect::{Due, Finding, TaskState, Thresholds, WaitClass},
+    detect::{Due, TaskState, Thresholds, WaitClass},
     proc,
     runtime::{
         Binaries, Context, InspectError, Inspected, Runtime, RuntimeError, ScanInput, Scanned,
@@ -138,19 +138,16 @@ pub(crate) fn take(pid: u32, options: &DumpOptions) -> Result<Dump, DumpError> {
                         let TaskState::Parked { wait_reason, .. } = &o.state else {
                             return None;
                         };
-                        // As the detector names them: what nothing can wake and is not a
-                        // lock wait is a leak; a proof of a stuck wait (a lost waker) keeps
-                        // its kind.
+                        // As the detector names them: proven by an analysis is a leak;
+                        // what nothing can wake keeps its kind (a nil channel is stuck).
                         let never_woken = policy.never_woken(wait_reason).is_some();
-                        let found = o.proven || never_woken;
-                        (found && policy.may_find(&o.entry, wait_reason)).then(|| {
-                            let finding = if policy.classify(wait_reason) == WaitClass::Stuck {
-                                Finding::Stuck
-                            } else {
-                                Finding::Leak
-                            };
-                            (o.id, policy.kind(finding).name)
-                        })
+                        let leaked = o.proven
+                            || (never_woken && policy.classify(wait_reason) != WaitClass::Stuck);
+                        let finding = policy.finding(wait_reason, leaked);
+                        ((o.proven || never_woken) && policy.may_find(&o.entry, wait_reason))
+                            .then_some(finding)
+                            .flatten()
+                            .map(|f| (o.id, policy.kind(f).name))
                     })
                     .collect();
             }

@@ -18,6 +18,7 @@ mod policy;
 mod prologue;
 mod reach;
 mod runtime;
+mod stackmaps;
 mod symbols;
 mod table;
 mod target;
@@ -396,7 +397,6 @@ impl GoBinary {
         self.pclntab.gofunc_base().is_some()
     }
 
-    #[cfg(test)]
     pub(crate) fn pclntab(&self) -> &Pclntab {
         &self.pclntab
     }

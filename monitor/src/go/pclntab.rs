@@ -66,6 +66,10 @@ pub(crate) struct Func {
     /// First address past the function (next function's entry).
     pub end: u64,
     name_off: u32,
+    /// `_func.args`: bytes of arguments (`i32::MIN`, ArgsSizeUnknown, for reflect stubs).
+    pub args: i32,
+    /// pc-value table of the stack pointer's distance from its value at entry.
+    pub pcsp: u32,
     pcfile: u32,
     pcln: u32,
     npcdata: u32,
@@ -73,6 +77,8 @@ pub(crate) struct Func {
     /// `_func.funcID`: what kind of function the runtime takes it for (its wrappers are left
     /// out of tracebacks).
     pub func_id: u8,
+    /// `_func.flag`: `FuncFlagTopFrame` (1), `FuncFlagSPWrite` (2), `FuncFlagAsm` (4).
+    pub flag: u8,
     nfuncdata: u8,
 }
 
@@ -185,11 +191,14 @@ impl Pclntab {
             entry: self.text_start + u64::from(at(0)?),
             end: self.text_start + u64::from(self.entry_off(i + 1)?),
             name_off: at(4)?,
+            args: at(8)? as i32,
+            pcsp: at(16)?,
             pcfile: at(20)?,
             pcln: at(24)?,
             npcdata: at(28)?,
             cu_offset: at(32)?,
             func_id: rec[40],
+            flag: rec[41],
             nfuncdata: rec[43],
         })
     }
@@ -228,7 +237,7 @@ impl Pclntab {
         cstr_at(&self.data, self.funcnametab.checked_add(name_off as usize)?)
     }
 
-    fn pcdata_off(&self, f: &Func, index: u32) -> Option<u32> {
+    pub(crate) fn pcdata_off(&self, f: &Func, index: u32) -> Option<u32> {
         if index >= f.npcdata {
             return None;
         }
@@ -241,6 +250,12 @@ impl Pclntab {
         }
         let at = f.off + FUNC_LEN + 4 * (f.npcdata as usize + index as usize);
         u32_at(&self.data, at).filter(|&o| o != u32::MAX)
+    }
+
+    /// The FUNCDATA blob `index` of `f`: the bytes of `go:func.*` from where it starts.
+    pub(crate) fn funcdata(&self, f: &Func, index: u32) -> Option<&[u8]> {
+        let gofunc = self.gofunc.as_ref()?;
+        gofunc.bytes.get(self.funcdata_off(f, index)? as usize..)
     }
 
     /// Value of the pc-value table at `table` (offset into pctab) for `pc`.

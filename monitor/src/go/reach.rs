@@ -18,6 +18,7 @@ use std::collections::HashSet;
 use super::heap::{Heap, Object};
 use super::layouts::HeapOffsets;
 use super::pclntab::u64_at;
+use super::stackmaps::{self, FrameMaps};
 use super::waits::WaitObject;
 use crate::proc::ProcMem;
 
@@ -43,6 +44,9 @@ pub(crate) struct Goroutine {
     /// The stack range in use: `[sched.sp, stack.hi)` when parked, the whole stack when
     /// running or in a system call (its `sched.sp` is stale).
     pub stack: (u64, u64),
+    /// Where it parked (`sched.pc`) when it is parked with its stack in place: its frames
+    /// are then scanned by the runtime's stack maps. `None`: the whole stack is scanned.
+    pub parked_pc: Option<u64>,
     /// What it waits on, when it is a candidate; `None` otherwise (a root).
     pub candidate: Option<Vec<WaitObject>>,
 }
@@ -54,6 +58,10 @@ pub(crate) struct Outcome {
     pub leaked: Vec<usize>,
     pub bytes_read: u64,
     pub objects_marked: u64,
+    /// Root stacks scanned by their stack maps, and scanned whole (running, in a system
+    /// call, or not described exactly by the maps).
+    pub precise_stacks: u64,
+    pub conservative_stacks: u64,
 }
 
 /// Why an analysis gave no verdict.
@@ -69,14 +77,15 @@ pub(crate) enum ReachError {
 const MAX_CHAINS_TOLD: usize = 16;
 
 /// Runs the analysis over `goroutines` (all of them: the candidates and every other live
-/// one), the heap read just before and `globals` (biased address ranges). Reads at most
-/// `max_bytes` of the process's memory.
+/// one), the heap read just before and `globals` (biased address ranges). Parked stacks are
+/// scanned by `maps` when given. Reads at most `max_bytes` of the process's memory.
 pub(crate) fn analyse(
     mem: &ProcMem,
     heap: &Heap,
     off: &HeapOffsets,
     globals: &[(u64, u64)],
     goroutines: &[Goroutine],
+    mut maps: Option<&mut dyn FrameMaps>,
     max_bytes: u64,
 ) -> Result<Outcome, ReachError> {
     let mut m = Marker::new(mem, heap, off, goroutines, max_bytes);
@@ -87,7 +96,7 @@ pub(crate) fn analyse(
     let mut live: Vec<bool> = goroutines.iter().map(|g| g.candidate.is_none()).collect();
     for (i, g) in goroutines.iter().enumerate() {
         if live[i] {
-            m.root_goroutine(g)?;
+            m.root_goroutine(g, maps.as_deref_mut())?;
         }
     }
     m.drain()?;
@@ -118,7 +127,7 @@ pub(crate) fn analyse(
             }
             live[i] = true;
             woke = true;
-            m.root_goroutine(g)?;
+            m.root_goroutine(g, maps.as_deref_mut())?;
         }
         if !woke {
             break;
@@ -129,10 +138,17 @@ pub(crate) fn analyse(
         leaked: (0..goroutines.len()).filter(|i| !live[*i]).collect(),
         bytes_read: m.bytes_read,
         objects_marked: m.marked_count,
+        precise_stacks: m.precise_stacks,
+        conservative_stacks: m.conservative_stacks,
     })
 }
 
+/// Stacks larger than this are scanned whole, in pieces, with no maps.
+const MAX_PRECISE_STACK: u64 = 8 << 20;
+
 struct Marker<'a> {
+    precise_stacks: u64,
+    conservative_stacks: u64,
     mem: &'a ProcMem,
     heap: &'a Heap,
     off: &'a HeapOffsets,
@@ -160,6 +176,8 @@ impl<'a> Marker<'a> {
         max_bytes: u64,
     ) -> Self {
         Self {
+            precise_stacks: 0,
+            conservative_stacks: 0,
             mem,
             heap,
             off,
@@ -377,15 +395,61 @@ impl<'a> Marker<'a> {
     }
 
     /// A live goroutine's stack and `g` are roots.
-    fn root_goroutine(&mut self, g: &Goroutine) -> Result<(), ReachError> {
+    fn root_goroutine<M: FrameMaps + ?Sized>(
+        &mut self,
+        g: &Goroutine,
+        maps: Option<&mut M>,
+    ) -> Result<(), ReachError> {
         let (lo, hi) = g.stack;
-        if hi > lo && hi - lo <= 1 << 30 {
-            self.scan_range(lo, hi - lo)?;
-        }
+        // The g first: its words that point into the stack (defer and panic records kept
+        // there) reach the stack objects they name.
+        let mut seeds = Vec::new();
         if let Some(o) = self.heap.find(g.g) {
+            self.charge(o.size as usize)?;
+            let mut obj = vec![0u8; o.size as usize];
+            if !self.mem.read(o.base, &mut obj) {
+                return Err(ReachError::Unreadable);
+            }
+            seeds.extend(
+                obj.as_chunks::<8>()
+                    .0
+                    .iter()
+                    .map(|w| u64::from_le_bytes(*w))
+                    .filter(|v| (lo..hi).contains(v)),
+            );
             // All but `stack.hi` (see [`not_references`]).
-            self.scan_range(o.base, 8)?;
-            self.scan_range(o.base + 16, o.size.saturating_sub(16))?;
+            self.scan_words(o.base, &obj[..8.min(obj.len())], None);
+            self.scan_words(o.base + 16, obj.get(16..).unwrap_or_default(), None);
+        }
+        if hi <= lo || hi - lo > 1 << 30 {
+            return Ok(());
+        }
+        let (Some(pc), Some(maps)) = (g.parked_pc, maps) else {
+            self.conservative_stacks += 1;
+            return self.scan_range(lo, hi - lo);
+        };
+        if hi - lo > MAX_PRECISE_STACK {
+            self.conservative_stacks += 1;
+            return self.scan_range(lo, hi - lo);
+        }
+        let mut stack = vec![0u8; (hi - lo) as usize];
+        if !self.mem.read(lo, &mut stack) {
+            self.conservative_stacks += 1;
+            return self.scan_range(lo, hi - lo);
+        }
+        let words = stackmaps::live_words(maps, pc, lo, &stack, &seeds);
+        self.charge(stack.len())?;
+        match words {
+            Some(words) => {
+                self.precise_stacks += 1;
+                for w in words {
+                    self.scan_words(lo, &stack, Some(w));
+                }
+            }
+            None => {
+                self.conservative_stacks += 1;
+                self.scan_words(lo, &stack, None);
+            }
         }
         Ok(())
     }
@@ -663,15 +727,17 @@ mod tests {
             Goroutine {
                 g: base + 8192 + 640,
                 stack: (stack, stack + 8),
+                parked_pc: None,
                 candidate: chan(chan_a),
             },
             Goroutine {
                 g: base + 8192 + 704,
                 stack: (stack, stack + 8),
+                parked_pc: None,
                 candidate: chan(chan_b),
             },
         ];
-        let out = analyse(&mem, &heap, &offsets(), &[(global, 8)], &gs, 1 << 20).unwrap();
+        let out = analyse(&mem, &heap, &offsets(), &[(global, 8)], &gs, None, 1 << 20).unwrap();
         assert_eq!(
             out.leaked,
             vec![1],
@@ -679,7 +745,7 @@ mod tests {
         );
         // Without the buffer's shape (end not just past 512 entries), the word is a reference.
         f.set(p + 72, entries + 511 * 8);
-        let out = analyse(&mem, &heap, &offsets(), &[(global, 8)], &gs, 1 << 20).unwrap();
+        let out = analyse(&mem, &heap, &offsets(), &[(global, 8)], &gs, None, 1 << 20).unwrap();
         assert!(out.leaked.is_empty(), "{out:?}");
         drop(f);
     }
@@ -735,29 +801,31 @@ mod tests {
             Goroutine {
                 g: obj(4),
                 stack: (stack_a, stack_a + 16),
+                parked_pc: None,
                 candidate: chan(obj(1)),
             },
             Goroutine {
                 g: obj(5),
                 stack: (stack_b, stack_b + 16),
+                parked_pc: None,
                 candidate: chan(obj(2)),
             },
         ];
-        let out = analyse(&mem, &heap, &offsets(), &[(global, 8)], &gs, 1 << 20).unwrap();
+        let out = analyse(&mem, &heap, &offsets(), &[(global, 8)], &gs, None, 1 << 20).unwrap();
         assert_eq!(out.leaked, vec![1]);
         // A live root pointing at B through a sudog-free object clears it too.
         f.set(global, obj(2));
-        let out = analyse(&mem, &heap, &offsets(), &[(global, 8)], &gs, 1 << 20).unwrap();
+        let out = analyse(&mem, &heap, &offsets(), &[(global, 8)], &gs, None, 1 << 20).unwrap();
         assert_eq!(out.leaked, vec![0]);
         // A candidate made live by its object wakes what its stack holds (fixpoint): A is
         // reached from the global through object 3; candidate 0's stack holds B.
         f.set(global, obj(3));
         f.set(stack_a, obj(2));
-        let out = analyse(&mem, &heap, &offsets(), &[(global, 8)], &gs, 1 << 20).unwrap();
+        let out = analyse(&mem, &heap, &offsets(), &[(global, 8)], &gs, None, 1 << 20).unwrap();
         assert!(out.leaked.is_empty(), "{out:?}");
         // Over budget: no verdict.
         assert_eq!(
-            analyse(&mem, &heap, &offsets(), &[(global, 8)], &gs, 8).unwrap_err(),
+            analyse(&mem, &heap, &offsets(), &[(global, 8)], &gs, None, 8).unwrap_err(),
             ReachError::OverBudget
         );
         drop(f);

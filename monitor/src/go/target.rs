@@ -14,7 +14,7 @@ use super::{
     Frame, GoBinary, GoError,
     budget::ReachBudget,
     heap::Heap,
-    reach,
+    reach, stackmaps,
     task::{self, GRecord, pick_frame},
     waits::{self, WaitClass, WaitKind, WaitObject},
 };
@@ -51,6 +51,8 @@ struct Resolved {
     stack: Option<Stack>,
     /// What it waits on (candidates for the reachability analysis only), once known.
     waits: Option<Arc<[WaitObject]>>,
+    /// Scans its lock wait was held back for, awaiting the analyses' verdict.
+    held: u8,
 }
 
 /// One shared copy of each site and name (a leak is thousands of goroutines with the same few).
@@ -135,6 +137,8 @@ pub(crate) struct Target {
     analyses: u64,
     /// What the analyses may spend, shared by every process.
     reach: Arc<ReachBudget>,
+    /// The runtime's stack maps by PC, as the analyses read them.
+    frame_maps: stackmaps::MapCache,
 }
 
 impl TaskSource for Target {
@@ -223,6 +227,9 @@ type Analysed = HashMap<u64, (Arc<[WaitObject]>, bool)>;
 /// from 30 s, doubling, up to 10 minutes.
 const RECHECK_MIN_NS: u64 = 30_000_000_000;
 const RECHECK_MAX_NS: u64 = 600_000_000_000;
+/// Scans a lock wait is held back for at most, awaiting the analyses (a proof takes two, the
+/// first a scan after the wait is due).
+const HOLD_SCANS: u8 = 5;
 /// Channels whose state is read per scan, at most (for the alerts: one per group is enough).
 const MAX_CHAN_READS: usize = 256;
 
@@ -322,6 +329,7 @@ impl Target {
             recheck_backoff_ns: RECHECK_MIN_NS,
             analyses: 0,
             reach,
+            frame_maps: stackmaps::MapCache::default(),
         })
     }
 
@@ -398,9 +406,12 @@ impl Target {
                     *counted.entry((state, code)).or_default() += 1;
                 }
                 if analyse && rec.status != task::G_DEAD && rec.status != 0 {
+                    let stack = live_stack(&rec);
                     roots.push(reach::Goroutine {
                         g: *addr,
-                        stack: live_stack(&rec),
+                        stack,
+                        // Parked with its stack in place: scanned by its stack maps.
+                        parked_pc: (parked && stack.0 == rec.sched_sp).then_some(rec.sched_pc),
                         candidate: None,
                     });
                 }
@@ -469,6 +480,7 @@ impl Target {
             .any(|(goid, w)| !self.settled(*goid, w.as_ref()));
         self.analysis_due = !current.is_empty() && (unsettled || now_ns >= self.recheck_at_ns);
         let proven: HashSet<u64> = self.proven.keys().copied().collect();
+        let held = self.hold_lock_waits(&candidates, &proven);
         let mut channels: HashMap<u64, Option<waits::ChannelState>> = HashMap::new();
         for Candidate { index: i, rec, .. } in &candidates {
             let Some(waits) = self.waits_of(rec.goid) else {
@@ -490,6 +502,13 @@ impl Target {
                 state: channel.map(|c| Arc::new(c.described())),
                 objects: 1,
             }));
+        }
+        if !held.is_empty() {
+            judged = judged
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, o)| (!held.contains(&i)).then_some(o))
+                .collect();
         }
         let mut census = Census::new(&super::kinds::GOROUTINES);
         for ((state, code), n) in counted {
@@ -592,6 +611,11 @@ impl Target {
             &self.binary.heap,
             &globals,
             &goroutines,
+            Some(&mut stackmaps::ProcessMaps {
+                table: self.binary.pclntab(),
+                bias: self.bias,
+                cache: &mut self.frame_maps,
+            }),
             budget.limit(),
         );
         let bytes = match &result {
@@ -616,13 +640,15 @@ impl Target {
         log::log!(
             level,
             "PID {}: reachability analysis: {} candidates, {} leaked, {} objects marked, {} KiB \
-             read in {:?}",
+             read in {:?}; {} stacks scanned by their stack maps, {} whole",
             self.pid,
             goid_of.len(),
             outcome.leaked.len(),
             outcome.objects_marked,
             outcome.bytes_read >> 10,
-            started.elapsed()
+            started.elapsed(),
+            outcome.precise_stacks,
+            outcome.conservative_stacks,
         );
         let leaked: HashMap<u64, Arc<[WaitObject]>> = outcome
             .leaked
@@ -647,6 +673,38 @@ impl Target {
         self.leaked = leaked;
         let [older, last] = &mut self.analysed;
         *older = std::mem::replace(last, analysed);
+    }
+
+    /// Lock waiters (indices into this scan's judged) not admitted yet: a lock's waiters are
+    /// judged once the analyses have had their say, proven leaked (nothing live can unlock
+    /// it) or found live by two in a row (stuck), so a lock left held by a leaked goroutine
+    /// fires as a leak, not first as stuck. At most [`HOLD_SCANS`] scans per park, and only
+    /// while analyses can run.
+    fn hold_lock_waits(
+        &mut self,
+        candidates: &[Candidate],
+        proven: &HashSet<u64>,
+    ) -> HashSet<usize> {
+        let mut held = HashSet::new();
+        if self.binary.mheap.is_none() {
+            return held;
+        }
+        for c in candidates {
+            if c.class != WaitClass::Lock || proven.contains(&c.rec.goid) {
+                continue;
+            }
+            let waits = self.waits_of(c.rec.goid);
+            if self.settled(c.rec.goid, waits.as_ref()) {
+                continue;
+            }
+            if let Some(r) = self.resolved.get_mut(&c.rec.goid)
+                && r.held < HOLD_SCANS
+            {
+                r.held += 1;
+                held.insert(c.index);
+            }
+        }
+        held
     }
 
     /// Whether a goroutine that started at `startpc` is one of the runtime's own.
@@ -801,6 +859,7 @@ impl Target {
             blocked_at: blocked_at.map(|s| self.interned.site(s)),
             stack,
             waits: None,
+            held: 0,
         }
     }
 

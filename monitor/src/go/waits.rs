@@ -24,6 +24,8 @@ pub(super) enum WaitKind {
     Semaphore,
     /// A `sync.Cond`'s notify list.
     Cond,
+    /// A `sync.Mutex` or `RWMutex`: the semaphore word inside it its waiters sleep on.
+    Lock,
 }
 
 impl WaitKind {
@@ -32,6 +34,7 @@ impl WaitKind {
             WaitKind::Channel => "channel",
             WaitKind::Semaphore => "semaphore",
             WaitKind::Cond => "cond",
+            WaitKind::Lock => "lock",
         }
     }
 }
@@ -42,15 +45,19 @@ pub(crate) enum WaitClass {
     Channel,
     Semaphore,
     Cond,
+    Lock,
 }
 
 impl WaitClass {
-    /// The waits whose object can prove a leak (`None` for locks, nil channels, I/O, ...).
+    /// The waits whose object can prove a leak (`None` for nil channels, I/O, ...). A lock
+    /// nothing live can reach can never be unlocked: its waiters are candidates too, as in
+    /// the runtime's own leak detection.
     pub(crate) fn of(reason: &str) -> Option<WaitClass> {
         match reason {
             "chan send" | "chan receive" | "select" => Some(WaitClass::Channel),
             "sync.WaitGroup.Wait" | "semacquire" => Some(WaitClass::Semaphore),
             "sync.Cond.Wait" => Some(WaitClass::Cond),
+            "sync.Mutex.Lock" | "sync.RWMutex.Lock" | "sync.RWMutex.RLock" => Some(WaitClass::Lock),
             _ => None,
         }
     }
@@ -112,6 +119,7 @@ pub(crate) fn wait_objects(
                 WaitClass::Channel => (WaitKind::Channel, off.sudog_c),
                 WaitClass::Semaphore => (WaitKind::Semaphore, off.sudog_elem),
                 WaitClass::Cond => (WaitKind::Cond, off.sudog_elem),
+                WaitClass::Lock => (WaitKind::Lock, off.sudog_elem),
             };
             let mut sudog = waiting;
             let mut seen = 0;
@@ -129,10 +137,14 @@ pub(crate) fn wait_objects(
                 seen += 1;
             }
         }
-        (WaitClass::Semaphore, Some(found)) => {
+        (WaitClass::Semaphore | WaitClass::Lock, Some(found)) => {
             if let Some((_, elem)) = found.get(&g).filter(|(_, e)| *e != 0) {
                 objects.push(WaitObject {
-                    kind: WaitKind::Semaphore,
+                    kind: if class == WaitClass::Lock {
+                        WaitKind::Lock
+                    } else {
+                        WaitKind::Semaphore
+                    },
                     addr: *elem,
                 });
             }
