@@ -281,7 +281,14 @@ fn locks_and_stack_slots_are_judged_as_the_runtime_sees_them() {
             let dead = start_fixture(&bin, &["-mode", "deadslot"]);
             let live = start_fixture(&bin, &["-mode", "liveslot"]);
             let held = start_fixture(&bin, &["-mode", "mutex"]);
-            let pids = [once_mutex.pid(), dead.pid(), live.pid(), held.pid()];
+            let holding = start_fixture(&bin, &["-mode", "heldlock"]);
+            let pids = [
+                once_mutex.pid(),
+                dead.pid(),
+                live.pid(),
+                held.pid(),
+                holding.pid(),
+            ];
             let mut lm = Leakmon::watch(&pids, &[]);
             for (p, mode, reason, kind) in [
                 (&once_mutex, "once-mutex", "sync.Mutex.Lock", "lock"),
@@ -316,21 +323,40 @@ fn locks_and_stack_slots_are_judged_as_the_runtime_sees_them() {
             });
             assert_eq!(stuck["kind"], "goroutine_stuck", "{what}: {stuck:#}");
             assert_eq!(stuck["count"], 3, "{what}: {stuck:#}");
+            assert_eq!(stuck["waits_on"]["kind"], "lock", "{what}: {stuck:#}");
+            assert_eq!(stuck["waits_on"]["locked"], true, "{what}: {stuck:#}");
+            // Held by a goroutine whose live stack slots point to the lock: named.
+            let named = lm.expect(&format!("heldlock stuck on {what}"), |a| {
+                for_pid(holding.pid())(a) && a["state"] == "firing"
+            });
+            let w = format!("heldlock on {what}: {named:#}");
+            assert_eq!(named["kind"], "goroutine_stuck", "{w}");
+            assert_eq!(named["proof"], Value::Null, "{w}");
+            let (create, block) = markers["heldlock"];
+            assert_eq!(named["created_at"]["line"], create, "{w}");
+            assert_eq!(named["blocked_at"]["line"], block, "{w}");
+            assert!(
+                named["waits_on"]["held_by"]
+                    .as_str()
+                    .is_some_and(|h| h.starts_with("goroutine ") && h.contains("main.holdLock")),
+                "{w}"
+            );
             let all = lm.collect_for(Duration::from_secs(3));
             let wrong: Vec<&Value> = all
                 .iter()
                 .filter(|a| {
                     a["pid"] == live.pid()
-                        || (a["pid"] == held.pid() && a["kind"] != "goroutine_stuck")
+                        || ((a["pid"] == held.pid() || a["pid"] == holding.pid())
+                            && a["kind"] != "goroutine_stuck")
                         || ((a["pid"] == once_mutex.pid() || a["pid"] == dead.pid())
                             && a["kind"] != "goroutine_leak")
                 })
                 .collect();
             assert!(wrong.is_empty(), "{what}: unexpected alerts {wrong:#?}");
-            for p in [&once_mutex, &dead, &held] {
+            for p in [&once_mutex, &dead, &held, &holding] {
                 p.signal(libc::SIGUSR1);
             }
-            for p in [&once_mutex, &dead, &held] {
+            for p in [&once_mutex, &dead, &held, &holding] {
                 let pid = p.pid();
                 lm.expect(&format!("{pid} resolved on {what}"), |a| {
                     for_pid(pid)(a) && a["state"] == "resolved"

@@ -42,10 +42,11 @@ pub(crate) struct ObjectState {
     pub text: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Field {
     Int(u64),
     Bool(bool),
+    Text(Arc<str>),
 }
 
 impl Serialize for WaitsOn {
@@ -59,6 +60,7 @@ impl Serialize for WaitsOn {
             match value {
                 Field::Int(v) => map.serialize_entry(name, v)?,
                 Field::Bool(v) => map.serialize_entry(name, v)?,
+                Field::Text(v) => map.serialize_entry(name, v.as_ref())?,
             }
         }
         map.serialize_entry("objects", &self.objects)?;

@@ -13,13 +13,13 @@
 //! callers require two analyses that agree. Every word read is treated as a possible pointer,
 //! so a stale or torn value can only make more reachable, never less.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::heap::{Heap, Object};
 use super::layouts::HeapOffsets;
 use super::pclntab::u64_at;
 use super::stackmaps::{self, FrameMaps};
-use super::waits::WaitObject;
+use super::waits::{WaitKind, WaitObject};
 use crate::proc::ProcMem;
 
 /// Objects waiting to be scanned, at most (past it, spans are rescanned).
@@ -41,6 +41,7 @@ const SPECIAL_BYTES: usize = 64;
 pub(crate) struct Goroutine {
     /// Address of its `g`.
     pub g: u64,
+    pub goid: u64,
     /// The stack range in use: `[sched.sp, stack.hi)` when parked, the whole stack when
     /// running or in a system call (its `sched.sp` is stale).
     pub stack: (u64, u64),
@@ -62,6 +63,9 @@ pub(crate) struct Outcome {
     /// call, or not described exactly by the maps).
     pub precise_stacks: u64,
     pub conservative_stacks: u64,
+    /// For each lock some candidate waits on, the live goroutines (indices) whose live stack
+    /// slots point to it and which do not wait on it themselves: who may hold it.
+    pub holders: HashMap<u64, Vec<usize>>,
 }
 
 /// Why an analysis gave no verdict.
@@ -96,7 +100,7 @@ pub(crate) fn analyse(
     let mut live: Vec<bool> = goroutines.iter().map(|g| g.candidate.is_none()).collect();
     for (i, g) in goroutines.iter().enumerate() {
         if live[i] {
-            m.root_goroutine(g, maps.as_deref_mut())?;
+            m.root_goroutine(i, g, maps.as_deref_mut())?;
         }
     }
     m.drain()?;
@@ -127,7 +131,7 @@ pub(crate) fn analyse(
             }
             live[i] = true;
             woke = true;
-            m.root_goroutine(g, maps.as_deref_mut())?;
+            m.root_goroutine(i, g, maps.as_deref_mut())?;
         }
         if !woke {
             break;
@@ -140,6 +144,7 @@ pub(crate) fn analyse(
         objects_marked: m.marked_count,
         precise_stacks: m.precise_stacks,
         conservative_stacks: m.conservative_stacks,
+        holders: m.holders,
     })
 }
 
@@ -147,6 +152,9 @@ pub(crate) fn analyse(
 const MAX_PRECISE_STACK: u64 = 8 << 20;
 
 struct Marker<'a> {
+    /// The locks candidates wait on, and who may hold each (see [`Outcome::holders`]).
+    locks: HashSet<u64>,
+    holders: HashMap<u64, Vec<usize>>,
     precise_stacks: u64,
     conservative_stacks: u64,
     mem: &'a ProcMem,
@@ -164,7 +172,7 @@ struct Marker<'a> {
     buf: Vec<u8>,
     /// With debug logging: for each marked object, the address of the word that marked it
     /// first, so a candidate found reachable can be told by what.
-    trace: Option<std::collections::HashMap<u64, u64>>,
+    trace: Option<HashMap<u64, u64>>,
 }
 
 impl<'a> Marker<'a> {
@@ -176,6 +184,13 @@ impl<'a> Marker<'a> {
         max_bytes: u64,
     ) -> Self {
         Self {
+            locks: goroutines
+                .iter()
+                .flat_map(|g| g.candidate.iter().flatten())
+                .filter(|o| o.kind == WaitKind::Lock)
+                .map(|o| o.addr)
+                .collect(),
+            holders: HashMap::new(),
             precise_stacks: 0,
             conservative_stacks: 0,
             mem,
@@ -397,6 +412,7 @@ impl<'a> Marker<'a> {
     /// A live goroutine's stack and `g` are roots.
     fn root_goroutine<M: FrameMaps + ?Sized>(
         &mut self,
+        index: usize,
         g: &Goroutine,
         maps: Option<&mut M>,
     ) -> Result<(), ReachError> {
@@ -444,6 +460,16 @@ impl<'a> Marker<'a> {
                 self.precise_stacks += 1;
                 for w in words {
                     self.scan_words(lo, &stack, Some(w));
+                    if !self.locks.is_empty()
+                        && let Some(v) = u64_at(&stack, w as usize)
+                        && self.locks.contains(&v)
+                        && !g.candidate.iter().flatten().any(|o| o.addr == v)
+                    {
+                        let holders = self.holders.entry(v).or_default();
+                        if holders.last() != Some(&index) {
+                            holders.push(index);
+                        }
+                    }
                 }
             }
             None => {
@@ -630,7 +656,6 @@ fn write_barrier_buffer(obj: &[u8], base: u64) -> Option<std::ops::Range<usize>>
 mod tests {
     use super::*;
     use crate::go::heap::Span;
-    use crate::go::waits::WaitKind;
 
     /// A fake process: a heap laid out in this test's own memory, read through /proc/self.
     struct Fake {
@@ -726,12 +751,14 @@ mod tests {
         let gs = vec![
             Goroutine {
                 g: base + 8192 + 640,
+                goid: 0,
                 stack: (stack, stack + 8),
                 parked_pc: None,
                 candidate: chan(chan_a),
             },
             Goroutine {
                 g: base + 8192 + 704,
+                goid: 0,
                 stack: (stack, stack + 8),
                 parked_pc: None,
                 candidate: chan(chan_b),
@@ -800,12 +827,14 @@ mod tests {
         let gs = vec![
             Goroutine {
                 g: obj(4),
+                goid: 0,
                 stack: (stack_a, stack_a + 16),
                 parked_pc: None,
                 candidate: chan(obj(1)),
             },
             Goroutine {
                 g: obj(5),
+                goid: 0,
                 stack: (stack_b, stack_b + 16),
                 parked_pc: None,
                 candidate: chan(obj(2)),

@@ -25,6 +25,10 @@ const FUNCDATA_STACK_OBJECTS: u32 = 2;
 const FLAG_TOP_FRAME: u8 = 1;
 /// `abi.FuncFlagSPWrite`: writes SP arbitrarily; unwinding through it is not possible.
 const FLAG_SP_WRITE: u8 = 2;
+/// `abi.FuncFlagAsm`: written in assembly, so no stack maps (`asyncPreempt`, whose caller
+/// stopped at no safe point, `debugCallV2`, reflect's call stubs): the runtime scans such
+/// frames conservatively, and so the whole stack is scanned here.
+const FLAG_ASM: u8 = 4;
 /// Frames walked per stack, at most (Go's own tracebacks stop at 100; a stack of 1 GiB of
 /// 16-byte frames is far past any real program).
 const MAX_FRAMES: usize = 1 << 16;
@@ -83,7 +87,8 @@ impl FrameMap {
     /// The map of `f`'s frame stopped at `pc` (a return address, or where it parked),
     /// `None` when the runtime's tables do not describe it exactly.
     pub(crate) fn of(table: &Pclntab, f: &Func, pc: u64) -> Option<FrameMap> {
-        if f.flag & FLAG_SP_WRITE != 0 || f.args < 0 {
+        let top = f.flag & FLAG_TOP_FRAME != 0;
+        if f.flag & FLAG_SP_WRITE != 0 || (f.flag & FLAG_ASM != 0 && !top) || f.args < 0 {
             return None;
         }
         let spdelta = u32::try_from(table.pcvalue(f.pcsp, f.entry, pc)?).ok()?;
@@ -130,7 +135,7 @@ impl FrameMap {
         };
         Some(FrameMap {
             spdelta,
-            top: f.flag & FLAG_TOP_FRAME != 0,
+            top,
             locals,
             args,
             objects,

@@ -21,7 +21,7 @@ use super::{
 use crate::{
     bpf::{BpfError, Links, Probes, TaskRecord, TaskRecords},
     detect::Policy as _,
-    detect::{Due, Observation, Site, Stack, TaskState, WaitsOn},
+    detect::{Due, ObjectState, Observation, Site, Stack, TaskState, WaitsOn},
     proc::{self, BinaryKey, ProcError, ProcMem},
     runtime::{Census, Process, ProcessInfo, ScanInput, Scanned, TaskSource},
 };
@@ -139,6 +139,8 @@ pub(crate) struct Target {
     reach: Arc<ReachBudget>,
     /// The runtime's stack maps by PC, as the analyses read them.
     frame_maps: stackmaps::MapCache,
+    /// Locks candidates wait on, and who holds each, as the last analysis found.
+    lock_holders: HashMap<u64, Arc<str>>,
 }
 
 impl TaskSource for Target {
@@ -330,6 +332,7 @@ impl Target {
             analyses: 0,
             reach,
             frame_maps: stackmaps::MapCache::default(),
+            lock_holders: HashMap::new(),
         })
     }
 
@@ -409,6 +412,7 @@ impl Target {
                     let stack = live_stack(&rec);
                     roots.push(reach::Goroutine {
                         g: *addr,
+                        goid: rec.goid,
                         stack,
                         // Parked with its stack in place: scanned by its stack maps.
                         parked_pc: (parked && stack.0 == rec.sched_sp).then_some(rec.sched_pc),
@@ -482,24 +486,38 @@ impl Target {
         let proven: HashSet<u64> = self.proven.keys().copied().collect();
         let held = self.hold_lock_waits(&candidates, &proven);
         let mut channels: HashMap<u64, Option<waits::ChannelState>> = HashMap::new();
+        let mut locks: HashMap<u64, Option<Arc<ObjectState>>> = HashMap::new();
         for Candidate { index: i, rec, .. } in &candidates {
             let Some(waits) = self.waits_of(rec.goid) else {
                 continue;
             };
             let Some(first) = waits.first() else { continue };
-            let channel = if first.kind == WaitKind::Channel && channels.len() < MAX_CHAN_READS {
-                *channels
+            let state = match first.kind {
+                WaitKind::Channel => if channels.len() < MAX_CHAN_READS {
+                    *channels.entry(first.addr).or_insert_with(|| {
+                        waits::chan_state(&self.mem, &self.binary.heap, first.addr)
+                    })
+                } else {
+                    channels.get(&first.addr).copied().flatten()
+                }
+                .map(|c| Arc::new(c.described())),
+                WaitKind::Lock => locks
                     .entry(first.addr)
-                    .or_insert_with(|| waits::chan_state(&self.mem, &self.binary.heap, first.addr))
-            } else {
-                channels.get(&first.addr).copied().flatten()
+                    .or_insert_with(|| {
+                        waits::lock_state(&self.mem, first.addr).map(|mut l| {
+                            l.holder = self.lock_holders.get(&first.addr).cloned();
+                            Arc::new(l.described())
+                        })
+                    })
+                    .clone(),
+                _ => None,
             };
             let o = &mut judged[*i];
             o.proven = proven.contains(&rec.goid);
             o.waits_on = Some(Arc::new(WaitsOn {
                 kind: first.kind.as_str(),
                 address: first.addr,
-                state: channel.map(|c| Arc::new(c.described())),
+                state,
                 objects: 1,
             }));
         }
@@ -650,6 +668,27 @@ impl Target {
             outcome.precise_stacks,
             outcome.conservative_stacks,
         );
+        // A lock's holder is named when one live goroutine alone points to it from its live
+        // stack slots (a reference is what unlocking takes; several name none).
+        self.lock_holders = outcome
+            .holders
+            .iter()
+            .filter_map(|(lock, found)| {
+                let [i] = found[..] else { return None };
+                let goid = goroutines.get(i)?.goid;
+                let place = self.resolved.get(&goid).and_then(|r| {
+                    r.blocked_at
+                        .as_ref()
+                        .map(|s| s.to_string())
+                        .or_else(|| Some(r.entry.to_string()))
+                });
+                let name = match place {
+                    Some(p) => format!("goroutine {goid} in {p}"),
+                    None => format!("goroutine {goid}"),
+                };
+                Some((*lock, Arc::from(name)))
+            })
+            .collect();
         let leaked: HashMap<u64, Arc<[WaitObject]>> = outcome
             .leaked
             .iter()
@@ -690,7 +729,7 @@ impl Target {
             return held;
         }
         for c in candidates {
-            if c.class != WaitClass::Lock || proven.contains(&c.rec.goid) {
+            if !matches!(c.class, WaitClass::Lock(_)) || proven.contains(&c.rec.goid) {
                 continue;
             }
             let waits = self.waits_of(c.rec.goid);

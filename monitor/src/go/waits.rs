@@ -2,7 +2,7 @@
 //! sudog list (`g.waiting`, linked by `waitlink`: one sudog per channel of a select), or the
 //! semaphore or `sync.Cond` notify list its sudog names.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use serde::Serialize;
 
@@ -45,7 +45,9 @@ pub(crate) enum WaitClass {
     Channel,
     Semaphore,
     Cond,
-    Lock,
+    /// A lock; the offset of the semaphore its waiters sleep on inside it (a `Mutex`'s
+    /// `sema`, an `RWMutex`'s `writerSem` or `readerSem`).
+    Lock(u8),
 }
 
 impl WaitClass {
@@ -57,10 +59,71 @@ impl WaitClass {
             "chan send" | "chan receive" | "select" => Some(WaitClass::Channel),
             "sync.WaitGroup.Wait" | "semacquire" => Some(WaitClass::Semaphore),
             "sync.Cond.Wait" => Some(WaitClass::Cond),
-            "sync.Mutex.Lock" | "sync.RWMutex.Lock" | "sync.RWMutex.RLock" => Some(WaitClass::Lock),
+            // sync.Mutex (internal/sync.Mutex since go1.24): {state int32, sema uint32};
+            // sync.RWMutex: {w Mutex, writerSem, readerSem uint32, ...}. Same in 1.21-1.27.
+            "sync.Mutex.Lock" => Some(WaitClass::Lock(4)),
+            "sync.RWMutex.Lock" => Some(WaitClass::Lock(8)),
+            "sync.RWMutex.RLock" => Some(WaitClass::Lock(12)),
             _ => None,
         }
     }
+}
+
+impl WaitClass {
+    /// The object a wait's sudog names by `addr`: a lock's own address for the semaphore
+    /// inside it (the same heap object either way).
+    fn object_of(self, addr: u64) -> u64 {
+        match self {
+            WaitClass::Lock(sema) => addr.wrapping_sub(u64::from(sema)),
+            _ => addr,
+        }
+    }
+}
+
+/// A lock's state as read from it (its `Mutex`, or an `RWMutex`'s writer `Mutex`), and
+/// the goroutine found holding it, when one was.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct LockState {
+    pub locked: bool,
+    /// Goroutines the lock's state counts as waiting.
+    pub waiters: u64,
+    /// "goroutine 7 in main.holdLock (main.go:120)": a live goroutine whose live stack
+    /// slots point to the lock.
+    pub holder: Option<Arc<str>>,
+}
+
+impl LockState {
+    pub(crate) fn described(&self) -> ObjectState {
+        let mut fields = vec![
+            ("locked", Field::Bool(self.locked)),
+            ("waiters", Field::Int(self.waiters)),
+        ];
+        let mut text = format!(
+            "{}, {} waiting",
+            if self.locked { "locked" } else { "unlocked" },
+            self.waiters
+        );
+        if let Some(h) = &self.holder {
+            fields.push(("held_by", Field::Text(Arc::clone(h))));
+            text.push_str(&format!(", held by {h}"));
+        }
+        ObjectState { fields, text }
+    }
+}
+
+/// The state of the lock at `lock` (`mutexLocked` = 1, waiters from bit 3, runtime
+/// internal/sync/mutex.go, the same since go1.9).
+pub(crate) fn lock_state(mem: &ProcMem, lock: u64) -> Option<LockState> {
+    let mut b = [0u8; 4];
+    if !mem.read(lock, &mut b) {
+        return None;
+    }
+    let state = u32::from_le_bytes(b);
+    Some(LockState {
+        locked: state & 1 == 1,
+        waiters: u64::from(state >> 3),
+        holder: None,
+    })
 }
 
 /// One object waited on: its kind and address (for a channel, the `hchan`; for a semaphore,
@@ -119,7 +182,7 @@ pub(crate) fn wait_objects(
                 WaitClass::Channel => (WaitKind::Channel, off.sudog_c),
                 WaitClass::Semaphore => (WaitKind::Semaphore, off.sudog_elem),
                 WaitClass::Cond => (WaitKind::Cond, off.sudog_elem),
-                WaitClass::Lock => (WaitKind::Lock, off.sudog_elem),
+                WaitClass::Lock(_) => (WaitKind::Lock, off.sudog_elem),
             };
             let mut sudog = waiting;
             let mut seen = 0;
@@ -131,21 +194,24 @@ pub(crate) fn wait_objects(
                     return Vec::new();
                 };
                 if addr != 0 {
-                    objects.push(WaitObject { kind, addr });
+                    objects.push(WaitObject {
+                        kind,
+                        addr: class.object_of(addr),
+                    });
                 }
                 sudog = next;
                 seen += 1;
             }
         }
-        (WaitClass::Semaphore | WaitClass::Lock, Some(found)) => {
+        (WaitClass::Semaphore | WaitClass::Lock(_), Some(found)) => {
             if let Some((_, elem)) = found.get(&g).filter(|(_, e)| *e != 0) {
                 objects.push(WaitObject {
-                    kind: if class == WaitClass::Lock {
+                    kind: if matches!(class, WaitClass::Lock(_)) {
                         WaitKind::Lock
                     } else {
                         WaitKind::Semaphore
                     },
-                    addr: *elem,
+                    addr: class.object_of(*elem),
                 });
             }
         }

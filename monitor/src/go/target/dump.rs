@@ -160,21 +160,25 @@ impl Target {
             }
         };
         let first = objects.first()?;
-        let state = if first.kind == WaitKind::Channel {
-            if channels.len() < MAX_CHAN_READS * 64 {
+        let state = match first.kind {
+            WaitKind::Channel => if channels.len() < MAX_CHAN_READS * 64 {
                 *channels
                     .entry(first.addr)
                     .or_insert_with(|| waits::chan_state(&self.mem, &self.binary.heap, first.addr))
             } else {
                 channels.get(&first.addr).copied().flatten()
             }
-        } else {
-            None
+            .map(|c| c.described()),
+            WaitKind::Lock => waits::lock_state(&self.mem, first.addr).map(|mut l| {
+                l.holder = self.lock_holders.get(&first.addr).cloned();
+                l.described()
+            }),
+            _ => None,
         };
         Some(Arc::new(WaitsOn {
             kind: first.kind.as_str(),
             address: first.addr,
-            state: state.map(|c| Arc::new(c.described())),
+            state: state.map(Arc::new),
             objects: objects.len() as u64,
         }))
     }
