@@ -353,6 +353,17 @@ fn locks_and_stack_slots_are_judged_as_the_runtime_sees_them() {
                 })
                 .collect();
             assert!(wrong.is_empty(), "{what}: unexpected alerts {wrong:#?}");
+            // The analyses read stacks and globals as the runtime's GC does.
+            let stderr = lm.stderr();
+            let line = stderr
+                .lines()
+                .find(|l| l.contains(&format!("PID {}: reachability analysis", dead.pid())))
+                .unwrap_or_else(|| panic!("{what}: no analysis logged:\n{stderr}"));
+            assert!(
+                line.contains("globals by the runtime's pointer bitmaps")
+                    && !line.contains(" 0 stacks scanned by their stack maps"),
+                "{what}: {line}"
+            );
             for p in [&once_mutex, &dead, &held, &holding] {
                 p.signal(libc::SIGUSR1);
             }

@@ -23,6 +23,13 @@ pub(crate) struct ModuleDataOffsets {
     pub funcnametab: u32,
     pub text: u32,
     pub gofunc: u32,
+    /// Where `.data` and `.bss` start, and the runtime's pointer bitmaps of them
+    /// (`bitvector {n int32, bytedata *uint8}`, built at start-up by `modulesinit`): the
+    /// words its GC scans as roots.
+    pub data: u32,
+    pub bss: u32,
+    pub gcdatamask: u32,
+    pub gcbssmask: u32,
 }
 
 /// Offsets of what a reachability analysis reads (see `reach.rs`): the wait objects of a

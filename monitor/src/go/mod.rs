@@ -224,6 +224,8 @@ pub(crate) struct GoBinary {
     pub(crate) heap: HeapOffsets,
     pub(crate) mheap: Option<u64>,
     pub(crate) globals: Vec<(u64, u64)>,
+    /// `runtime.firstmoduledata` (unbiased) and its layout, when found.
+    pub(crate) moduledata: Option<(u64, ModuleDataOffsets)>,
     pclntab: Pclntab,
     segments: Vec<Segment>,
     /// Kept open so probe sites read the same inode that was inspected.
@@ -270,6 +272,7 @@ impl GoBinary {
             main_module: inspected.main_module,
             heap: inspected.heap,
             mheap: inspected.mheap,
+            moduledata: inspected.moduledata,
             globals: inspected.globals,
             pclntab: inspected.pclntab,
             segments: inspected.segments,
@@ -413,6 +416,7 @@ struct Inspected {
     main_module: Option<String>,
     heap: HeapOffsets,
     mheap: Option<u64>,
+    moduledata: Option<(u64, ModuleDataOffsets)>,
     globals: Vec<(u64, u64)>,
     pclntab: Pclntab,
     segments: Vec<Segment>,
@@ -465,7 +469,7 @@ fn inspect(cache: &elf::Cache, unvalidated: bool) -> Result<Inspected, GoError> 
         (None, None) => return Err(GoError::NoWaitReasons { version }),
     };
 
-    locate_moduledata(&elf, &mut pclntab, md_offsets);
+    let moduledata = locate_moduledata(&elf, &mut pclntab, md_offsets);
 
     Ok(Inspected {
         version,
@@ -478,6 +482,7 @@ fn inspect(cache: &elf::Cache, unvalidated: bool) -> Result<Inspected, GoError> 
         main_module: buildinfo::main_module(&buildinfo.data),
         heap,
         mheap: elf.symbol("runtime.mheap_").map(|(addr, _)| addr),
+        moduledata: moduledata.map(|at| (at, md_offsets)),
         globals: [".data", ".bss"]
             .iter()
             .filter_map(|name| elf.section_range(name))
@@ -496,7 +501,7 @@ const MODULEDATA_SECTIONS: [&str; 2] = [".go.module", ".noptrdata"];
 /// are relative to. This works without a
 /// symbol table. If it is not found, symbolization still works but reports
 /// the physical function instead of inlined callees.
-fn locate_moduledata(elf: &Elf<'_>, pclntab: &mut Pclntab, md: ModuleDataOffsets) {
+fn locate_moduledata(elf: &Elf<'_>, pclntab: &mut Pclntab, md: ModuleDataOffsets) -> Option<u64> {
     let text_section = elf.section_range(".text").map(|(a, _)| a);
     let mut text_start = match pclntab.header_text_start() {
         0 => text_section.unwrap_or(0),
@@ -521,6 +526,7 @@ fn locate_moduledata(elf: &Elf<'_>, pclntab: &mut Pclntab, md: ModuleDataOffsets
         }
     }
     pclntab.set_text_start(text_start);
+    found
 }
 
 /// Copies from `gofunc` to the end of its section (`go:func.*` is in

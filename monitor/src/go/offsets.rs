@@ -49,7 +49,15 @@ const G_MEMBERS: &[&str] = &[
     "waitsince",
 ];
 const GOBUF_MEMBERS: &[&str] = &["sp", "pc", "bp"];
-const MODULEDATA_MEMBERS: &[&str] = &["funcnametab", "text", "gofunc"];
+const MODULEDATA_MEMBERS: &[&str] = &[
+    "funcnametab",
+    "text",
+    "gofunc",
+    "data",
+    "bss",
+    "gcdatamask",
+    "gcbssmask",
+];
 const SUDOG_MEMBERS: &[&str] = &["next", "elem", "waitlink", "c"];
 const HCHAN_MEMBERS: &[&str] = &["qcount", "dataqsiz", "closed", "recvq", "sendq"];
 const MSPAN_MEMBERS: &[&str] = &[
@@ -175,6 +183,10 @@ pub(crate) fn from_dwarf(elf: &Elf<'_>) -> Result<Option<DwarfLayout>, GoError> 
         funcnametab: md.get(0)?,
         text: md.get(1)?,
         gofunc: md.get(2)?,
+        data: md.get(3)?,
+        bss: md.get(4)?,
+        gcdatamask: md.get(5)?,
+        gcbssmask: md.get(6)?,
     };
     // The address word inside `elem` and `c` when they are maybeTraceablePtr.
     let vu = if traceable.seen { traceable.get(0)? } else { 0 };

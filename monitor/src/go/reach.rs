@@ -13,7 +13,10 @@
 //! callers require two analyses that agree. Every word read is treated as a possible pointer,
 //! so a stale or torn value can only make more reachable, never less.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use super::heap::{Heap, Object};
 use super::layouts::HeapOffsets;
@@ -52,6 +55,15 @@ pub(crate) struct Goroutine {
     pub candidate: Option<Vec<WaitObject>>,
 }
 
+/// A range of globals, a root: scanned whole, or only the words its pointer bitmap sets
+/// (the runtime's `gcdatamask` / `gcbssmask`: bit i is the word at `start + 8i`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Globals {
+    pub start: u64,
+    pub len: u64,
+    pub mask: Option<Arc<[u8]>>,
+}
+
 /// What one analysis found.
 #[derive(Debug, Default)]
 pub(crate) struct Outcome {
@@ -81,20 +93,23 @@ pub(crate) enum ReachError {
 const MAX_CHAINS_TOLD: usize = 16;
 
 /// Runs the analysis over `goroutines` (all of them: the candidates and every other live
-/// one), the heap read just before and `globals` (biased address ranges). Parked stacks are
+/// one), the heap read just before and `globals`. Parked stacks are
 /// scanned by `maps` when given. Reads at most `max_bytes` of the process's memory.
 pub(crate) fn analyse(
     mem: &ProcMem,
     heap: &Heap,
     off: &HeapOffsets,
-    globals: &[(u64, u64)],
+    globals: &[Globals],
     goroutines: &[Goroutine],
     mut maps: Option<&mut dyn FrameMaps>,
     max_bytes: u64,
 ) -> Result<Outcome, ReachError> {
     let mut m = Marker::new(mem, heap, off, goroutines, max_bytes);
-    for &(start, len) in globals {
-        m.scan_range(start, len)?;
+    for g in globals {
+        match &g.mask {
+            None => m.scan_range(g.start, g.len)?,
+            Some(mask) => m.scan_masked(g.start, g.len, mask)?,
+        }
     }
     m.scan_specials()?;
     let mut live: Vec<bool> = goroutines.iter().map(|g| g.candidate.is_none()).collect();
@@ -287,6 +302,41 @@ impl<'a> Marker<'a> {
                 self.buf = buf;
             }
             at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Scans the words of `[start, start + len)` that `mask` sets (bit i: word i), in
+    /// pieces; a piece that cannot be read fails the analysis.
+    fn scan_masked(&mut self, start: u64, len: u64, mask: &[u8]) -> Result<(), ReachError> {
+        let words = (len / 8).min(mask.len() as u64 * 8);
+        let mut first = 0u64;
+        while first < words {
+            let n = (words - first).min(BATCH_BYTES as u64 / 8);
+            // Pieces with no pointer are not read at all.
+            let bits = first..first + n;
+            if bits
+                .clone()
+                .all(|i| mask[(i / 8) as usize] >> (i % 8) & 1 == 0)
+            {
+                first += n;
+                continue;
+            }
+            let at = start + first * 8;
+            self.charge(n as usize * 8)?;
+            let mut buf = std::mem::take(&mut self.buf);
+            buf.resize(n as usize * 8, 0);
+            if !self.mem.read(at, &mut buf) {
+                self.buf = buf;
+                return Err(ReachError::Unreadable);
+            }
+            for i in bits {
+                if mask[(i / 8) as usize] >> (i % 8) & 1 == 1 {
+                    self.scan_words(at, &buf, Some(((i - first) * 8) as u32));
+                }
+            }
+            self.buf = buf;
+            first += n;
         }
         Ok(())
     }
@@ -657,6 +707,14 @@ mod tests {
     use super::*;
     use crate::go::heap::Span;
 
+    fn root(start: u64, len: u64) -> Globals {
+        Globals {
+            start,
+            len,
+            mask: None,
+        }
+    }
+
     /// A fake process: a heap laid out in this test's own memory, read through /proc/self.
     struct Fake {
         words: Vec<u64>,
@@ -764,7 +822,16 @@ mod tests {
                 candidate: chan(chan_b),
             },
         ];
-        let out = analyse(&mem, &heap, &offsets(), &[(global, 8)], &gs, None, 1 << 20).unwrap();
+        let out = analyse(
+            &mem,
+            &heap,
+            &offsets(),
+            &[root(global, 8)],
+            &gs,
+            None,
+            1 << 20,
+        )
+        .unwrap();
         assert_eq!(
             out.leaked,
             vec![1],
@@ -772,7 +839,16 @@ mod tests {
         );
         // Without the buffer's shape (end not just past 512 entries), the word is a reference.
         f.set(p + 72, entries + 511 * 8);
-        let out = analyse(&mem, &heap, &offsets(), &[(global, 8)], &gs, None, 1 << 20).unwrap();
+        let out = analyse(
+            &mem,
+            &heap,
+            &offsets(),
+            &[root(global, 8)],
+            &gs,
+            None,
+            1 << 20,
+        )
+        .unwrap();
         assert!(out.leaked.is_empty(), "{out:?}");
         drop(f);
     }
@@ -791,6 +867,65 @@ mod tests {
         // Not a power of two apart: two ordinary words.
         g[8..16].copy_from_slice(&0x00c0_0003_8808_u64.to_le_bytes());
         assert_eq!(not_references(&g, 0x00c0_0001_0000, 64), [None, None, None]);
+    }
+
+    /// Globals with the runtime's pointer bitmap: a word the bitmap does not set is no
+    /// reference, whatever it holds.
+    #[test]
+    fn globals_are_scanned_by_their_pointer_bitmap() {
+        let mut f = Fake::new(4096);
+        let base = f.base();
+        let obj = |i: u64| base + i * 64;
+        let heap = Heap::from_spans(vec![Span {
+            start: base,
+            end: base + 8192,
+            elemsize: 64,
+            nelems: 32,
+            noscan: false,
+            specials: 0,
+        }]);
+        // Two global words: word 0 (a pointer) names channel A, word 1 (an integer to the
+        // runtime) looks like channel B's address.
+        let global = obj(40);
+        f.set(global, obj(1));
+        f.set(global + 8, obj(2));
+        let stack = obj(50);
+        let mem = ProcMem::open(std::process::id()).unwrap();
+        let chan = |addr| {
+            Some(vec![WaitObject {
+                kind: WaitKind::Channel,
+                addr,
+            }])
+        };
+        let gs: Vec<Goroutine> = [(4, 1), (5, 2)]
+            .iter()
+            .map(|&(g, c)| Goroutine {
+                g: obj(g),
+                goid: 0,
+                stack: (stack, stack + 8),
+                parked_pc: None,
+                candidate: chan(obj(c)),
+            })
+            .collect();
+        let masked = Globals {
+            start: global,
+            len: 16,
+            mask: Some(vec![0b01].into()),
+        };
+        let out = analyse(&mem, &heap, &offsets(), &[masked], &gs, None, 1 << 20).unwrap();
+        assert_eq!(out.leaked, vec![1], "B is named only by a non-pointer word");
+        let out = analyse(
+            &mem,
+            &heap,
+            &offsets(),
+            &[root(global, 16)],
+            &gs,
+            None,
+            1 << 20,
+        )
+        .unwrap();
+        assert!(out.leaked.is_empty(), "scanned whole, both are reachable");
+        drop(f);
     }
 
     #[test]
@@ -840,21 +975,48 @@ mod tests {
                 candidate: chan(obj(2)),
             },
         ];
-        let out = analyse(&mem, &heap, &offsets(), &[(global, 8)], &gs, None, 1 << 20).unwrap();
+        let out = analyse(
+            &mem,
+            &heap,
+            &offsets(),
+            &[root(global, 8)],
+            &gs,
+            None,
+            1 << 20,
+        )
+        .unwrap();
         assert_eq!(out.leaked, vec![1]);
         // A live root pointing at B through a sudog-free object clears it too.
         f.set(global, obj(2));
-        let out = analyse(&mem, &heap, &offsets(), &[(global, 8)], &gs, None, 1 << 20).unwrap();
+        let out = analyse(
+            &mem,
+            &heap,
+            &offsets(),
+            &[root(global, 8)],
+            &gs,
+            None,
+            1 << 20,
+        )
+        .unwrap();
         assert_eq!(out.leaked, vec![0]);
         // A candidate made live by its object wakes what its stack holds (fixpoint): A is
         // reached from the global through object 3; candidate 0's stack holds B.
         f.set(global, obj(3));
         f.set(stack_a, obj(2));
-        let out = analyse(&mem, &heap, &offsets(), &[(global, 8)], &gs, None, 1 << 20).unwrap();
+        let out = analyse(
+            &mem,
+            &heap,
+            &offsets(),
+            &[root(global, 8)],
+            &gs,
+            None,
+            1 << 20,
+        )
+        .unwrap();
         assert!(out.leaked.is_empty(), "{out:?}");
         // Over budget: no verdict.
         assert_eq!(
-            analyse(&mem, &heap, &offsets(), &[(global, 8)], &gs, None, 8).unwrap_err(),
+            analyse(&mem, &heap, &offsets(), &[root(global, 8)], &gs, None, 8).unwrap_err(),
             ReachError::OverBudget
         );
         drop(f);

@@ -141,6 +141,8 @@ pub(crate) struct Target {
     frame_maps: stackmaps::MapCache,
     /// Locks candidates wait on, and who holds each, as the last analysis found.
     lock_holders: HashMap<u64, Arc<str>>,
+    /// The globals as roots, with the runtime's pointer bitmaps, once read.
+    globals: Option<Arc<[reach::Globals]>>,
 }
 
 impl TaskSource for Target {
@@ -234,6 +236,35 @@ const RECHECK_MAX_NS: u64 = 600_000_000_000;
 const HOLD_SCANS: u8 = 5;
 /// Channels whose state is read per scan, at most (for the alerts: one per group is enough).
 const MAX_CHAN_READS: usize = 256;
+
+/// Largest pointer bitmap of a global section read (1 MiB covers 64 MiB of globals).
+const MAX_GLOBALS_MASK: u64 = 1 << 20;
+
+/// The pointer bitmap of the globals section at `start` (`len` bytes), from the live
+/// `moduledata` at `md`: the section's start at `base`, its `bitvector` at `mask`. `None`
+/// when it does not describe that section exactly.
+fn globals_mask(
+    mem: &ProcMem,
+    md: u64,
+    base: u32,
+    mask: u32,
+    start: u64,
+    len: u64,
+) -> Option<Arc<[u8]>> {
+    let section = mem.read_u64(md + u64::from(base))?;
+    let n = mem.read_u64(md + u64::from(mask))? & 0xffff_ffff;
+    let bytedata = mem.read_u64(md + u64::from(mask) + 8)?;
+    // n bits, one per word of the section (`modulesinit`: (edata - data) / 8).
+    if section != start || n == 0 || n != len / 8 || bytedata == 0 {
+        return None;
+    }
+    let bytes = n.div_ceil(8);
+    if bytes > MAX_GLOBALS_MASK {
+        return None;
+    }
+    let mut buf = vec![0u8; bytes as usize];
+    mem.read(bytedata, &mut buf).then(|| buf.into())
+}
 
 /// The part of a goroutine's stack in use: from its saved `sched.sp` when descheduled, the
 /// whole stack when running or in a system call (what is saved is stale), or when the saved
@@ -333,6 +364,7 @@ impl Target {
             reach,
             frame_maps: stackmaps::MapCache::default(),
             lock_holders: HashMap::new(),
+            globals: None,
         })
     }
 
@@ -617,12 +649,7 @@ impl Target {
                 goid_of.insert(i, (rec.goid, waits));
             }
         }
-        let globals: Vec<(u64, u64)> = self
-            .binary
-            .globals
-            .iter()
-            .map(|(start, len)| (start.wrapping_add(self.bias), *len))
-            .collect();
+        let globals = self.global_roots();
         let result = reach::analyse(
             &self.mem,
             heap,
@@ -658,7 +685,7 @@ impl Target {
         log::log!(
             level,
             "PID {}: reachability analysis: {} candidates, {} leaked, {} objects marked, {} KiB \
-             read in {:?}; {} stacks scanned by their stack maps, {} whole",
+             read in {:?}; {} stacks scanned by their stack maps, {} whole; globals {}",
             self.pid,
             goid_of.len(),
             outcome.leaked.len(),
@@ -667,6 +694,11 @@ impl Target {
             started.elapsed(),
             outcome.precise_stacks,
             outcome.conservative_stacks,
+            if globals.iter().all(|g| g.mask.is_some()) {
+                "by the runtime's pointer bitmaps"
+            } else {
+                "whole"
+            },
         );
         // A lock's holder is named when one live goroutine alone points to it from its live
         // stack slots (a reference is what unlocking takes; several name none).
@@ -712,6 +744,48 @@ impl Target {
         self.leaked = leaked;
         let [older, last] = &mut self.analysed;
         *older = std::mem::replace(last, analysed);
+    }
+
+    /// The globals, roots of every analysis: `.data` and `.bss` by the runtime's own pointer
+    /// bitmaps of them where they can be read (kept: they never change once the program
+    /// runs), else whole.
+    fn global_roots(&mut self) -> Arc<[reach::Globals]> {
+        if let Some(g) = &self.globals {
+            return Arc::clone(g);
+        }
+        let md = self
+            .binary
+            .moduledata
+            .map(|(at, off)| (at.wrapping_add(self.bias), off));
+        let mut precise = true;
+        let roots: Arc<[reach::Globals]> = self
+            .binary
+            .globals
+            .iter()
+            .enumerate()
+            .map(|(i, (start, len))| {
+                let start = start.wrapping_add(self.bias);
+                // `.data` then `.bss`, as `GoBinary::globals` lists them.
+                let mask = md.and_then(|(md, off)| {
+                    let (base, mask) = match i {
+                        0 => (off.data, off.gcdatamask),
+                        _ => (off.bss, off.gcbssmask),
+                    };
+                    globals_mask(&self.mem, md, base, mask, start, *len)
+                });
+                precise &= mask.is_some();
+                reach::Globals {
+                    start,
+                    len: *len,
+                    mask,
+                }
+            })
+            .collect();
+        // Read before the runtime built them (a program just started): read again next time.
+        if precise {
+            self.globals = Some(Arc::clone(&roots));
+        }
+        roots
     }
 
     /// Lock waiters (indices into this scan's judged) not admitted yet: a lock's waiters are

@@ -402,6 +402,10 @@ fn generate_table() {
         let _ = writeln!(out, "            funcnametab: {},", m.funcnametab);
         let _ = writeln!(out, "            text: {},", m.text);
         let _ = writeln!(out, "            gofunc: {},", m.gofunc);
+        let _ = writeln!(out, "            data: {},", m.data);
+        let _ = writeln!(out, "            bss: {},", m.bss);
+        let _ = writeln!(out, "            gcdatamask: {},", m.gcdatamask);
+        let _ = writeln!(out, "            gcbssmask: {},", m.gcbssmask);
         let _ = writeln!(out, "        }},");
         let h = layout.heap;
         let _ = writeln!(out, "        heap: HeapOffsets {{");
