@@ -522,3 +522,123 @@ fn run_finds_tokio_programs_at_start_and_on_exec() {
         );
     }
 }
+
+/// A debug file installed at `path` for the test, removed after (with the directories it
+/// made).
+struct Installed(Vec<std::path::PathBuf>);
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        for p in self.0.iter().rev() {
+            let _ = std::fs::remove_file(p).or_else(|_| std::fs::remove_dir(p));
+        }
+    }
+}
+
+fn objcopy(args: &[&std::ffi::OsStr]) {
+    let status = std::process::Command::new("objcopy")
+        .args(args)
+        .status()
+        .expect("objcopy (binutils; `./x test` installs it)");
+    assert!(status.success(), "objcopy {args:?}");
+}
+
+/// Stripped builds whose debug files are where perf and gdb find them: the build-id tree
+/// under /usr/lib/debug, and the file `.gnu_debuglink` names beside the binary. Alerts name
+/// the future from the debug file's symbols, as for a build with symbols.
+#[test]
+fn stripped_builds_are_named_from_their_debug_files() {
+    use std::ffi::OsStr;
+    require_root();
+    let _heavy = heavy();
+    let versions = tokio_versions();
+    let (oldest, newest) = (&versions[0], &versions[versions.len() - 1]);
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("debug-files");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // By build id: the debug file installed in the build-id tree, the binary stripped.
+    let with_symbols = tokio_fixture("tokio-tasks", oldest, TokioBuild::Release);
+    let debug = dir.join("by-id.debug");
+    objcopy(&[
+        OsStr::new("--only-keep-debug"),
+        with_symbols.as_os_str(),
+        debug.as_os_str(),
+    ]);
+    let by_id = dir.join("by-id");
+    objcopy(&[
+        OsStr::new("--strip-all"),
+        with_symbols.as_os_str(),
+        by_id.as_os_str(),
+    ]);
+    let out = std::process::Command::new("readelf")
+        .arg("-n")
+        .arg(&by_id)
+        .output()
+        .unwrap();
+    let notes = String::from_utf8_lossy(&out.stdout).into_owned();
+    let id = notes
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: "))
+        .unwrap_or_else(|| panic!("no build id in {notes}"))
+        .to_owned();
+    let tree = std::path::Path::new("/usr/lib/debug/.build-id").join(&id[..2]);
+    let mut installed = Installed(Vec::new());
+    for d in [
+        std::path::Path::new("/usr/lib/debug"),
+        std::path::Path::new("/usr/lib/debug/.build-id"),
+        &tree,
+    ] {
+        if !d.exists() {
+            std::fs::create_dir(d).unwrap();
+            installed.0.push(d.to_path_buf());
+        }
+    }
+    let at = tree.join(format!("{}.debug", &id[2..]));
+    std::fs::copy(&debug, &at).unwrap();
+    installed.0.push(at);
+    // By debug link: another build (another build id), its debug file beside it.
+    let other = tokio_fixture("tokio-tasks", newest, TokioBuild::Release);
+    let link_debug = dir.join("by-link.debug");
+    objcopy(&[
+        OsStr::new("--only-keep-debug"),
+        other.as_os_str(),
+        link_debug.as_os_str(),
+    ]);
+    let by_link = dir.join("by-link");
+    let mut link_arg = std::ffi::OsString::from("--add-gnu-debuglink=");
+    link_arg.push(&link_debug);
+    objcopy(&[
+        OsStr::new("--strip-all"),
+        &link_arg,
+        other.as_os_str(),
+        by_link.as_os_str(),
+    ]);
+
+    let mut procs: Vec<Proc> = [&by_id, &by_link]
+        .iter()
+        .map(|b| start_fixture(b, &["leak", "--flavor", "multi"]))
+        .collect();
+    let pids: Vec<u32> = procs.iter().map(Proc::pid).collect();
+    let mut lm = Leakmon::watch(&pids, &["--threads", "false"]);
+    let mut ids = Vec::new();
+    for (p, how) in procs.iter().zip(["build id", "debug link"]) {
+        let a = lm.expect(&format!("task_leak, debug file by {how}"), |a| {
+            firing(a, p.pid(), "task_leak")
+        });
+        assert_eq!(
+            a["entry"]["function"], "tokio_tasks::wait_for_reply",
+            "{how}: {a:#}"
+        );
+        ids.push(a["id"].clone());
+    }
+    assert!(
+        lm.stderr().contains("stripped"),
+        "the binaries are stripped: {}",
+        lm.stderr()
+    );
+    for (p, id) in procs.iter_mut().zip(&ids) {
+        release(p);
+        lm.expect("resolved", |a| resolved(a, id));
+    }
+    drop(installed);
+}

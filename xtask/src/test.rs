@@ -15,6 +15,8 @@ pub fn run_all(ws: &Workspace, args: &[String]) -> Result<()> {
     require_root("the integration tests load eBPF programs")?;
     // `leakmon top` is driven in a real terminal.
     setup::debian_tool("tmux", "-V", "tmux")?;
+    // Debug files are split off fixtures as distributions do.
+    setup::debian_tool("objcopy", "--version", "binutils")?;
     ws.lint(&tools)?;
     let mut cmd = ws.cargo(&tools);
     cmd.args(["test", "--workspace", "--no-fail-fast"])

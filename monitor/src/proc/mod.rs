@@ -2,6 +2,7 @@
 //! container.
 
 mod container;
+pub(crate) mod debuginfo;
 pub(crate) mod elf;
 pub(crate) mod files;
 pub(crate) mod maps;

@@ -12,7 +12,7 @@ use gimli::{EndianArcSlice, LittleEndian};
 
 pub(crate) use crate::proc::maps::Mapping;
 use crate::{
-    proc::{elf::Elf, files, maps},
+    proc::{debuginfo, elf::Elf, files, maps},
     sys::workers::Gate,
 };
 
@@ -290,6 +290,8 @@ impl Unwind {
 struct Plan {
     path: Arc<str>,
     elf: Option<Elf>,
+    /// A stripped file's separate debug file: its symbols and DWARF are read from there.
+    debug: Option<Elf>,
     unwind: bool,
     /// Bytes the DWARF is counted at, when it is to be read.
     dwarf: Option<u64>,
@@ -301,11 +303,19 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(file: std::fs::File, path: Arc<str>, max_bytes: u64) -> Self {
+    /// Plans the load of `file` (mapped at `path`); `debug_file` finds the separate debug
+    /// file of a file with no symbol table.
+    fn new(
+        file: std::fs::File,
+        path: Arc<str>,
+        max_bytes: u64,
+        debug_file: impl FnOnce(&Elf) -> Option<Elf>,
+    ) -> Self {
         let Ok(elf) = Elf::parse(file) else {
             return Self {
                 path,
                 elf: None,
+                debug: None,
                 unwind: false,
                 dwarf: None,
                 dwarf_left_out: None,
@@ -313,7 +323,20 @@ impl Plan {
                 bytes: 0,
             };
         };
-        let symbols = (symbol_count(&elf) * size_of::<Sym>()) as u64;
+        let debug = if elf.section(b".symtab").is_none() {
+            debug_file(&elf)
+        } else {
+            None
+        };
+        // Names come from the debug file where it has them; its DWARF is not read (a
+        // distribution's libc debug file alone is 20 MB once parsed, and every process maps
+        // libc: the cache would churn).
+        let named = debug
+            .as_ref()
+            .filter(|d| d.section(b".symtab").is_some())
+            .unwrap_or(&elf);
+        let lined = &elf;
+        let symbols = (symbol_count(named) * size_of::<Sym>()) as u64;
         let unwind_bytes = [&b".eh_frame"[..], b".eh_frame_hdr"]
             .iter()
             .filter_map(|n| elf.section(n))
@@ -323,15 +346,15 @@ impl Plan {
             unwind_bytes <= MAX_UNWIND_BYTES && symbols.saturating_add(unwind_bytes) <= max_bytes;
         let mut bytes = symbols + if unwind { unwind_bytes } else { 0 };
         let is_go = elf.section(b".gopclntab").is_some() || elf.section(b".go.buildinfo").is_some();
-        let debug_bytes = elf
+        let debug_bytes = lined
             .sections
             .iter()
             .filter(|s| s.name.starts_with(b".debug_"))
-            .map(|s| elf.size_of(s).unwrap_or(u64::MAX))
+            .map(|s| lined.size_of(s).unwrap_or(u64::MAX))
             .fold(0, u64::saturating_add);
         // addr2line parses units as they are asked for: count it at twice the sections.
         let dwarf_bytes = debug_bytes.saturating_mul(2);
-        let dwarf = elf.section(b".debug_info").is_some()
+        let dwarf = lined.section(b".debug_info").is_some()
             && !is_go
             && debug_bytes <= MAX_DWARF_BYTES
             && bytes.saturating_add(dwarf_bytes) <= max_bytes;
@@ -342,6 +365,7 @@ impl Plan {
         Self {
             path,
             elf: Some(elf),
+            debug,
             unwind,
             dwarf: dwarf.then_some(dwarf_bytes),
             dwarf_left_out,
@@ -355,15 +379,23 @@ impl Plan {
         let Some(elf) = self.elf else {
             return (Module::opaque(self.path), 0);
         };
-        let (symbols, string_tables) = function_symbols(&elf);
+        let debug = self.debug;
+        let named_by_debug = debug
+            .as_ref()
+            .is_some_and(|d| d.section(b".symtab").is_some());
+        let lined = &elf;
+        let (symbols, string_tables) = match (&debug, named_by_debug) {
+            (Some(d), true) => function_symbols(d),
+            _ => function_symbols(&elf),
+        };
         let mut bytes = (symbols.len() * size_of::<Sym>()) as u64;
         let segments = elf.loads().map(|p| (p.offset, p.vaddr, p.filesz)).collect();
         let lines = if let Some(dwarf_bytes) = self.dwarf {
             let load =
                 |id: gimli::SectionId| -> Result<EndianArcSlice<LittleEndian>, gimli::Error> {
-                    let data = elf
+                    let data = lined
                         .section(id.name().as_bytes())
-                        .and_then(|s| elf.read(s, MAX_DWARF_BYTES))
+                        .and_then(|s| lined.read(s, MAX_DWARF_BYTES))
                         .unwrap_or_else(|| Arc::from(&[][..]));
                     Ok(EndianArcSlice::new(data, LittleEndian))
                 };
@@ -386,11 +418,15 @@ impl Plan {
                 bytes += b;
                 u
             });
+        let names_file = match debug {
+            Some(d) if named_by_debug => d.file,
+            _ => elf.file,
+        };
         (
             Module {
                 path: self.path,
                 symbols,
-                names: Some((elf.file, string_tables)),
+                names: Some((names_file, string_tables)),
                 segments,
                 lines,
                 unwind,
@@ -405,7 +441,7 @@ impl Module {
     /// Loads a module from an open file (whatever it holds), keeping at most about
     /// `max_bytes` (the fuzz targets' entry; the symbolizer plans first, to make room).
     fn from_file(file: std::fs::File, path: Arc<str>, max_bytes: u64) -> (Self, u64) {
-        Plan::new(file, path, max_bytes).load()
+        Plan::new(file, path, max_bytes, |_| None).load()
     }
 
     /// A mapped file that is not ELF: named by its path only.
@@ -670,7 +706,11 @@ impl Symbolizer {
         let (module, bytes) = match files::open_mapped(pid, m.start, m.end, m.file.1) {
             Ok(opened) => {
                 let budget = self.lock().budget;
-                let plan = Plan::new(opened, m.path.clone(), budget);
+                let plan = Plan::new(opened, m.path.clone(), budget, |elf| {
+                    let (debug, at) = debuginfo::find(pid, &m.path, elf)?;
+                    log::debug!("{}: symbols from its debug file {}", m.path, at.display());
+                    Some(debug)
+                });
                 if let Some(debug_bytes) = plan.dwarf_left_out
                     && self.lock().first_time(&m.file)
                 {
@@ -904,10 +944,10 @@ mod tests {
     #[test]
     fn loads_keep_within_their_plan() {
         let exe = || std::fs::File::open("/proc/self/exe").unwrap();
-        let all = Plan::new(exe(), "self".into(), u64::MAX);
+        let all = Plan::new(exe(), "self".into(), u64::MAX, |_| None);
         let symbols = all.bytes - all.dwarf.unwrap_or(0) - 1;
         for max in [0, symbols, all.bytes, u64::MAX] {
-            let plan = Plan::new(exe(), "self".into(), max);
+            let plan = Plan::new(exe(), "self".into(), max, |_| None);
             if max < all.bytes {
                 assert!(plan.dwarf.is_none() || plan.bytes <= max, "{max}");
             }
@@ -917,7 +957,7 @@ mod tests {
             assert!(!module.symbols.is_empty());
         }
         // With room for the symbols only, no DWARF nor unwind tables are read.
-        let (module, _) = Plan::new(exe(), "self".into(), symbols).load();
+        let (module, _) = Plan::new(exe(), "self".into(), symbols, |_| None).load();
         assert!(module.lines.is_none() && module.unwind.is_none());
     }
 
