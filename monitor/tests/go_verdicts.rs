@@ -32,7 +32,7 @@ const ONE_SHOT: [(&str, &str); 7] = [
 ];
 
 /// Healthy patterns that must stay silent.
-const HEALTHY: [&str; 7] = [
+const HEALTHY: [&str; 8] = [
     "lifetimewg",
     "errgroup",
     "h2stream",
@@ -40,6 +40,7 @@ const HEALTHY: [&str; 7] = [
     "rwmutex",
     "tickerctx",
     "finalizer",
+    "deferrec",
 ];
 
 fn for_pid(pid: u32) -> impl Fn(&Value) -> bool {
@@ -161,7 +162,7 @@ fn healthy_patterns_stay_silent_while_analysed() {
         );
         // The analysis ran on the programs with candidates (it is what clears them).
         let stderr = lm.stderr();
-        for mode in ["lifetimewg", "errgroup", "h2stream", "finalizer"] {
+        for mode in ["lifetimewg", "errgroup", "h2stream", "finalizer", "deferrec"] {
             let (_, p) = procs
                 .iter()
                 .find(|(n, _)| n.starts_with(&format!("{mode} on")))

@@ -161,6 +161,10 @@ pub(crate) struct GOffsets {
     /// `g.waitsince`: roughly when it started waiting (nanotime), set by the GC's first
     /// stack scan after it parked; 0 until then.
     pub waitsince: u32,
+    /// `g._panic` and `g._defer`: records the GC scans beside the stack's frames (a deferred
+    /// call's function may be referenced from nowhere else).
+    pub panic: u32,
+    pub defer: u32,
 }
 
 /// Where [`GOffsets`] came from.

@@ -47,6 +47,8 @@ const G_MEMBERS: &[&str] = &[
     "waiting",
     "parentGoid",
     "waitsince",
+    "_panic",
+    "_defer",
 ];
 const GOBUF_MEMBERS: &[&str] = &["sp", "pc", "bp"];
 const MODULEDATA_MEMBERS: &[&str] = &[
@@ -178,6 +180,8 @@ pub(crate) fn from_dwarf(elf: &Elf<'_>) -> Result<Option<DwarfLayout>, GoError> 
         waiting: g.get(7)?,
         parent_goid: g.get(8)?,
         waitsince: g.get(9)?,
+        panic: g.get(10)?,
+        defer: g.get(11)?,
     };
     let moduledata = ModuleDataOffsets {
         funcnametab: md.get(0)?,

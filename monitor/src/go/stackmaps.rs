@@ -228,6 +228,10 @@ pub(crate) fn live_words<M: FrameMaps + ?Sized>(
             } else {
                 fp + off as u64
             };
+            // Below the frame's sp: not allocated in the frame yet (as the runtime skips it).
+            if base < frame_sp {
+                continue;
+            }
             let start = offset(base)?;
             let end = start.checked_add(size)?;
             if u64::from(end) > hi - sp {

@@ -23,6 +23,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             waiting: 312,
             parent_goid: 272,
             waitsince: 168,
+            panic: 32,
+            defer: 40,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,
@@ -107,6 +109,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             waiting: 312,
             parent_goid: 272,
             waitsince: 168,
+            panic: 32,
+            defer: 40,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,
@@ -196,6 +200,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             waiting: 320,
             parent_goid: 280,
             waitsince: 176,
+            panic: 32,
+            defer: 40,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,
@@ -286,6 +292,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             waiting: 320,
             parent_goid: 280,
             waitsince: 176,
+            panic: 32,
+            defer: 40,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,
@@ -382,6 +390,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             waiting: 312,
             parent_goid: 272,
             waitsince: 168,
+            panic: 32,
+            defer: 40,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,
@@ -481,6 +491,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             waiting: 320,
             parent_goid: 280,
             waitsince: 168,
+            panic: 32,
+            defer: 40,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,
@@ -580,6 +592,8 @@ pub(crate) static TABLE: &[TableEntry] = &[
             waiting: 320,
             parent_goid: 280,
             waitsince: 168,
+            panic: 32,
+            defer: 40,
         },
         moduledata: ModuleDataOffsets {
             funcnametab: 8,

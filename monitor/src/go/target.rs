@@ -446,8 +446,11 @@ impl Target {
                         g: *addr,
                         goid: rec.goid,
                         stack,
-                        // Parked with its stack in place: scanned by its stack maps.
-                        parked_pc: (parked && stack.0 == rec.sched_sp).then_some(rec.sched_pc),
+                        // Parked with its stack in place: scanned by its stack maps. With
+                        // defer or panic records, whole: the GC scans those records beside
+                        // the frames, and a deferred call may be all that holds an object.
+                        parked_pc: (parked && !rec.defers && stack.0 == rec.sched_sp)
+                            .then_some(rec.sched_pc),
                         candidate: None,
                     });
                 }

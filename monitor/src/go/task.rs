@@ -66,6 +66,8 @@ pub(super) struct GRecord {
     pub parent_goid: u64,
     /// `g.waitsince` (nanotime; 0 until a GC has scanned it parked).
     pub waitsince: i64,
+    /// It has defer or panic records (`g._defer`, `g._panic`).
+    pub defers: bool,
 }
 
 /// Bytes of a `g` that [`parse_g`] needs: from its start (`stack`) to the last field used.
@@ -83,6 +85,8 @@ fn g_span(off: &GOffsets) -> usize {
         off.waiting,
         off.parent_goid,
         off.waitsince,
+        off.panic,
+        off.defer,
     ];
     fields.iter().max().map_or(0, |m| *m as usize + 8)
 }
@@ -128,6 +132,7 @@ fn parse_g(buf: &[u8], off: &GOffsets) -> GRecord {
         waiting: at(off.waiting, 8),
         parent_goid: at(off.parent_goid, 8),
         waitsince: at(off.waitsince, 8) as i64,
+        defers: at(off.panic, 8) != 0 || at(off.defer, 8) != 0,
     }
 }
 

@@ -394,6 +394,8 @@ fn generate_table() {
             ("waiting", o.waiting),
             ("parent_goid", o.parent_goid),
             ("waitsince", o.waitsince),
+            ("panic", o.panic),
+            ("defer", o.defer),
         ] {
             let _ = writeln!(out, "            {k}: {v},");
         }
