@@ -162,7 +162,13 @@ fn healthy_patterns_stay_silent_while_analysed() {
         );
         // The analysis ran on the programs with candidates (it is what clears them).
         let stderr = lm.stderr();
-        for mode in ["lifetimewg", "errgroup", "h2stream", "finalizer", "deferrec"] {
+        for mode in [
+            "lifetimewg",
+            "errgroup",
+            "h2stream",
+            "finalizer",
+            "deferrec",
+        ] {
             let (_, p) = procs
                 .iter()
                 .find(|(n, _)| n.starts_with(&format!("{mode} on")))

@@ -642,3 +642,41 @@ fn stripped_builds_are_named_from_their_debug_files() {
     }
     drop(installed);
 }
+
+/// Tasks spawned on a `LocalSet` are on the set's own task list, not the runtime's: a leak
+/// there is found on every version, on both flavors, named by its future, and resolves.
+#[test]
+fn local_set_leaks_are_found_on_every_version() {
+    require_root();
+    let _heavy = heavy();
+    let procs: Vec<(String, Proc)> = tokio_versions()
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let bin = tokio_fixture("tokio-tasks", v, TokioBuild::Release);
+            (
+                v.clone(),
+                start_fixture(&bin, &["local-leak", "--flavor", flavor(i)]),
+            )
+        })
+        .collect();
+    let pids: Vec<u32> = procs.iter().map(|(_, p)| p.pid()).collect();
+    let mut lm = Leakmon::watch(&pids, &["--threads", "false"]);
+    let mut ids = Vec::new();
+    for (v, p) in &procs {
+        let a = lm.expect(&format!("LocalSet task_leak on tokio {v}"), |a| {
+            firing(a, p.pid(), "task_leak")
+        });
+        assert_eq!(
+            a["entry"]["function"], "tokio_tasks::wait_for_reply",
+            "{a:#}"
+        );
+        assert!(a["count"].as_u64().unwrap() >= 20, "{a:#}");
+        ids.push(a["id"].clone());
+    }
+    for ((_, p), id) in procs.into_iter().zip(&ids) {
+        let mut p = p;
+        release(&mut p);
+        lm.expect("resolved", |a| resolved(a, id));
+    }
+}

@@ -155,6 +155,45 @@ fn task_list(
             }
         }
     }
+    local_task_list(mem, vtables, handle, owner_id, &words)
+}
+
+/// A `LocalSet`'s task list (`LocalOwnedTasks` in its `Shared`, which its tasks name as
+/// their scheduler): not sharded, one `LinkedList {head, tail}` of task headers beside the
+/// id, whose ends are tasks it owns. Walked as a runtime of one shard whose head word is at
+/// `shards + SHARD_HEAD`.
+fn local_task_list(
+    mem: &ProcMem,
+    vtables: &HashMap<u64, Vtable>,
+    handle: u64,
+    owner_id: u64,
+    words: &[u64],
+) -> Option<Runtime> {
+    let owned = |addr: u64| {
+        let mut b = [0u8; HEADER_BYTES];
+        addr != 0
+            && addr % 8 == 0
+            && mem.read(addr, &mut b)
+            && Header::parse(&b)
+                .is_some_and(|h| h.owner_id == owner_id && vtables.contains_key(&h.vtable))
+    };
+    for (i, _) in words.iter().enumerate().filter(|(_, w)| **w == owner_id) {
+        for j in i.saturating_sub(4)..(i + 5).min(words.len()) {
+            let (head, tail) = (words[j], words.get(j + 1).copied().unwrap_or(0));
+            if j == i || !owned(head) || !owned(tail) {
+                continue;
+            }
+            let rt = Runtime {
+                handle,
+                owner_id,
+                shards: (handle + 8 * j as u64).checked_sub(SHARD_HEAD)?,
+                shard_count: 1,
+            };
+            if heads_check(mem, vtables, &rt) {
+                return Some(rt);
+            }
+        }
+    }
     None
 }
 
