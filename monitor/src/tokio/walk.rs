@@ -172,7 +172,7 @@ fn local_task_list(
     let owned = |addr: u64| {
         let mut b = [0u8; HEADER_BYTES];
         addr != 0
-            && addr % 8 == 0
+            && addr.is_multiple_of(8)
             && mem.read(addr, &mut b)
             && Header::parse(&b)
                 .is_some_and(|h| h.owner_id == owner_id && vtables.contains_key(&h.vtable))
