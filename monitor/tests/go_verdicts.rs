@@ -43,6 +43,23 @@ const HEALTHY: [&str; 8] = [
     "deferrec",
 ];
 
+/// A fixture's 3 goroutines, all proven leaked, waiting on `kind` where its markers say.
+fn assert_proven_three(
+    a: &Value,
+    markers: &HashMap<String, (u64, u64)>,
+    mode: &str,
+    kind: &str,
+    w: &str,
+) {
+    assert_eq!(a["proof"], "unreachable", "{w}");
+    assert_eq!(a["proven"], 3, "{w}");
+    assert_eq!(a["count"], 3, "{w}");
+    assert_eq!(a["waits_on"]["kind"], kind, "{w}");
+    let (create, block) = markers[mode];
+    assert_eq!(a["created_at"]["line"], create, "{w}");
+    assert_eq!(a["blocked_at"]["line"], block, "{w}");
+}
+
 fn for_pid(pid: u32) -> impl Fn(&Value) -> bool {
     move |a: &Value| a["pid"] == pid
 }
@@ -69,13 +86,7 @@ fn one_shot_leaks_are_proven_unreachable() {
                     for_pid(pid)(a) && a["kind"] == "goroutine_leak" && a["state"] == "firing"
                 });
                 let w = format!("{mode} on {what}: {a:#}");
-                assert_eq!(a["proof"], "unreachable", "{w}");
-                assert_eq!(a["proven"], 3, "{w}");
-                assert_eq!(a["count"], 3, "{w}");
-                assert_eq!(a["waits_on"]["kind"], *kind, "{w}");
-                let (create, block) = markers[*mode];
-                assert_eq!(a["created_at"]["line"], create, "{w}");
-                assert_eq!(a["blocked_at"]["line"], block, "{w}");
+                assert_proven_three(&a, &markers, mode, kind, &w);
                 assert!(a["id"].as_str().is_some_and(|id| id.len() == 16), "{w}");
                 assert!(
                     a["stack"].as_array().is_some_and(|s| s.len() >= 2),
@@ -309,13 +320,7 @@ fn locks_and_stack_slots_are_judged_as_the_runtime_sees_them() {
                         && a["wait_reason"] == reason
                 });
                 let w = format!("{mode} on {what}: {a:#}");
-                assert_eq!(a["proof"], "unreachable", "{w}");
-                assert_eq!(a["proven"], 3, "{w}");
-                assert_eq!(a["count"], 3, "{w}");
-                assert_eq!(a["waits_on"]["kind"], kind, "{w}");
-                let (create, block) = markers[mode];
-                assert_eq!(a["created_at"]["line"], create, "{w}");
-                assert_eq!(a["blocked_at"]["line"], block, "{w}");
+                assert_proven_three(&a, &markers, mode, kind, &w);
             }
             // The holder itself leaked on its send.
             let holder = lm.expect(&format!("once-mutex holder on {what}"), |a| {

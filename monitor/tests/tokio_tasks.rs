@@ -43,13 +43,19 @@ fn release(p: &mut Proc) {
 }
 
 /// The release build of tokio-tasks for each version, started with `args(index, is_newest)`.
+/// Every build comes first: a build takes seconds, and a scenario that grows for a few
+/// seconds must not have stopped growing by the time the last one starts.
 fn per_version(args: impl Fn(usize, bool) -> Vec<&'static str>) -> Vec<(String, Proc)> {
     let versions = tokio_versions();
+    let bins: Vec<_> = versions
+        .iter()
+        .map(|v| tokio_fixture("tokio-tasks", v, TokioBuild::Release))
+        .collect();
     versions
         .iter()
+        .zip(bins)
         .enumerate()
-        .map(|(i, v)| {
-            let bin = tokio_fixture("tokio-tasks", v, TokioBuild::Release);
+        .map(|(i, (v, bin))| {
             let args = args(i, i == versions.len() - 1);
             (v.clone(), start_fixture(&bin, &args))
         })
@@ -649,17 +655,7 @@ fn stripped_builds_are_named_from_their_debug_files() {
 fn local_set_leaks_are_found_on_every_version() {
     require_root();
     let _heavy = heavy();
-    let procs: Vec<(String, Proc)> = tokio_versions()
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let bin = tokio_fixture("tokio-tasks", v, TokioBuild::Release);
-            (
-                v.clone(),
-                start_fixture(&bin, &["local-leak", "--flavor", flavor(i)]),
-            )
-        })
-        .collect();
+    let procs = per_version(|i, _| vec!["local-leak", "--flavor", flavor(i)]);
     let pids: Vec<u32> = procs.iter().map(|(_, p)| p.pid()).collect();
     let mut lm = Leakmon::watch(&pids, &["--threads", "false"]);
     let mut ids = Vec::new();
