@@ -707,6 +707,11 @@ mod tests {
     use super::*;
     use crate::go::heap::Span;
 
+    /// One analysis with the test's offsets, no stack maps and a generous budget.
+    fn run(mem: &ProcMem, heap: &Heap, globals: &[Globals], gs: &[Goroutine]) -> Outcome {
+        analyse(mem, heap, &offsets(), globals, gs, None, 1 << 20).unwrap()
+    }
+
     fn root(start: u64, len: u64) -> Globals {
         Globals {
             start,
@@ -822,16 +827,7 @@ mod tests {
                 candidate: chan(chan_b),
             },
         ];
-        let out = analyse(
-            &mem,
-            &heap,
-            &offsets(),
-            &[root(global, 8)],
-            &gs,
-            None,
-            1 << 20,
-        )
-        .unwrap();
+        let out = run(&mem, &heap, &[root(global, 8)], &gs);
         assert_eq!(
             out.leaked,
             vec![1],
@@ -839,16 +835,7 @@ mod tests {
         );
         // Without the buffer's shape (end not just past 512 entries), the word is a reference.
         f.set(p + 72, entries + 511 * 8);
-        let out = analyse(
-            &mem,
-            &heap,
-            &offsets(),
-            &[root(global, 8)],
-            &gs,
-            None,
-            1 << 20,
-        )
-        .unwrap();
+        let out = run(&mem, &heap, &[root(global, 8)], &gs);
         assert!(out.leaked.is_empty(), "{out:?}");
         drop(f);
     }
@@ -912,18 +899,9 @@ mod tests {
             len: 16,
             mask: Some(vec![0b01].into()),
         };
-        let out = analyse(&mem, &heap, &offsets(), &[masked], &gs, None, 1 << 20).unwrap();
+        let out = run(&mem, &heap, &[masked], &gs);
         assert_eq!(out.leaked, vec![1], "B is named only by a non-pointer word");
-        let out = analyse(
-            &mem,
-            &heap,
-            &offsets(),
-            &[root(global, 16)],
-            &gs,
-            None,
-            1 << 20,
-        )
-        .unwrap();
+        let out = run(&mem, &heap, &[root(global, 16)], &gs);
         assert!(out.leaked.is_empty(), "scanned whole, both are reachable");
         drop(f);
     }
@@ -975,44 +953,17 @@ mod tests {
                 candidate: chan(obj(2)),
             },
         ];
-        let out = analyse(
-            &mem,
-            &heap,
-            &offsets(),
-            &[root(global, 8)],
-            &gs,
-            None,
-            1 << 20,
-        )
-        .unwrap();
+        let out = run(&mem, &heap, &[root(global, 8)], &gs);
         assert_eq!(out.leaked, vec![1]);
         // A live root pointing at B through a sudog-free object clears it too.
         f.set(global, obj(2));
-        let out = analyse(
-            &mem,
-            &heap,
-            &offsets(),
-            &[root(global, 8)],
-            &gs,
-            None,
-            1 << 20,
-        )
-        .unwrap();
+        let out = run(&mem, &heap, &[root(global, 8)], &gs);
         assert_eq!(out.leaked, vec![0]);
         // A candidate made live by its object wakes what its stack holds (fixpoint): A is
         // reached from the global through object 3; candidate 0's stack holds B.
         f.set(global, obj(3));
         f.set(stack_a, obj(2));
-        let out = analyse(
-            &mem,
-            &heap,
-            &offsets(),
-            &[root(global, 8)],
-            &gs,
-            None,
-            1 << 20,
-        )
-        .unwrap();
+        let out = run(&mem, &heap, &[root(global, 8)], &gs);
         assert!(out.leaked.is_empty(), "{out:?}");
         // Over budget: no verdict.
         assert_eq!(
