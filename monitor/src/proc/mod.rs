@@ -137,6 +137,25 @@ pub(crate) fn stat(pid: u32) -> Result<(char, u64), ProcError> {
     Ok((state, start))
 }
 
+/// How long ago a process started, from its start time in clock ticks since boot (as
+/// [`stat`] gives it); `None` when the clocks cannot be read.
+pub(crate) fn age(start_ticks: u64) -> Option<std::time::Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec; CLOCK_BOOTTIME (what /proc's start times count
+    // from) exists on every supported kernel.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return None;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?;
+    let now = std::time::Duration::new(u64::try_from(ts.tv_sec).ok()?, 0);
+    let started = std::time::Duration::from_millis(start_ticks.checked_mul(1000)? / hz.max(1));
+    now.checked_sub(started)
+}
+
 /// The path of the process's executable, as the host sees it (`/proc/PID/exe` resolves it even
 /// inside another mount namespace, so that is what probes attach through).
 pub(crate) fn exe_path(pid: u32) -> Result<PathBuf, ProcError> {

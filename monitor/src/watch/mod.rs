@@ -62,6 +62,8 @@ pub(crate) enum WatchError {
     Export(#[from] ExportError),
 }
 
+/// How long after its start a process that ran no runtime is looked at again at every scan.
+const YOUNG: Duration = Duration::from_secs(10);
 /// How often `leakmon run` looks again at processes that ran no runtime.
 const RECHECK_PLAIN: Duration = Duration::from_secs(300);
 /// Processes looked at again per scan, at most.
@@ -106,6 +108,10 @@ struct Monitor {
     /// (`leakmon run`), for a runtime in a library loaded since (Python importing a Rust
     /// extension).
     plain: HashSet<u32>,
+    /// Of those, the ones that started less than [`YOUNG`] ago: looked at again each scan
+    /// until they are older (an exec is seen before the dynamic loader has relocated the
+    /// program, when a tokio build's task vtables are not pointers yet).
+    young: HashSet<u32>,
     last_recheck: Instant,
     recheck: Vec<u32>,
     /// Processes whose inspection waited too long for another: tried again at the next scan.
@@ -255,6 +261,7 @@ impl Monitor {
             workers: Workers::default(),
             skipped: HashMap::new(),
             plain: HashSet::new(),
+            young: HashSet::new(),
             last_recheck: Instant::now(),
             recheck: Vec::new(),
             retry: Vec::new(),
@@ -376,6 +383,9 @@ impl Monitor {
                 Ok(Inspected::Plain(_)) => {
                     self.skipped.insert(pid, start);
                     self.plain.insert(pid);
+                    if self.discover && proc::age(start).is_some_and(|a| a < YOUNG) {
+                        self.young.insert(pid);
+                    }
                     Ok(())
                 }
                 Err(e) => Err(e.into()),
@@ -656,6 +666,13 @@ impl Monitor {
         if self.discover && self.last_recheck.elapsed() >= RECHECK_PLAIN {
             self.last_recheck = Instant::now();
             self.recheck.extend(self.plain.drain());
+        }
+        // Processes just started that looked plain: once more each scan while young.
+        for pid in std::mem::take(&mut self.young) {
+            if self.skipped.remove(&pid).is_some() {
+                self.plain.remove(&pid);
+                self.try_add(pid);
+            }
         }
         // A slice per scan, so a host of thousands does not queue them all at once.
         let n = self.recheck.len().min(RECHECK_PER_SCAN);
