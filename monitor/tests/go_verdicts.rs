@@ -10,6 +10,7 @@ use std::{
     collections::HashMap,
     io::{Read as _, Write as _},
     net::TcpStream,
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -60,6 +61,20 @@ fn assert_proven_three(
     assert_eq!(a["blocked_at"]["line"], block, "{w}");
 }
 
+/// Each fixture build of `leaky` the verdicts run on, named ("go1.27.3 stripped"): every
+/// tested Go version, with symbols and stripped.
+fn leaky_builds() -> Vec<(String, PathBuf)> {
+    fixture_versions()
+        .iter()
+        .flat_map(|version| {
+            [false, true].map(|stripped| {
+                let what = format!("go{version}{}", if stripped { " stripped" } else { "" });
+                (what, fixture(version, "leaky", stripped))
+            })
+        })
+        .collect()
+}
+
 fn for_pid(pid: u32) -> impl Fn(&Value) -> bool {
     move |a: &Value| a["pid"] == pid
 }
@@ -68,59 +83,55 @@ fn for_pid(pid: u32) -> impl Fn(&Value) -> bool {
 fn one_shot_leaks_are_proven_unreachable() {
     require_root();
     let markers = markers();
-    for version in fixture_versions() {
-        for stripped in [false, true] {
-            let what = format!("go{version}{}", if stripped { " stripped" } else { "" });
-            let bin = fixture(&version, "leaky", stripped);
-            let procs: Vec<(&str, &str, Proc)> = ONE_SHOT
-                .iter()
-                .map(|(mode, kind)| (*mode, *kind, start_fixture(&bin, &["-mode", mode])))
-                .collect();
-            let nil = start_fixture(&bin, &["-mode", "nilchan"]);
-            let mut pids: Vec<u32> = procs.iter().map(|(_, _, p)| p.pid()).collect();
-            pids.push(nil.pid());
-            let mut lm = Leakmon::watch(&pids, &[]);
-            for (mode, kind, p) in &procs {
-                let pid = p.pid();
-                let a = lm.expect(&format!("proven leak for {mode} on {what}"), |a| {
-                    for_pid(pid)(a) && a["kind"] == "goroutine_leak" && a["state"] == "firing"
-                });
-                let w = format!("{mode} on {what}: {a:#}");
-                assert_proven_three(&a, &markers, mode, kind, &w);
-                assert!(a["id"].as_str().is_some_and(|id| id.len() == 16), "{w}");
-                assert!(
-                    a["stack"].as_array().is_some_and(|s| s.len() >= 2),
-                    "{w}: the whole stack goes with the alert"
-                );
-                if *kind == "channel" {
-                    assert_eq!(a["waits_on"]["closed"], false, "{w}");
-                }
-            }
-            // A nil channel can never be woken: stuck, proven without an analysis.
-            let stuck = lm.expect(&format!("nilchan stuck on {what}"), |a| {
-                for_pid(nil.pid())(a) && a["state"] == "firing"
+    for (what, bin) in leaky_builds() {
+        let procs: Vec<(&str, &str, Proc)> = ONE_SHOT
+            .iter()
+            .map(|(mode, kind)| (*mode, *kind, start_fixture(&bin, &["-mode", mode])))
+            .collect();
+        let nil = start_fixture(&bin, &["-mode", "nilchan"]);
+        let mut pids: Vec<u32> = procs.iter().map(|(_, _, p)| p.pid()).collect();
+        pids.push(nil.pid());
+        let mut lm = Leakmon::watch(&pids, &[]);
+        for (mode, kind, p) in &procs {
+            let pid = p.pid();
+            let a = lm.expect(&format!("proven leak for {mode} on {what}"), |a| {
+                for_pid(pid)(a) && a["kind"] == "goroutine_leak" && a["state"] == "firing"
             });
-            assert_eq!(stuck["kind"], "goroutine_stuck", "{stuck:#}");
-            assert_eq!(stuck["proof"], "unreachable", "{stuck:#}");
-            // Released: each resolves, with the id it fired with.
-            for (mode, _, p) in &procs {
-                p.signal(libc::SIGUSR1);
-                let pid = p.pid();
-                let fired = lm.expect("fired", |a| for_pid(pid)(a) && a["state"] == "firing");
-                let r = lm.expect(&format!("{mode} resolved on {what}"), |a| {
-                    for_pid(pid)(a) && a["state"] == "resolved"
-                });
-                assert_eq!(r["id"], fired["id"], "{mode} on {what}");
-                assert_eq!(r["count"], 0, "{mode} on {what}");
+            let w = format!("{mode} on {what}: {a:#}");
+            assert_proven_three(&a, &markers, mode, kind, &w);
+            assert!(a["id"].as_str().is_some_and(|id| id.len() == 16), "{w}");
+            assert!(
+                a["stack"].as_array().is_some_and(|s| s.len() >= 2),
+                "{w}: the whole stack goes with the alert"
+            );
+            if *kind == "channel" {
+                assert_eq!(a["waits_on"]["closed"], false, "{w}");
             }
-            let others: Vec<Value> = lm
-                .collect_for(Duration::from_millis(500))
-                .into_iter()
-                .filter(|a| a["kind"] != "goroutine_leak" && a["pid"] != nil.pid())
-                .collect();
-            assert!(others.is_empty(), "{what}: unexpected alerts {others:#?}");
-            lm.stop();
         }
+        // A nil channel can never be woken: stuck, proven without an analysis.
+        let stuck = lm.expect(&format!("nilchan stuck on {what}"), |a| {
+            for_pid(nil.pid())(a) && a["state"] == "firing"
+        });
+        assert_eq!(stuck["kind"], "goroutine_stuck", "{stuck:#}");
+        assert_eq!(stuck["proof"], "unreachable", "{stuck:#}");
+        // Released: each resolves, with the id it fired with.
+        for (mode, _, p) in &procs {
+            p.signal(libc::SIGUSR1);
+            let pid = p.pid();
+            let fired = lm.expect("fired", |a| for_pid(pid)(a) && a["state"] == "firing");
+            let r = lm.expect(&format!("{mode} resolved on {what}"), |a| {
+                for_pid(pid)(a) && a["state"] == "resolved"
+            });
+            assert_eq!(r["id"], fired["id"], "{mode} on {what}");
+            assert_eq!(r["count"], 0, "{mode} on {what}");
+        }
+        let others: Vec<Value> = lm
+            .collect_for(Duration::from_millis(500))
+            .into_iter()
+            .filter(|a| a["kind"] != "goroutine_leak" && a["pid"] != nil.pid())
+            .collect();
+        assert!(others.is_empty(), "{what}: unexpected alerts {others:#?}");
+        lm.stop();
     }
 }
 
@@ -291,101 +302,97 @@ fn busy_http_server_with_the_analysis_running_is_silent() {
 fn locks_and_stack_slots_are_judged_as_the_runtime_sees_them() {
     require_root();
     let markers = markers();
-    for version in fixture_versions() {
-        for stripped in [false, true] {
-            let what = format!("go{version}{}", if stripped { " stripped" } else { "" });
-            let bin = fixture(&version, "leaky", stripped);
-            let once_mutex = start_fixture(&bin, &["-mode", "once-mutex"]);
-            let dead = start_fixture(&bin, &["-mode", "deadslot"]);
-            let live = start_fixture(&bin, &["-mode", "liveslot"]);
-            let held = start_fixture(&bin, &["-mode", "mutex"]);
-            let holding = start_fixture(&bin, &["-mode", "heldlock"]);
-            let pids = [
-                once_mutex.pid(),
-                dead.pid(),
-                live.pid(),
-                held.pid(),
-                holding.pid(),
-            ];
-            let mut lm = Leakmon::watch(&pids, &[]);
-            for (p, mode, reason, kind) in [
-                (&once_mutex, "once-mutex", "sync.Mutex.Lock", "lock"),
-                (&dead, "deadslot", "chan send", "channel"),
-            ] {
-                let pid = p.pid();
-                let a = lm.expect(&format!("{mode} proven on {what}"), |a| {
-                    for_pid(pid)(a)
-                        && a["kind"] == "goroutine_leak"
-                        && a["state"] == "firing"
-                        && a["wait_reason"] == reason
-                });
-                let w = format!("{mode} on {what}: {a:#}");
-                assert_proven_three(&a, &markers, mode, kind, &w);
-            }
-            // The holder itself leaked on its send.
-            let holder = lm.expect(&format!("once-mutex holder on {what}"), |a| {
-                for_pid(once_mutex.pid())(a)
+    for (what, bin) in leaky_builds() {
+        let once_mutex = start_fixture(&bin, &["-mode", "once-mutex"]);
+        let dead = start_fixture(&bin, &["-mode", "deadslot"]);
+        let live = start_fixture(&bin, &["-mode", "liveslot"]);
+        let held = start_fixture(&bin, &["-mode", "mutex"]);
+        let holding = start_fixture(&bin, &["-mode", "heldlock"]);
+        let pids = [
+            once_mutex.pid(),
+            dead.pid(),
+            live.pid(),
+            held.pid(),
+            holding.pid(),
+        ];
+        let mut lm = Leakmon::watch(&pids, &[]);
+        for (p, mode, reason, kind) in [
+            (&once_mutex, "once-mutex", "sync.Mutex.Lock", "lock"),
+            (&dead, "deadslot", "chan send", "channel"),
+        ] {
+            let pid = p.pid();
+            let a = lm.expect(&format!("{mode} proven on {what}"), |a| {
+                for_pid(pid)(a)
                     && a["kind"] == "goroutine_leak"
-                    && a["wait_reason"] == "chan send"
+                    && a["state"] == "firing"
+                    && a["wait_reason"] == reason
             });
-            assert_eq!(holder["proven"], 1, "{what}: {holder:#}");
-            // Held by the main goroutine, which lives: stuck, no proof of a leak.
-            let stuck = lm.expect(&format!("mutex stuck on {what}"), |a| {
-                for_pid(held.pid())(a) && a["state"] == "firing"
-            });
-            assert_eq!(stuck["kind"], "goroutine_stuck", "{what}: {stuck:#}");
-            assert_eq!(stuck["count"], 3, "{what}: {stuck:#}");
-            assert_eq!(stuck["waits_on"]["kind"], "lock", "{what}: {stuck:#}");
-            assert_eq!(stuck["waits_on"]["locked"], true, "{what}: {stuck:#}");
-            // Held by a goroutine whose live stack slots point to the lock: named.
-            let named = lm.expect(&format!("heldlock stuck on {what}"), |a| {
-                for_pid(holding.pid())(a) && a["state"] == "firing"
-            });
-            let w = format!("heldlock on {what}: {named:#}");
-            assert_eq!(named["kind"], "goroutine_stuck", "{w}");
-            assert_eq!(named["proof"], Value::Null, "{w}");
-            let (create, block) = markers["heldlock"];
-            assert_eq!(named["created_at"]["line"], create, "{w}");
-            assert_eq!(named["blocked_at"]["line"], block, "{w}");
-            assert!(
-                named["waits_on"]["held_by"]
-                    .as_str()
-                    .is_some_and(|h| h.starts_with("goroutine ") && h.contains("main.holdLock")),
-                "{w}"
-            );
-            let all = lm.collect_for(Duration::from_secs(3));
-            let wrong: Vec<&Value> = all
-                .iter()
-                .filter(|a| {
-                    a["pid"] == live.pid()
-                        || ((a["pid"] == held.pid() || a["pid"] == holding.pid())
-                            && a["kind"] != "goroutine_stuck")
-                        || ((a["pid"] == once_mutex.pid() || a["pid"] == dead.pid())
-                            && a["kind"] != "goroutine_leak")
-                })
-                .collect();
-            assert!(wrong.is_empty(), "{what}: unexpected alerts {wrong:#?}");
-            // The analyses read stacks and globals as the runtime's GC does.
-            let stderr = lm.stderr();
-            let line = stderr
-                .lines()
-                .find(|l| l.contains(&format!("PID {}: reachability analysis", dead.pid())))
-                .unwrap_or_else(|| panic!("{what}: no analysis logged:\n{stderr}"));
-            assert!(
-                line.contains("globals by the runtime's pointer bitmaps")
-                    && !line.contains(" 0 stacks scanned by their stack maps"),
-                "{what}: {line}"
-            );
-            for p in [&once_mutex, &dead, &held, &holding] {
-                p.signal(libc::SIGUSR1);
-            }
-            for p in [&once_mutex, &dead, &held, &holding] {
-                let pid = p.pid();
-                lm.expect(&format!("{pid} resolved on {what}"), |a| {
-                    for_pid(pid)(a) && a["state"] == "resolved"
-                });
-            }
-            lm.stop();
+            let w = format!("{mode} on {what}: {a:#}");
+            assert_proven_three(&a, &markers, mode, kind, &w);
         }
+        // The holder itself leaked on its send.
+        let holder = lm.expect(&format!("once-mutex holder on {what}"), |a| {
+            for_pid(once_mutex.pid())(a)
+                && a["kind"] == "goroutine_leak"
+                && a["wait_reason"] == "chan send"
+        });
+        assert_eq!(holder["proven"], 1, "{what}: {holder:#}");
+        // Held by the main goroutine, which lives: stuck, no proof of a leak.
+        let stuck = lm.expect(&format!("mutex stuck on {what}"), |a| {
+            for_pid(held.pid())(a) && a["state"] == "firing"
+        });
+        assert_eq!(stuck["kind"], "goroutine_stuck", "{what}: {stuck:#}");
+        assert_eq!(stuck["count"], 3, "{what}: {stuck:#}");
+        assert_eq!(stuck["waits_on"]["kind"], "lock", "{what}: {stuck:#}");
+        assert_eq!(stuck["waits_on"]["locked"], true, "{what}: {stuck:#}");
+        // Held by a goroutine whose live stack slots point to the lock: named.
+        let named = lm.expect(&format!("heldlock stuck on {what}"), |a| {
+            for_pid(holding.pid())(a) && a["state"] == "firing"
+        });
+        let w = format!("heldlock on {what}: {named:#}");
+        assert_eq!(named["kind"], "goroutine_stuck", "{w}");
+        assert_eq!(named["proof"], Value::Null, "{w}");
+        let (create, block) = markers["heldlock"];
+        assert_eq!(named["created_at"]["line"], create, "{w}");
+        assert_eq!(named["blocked_at"]["line"], block, "{w}");
+        assert!(
+            named["waits_on"]["held_by"]
+                .as_str()
+                .is_some_and(|h| h.starts_with("goroutine ") && h.contains("main.holdLock")),
+            "{w}"
+        );
+        let all = lm.collect_for(Duration::from_secs(3));
+        let wrong: Vec<&Value> = all
+            .iter()
+            .filter(|a| {
+                a["pid"] == live.pid()
+                    || ((a["pid"] == held.pid() || a["pid"] == holding.pid())
+                        && a["kind"] != "goroutine_stuck")
+                    || ((a["pid"] == once_mutex.pid() || a["pid"] == dead.pid())
+                        && a["kind"] != "goroutine_leak")
+            })
+            .collect();
+        assert!(wrong.is_empty(), "{what}: unexpected alerts {wrong:#?}");
+        // The analyses read stacks and globals as the runtime's GC does.
+        let stderr = lm.stderr();
+        let line = stderr
+            .lines()
+            .find(|l| l.contains(&format!("PID {}: reachability analysis", dead.pid())))
+            .unwrap_or_else(|| panic!("{what}: no analysis logged:\n{stderr}"));
+        assert!(
+            line.contains("globals by the runtime's pointer bitmaps")
+                && !line.contains(" 0 stacks scanned by their stack maps"),
+            "{what}: {line}"
+        );
+        for p in [&once_mutex, &dead, &held, &holding] {
+            p.signal(libc::SIGUSR1);
+        }
+        for p in [&once_mutex, &dead, &held, &holding] {
+            let pid = p.pid();
+            lm.expect(&format!("{pid} resolved on {what}"), |a| {
+                for_pid(pid)(a) && a["state"] == "resolved"
+            });
+        }
+        lm.stop();
     }
 }

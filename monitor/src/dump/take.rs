@@ -141,12 +141,12 @@ pub(crate) fn take(pid: u32, options: &DumpOptions) -> Result<Dump, DumpError> {
                         // As the detector names them: proven by an analysis is a leak;
                         // what nothing can wake keeps its kind (a nil channel is stuck).
                         let never_woken = policy.never_woken(wait_reason).is_some();
-                        let leaked = o.proven
-                            || (never_woken && policy.classify(wait_reason) != WaitClass::Stuck);
-                        let finding = policy.finding(wait_reason, leaked);
-                        ((o.proven || never_woken) && policy.may_find(&o.entry, wait_reason))
-                            .then_some(finding)
-                            .flatten()
+                        if !(o.proven || never_woken) || !policy.may_find(&o.entry, wait_reason) {
+                            return None;
+                        }
+                        let leaked = o.proven || policy.classify(wait_reason) != WaitClass::Stuck;
+                        policy
+                            .finding(wait_reason, leaked)
                             .map(|f| (o.id, policy.kind(f).name))
                     })
                     .collect();

@@ -315,10 +315,7 @@ impl<'a> Marker<'a> {
             let n = (words - first).min(BATCH_BYTES as u64 / 8);
             // Pieces with no pointer are not read at all.
             let bits = first..first + n;
-            if bits
-                .clone()
-                .all(|i| mask[(i / 8) as usize] >> (i % 8) & 1 == 0)
-            {
+            if !bits.clone().any(|i| stackmaps::bit(mask, i)) {
                 first += n;
                 continue;
             }
@@ -331,7 +328,7 @@ impl<'a> Marker<'a> {
                 return Err(ReachError::Unreadable);
             }
             for i in bits {
-                if mask[(i / 8) as usize] >> (i % 8) & 1 == 1 {
+                if stackmaps::bit(mask, i) {
                     self.scan_words(at, &buf, Some(((i - first) * 8) as u32));
                 }
             }
@@ -490,20 +487,21 @@ impl<'a> Marker<'a> {
         if hi <= lo || hi - lo > 1 << 30 {
             return Ok(());
         }
-        let (Some(pc), Some(maps)) = (g.parked_pc, maps) else {
+        // Parked, within the size read whole, and readable: by its maps. Else whole, in pieces.
+        let read = match (g.parked_pc, maps) {
+            (Some(pc), Some(maps)) if hi - lo <= MAX_PRECISE_STACK => {
+                let mut stack = vec![0u8; (hi - lo) as usize];
+                self.mem.read(lo, &mut stack).then(|| {
+                    let words = stackmaps::live_words(maps, pc, lo, &stack, &seeds);
+                    (stack, words)
+                })
+            }
+            _ => None,
+        };
+        let Some((stack, words)) = read else {
             self.conservative_stacks += 1;
             return self.scan_range(lo, hi - lo);
         };
-        if hi - lo > MAX_PRECISE_STACK {
-            self.conservative_stacks += 1;
-            return self.scan_range(lo, hi - lo);
-        }
-        let mut stack = vec![0u8; (hi - lo) as usize];
-        if !self.mem.read(lo, &mut stack) {
-            self.conservative_stacks += 1;
-            return self.scan_range(lo, hi - lo);
-        }
-        let words = stackmaps::live_words(maps, pc, lo, &stack, &seeds);
         self.charge(stack.len())?;
         match words {
             Some(words) => {
@@ -712,6 +710,18 @@ mod tests {
         analyse(mem, heap, &offsets(), globals, gs, None, 1 << 20).unwrap()
     }
 
+    /// A heap of one span of 32 objects of 64 bytes at `base`.
+    fn one_span(base: u64) -> Heap {
+        Heap::from_spans(vec![Span {
+            start: base,
+            end: base + 8192,
+            elemsize: 64,
+            nelems: 32,
+            noscan: false,
+            specials: 0,
+        }])
+    }
+
     fn root(start: u64, len: u64) -> Globals {
         Globals {
             start,
@@ -863,14 +873,7 @@ mod tests {
         let mut f = Fake::new(4096);
         let base = f.base();
         let obj = |i: u64| base + i * 64;
-        let heap = Heap::from_spans(vec![Span {
-            start: base,
-            end: base + 8192,
-            elemsize: 64,
-            nelems: 32,
-            noscan: false,
-            specials: 0,
-        }]);
+        let heap = one_span(base);
         // Two global words: word 0 (a pointer) names channel A, word 1 (an integer to the
         // runtime) looks like channel B's address.
         let global = obj(40);
@@ -914,14 +917,7 @@ mod tests {
         let base = f.base();
         let obj = |i: u64| base + i * 64;
         let global = obj(40);
-        let heap = Heap::from_spans(vec![Span {
-            start: base,
-            end: base + 8192,
-            elemsize: 64,
-            nelems: 32,
-            noscan: false,
-            specials: 0,
-        }]);
+        let heap = one_span(base);
         // The global (outside the heap) points to object 3, which points to channel A.
         f.set(global, obj(3));
         f.set(obj(3) + 8, obj(1));

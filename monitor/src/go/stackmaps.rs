@@ -42,13 +42,18 @@ pub(crate) struct Bits {
     bits: Box<[u8]>,
 }
 
+/// Whether bit `i` of the little-endian bitmap `bits` is set (the runtime's stack maps and
+/// global pointer masks alike: bit i of byte i/8 is word i).
+pub(crate) fn bit(bits: &[u8], i: u64) -> bool {
+    usize::try_from(i / 8)
+        .ok()
+        .and_then(|b| bits.get(b))
+        .is_some_and(|b| b >> (i % 8) & 1 == 1)
+}
+
 impl Bits {
     fn words(&self) -> impl Iterator<Item = u32> + '_ {
-        (0..self.n).filter(|i| {
-            self.bits
-                .get(*i as usize / 8)
-                .is_some_and(|b| b >> (i % 8) & 1 == 1)
-        })
+        (0..self.n).filter(|i| bit(&self.bits, u64::from(*i)))
     }
 }
 
@@ -243,11 +248,9 @@ pub(crate) fn live_words<M: FrameMaps + ?Sized>(
             reached_top = true;
             break;
         }
-        pc = word_at(fp - 8)?;
+        // A frame with no return address before the top frame: not a stack we can read.
+        pc = word_at(fp - 8).filter(|pc| *pc != 0)?;
         frame_sp = fp;
-        if pc == 0 {
-            break;
-        }
     }
     if !reached_top {
         return None;

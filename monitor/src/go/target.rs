@@ -234,8 +234,9 @@ const RECHECK_MAX_NS: u64 = 600_000_000_000;
 /// Scans a lock wait is held back for at most, awaiting the analyses (a proof takes two, the
 /// first a scan after the wait is due).
 const HOLD_SCANS: u8 = 5;
-/// Channels whose state is read per scan, at most (for the alerts: one per group is enough).
-const MAX_CHAN_READS: usize = 256;
+/// Objects (channels, locks) whose state is read per scan, at most (for the alerts: one per
+/// group is enough).
+const MAX_STATE_READS: usize = 256;
 
 /// Largest pointer bitmap of a global section read (1 MiB covers 64 MiB of globals).
 const MAX_GLOBALS_MASK: u64 = 1 << 20;
@@ -520,33 +521,13 @@ impl Target {
         self.analysis_due = !current.is_empty() && (unsettled || now_ns >= self.recheck_at_ns);
         let proven: HashSet<u64> = self.proven.keys().copied().collect();
         let held = self.hold_lock_waits(&candidates, &proven);
-        let mut channels: HashMap<u64, Option<waits::ChannelState>> = HashMap::new();
-        let mut locks: HashMap<u64, Option<Arc<ObjectState>>> = HashMap::new();
+        let mut states = HashMap::new();
         for Candidate { index: i, rec, .. } in &candidates {
             let Some(waits) = self.waits_of(rec.goid) else {
                 continue;
             };
             let Some(first) = waits.first() else { continue };
-            let state = match first.kind {
-                WaitKind::Channel => if channels.len() < MAX_CHAN_READS {
-                    *channels.entry(first.addr).or_insert_with(|| {
-                        waits::chan_state(&self.mem, &self.binary.heap, first.addr)
-                    })
-                } else {
-                    channels.get(&first.addr).copied().flatten()
-                }
-                .map(|c| Arc::new(c.described())),
-                WaitKind::Lock => locks
-                    .entry(first.addr)
-                    .or_insert_with(|| {
-                        waits::lock_state(&self.mem, first.addr).map(|mut l| {
-                            l.holder = self.lock_holders.get(&first.addr).cloned();
-                            Arc::new(l.described())
-                        })
-                    })
-                    .clone(),
-                _ => None,
-            };
+            let state = self.wait_state(first, &mut states, MAX_STATE_READS);
             let o = &mut judged[*i];
             o.proven = proven.contains(&rec.goid);
             o.waits_on = Some(Arc::new(WaitsOn {
@@ -711,14 +692,11 @@ impl Target {
             .filter_map(|(lock, found)| {
                 let [i] = found[..] else { return None };
                 let goid = goroutines.get(i)?.goid;
-                let place = self.resolved.get(&goid).and_then(|r| {
-                    r.blocked_at
-                        .as_ref()
-                        .map(|s| s.to_string())
-                        .or_else(|| Some(r.entry.to_string()))
-                });
-                let name = match place {
-                    Some(p) => format!("goroutine {goid} in {p}"),
+                let name = match self.resolved.get(&goid) {
+                    Some(r) => match &r.blocked_at {
+                        Some(site) => format!("goroutine {goid} in {site}"),
+                        None => format!("goroutine {goid} in {}", r.entry),
+                    },
                     None => format!("goroutine {goid}"),
                 };
                 Some((*lock, Arc::from(name)))
@@ -747,6 +725,36 @@ impl Target {
         self.leaked = leaked;
         let [older, last] = &mut self.analysed;
         *older = std::mem::replace(last, analysed);
+    }
+
+    /// The state of what a goroutine waits on, as alerts and dumps show it (a channel's
+    /// capacity, length and waiters; a lock's state and holder): read once per object, while
+    /// `states` holds fewer than `max`.
+    fn wait_state(
+        &self,
+        o: &WaitObject,
+        states: &mut HashMap<u64, Option<Arc<ObjectState>>>,
+        max: usize,
+    ) -> Option<Arc<ObjectState>> {
+        if let Some(s) = states.get(&o.addr) {
+            return s.clone();
+        }
+        if states.len() >= max {
+            return None;
+        }
+        let state = match o.kind {
+            WaitKind::Channel => {
+                waits::chan_state(&self.mem, &self.binary.heap, o.addr).map(|c| c.described())
+            }
+            WaitKind::Lock => waits::lock_state(&self.mem, o.addr).map(|mut l| {
+                l.holder = self.lock_holders.get(&o.addr).cloned();
+                l.described()
+            }),
+            WaitKind::Semaphore | WaitKind::Cond => None,
+        }
+        .map(Arc::new);
+        states.insert(o.addr, state.clone());
+        state
     }
 
     /// The globals, roots of every analysis: `.data` and `.bss` by the runtime's own pointer

@@ -67,9 +67,17 @@ impl WaitClass {
             _ => None,
         }
     }
-}
 
-impl WaitClass {
+    /// The kind of object a wait of this class is on.
+    fn kind(self) -> WaitKind {
+        match self {
+            WaitClass::Channel => WaitKind::Channel,
+            WaitClass::Semaphore => WaitKind::Semaphore,
+            WaitClass::Cond => WaitKind::Cond,
+            WaitClass::Lock(_) => WaitKind::Lock,
+        }
+    }
+
     /// The object a wait's sudog names by `addr`: a lock's own address for the semaphore
     /// inside it (the same heap object either way).
     fn object_of(self, addr: u64) -> u64 {
@@ -178,11 +186,11 @@ pub(crate) fn wait_objects(
     let mut objects = Vec::new();
     match (class, legacy) {
         (WaitClass::Channel, _) | (_, None) => {
-            let (kind, field) = match class {
-                WaitClass::Channel => (WaitKind::Channel, off.sudog_c),
-                WaitClass::Semaphore => (WaitKind::Semaphore, off.sudog_elem),
-                WaitClass::Cond => (WaitKind::Cond, off.sudog_elem),
-                WaitClass::Lock(_) => (WaitKind::Lock, off.sudog_elem),
+            let kind = class.kind();
+            let field = if class == WaitClass::Channel {
+                off.sudog_c
+            } else {
+                off.sudog_elem
             };
             let mut sudog = waiting;
             let mut seen = 0;
@@ -206,11 +214,7 @@ pub(crate) fn wait_objects(
         (WaitClass::Semaphore | WaitClass::Lock(_), Some(found)) => {
             if let Some((_, elem)) = found.get(&g).filter(|(_, e)| *e != 0) {
                 objects.push(WaitObject {
-                    kind: if matches!(class, WaitClass::Lock(_)) {
-                        WaitKind::Lock
-                    } else {
-                        WaitKind::Semaphore
-                    },
+                    kind: class.kind(),
                     addr: class.object_of(*elem),
                 });
             }

@@ -290,7 +290,7 @@ impl Unwind {
 struct Plan {
     path: Arc<str>,
     elf: Option<Elf>,
-    /// A stripped file's separate debug file: its symbols and DWARF are read from there.
+    /// A stripped file's separate debug file: its symbol table names the functions.
     debug: Option<Elf>,
     unwind: bool,
     /// Bytes the DWARF is counted at, when it is to be read.
@@ -304,7 +304,7 @@ struct Plan {
 
 impl Plan {
     /// Plans the load of `file` (mapped at `path`); `debug_file` finds the separate debug
-    /// file of a file with no symbol table.
+    /// file, one with a symbol table, of a file that has none.
     fn new(
         file: std::fs::File,
         path: Arc<str>,
@@ -328,15 +328,10 @@ impl Plan {
         } else {
             None
         };
-        // Names come from the debug file where it has them; its DWARF is not read (a
-        // distribution's libc debug file alone is 20 MB once parsed, and every process maps
-        // libc: the cache would churn).
-        let named = debug
-            .as_ref()
-            .filter(|d| d.section(b".symtab").is_some())
-            .unwrap_or(&elf);
-        let lined = &elf;
-        let symbols = (symbol_count(named) * size_of::<Sym>()) as u64;
+        // Names come from the debug file; its DWARF is not read (a distribution's libc debug
+        // file alone is 20 MB once parsed, and every process maps libc: the cache would
+        // churn).
+        let symbols = (symbol_count(debug.as_ref().unwrap_or(&elf)) * size_of::<Sym>()) as u64;
         let unwind_bytes = [&b".eh_frame"[..], b".eh_frame_hdr"]
             .iter()
             .filter_map(|n| elf.section(n))
@@ -346,15 +341,15 @@ impl Plan {
             unwind_bytes <= MAX_UNWIND_BYTES && symbols.saturating_add(unwind_bytes) <= max_bytes;
         let mut bytes = symbols + if unwind { unwind_bytes } else { 0 };
         let is_go = elf.section(b".gopclntab").is_some() || elf.section(b".go.buildinfo").is_some();
-        let debug_bytes = lined
+        let debug_bytes = elf
             .sections
             .iter()
             .filter(|s| s.name.starts_with(b".debug_"))
-            .map(|s| lined.size_of(s).unwrap_or(u64::MAX))
+            .map(|s| elf.size_of(s).unwrap_or(u64::MAX))
             .fold(0, u64::saturating_add);
         // addr2line parses units as they are asked for: count it at twice the sections.
         let dwarf_bytes = debug_bytes.saturating_mul(2);
-        let dwarf = lined.section(b".debug_info").is_some()
+        let dwarf = elf.section(b".debug_info").is_some()
             && !is_go
             && debug_bytes <= MAX_DWARF_BYTES
             && bytes.saturating_add(dwarf_bytes) <= max_bytes;
@@ -379,23 +374,15 @@ impl Plan {
         let Some(elf) = self.elf else {
             return (Module::opaque(self.path), 0);
         };
-        let debug = self.debug;
-        let named_by_debug = debug
-            .as_ref()
-            .is_some_and(|d| d.section(b".symtab").is_some());
-        let lined = &elf;
-        let (symbols, string_tables) = match (&debug, named_by_debug) {
-            (Some(d), true) => function_symbols(d),
-            _ => function_symbols(&elf),
-        };
+        let (symbols, string_tables) = function_symbols(self.debug.as_ref().unwrap_or(&elf));
         let mut bytes = (symbols.len() * size_of::<Sym>()) as u64;
         let segments = elf.loads().map(|p| (p.offset, p.vaddr, p.filesz)).collect();
         let lines = if let Some(dwarf_bytes) = self.dwarf {
             let load =
                 |id: gimli::SectionId| -> Result<EndianArcSlice<LittleEndian>, gimli::Error> {
-                    let data = lined
+                    let data = elf
                         .section(id.name().as_bytes())
-                        .and_then(|s| lined.read(s, MAX_DWARF_BYTES))
+                        .and_then(|s| elf.read(s, MAX_DWARF_BYTES))
                         .unwrap_or_else(|| Arc::from(&[][..]));
                     Ok(EndianArcSlice::new(data, LittleEndian))
                 };
@@ -418,10 +405,7 @@ impl Plan {
                 bytes += b;
                 u
             });
-        let names_file = match debug {
-            Some(d) if named_by_debug => d.file,
-            _ => elf.file,
-        };
+        let names_file = self.debug.map_or(elf.file, |d| d.file);
         (
             Module {
                 path: self.path,

@@ -3,13 +3,13 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use super::{MAX_CHAN_READS, MAX_GS, Park, READ_CHUNK, Target, TargetError};
+use super::{MAX_GS, MAX_STATE_READS, Park, READ_CHUNK, Target, TargetError};
 use crate::{
-    detect::{GroupKey, Site, WaitsOn},
+    detect::{GroupKey, ObjectState, Site, WaitsOn},
     dump::{Creator, Frame, Task},
     go::{
         task::{self, GRecord},
-        waits::{self, WaitClass, WaitKind},
+        waits::{self, WaitClass},
     },
 };
 
@@ -31,7 +31,7 @@ impl Target {
         let mut out = Vec::new();
         // Each distinct stack once: its frames, and where alerts say its goroutines block.
         let mut stacks: HashMap<Vec<u64>, StackSeen> = HashMap::new();
-        let mut channels: HashMap<u64, Option<waits::ChannelState>> = HashMap::new();
+        let mut states = HashMap::new();
         // The `go` statement each creation PC is (a leak's goroutines share one).
         let mut creators: HashMap<u64, Option<Frame>> = HashMap::new();
         let (mut running, mut left_out) = (0u64, 0u64);
@@ -79,7 +79,7 @@ impl Target {
                     }
                 };
                 let waits_on = if waiting {
-                    self.dump_waits(*addr, &rec, &mut channels)
+                    self.dump_waits(*addr, &rec, &mut states)
                 } else {
                     None
                 };
@@ -147,7 +147,7 @@ impl Target {
         &self,
         g: u64,
         rec: &GRecord,
-        channels: &mut HashMap<u64, Option<waits::ChannelState>>,
+        states: &mut HashMap<u64, Option<Arc<ObjectState>>>,
     ) -> Option<Arc<WaitsOn>> {
         let objects = match self.waits_of(rec.goid) {
             Some(w) => w.to_vec(),
@@ -160,25 +160,11 @@ impl Target {
             }
         };
         let first = objects.first()?;
-        let state = match first.kind {
-            WaitKind::Channel => if channels.len() < MAX_CHAN_READS * 64 {
-                *channels
-                    .entry(first.addr)
-                    .or_insert_with(|| waits::chan_state(&self.mem, &self.binary.heap, first.addr))
-            } else {
-                channels.get(&first.addr).copied().flatten()
-            }
-            .map(|c| c.described()),
-            WaitKind::Lock => waits::lock_state(&self.mem, first.addr).map(|mut l| {
-                l.holder = self.lock_holders.get(&first.addr).cloned();
-                l.described()
-            }),
-            _ => None,
-        };
+        let state = self.wait_state(first, states, MAX_STATE_READS * 64);
         Some(Arc::new(WaitsOn {
             kind: first.kind.as_str(),
             address: first.addr,
-            state: state.map(Arc::new),
+            state,
             objects: objects.len() as u64,
         }))
     }
