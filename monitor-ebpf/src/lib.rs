@@ -21,6 +21,9 @@ pub mod names {
     pub const THREAD_FORK: &str = "thread_fork";
     pub const THREAD_EXIT: &str = "thread_exit";
 
+    pub const POLL_SAMPLE: &str = "poll_sample";
+    pub const SAMPLES: &str = "SAMPLES";
+
     /// Global set at load: offset of `pid` in the kernel's `struct task_struct`, from its BTF
     /// (`tgid` follows it).
     pub const TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
@@ -38,6 +41,11 @@ pub const MAX_THREAD_WAITS: u32 = 65_536;
 /// Default capacity of [`names::THREADS`]: threads known at once, host-wide. Preallocated
 /// (it is written from the scheduler): about 72 bytes of kernel memory per entry.
 pub const MAX_THREADS: u32 = 65_536;
+/// Capacity of [`names::SAMPLES`]: threads sampled at once, host-wide.
+pub const MAX_SAMPLED_THREADS: u32 = 256;
+/// Samples kept per sampled thread (the last ones): a power of two.
+pub const SAMPLE_RING: usize = 64;
+
 /// Default share of [`names::GOROUTINES`] one process may fill.
 pub const DEFAULT_GO_QUOTA: u32 = 65_536;
 
@@ -175,6 +183,31 @@ pub struct ThreadState {
     pub off_cpu_since_ns: u64,
 }
 
+/// The user registers of one thread at its last [`SAMPLE_RING`] samples, keyed by thread id
+/// in [`names::SAMPLES`]: userspace adds the entry to sample a thread (a suspect tokio
+/// worker), attaches the perf event, and removes the entry when done. Samples taken while
+/// the thread was in the kernel are not kept.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegSamples {
+    /// Samples taken; the latest is at `(n - 1) % SAMPLE_RING`.
+    pub n: u64,
+    pub ip: [u64; SAMPLE_RING],
+    pub sp: [u64; SAMPLE_RING],
+    pub bp: [u64; SAMPLE_RING],
+}
+
+impl Default for RegSamples {
+    fn default() -> Self {
+        Self {
+            n: 0,
+            ip: [0; SAMPLE_RING],
+            sp: [0; SAMPLE_RING],
+            bp: [0; SAMPLE_RING],
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all are #[repr(C)] plain integers with explicit padding: any byte pattern is valid.
@@ -184,4 +217,5 @@ mod pod {
     unsafe impl aya::Pod for super::ProcEvent {}
     unsafe impl aya::Pod for super::FutexWait {}
     unsafe impl aya::Pod for super::ThreadState {}
+    unsafe impl aya::Pod for super::RegSamples {}
 }

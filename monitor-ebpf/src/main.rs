@@ -14,6 +14,10 @@
 //! one entry per thread, replaced or dropped at its next switch). Both are updated in place;
 //! no event leaves the kernel per wait or switch, and stacks are taken by userspace, only for
 //! the few waits that last.
+//!
+//! `poll_sample` runs on a CPU-clock perf event that userspace opens for a few threads at a
+//! time, on demand (a tokio worker that may be computing in one poll): it keeps the thread's
+//! last user registers, so userspace can find the task polled on its stack and unwind it.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -25,14 +29,15 @@ mod probes {
             bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
             generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
         },
-        macros::{btf_tracepoint, map, uprobe},
+        macros::{btf_tracepoint, map, perf_event, uprobe},
         maps::{HashMap, PerCpuArray, RingBuf},
-        programs::{BtfTracePointContext, ProbeContext},
+        programs::{BtfTracePointContext, PerfEventContext, ProbeContext},
     };
     use monitor_ebpf::{
         FUTEX_LOCK_PI, FUTEX_OP_WAITV, FUTEX_WAIT, FUTEX_WAIT_REQUEUE_PI, FutexWait, GoKey,
-        GoPhase, GoProc, GoState, MAX_GO_PROCS, MAX_GOROUTINES, MAX_THREAD_WAITS, MAX_THREADS,
-        PROC_EVENT_EXEC, PROC_EVENTS_BYTES, ProcEvent, ThreadState, WAIT_TIMED, stat,
+        GoPhase, GoProc, GoState, MAX_GO_PROCS, MAX_GOROUTINES, MAX_SAMPLED_THREADS,
+        MAX_THREAD_WAITS, MAX_THREADS, PROC_EVENT_EXEC, PROC_EVENTS_BYTES, ProcEvent, RegSamples,
+        SAMPLE_RING, ThreadState, WAIT_TIMED, stat,
     };
 
     /// BPF_F_NO_PREALLOC: memory follows the live goroutine count, not the capacity.
@@ -58,6 +63,10 @@ mod probes {
     /// on some kernels. Sized by userspace (`max_threads`).
     #[map]
     static THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(MAX_THREADS, 0);
+
+    /// Threads userspace samples now (an entry each, added before their perf event is opened).
+    #[map]
+    static SAMPLES: HashMap<u32, RegSamples> = HashMap::with_max_entries(MAX_SAMPLED_THREADS, 0);
 
     /// Offset of `pid` in `struct task_struct`, set by userspace from the kernel's BTF at load
     /// (`tgid` is the next field).
@@ -415,6 +424,33 @@ mod probes {
     pub fn thread_exit(_ctx: BtfTracePointContext) -> i32 {
         let (_, tid) = current();
         let _ = THREAD_WAITS.remove(&tid);
+        0
+    }
+
+    /// A CPU-clock sample of a thread userspace asked for (`SAMPLES` has its entry): its user
+    /// instruction, stack and frame pointers, when the sample interrupted user code.
+    #[perf_event]
+    pub fn poll_sample(ctx: PerfEventContext) -> u32 {
+        let tid = bpf_get_current_pid_tgid() as u32;
+        let Some(slot) = SAMPLES.get_ptr_mut(&tid) else {
+            return 0;
+        };
+        // SAFETY: the context is the kernel's bpf_perf_event_data; its regs are readable.
+        let (cs, ip, sp, bp) = unsafe {
+            let regs = &(*ctx.ctx).regs;
+            (regs.cs, regs.rip, regs.rsp, regs.rbp)
+        };
+        // Ring 3: the sample interrupted user code (else these are kernel registers).
+        if cs & 3 != 3 {
+            return 0;
+        }
+        // SAFETY: a live map value; a thread is sampled on one CPU at a time.
+        let slot = unsafe { &mut *slot };
+        let i = (slot.n as usize) & (SAMPLE_RING - 1);
+        slot.ip[i] = ip;
+        slot.sp[i] = sp;
+        slot.bp[i] = bp;
+        slot.n += 1;
         0
     }
 

@@ -228,6 +228,91 @@ fn blocking_polls_name_their_worker_thread_at_the_default_threshold() {
     }
 }
 
+/// A poll that computes without a system call holds its worker on a CPU, where /proc cannot
+/// say what it runs: it is sampled on demand (an eBPF program on a perf event), and a
+/// one-shot watchpoint on the task's state word says the poll has not returned.
+#[test]
+fn computing_polls_name_the_future_and_the_hot_function() {
+    require_root();
+    let _heavy = heavy();
+    let versions = tokio_versions();
+    let (oldest, newest) = (&versions[0], &versions[versions.len() - 1]);
+    // What must stay silent first: the same computation in `spawn_blocking` (awaited) and in
+    // `block_in_place` (its worker's queue handed to another thread), at a 100 ms threshold.
+    for (v, mode) in [(newest, "compute-blocking"), (oldest, "compute-in-place")] {
+        let bin = tokio_fixture("tokio-tasks", v, TokioBuild::Release);
+        let mut p = start_fixture(&bin, &[mode, "--flavor", "multi"]);
+        let mut lm = Leakmon::watch(&[p.pid()], &["--poll-block-threshold", "100ms"]);
+        lm.wait_stderr(&format!("PID {}: 1 tokio runtime found", p.pid()));
+        let alerts = lm.collect_for(Duration::from_secs(8));
+        assert!(
+            alerts.is_empty(),
+            "{mode} on tokio {v} raised alerts: {alerts:#?}"
+        );
+        release(&mut p);
+    }
+    // Both flavors, old and new versions, stripped and LTO builds, at the default threshold.
+    let cases = [
+        (oldest, TokioBuild::Release, "current"),
+        (newest, TokioBuild::Release, "multi"),
+        (newest, TokioBuild::Lto, "current"),
+        (oldest, TokioBuild::Stripped, "multi"),
+    ];
+    for (v, build, flavor) in cases {
+        let what = format!("task_blocking (compute, {flavor}, tokio {v} {build:?})");
+        let bin = tokio_fixture("tokio-tasks", v, build);
+        let mut p = start_fixture(&bin, &["compute", "--flavor", flavor]);
+        let started = Instant::now();
+        let mut lm = Leakmon::watch(&[p.pid()], &["--threads", "false"]);
+        let a = lm.expect(&what, |a| firing(a, p.pid(), "task_blocking"));
+        eprintln!("{what}: after {:?}", started.elapsed());
+        assert_eq!(a["count"], 1, "{a:#}");
+        let thread = &a["threads"][0];
+        let tid = thread["tid"].as_u64().unwrap();
+        assert!(
+            std::path::Path::new(&format!("/proc/{}/task/{tid}", p.pid())).exists(),
+            "{a:#}"
+        );
+        let hot = thread["hot_frames"].as_array().unwrap();
+        assert!(!hot.is_empty(), "{a:#}");
+        if build != TokioBuild::Release {
+            // Stripped (the LTO build too): named by offset and build id.
+            let entry = a["entry"]["function"].as_str().unwrap();
+            assert!(entry.starts_with("future@tokio-tasks-"), "{a:#}");
+        } else {
+            assert_eq!(
+                a["entry"]["function"], "tokio_tasks::computing_poll",
+                "{a:#}"
+            );
+            // Where the task's own code computes (the async fn's body), and its hot function.
+            let at = &a["blocked_at"];
+            assert!(
+                at["file"].as_str().unwrap().ends_with("src/main.rs"),
+                "{a:#}"
+            );
+            assert_eq!(at["line"], block_line(SRC, "tokio-compute"), "{a:#}");
+            let hottest = hot[0].as_str().unwrap();
+            assert!(hottest.contains("crunch ("), "{a:#}");
+            assert!(hottest.ends_with('%'), "{a:#}");
+        }
+        assert!(
+            a["hint"].as_str().unwrap().contains("spawn_blocking"),
+            "{a:#}"
+        );
+        // Still firing while it computes.
+        let early = lm.collect_for(Duration::from_secs(3));
+        assert!(
+            !early
+                .iter()
+                .any(|e| e["id"] == a["id"] && e["state"] == "resolved"),
+            "{what} resolved while still computing: {early:#?}"
+        );
+        let id = a["id"].clone();
+        release(&mut p);
+        lm.expect(&format!("{what} resolved"), |e| resolved(e, &id));
+    }
+}
+
 #[test]
 fn stripped_and_lto_builds_are_read_without_symbols() {
     require_root();

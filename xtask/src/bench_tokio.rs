@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{
     Workspace,
     demo::{start_reading as start, stop},
-    measure::{RUNS, report, report_usage, wait_for, wrk},
+    measure::{RUNS, report, report_usage, wait_for, wait_for_counting, wrk},
     setup::output,
 };
 
@@ -61,6 +61,28 @@ pub(crate) fn build(ws: &Workspace, name: &str) -> Result<PathBuf> {
     Ok(dir.join("target/release").join(name))
 }
 
+/// As [`watch`], counting the on-demand sampling windows leakmon opens (its debug log).
+fn watch_counting_windows(
+    leakmon: &Path,
+    pid: u32,
+    extra: &[&str],
+) -> Result<(Child, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
+    let mut child = Command::new(leakmon)
+        .args(["watch", "--pid", &pid.to_string(), "--format", "json"])
+        .args(extra)
+        .env("LEAKMON_LOG", "info,leakmon::tokio::polls=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting leakmon")?;
+    let opened = wait_for_counting(
+        &mut child,
+        "tokio runtime",
+        Some("sampling threads on a CPU"),
+    )?;
+    Ok((child, opened))
+}
+
 fn watch(leakmon: &Path, pid: u32, extra: &[&str]) -> Result<Child> {
     let mut child = Command::new(leakmon)
         .args(["watch", "--pid", &pid.to_string(), "--format", "json"])
@@ -84,6 +106,7 @@ pub fn run(ws: &Workspace, leakmon: &Path, seconds: u64) -> Result<()> {
          leakmon scanning every 1 s; median of {RUNS}"
     );
     let (mut bare, mut watched) = (Vec::new(), Vec::new());
+    let mut windows = Vec::new();
     for _ in 0..RUNS {
         for with in [false, true] {
             let (mut server, _, line) = start(&http, &[])?;
@@ -91,11 +114,12 @@ pub fn run(ws: &Workspace, leakmon: &Path, seconds: u64) -> Result<()> {
                 .strip_prefix("listening ")
                 .context("tokio-http did not say its port")?;
             let mut lm = with
-                .then(|| watch(leakmon, server.id(), &scans))
+                .then(|| watch_counting_windows(leakmon, server.id(), &scans))
                 .transpose()?;
             let out = wrk(&format!("127.0.0.1:{port}"), seconds);
-            if let Some(lm) = lm.as_mut() {
+            if let Some((lm, opened)) = lm.as_mut() {
                 stop(lm);
+                windows.push(opened.load(std::sync::atomic::Ordering::Relaxed));
             }
             stop(&mut server);
             if with { &mut watched } else { &mut bare }.push(out?);
@@ -105,6 +129,10 @@ pub fn run(ws: &Workspace, leakmon: &Path, seconds: u64) -> Result<()> {
     let lat = |v: &[(f64, f64)]| v.iter().map(|x| x.1).collect::<Vec<_>>();
     report("requests/s", &rps(&bare), &rps(&watched), true);
     report("mean latency (us)", &lat(&bare), &lat(&watched), false);
+    println!(
+        "| on-demand sampling windows opened (threads sampled for a poll that may compute), \
+         per run | {windows:?} | | |"
+    );
 
     println!(
         "\n## tokio spawn/yield churn (64 tasks at a time, 10 yields each, {seconds}s), \

@@ -4,6 +4,10 @@
 use std::{
     io::{BufRead as _, BufReader},
     process::{Child, Command},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Instant,
 };
 
@@ -16,6 +20,15 @@ pub(crate) const RUNS: usize = 5;
 
 /// Reads `child`'s stderr until a line contains `needle`, then keeps draining it.
 pub(crate) fn wait_for(child: &mut Child, needle: &str) -> Result<()> {
+    wait_for_counting(child, needle, None).map(drop)
+}
+
+/// As [`wait_for`], and counts the later lines of stderr that contain `count`.
+pub(crate) fn wait_for_counting(
+    child: &mut Child,
+    needle: &str,
+    count: Option<&'static str>,
+) -> Result<Arc<AtomicUsize>> {
     let stderr = child.stderr.take().context("leakmon stderr")?;
     let mut lines = BufReader::new(stderr).lines();
     loop {
@@ -25,9 +38,17 @@ pub(crate) fn wait_for(child: &mut Child, needle: &str) -> Result<()> {
             _ => bail!("leakmon exited before logging {needle:?}"),
         }
     }
+    let counted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&counted);
     // Keep draining stderr so leakmon never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    Ok(())
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if count.is_some_and(|c| line.contains(c)) {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    Ok(counted)
 }
 
 fn parse_wrk_duration_us(s: &str) -> Option<f64> {

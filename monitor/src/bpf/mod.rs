@@ -1,9 +1,11 @@
 //! Loading leakmon's kernel programs, attaching them to processes, and reading what they keep.
 
 mod btf;
+mod sampler;
 mod threads;
 
 pub(crate) use btf::member_offset;
+pub(crate) use sampler::{Regs, Sampler};
 pub(crate) use threads::ThreadTables;
 
 use std::{
@@ -132,6 +134,7 @@ pub(crate) struct Probes {
     task_quota: u32,
     /// Whether the kernel's BTF gave `task_struct`'s pid offset (thread creation is traced).
     fork_offset: bool,
+    sampler: std::sync::Arc<Sampler>,
 }
 
 struct ThreadMaps {
@@ -171,6 +174,7 @@ impl Probes {
             .map_err(map_err(names::GOROUTINES))?;
         let stats = PerCpuArray::try_from(take_map(&mut ebpf, names::STATS)?)
             .map_err(map_err(names::STATS))?;
+        let sampler = Self::load_sampler(&mut ebpf)?;
         Ok(Self {
             ebpf,
             procs,
@@ -179,6 +183,7 @@ impl Probes {
             threads: None,
             task_quota: capacity.task_quota,
             fork_offset: pid_offset.is_some(),
+            sampler,
         })
     }
 

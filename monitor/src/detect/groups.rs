@@ -81,6 +81,9 @@ pub(crate) struct ThreadReport {
     pub blocked_at: Option<Arc<Site>>,
     /// Innermost first, "function (file:line)" or "function (library)".
     pub stack: Arc<[String]>,
+    /// Of a thread computing: where it was sampled most, "function (file:line) NN%".
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub hot_frames: Arc<[String]>,
 }
 
 /// Tasks with the same key leak (or not) together: created at the same place, same entry

@@ -209,6 +209,7 @@ impl ThreadDetector {
             waited_seconds: t.blocked_since().map_or(0.0, |s| age(s) as f64 / 1e9),
             blocked_at: t.blocked_at.clone(),
             stack: t.stack.clone(),
+            hot_frames: Arc::from([]),
         };
         let group_key = |t: &ThreadObs| GroupKey {
             created_at: None,

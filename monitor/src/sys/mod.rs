@@ -3,6 +3,7 @@
 
 pub(crate) mod caps;
 pub(crate) mod memory;
+pub(crate) mod perf;
 pub(crate) mod signals;
 pub(crate) mod tracefs;
 pub(crate) mod workers;

@@ -82,8 +82,13 @@ impl StackReader {
     /// it lasts (exact); where it is missing, or needs a register not known here, the rest of
     /// the stack is scanned.
     pub(crate) fn addresses(&mut self, sp: u64, pc: u64) -> Vec<u64> {
+        self.addresses_from(sp, pc, None)
+    }
+
+    /// As [`StackReader::addresses`], from a sample that also gave the frame pointer `bp`.
+    pub(crate) fn addresses_from(&mut self, sp: u64, pc: u64, bp: Option<u64>) -> Vec<u64> {
         let mut out = vec![pc];
-        let (mut rsp, mut rip, mut rbp) = (sp, pc, None::<u64>);
+        let (mut rsp, mut rip, mut rbp) = (sp, pc, bp);
         loop {
             let probe = if out.len() == 1 { rip } else { rip - 1 };
             let Some(row) = self.symbols.unwind_row(probe) else {

@@ -91,6 +91,8 @@ pub(crate) struct TokioTarget {
     /// Idle tasks by id: what their future looked like, and since when.
     idle: HashMap<u64, Idle>,
     polls: polls::Polls,
+    /// Samples threads on a CPU, to find polls that compute (set when attached).
+    sampler: Option<Arc<crate::bpf::Sampler>>,
     /// Tasks seen spinning at every scan since: from when, and their future at rest.
     spins: HashMap<u64, Spin>,
     spin_turn: usize,
@@ -260,6 +262,7 @@ impl TokioTarget {
             retry_ns: RETRY_MIN_NS,
             idle: HashMap::new(),
             polls: polls::Polls::default(),
+            sampler: None,
             spins: HashMap::new(),
             spin_turn: 0,
             thread_clock: spins::ThreadClock::default(),
@@ -338,9 +341,14 @@ impl TokioTarget {
             .iter()
             .filter(|t| t.header.state & layout::RUNNING != 0)
             .collect();
-        let blocking = self
-            .polls
-            .check(self.pid, &self.mem, &self.symbolizer, &running, due);
+        let blocking = self.polls.check(
+            self.pid,
+            &self.mem,
+            &self.symbolizer,
+            self.sampler.as_deref(),
+            &running,
+            due,
+        );
         self.sample_spins(now_ns, tasks, &blocking);
         let census = count(tasks);
         for t in tasks {
@@ -544,6 +552,7 @@ impl TokioTarget {
             waited_seconds: now_ns.saturating_sub(spin.since_ns) as f64 / 1e9,
             blocked_at: None,
             stack: Arc::from(Vec::<String>::new()),
+            hot_frames: Arc::from([]),
         }))
     }
 
@@ -596,11 +605,12 @@ impl TaskSource for TokioTarget {
         self.start_time
     }
 
-    /// No probes: it says what it watches.
+    /// No probes: it says what it watches, and keeps the sampler for polls that compute.
     fn attach(
         &mut self,
-        _probes: &mut crate::bpf::Probes,
+        probes: &mut crate::bpf::Probes,
     ) -> Result<Option<crate::bpf::Links>, crate::bpf::BpfError> {
+        self.sampler = Some(probes.sampler());
         let library = self
             .library
             .as_ref()
