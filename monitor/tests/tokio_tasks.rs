@@ -482,6 +482,59 @@ fn tokio_in_a_shared_library_is_found() {
     lm.expect("resolved", |a| resolved(a, &id));
 }
 
+/// Two tokio builds in one process: the executable's (the newest version) and a library's it
+/// loads (the oldest), each leaking tasks: both are watched, and each leak is attributed to
+/// its build, though the future types have the same names.
+#[test]
+fn two_tokio_builds_in_one_process_are_each_watched() {
+    require_root();
+    let _heavy = heavy();
+    let versions = tokio_versions();
+    let (oldest, newest) = (&versions[0], &versions[versions.len() - 1]);
+    let lib = tokio_fixture("tokio-tasks", oldest, TokioBuild::Library);
+    let exe = tokio_fixture("tokio-tasks", newest, TokioBuild::Release);
+    let lib_path = lib.to_str().unwrap();
+    let args = [
+        "leak",
+        "--flavor",
+        "multi",
+        "--grow-for",
+        "5",
+        "--load",
+        lib_path,
+    ];
+    let p = start_fixture(&exe, &args);
+    let mut lm = Leakmon::watch(&[p.pid()], &["--threads", "false"]);
+    let exe_name = exe.file_name().unwrap().to_str().unwrap().to_owned();
+    let mut ids = Vec::new();
+    for (v, file, function) in [
+        (newest, exe_name.as_str(), "tokio_tasks::wait_for_reply"),
+        (
+            oldest,
+            "libtokio_tasks.so",
+            "tokio_tasks::tasks::wait_for_reply",
+        ),
+    ] {
+        let entry = format!("{function} [tokio {v}.");
+        let a = lm.expect(&format!("task_leak of tokio {v} in {file}"), |a| {
+            firing(a, p.pid(), "task_leak")
+                && a["entry"]["function"]
+                    .as_str()
+                    .is_some_and(|e| e.starts_with(&entry))
+        });
+        let named = a["entry"]["function"].as_str().unwrap();
+        assert!(named.ends_with(&format!(", {file}]")), "{a:#}");
+        let versions = a["runtime_version"].as_str().unwrap();
+        assert!(
+            versions.contains(&format!("{newest}.")) && versions.contains(&format!("{oldest}.")),
+            "{a:#}"
+        );
+        assert!(a["count"].as_u64().unwrap() >= 20, "{a:#}");
+        ids.push(a["id"].clone());
+    }
+    assert_ne!(ids[0], ids[1]);
+}
+
 /// Keep-alive HTTP/1.1 GETs from `threads` threads until `until`; returns the responses.
 fn load(port: u16, threads: usize, until: Instant) -> u64 {
     use std::io::{Read as _, Write as _};

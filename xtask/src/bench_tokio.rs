@@ -2,7 +2,7 @@
 //! task lists, side by side with and without it in one run.
 
 use std::{
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -159,6 +159,45 @@ pub fn run(ws: &Workspace, leakmon: &Path, seconds: u64) -> Result<()> {
         }
     }
     report("tasks/s", &bare, &watched, true);
+
+    println!(
+        "\n## A poll computing for {seconds}s (current-thread runtime), leakmon scanning every \
+         1 s: a sampling window at every scan; the computation's rounds/s, median of {RUNS}"
+    );
+    let (mut bare, mut watched) = (Vec::new(), Vec::new());
+    let mut windows = Vec::new();
+    for _ in 0..RUNS {
+        for with in [false, true] {
+            let (mut fx, mut out, _) = start(&tasks, &["compute", "--flavor", "current"])?;
+            let mut lm = with
+                .then(|| watch_counting_windows(leakmon, fx.id(), &scans))
+                .transpose()?;
+            std::thread::sleep(Duration::from_secs(seconds));
+            let stdin = fx.stdin.as_mut().context("fixture stdin")?;
+            stdin.write_all(b"release\n")?;
+            stdin.flush()?;
+            let mut line = String::new();
+            while !line.starts_with("crunch_rounds_per_sec ") {
+                line.clear();
+                if out.read_line(&mut line)? == 0 {
+                    bail!("tokio-tasks compute ended without its rate");
+                }
+            }
+            let rate: f64 = line
+                .trim()
+                .strip_prefix("crunch_rounds_per_sec ")
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("compute printed {line:?}"))?;
+            if let Some((lm, opened)) = lm.as_mut() {
+                stop(lm);
+                windows.push(opened.load(std::sync::atomic::Ordering::Relaxed));
+            }
+            stop(&mut fx);
+            if with { &mut watched } else { &mut bare }.push(rate);
+        }
+    }
+    report("rounds/s", &bare, &watched, true);
+    println!("| sampling windows opened per run | {windows:?} | | |");
 
     let n = 100_000;
     println!("\n## Daemon footprint walking {n} live tasks (idle on a Notify), 1 s scans");

@@ -16,14 +16,17 @@ use crate::{
     sys::workers::Gate,
 };
 
+/// A runtime's program, in the executable or in `library`.
+struct FoundProgram {
+    program: Arc<dyn Program>,
+    runtime: &'static str,
+    library: Option<Library>,
+}
+
 /// What a process's executable (or a library it maps) was found to run.
 enum Found {
-    /// A runtime's program, in the executable or in `library`.
-    Program {
-        program: Arc<dyn Program>,
-        runtime: &'static str,
-        library: Option<Library>,
-    },
+    /// Programs of one runtime: the executable's, then the libraries'; never empty.
+    Programs(Vec<FoundProgram>),
     /// No runtime leakmon knows: what each runtime said it is not.
     Plain,
     /// Another inspection kept it waiting: tried again at the next scan.
@@ -71,6 +74,8 @@ const INSPECT_STUCK: Duration = Duration::from_secs(5);
 const MAX_PLAIN: usize = 16_384;
 /// Libraries of one process looked at, at most.
 const MAX_LIBRARIES: usize = 512;
+/// Builds of one runtime watched in one process, at most.
+const MAX_BUILDS: usize = 4;
 
 /// A library by (device, inode) as /proc/PID/maps names it.
 type LibraryKey = (String, u64);
@@ -104,49 +109,100 @@ impl Binaries {
         said.join(", ")
     }
 
-    /// Inspects `pid` with the runtime its executable (or a library it maps) runs. Reads what
-    /// the target controls: on a worker.
+    /// Inspects `pid` with the runtime its executable (or a library it maps) runs: every
+    /// build of it the process maps, as one source. Reads what the target controls: on a
+    /// worker.
     pub(crate) fn inspect(&self, pid: u32) -> Result<Inspected, InspectError> {
         proc::check_exe_not_on_fuse(pid, &proc::maps::fuse_mappings(pid))?;
         let exe = proc::exe_path(pid)?;
         let key = BinaryKey::of(pid)?;
-        let (program, runtime, library) = match self.open(pid, key, &exe)? {
-            Found::Program {
-                program,
-                runtime,
-                library,
-            } => (program, runtime, library),
+        let found = match self.open(pid, key, &exe)? {
+            Found::Programs(found) => found,
             Found::Plain => return Ok(Inspected::Plain(exe)),
             Found::Busy => return Ok(Inspected::Busy),
         };
-        let path = library
-            .as_ref()
-            .map_or_else(|| exe.clone(), |l| l.path.clone());
-        let process = Process {
-            pid,
-            runtime,
-            key,
-            exe,
-            library,
-        };
-        match program.inspect(&process) {
-            Ok(Some(source)) => Ok(Inspected::Source(source)),
-            Ok(None) => Ok(Inspected::Plain(process.exe)),
-            Err(source) => Err(InspectError::Runtime {
+        let mut sources: Vec<(Box<dyn TaskSource>, String)> = Vec::new();
+        let mut first_error = None;
+        for f in found {
+            let path = f
+                .library
+                .as_ref()
+                .map_or_else(|| exe.clone(), |l| l.path.clone());
+            let process = Process {
                 pid,
-                path,
-                runtime,
-                source,
-            }),
+                runtime: f.runtime,
+                key,
+                exe: exe.clone(),
+                library: f.library,
+            };
+            match f.program.inspect(&process) {
+                Ok(Some(source)) => {
+                    let file = path.file_name().map_or_else(
+                        || path.display().to_string(),
+                        |n| n.to_string_lossy().into_owned(),
+                    );
+                    sources.push((source, file));
+                }
+                Ok(None) => {}
+                Err(source) => {
+                    let e = InspectError::Runtime {
+                        pid,
+                        path,
+                        runtime: f.runtime,
+                        source,
+                    };
+                    // Said here when another build of the process is watched all the same.
+                    if first_error.is_some() {
+                        log::warn!("{}", crate::sys::chain(&e));
+                    } else {
+                        first_error = Some(e);
+                    }
+                }
+            }
+        }
+        match sources.len() {
+            0 => match first_error {
+                Some(e) => Err(e),
+                None => Ok(Inspected::Plain(exe)),
+            },
+            n => {
+                if let Some(e) = first_error {
+                    log::warn!("{}", crate::sys::chain(&e));
+                }
+                if n == 1 {
+                    let (source, _) = sources.remove(0);
+                    Ok(Inspected::Source(source))
+                } else {
+                    Ok(Inspected::Source(Box::new(super::combined::Combined::new(
+                        sources,
+                    ))))
+                }
+            }
         }
     }
 
-    /// What `pid`'s executable runs, else the first library it maps that runs a runtime
-    /// looked for in libraries.
+    /// What `pid`'s executable runs and every library it maps that runs the same runtime
+    /// (when that runtime is looked for in libraries); else the libraries of the first
+    /// runtime found in one.
     fn open(&self, pid: u32, key: BinaryKey, exe: &Path) -> Result<Found, InspectError> {
         match self.open_exe(pid, key, exe)? {
-            Found::Plain => self.in_libraries(pid, key),
-            found => Ok(found),
+            Found::Plain => self.in_libraries(pid, key, None),
+            Found::Programs(mut found) => {
+                let runtime = found[0].runtime;
+                let looked_for = self
+                    .runtimes
+                    .iter()
+                    .any(|r| r.entry().name == runtime && r.in_libraries());
+                if looked_for {
+                    match self.in_libraries(pid, key, Some(runtime))? {
+                        Found::Programs(more) => found.extend(more),
+                        Found::Plain => {}
+                        Found::Busy => return Ok(Found::Busy),
+                    }
+                }
+                Ok(Found::Programs(found))
+            }
+            Found::Busy => Ok(Found::Busy),
         }
     }
 
@@ -154,11 +210,11 @@ impl Binaries {
         let cached = || {
             let cache = self.lock();
             if let Some((program, runtime)) = cache.programs.get(&key) {
-                return Some(Found::Program {
+                return Some(Found::Programs(vec![FoundProgram {
                     program: Arc::clone(program),
                     runtime,
                     library: None,
-                });
+                }]));
             }
             cache.plain.contains(&key).then_some(Found::Plain)
         };
@@ -189,25 +245,34 @@ impl Binaries {
                 self.lock()
                     .programs
                     .insert(key, (Arc::clone(&program), name));
-                return Ok(Found::Program {
+                return Ok(Found::Programs(vec![FoundProgram {
                     program,
                     runtime: name,
                     library: None,
-                });
+                }]));
             }
         }
         remember(&mut self.lock().plain, key);
         Ok(Found::Plain)
     }
 
-    /// The first shared library `pid` maps that runs a runtime looked for in libraries.
-    /// Libraries are read once per file (through map_files, never from FUSE), and remembered
-    /// either way. Keyed by device and inode as /proc/PID/maps gives them (no stat needed): a
-    /// library is replaced by a new file, not rewritten in place (which would crash the
-    /// processes that map it).
-    fn in_libraries(&self, pid: u32, exe: BinaryKey) -> Result<Found, InspectError> {
-        let runtimes: Vec<&Arc<dyn Runtime>> =
-            self.runtimes.iter().filter(|r| r.in_libraries()).collect();
+    /// The shared libraries `pid` maps that run a runtime looked for in libraries: those of
+    /// `only`, or of the first runtime found in one (at most [`MAX_BUILDS`]). Libraries are
+    /// read once per file (through map_files, never from FUSE), and remembered either way.
+    /// Keyed by device and inode as /proc/PID/maps gives them (no stat needed): a library is
+    /// replaced by a new file, not rewritten in place (which would crash the processes that
+    /// map it).
+    fn in_libraries(
+        &self,
+        pid: u32,
+        exe: BinaryKey,
+        mut only: Option<&'static str>,
+    ) -> Result<Found, InspectError> {
+        let runtimes: Vec<&Arc<dyn Runtime>> = self
+            .runtimes
+            .iter()
+            .filter(|r| r.in_libraries() && only.is_none_or(|o| o == r.entry().name))
+            .collect();
         if runtimes.is_empty() {
             return Ok(Found::Plain);
         }
@@ -222,19 +287,30 @@ impl Binaries {
             .filter(|m| seen.insert(m.file.clone()))
             .take(MAX_LIBRARIES);
         let mut entered = None;
+        let mut found: Vec<FoundProgram> = Vec::new();
         for m in libraries {
+            if found.len() >= MAX_BUILDS {
+                break;
+            }
             let library = Library {
                 path: PathBuf::from(&*m.path),
                 ino: m.file.1,
             };
+            let mut take = |program: Arc<dyn Program>, runtime: &'static str| {
+                if only.is_none_or(|o| o == runtime) {
+                    only = Some(runtime);
+                    found.push(FoundProgram {
+                        program,
+                        runtime,
+                        library: Some(library.clone()),
+                    });
+                }
+            };
             {
                 let cache = self.lock();
                 if let Some((program, runtime)) = cache.libraries.get(&m.file) {
-                    return Ok(Found::Program {
-                        program: Arc::clone(program),
-                        runtime,
-                        library: Some(library),
-                    });
+                    take(Arc::clone(program), runtime);
+                    continue;
                 }
                 if cache.plain_libraries.contains(&m.file) {
                     continue;
@@ -249,18 +325,12 @@ impl Binaries {
             let Ok(file) = files::open_mapped(pid, m.start, m.end, m.file.1) else {
                 continue;
             };
+            let mut runs = None;
             for runtime in &runtimes {
                 match runtime.recognise(&file, &library.path) {
                     Ok(Some(program)) => {
-                        let name = runtime.entry().name;
-                        self.lock()
-                            .libraries
-                            .insert(m.file.clone(), (Arc::clone(&program), name));
-                        return Ok(Found::Program {
-                            program,
-                            runtime: name,
-                            library: Some(library),
-                        });
+                        runs = Some((program, runtime.entry().name));
+                        break;
                     }
                     Ok(None) => {}
                     // Said once per file, and the other libraries are still looked at.
@@ -275,9 +345,21 @@ impl Binaries {
                     ),
                 }
             }
-            remember(&mut self.lock().plain_libraries, m.file.clone());
+            match runs {
+                Some((program, name)) => {
+                    self.lock()
+                        .libraries
+                        .insert(m.file.clone(), (Arc::clone(&program), name));
+                    take(program, name);
+                }
+                None => remember(&mut self.lock().plain_libraries, m.file.clone()),
+            }
         }
-        Ok(Found::Plain)
+        Ok(if found.is_empty() {
+            Found::Plain
+        } else {
+            Found::Programs(found)
+        })
     }
 
     /// Drops programs no watched process runs any more (their files stay open otherwise).

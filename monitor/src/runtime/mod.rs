@@ -6,6 +6,7 @@
 //! no runtime. (OS threads, which every process has, are watched beside this, in `threads/`.)
 
 mod binaries;
+mod combined;
 pub(crate) mod registry;
 
 use std::{collections::BTreeMap, fs::File, path::Path, path::PathBuf, sync::Arc};
