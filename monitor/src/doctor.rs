@@ -140,6 +140,18 @@ pub(crate) fn run_checks() -> Vec<Check> {
     });
     checks.push(daemon_check());
     checks.push(Check {
+        name: "watchpoints",
+        detail: "a one-shot hardware watchpoint (perf breakpoint event), which confirms tokio \
+                 polls that compute"
+            .into(),
+        problem: crate::sys::perf::self_test().err().map(|e| {
+            format!(
+                "{e}: polls that compute without a system call are not reported (a VM without \
+                 debug registers, or perf_event_open refused)"
+            )
+        }),
+    });
+    checks.push(Check {
         name: "thread probes",
         detail: "sched_switch (tp_btf, Linux 5.18+) and thread fork/exit tracepoints".into(),
         problem: threads

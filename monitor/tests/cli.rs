@@ -122,6 +122,7 @@ fn doctor_passes_here() {
         "load programs",
         "discovery",
         "thread probes",
+        "watchpoints",
     ] {
         assert!(
             stdout

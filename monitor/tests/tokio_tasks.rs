@@ -33,6 +33,21 @@ fn flavor(i: usize) -> &'static str {
     }
 }
 
+/// The alert `a` stays firing for 3 s while the scenario goes on (an alert that resolves
+/// while the problem is still there is a false alarm too), and resolves once it is released.
+fn holds_until_released(lm: &mut Leakmon, p: &mut Proc, a: &Value, what: &str) {
+    let early = lm.collect_for(Duration::from_secs(3));
+    assert!(
+        !early
+            .iter()
+            .any(|e| e["id"] == a["id"] && e["state"] == "resolved"),
+        "{what} resolved while it went on: {early:#?}"
+    );
+    let id = a["id"].clone();
+    release(p);
+    lm.expect(&format!("{what} resolved"), |e| resolved(e, &id));
+}
+
 /// Releases the scenario (a line on its stdin) and waits until its tasks are gone.
 fn release(p: &mut Proc) {
     use std::io::Write as _;
@@ -299,17 +314,7 @@ fn computing_polls_name_the_future_and_the_hot_function() {
             a["hint"].as_str().unwrap().contains("spawn_blocking"),
             "{a:#}"
         );
-        // Still firing while it computes.
-        let early = lm.collect_for(Duration::from_secs(3));
-        assert!(
-            !early
-                .iter()
-                .any(|e| e["id"] == a["id"] && e["state"] == "resolved"),
-            "{what} resolved while still computing: {early:#?}"
-        );
-        let id = a["id"].clone();
-        release(&mut p);
-        lm.expect(&format!("{what} resolved"), |e| resolved(e, &id));
+        holds_until_released(&mut lm, &mut p, &a, &what);
     }
 }
 
@@ -442,17 +447,7 @@ fn spinning_tasks_are_found_in_every_build_and_resolve_when_released() {
             "{a:#}"
         );
         assert!(a["hint"].as_str().unwrap().contains("yield_now"), "{a:#}");
-        // Still firing while it spins: no resolution before the release.
-        let early = lm.collect_for(Duration::from_secs(3));
-        assert!(
-            !early
-                .iter()
-                .any(|e| e["id"] == a["id"] && e["state"] == "resolved"),
-            "{what} resolved while still spinning: {early:#?}"
-        );
-        let id = a["id"].clone();
-        release(&mut p);
-        lm.expect(&format!("{what} resolved"), |e| resolved(e, &id));
+        holds_until_released(&mut lm, &mut p, &a, &what);
     }
 }
 

@@ -126,10 +126,11 @@ impl Detector {
             };
             let kind = policy.kind(finding);
             // What nothing can ever wake needs no analysis to be proven.
-            let (proof, proven) = if let Some(proof) = policy.never_woken(reason) {
-                (Some(proof), members.count)
+            let (proof, proven, marking) = if let Some(proof) = policy.never_woken(reason) {
+                (Some(proof), members.count, None)
             } else {
-                (policy.proof().filter(|_| proven > 0), proven)
+                let proof = policy.proof().filter(|_| proven > 0);
+                (proof, proven, proof.and(snapshot.marking.clone()))
             };
             let growth_per_minute = group
                 .history
@@ -150,6 +151,7 @@ impl Detector {
                     growth_per_minute,
                     proof,
                     proven,
+                    marking,
                     waits_on,
                     stack: members.stack.clone(),
                     threads: Vec::new(),
@@ -169,6 +171,7 @@ impl Detector {
                         growth_per_minute: None,
                         proof: None,
                         proven: 0,
+                        marking: None,
                         waits_on: None,
                         stack: members.stack.clone(),
                         threads: members.threads.iter().map(|t| (**t).clone()).collect(),

@@ -44,6 +44,9 @@ pub(crate) struct Alert {
     pub proof: Option<&'static Proof>,
     /// Members proven leaked.
     pub proven: u64,
+    /// How the analysis behind `proof` read the program's memory: which parts by the
+    /// runtime's own pointer maps, which whole ("conservatively").
+    pub marking: Option<Arc<str>>,
     /// What the group waits on.
     pub waits_on: Option<Arc<WaitsOn>>,
     /// The full stack of one member, innermost first.
@@ -71,6 +74,7 @@ impl Alert {
             growth_per_minute: None,
             proof: None,
             proven: 0,
+            marking: None,
             waits_on: None,
             stack: None,
             threads: Vec::new(),

@@ -72,6 +72,8 @@ pub(crate) struct Snapshot {
     pub tasks: Vec<Observation>,
     /// How the runtime's tasks are judged.
     pub policy: &'static dyn Policy,
+    /// How its last proof read the program's memory (see [`Alert::marking`]).
+    pub marking: Option<Arc<str>>,
 }
 
 #[cfg(test)]

@@ -55,6 +55,7 @@ fn snapshot(now: u64, goroutines: Vec<Observation>) -> Snapshot {
             .filter(|o| due.admits(&GO, o))
             .collect(),
         policy: &GO,
+        marking: Some("stacks by their stack maps".into()),
     }
 }
 

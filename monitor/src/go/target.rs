@@ -143,6 +143,8 @@ pub(crate) struct Target {
     lock_holders: HashMap<u64, Arc<str>>,
     /// The globals as roots, with the runtime's pointer bitmaps, once read.
     globals: Option<Arc<[reach::Globals]>>,
+    /// How the last analysis read memory, for the alerts it proves.
+    marking: Option<Arc<str>>,
 }
 
 impl TaskSource for Target {
@@ -195,6 +197,7 @@ impl TaskSource for Target {
             stale,
             policy: &super::GO,
             census,
+            marking: self.marking.clone(),
         }
     }
 
@@ -237,6 +240,18 @@ const HOLD_SCANS: u8 = 5;
 /// Objects (channels, locks) whose state is read per scan, at most (for the alerts: one per
 /// group is enough).
 const MAX_STATE_READS: usize = 256;
+
+/// How an analysis read the program's memory, as alerts say it: stacks by their stack maps
+/// (or whole, where the tables did not describe a frame), globals by the runtime's pointer
+/// bitmaps (or whole), heap objects whole (span pointer information is not read yet).
+fn marking(outcome: &reach::Outcome, globals_by: &str) -> Arc<str> {
+    let stacks = match (outcome.precise_stacks, outcome.conservative_stacks) {
+        (_, 0) => "stacks by their stack maps".to_owned(),
+        (0, _) => "stacks whole".to_owned(),
+        (p, c) => format!("stacks by their stack maps ({c} of {} whole)", p + c),
+    };
+    format!("{stacks}, globals {globals_by}, heap objects whole").into()
+}
 
 /// Largest pointer bitmap of a global section read (1 MiB covers 64 MiB of globals).
 const MAX_GLOBALS_MASK: u64 = 1 << 20;
@@ -366,6 +381,7 @@ impl Target {
             frame_maps: stackmaps::MapCache::default(),
             lock_holders: HashMap::new(),
             globals: None,
+            marking: None,
         })
     }
 
@@ -666,10 +682,15 @@ impl Target {
         } else {
             log::Level::Debug
         };
+        let globals_by = if globals.iter().all(|g| g.mask.is_some()) {
+            "by the runtime's pointer bitmaps"
+        } else {
+            "whole"
+        };
         log::log!(
             level,
             "PID {}: reachability analysis: {} candidates, {} leaked, {} objects marked, {} KiB \
-             read in {:?}; {} stacks scanned by their stack maps, {} whole; globals {}",
+             read in {:?}; {} stacks scanned by their stack maps, {} whole; globals {globals_by}",
             self.pid,
             goid_of.len(),
             outcome.leaked.len(),
@@ -678,12 +699,8 @@ impl Target {
             started.elapsed(),
             outcome.precise_stacks,
             outcome.conservative_stacks,
-            if globals.iter().all(|g| g.mask.is_some()) {
-                "by the runtime's pointer bitmaps"
-            } else {
-                "whole"
-            },
         );
+        self.marking = Some(marking(&outcome, globals_by));
         // A lock's holder is named when one live goroutine alone points to it from its live
         // stack slots (a reference is what unlocking takes; several name none).
         self.lock_holders = outcome

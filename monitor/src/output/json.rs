@@ -50,6 +50,9 @@ struct AlertLine<'a> {
     proof: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     proven: Option<u64>,
+    /// How the proof read the program's memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    marking: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     waits_on: Option<&'a WaitsOn>,
     /// One member's whole stack, innermost first.
@@ -83,6 +86,7 @@ impl<W: Write> Sink for Json<W> {
             blocked_at: a.group.blocked_at.as_deref(),
             proof: a.proof.map(|p| p.name),
             proven: a.proof.map(|_| a.proven),
+            marking: a.marking.as_deref(),
             waits_on: a.waits_on.as_deref(),
             stack: a
                 .stack

@@ -68,6 +68,9 @@ fn text(p: &ProcessInfo, t: &Transition) -> String {
     }
     if let Some(proof) = a.proof {
         s.push_str(&format!("\n  proven: {}", proof.say(a.proven)));
+        if let Some(m) = &a.marking {
+            s.push_str(&format!(" (memory read: {m})"));
+        }
     }
     if let Some(w) = &a.waits_on {
         s.push_str(&format!("\n  waits on {} {:#x}", w.kind, w.address));

@@ -111,6 +111,7 @@ impl TaskSource for Combined {
         let mut census: Option<Census> = None;
         let mut counted_all = true;
         let mut policy = None;
+        let mut marking = None;
         for (k, p) in self.parts.iter_mut().enumerate() {
             let input = ScanInput {
                 due,
@@ -122,8 +123,10 @@ impl TaskSource for Combined {
                     stale: s,
                     policy: pol,
                     census: c,
+                    marking: m,
                 } => {
                     policy.get_or_insert(pol);
+                    marking = marking.or(m);
                     stale.extend(s);
                     for mut t in part {
                         t.id = part_id(k, t.id);
@@ -151,6 +154,7 @@ impl TaskSource for Combined {
             stale,
             policy,
             census: census.filter(|_| counted_all),
+            marking,
         }
     }
 

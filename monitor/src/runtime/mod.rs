@@ -173,6 +173,9 @@ pub(crate) enum Scanned {
         policy: &'static dyn Policy,
         /// Every task, counted (when the source saw them all).
         census: Option<Census>,
+        /// How the runtime's last proof read the program's memory, for alerts it proves
+        /// ("stacks by their stack maps, ...").
+        marking: Option<Arc<str>>,
     },
     /// Nothing to judge this time (a walk raced with the program): alerts stay as they are.
     NotJudged,

@@ -123,6 +123,20 @@ impl Watchpoint {
     }
 }
 
+/// Arms a watchpoint on a word of this thread, writes the word, and checks the hit: what
+/// `leakmon doctor` says of hardware watchpoints here.
+pub(crate) fn self_test() -> io::Result<()> {
+    let word = Box::new(std::sync::atomic::AtomicU64::new(0));
+    // SAFETY: gettid has no arguments.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+    let w = Watchpoint::arm(tid, std::ptr::from_ref(&*word) as u64)?;
+    word.store(1, std::sync::atomic::Ordering::SeqCst);
+    match w.hit() {
+        Some(true) => Ok(()),
+        _ => Err(io::Error::other("the watchpoint did not see a write")),
+    }
+}
+
 impl std::fmt::Debug for Watchpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("Watchpoint")
@@ -143,6 +157,7 @@ mod tests {
             assert!(std::env::var_os("CI").is_none(), "CI runs as root");
             return;
         }
+        self_test().expect("a watchpoint on this thread");
         let word = Box::new(std::sync::atomic::AtomicU64::new(0));
         // SAFETY: gettid has no arguments.
         let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;

@@ -641,6 +641,7 @@ impl TaskSource for TokioTarget {
                 stale: Default::default(),
                 policy: &TOKIO,
                 census: Some(census),
+                marking: None,
             },
             None => Scanned::NotJudged,
         }

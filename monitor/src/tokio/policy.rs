@@ -82,6 +82,7 @@ mod tests {
                     .filter(|o| due.admits(&TOKIO, o))
                     .collect(),
                 policy: &TOKIO,
+                marking: None,
             }
         };
         let task = |id: u64, reason: &str| Observation {

@@ -160,8 +160,12 @@ impl Polls {
             let samples = session.read();
             let at_ns = now_ns + nanos(started.elapsed());
             for (id, (tid, slot, header)) in locate_on_cpu(pid, mem, &steady, &samples) {
-                let Ok(watch) = Watchpoint::arm(tid, header) else {
-                    continue; // no debug register free (a debugger's), or the thread left
+                let watch = match Watchpoint::arm(tid, header) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        unavailable(&e);
+                        continue;
+                    }
                 };
                 // Armed while it still runs: what follows without a write is one poll.
                 if is_running(mem, header) {
@@ -342,6 +346,19 @@ fn hot_frames(r: &mut StackReader, regs: &[Regs]) -> Vec<String> {
         .take(MAX_HOT)
         .map(|(n, f)| format!("{f} {}%", n * 100 / regs.len().max(1)))
         .collect()
+}
+
+/// Says once when watchpoints cannot be armed at all (not when one thread has no debug
+/// register free, a debugger's, or has exited).
+fn unavailable(e: &std::io::Error) {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let common = matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::ESRCH));
+    if !common && !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        log::warn!(
+            "hardware watchpoints cannot be armed ({e}): polls that compute without a system \
+             call are not reported (`leakmon doctor` checks)"
+        );
+    }
 }
 
 /// The tasks of `tasks` whose state word reads the same, RUNNING, through [`PRECHECK`].

@@ -595,13 +595,14 @@ impl Monitor {
             }
         }
         for (pid, (taken_ns, scan)) in done {
-            let (tasks, stale, policy, census) = match scan {
+            let (tasks, stale, policy, census, marking) = match scan {
                 Scanned::Tasks {
                     tasks,
                     stale,
                     policy,
                     census,
-                } => (tasks, stale, policy, census),
+                    marking,
+                } => (tasks, stale, policy, census, marking),
                 Scanned::NotJudged => continue,
                 Scanned::OtherProgram => {
                     lost.push(pid);
@@ -622,6 +623,7 @@ impl Monitor {
                 now_ns: taken_ns,
                 tasks,
                 policy,
+                marking,
             };
             for transition in self.detector.observe(pid, &snapshot) {
                 self.sinks

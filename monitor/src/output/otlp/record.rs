@@ -98,6 +98,9 @@ pub(crate) fn alert_record(p: &ProcessInfo, t: &Transition) -> AlertRecord {
     if let Some(proof) = a.proof {
         attrs.push(("leakmon.proof", Value::Str(proof.name.into())));
         attrs.push(("leakmon.proven", Value::Int(a.proven as i64)));
+        if let Some(m) = &a.marking {
+            attrs.push(("leakmon.proof.marking", Value::Str(m.to_string())));
+        }
     }
     if let Some(w) = &a.waits_on {
         attrs.push((
@@ -246,6 +249,7 @@ mod tests {
                 growth_per_minute: Some(40.0),
                 proof: Some(&PROOF),
                 proven: 1204,
+                marking: Some("stacks by their stack maps".into()),
                 waits_on: None,
                 stack: Some(
                     [site("api/store.go", 12), site("api/handler.go", 91)]
@@ -291,6 +295,10 @@ mod tests {
             Some(Value::Str("00c0ffee00c0ffee".into()))
         );
         assert_eq!(get("leakmon.proof"), Some(Value::Str("unreachable".into())));
+        assert_eq!(
+            get("leakmon.proof.marking"),
+            Some(Value::Str("stacks by their stack maps".into()))
+        );
         let Some(Value::Str(stack)) = get("code.stacktrace") else {
             panic!("no stack attribute")
         };
