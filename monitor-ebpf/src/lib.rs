@@ -195,7 +195,13 @@ pub struct RegSamples {
     pub ip: [u64; SAMPLE_RING],
     pub sp: [u64; SAMPLE_RING],
     pub bp: [u64; SAMPLE_RING],
+    /// Every general-purpose register at the latest sample (rax, rbx, rcx, rdx, rsi, rdi,
+    /// rbp, r8-r15): what a running Go goroutine may hold its only reference to an object in.
+    pub gprs: [u64; GPRS],
 }
+
+/// General-purpose registers kept of a sample ([`RegSamples::gprs`]).
+pub const GPRS: usize = 15;
 
 impl Default for RegSamples {
     fn default() -> Self {
@@ -204,6 +210,7 @@ impl Default for RegSamples {
             ip: [0; SAMPLE_RING],
             sp: [0; SAMPLE_RING],
             bp: [0; SAMPLE_RING],
+            gprs: [0; GPRS],
         }
     }
 }

@@ -440,6 +440,14 @@ mod probes {
             let regs = &(*ctx.ctx).regs;
             (regs.cs, regs.rip, regs.rsp, regs.rbp)
         };
+        // SAFETY: as above.
+        let gprs = unsafe {
+            let r = &(*ctx.ctx).regs;
+            [
+                r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12,
+                r.r13, r.r14, r.r15,
+            ]
+        };
         // Ring 3: the sample interrupted user code (else these are kernel registers).
         if cs & 3 != 3 {
             return 0;
@@ -450,6 +458,7 @@ mod probes {
         slot.ip[i] = ip;
         slot.sp[i] = sp;
         slot.bp[i] = bp;
+        slot.gprs = gprs;
         slot.n += 1;
         0
     }

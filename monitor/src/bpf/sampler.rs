@@ -13,7 +13,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData},
     programs::PerfEvent,
 };
-use monitor_ebpf::{RegSamples, SAMPLE_RING, names};
+use monitor_ebpf::{GPRS, RegSamples, SAMPLE_RING, names};
 
 use super::{BpfError, Probes, map_err, program, take_map};
 use crate::sys::perf;
@@ -103,6 +103,23 @@ impl Session<'_> {
             }
         }
         out
+    }
+
+    /// Every general-purpose register of each sampled thread at its latest sample (threads
+    /// never sampled, being off the CPU throughout, are absent).
+    pub(crate) fn registers(&self) -> HashMap<u32, [u64; GPRS]> {
+        let map = self
+            .sampler
+            .samples
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.events
+            .iter()
+            .filter_map(|(tid, _)| {
+                let s = map.get(tid, 0).ok()?;
+                (s.n > 0).then_some((*tid, s.gprs))
+            })
+            .collect()
     }
 
     /// Whether any thread is sampled at all.

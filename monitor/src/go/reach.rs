@@ -64,6 +64,16 @@ pub(crate) struct Globals {
     pub mask: Option<Arc<[u8]>>,
 }
 
+/// The roots besides goroutines' stacks.
+pub(crate) struct Roots<'a> {
+    pub globals: &'a [Globals],
+    /// Registers of threads on a CPU (sampled).
+    pub registers: &'a [u64],
+}
+
+/// Where a mark came from when a register held it (no address is 1).
+const REGISTER: u64 = 1;
+
 /// What one analysis found.
 #[derive(Debug, Default)]
 pub(crate) struct Outcome {
@@ -99,17 +109,22 @@ pub(crate) fn analyse(
     mem: &ProcMem,
     heap: &Heap,
     off: &HeapOffsets,
-    globals: &[Globals],
+    roots: &Roots<'_>,
     goroutines: &[Goroutine],
     mut maps: Option<&mut dyn FrameMaps>,
     max_bytes: u64,
 ) -> Result<Outcome, ReachError> {
     let mut m = Marker::new(mem, heap, off, goroutines, max_bytes);
-    for g in globals {
+    for g in roots.globals {
         match &g.mask {
             None => m.scan_range(g.start, g.len)?,
             Some(mask) => m.scan_masked(g.start, g.len, mask)?,
         }
+    }
+    // Registers of threads on a CPU: a running goroutine may hold its only reference to
+    // an object there, where no stack scan sees it.
+    for &r in roots.registers {
+        m.mark(r, REGISTER);
     }
     m.scan_specials()?;
     let mut live: Vec<bool> = goroutines.iter().map(|g| g.candidate.is_none()).collect();
@@ -370,6 +385,13 @@ impl<'a> Marker<'a> {
     /// Why the object at `addr` is marked, with debug logging: the chain of words that
     /// marked it, back to a root (a global, a stack or a `g`).
     fn why_marked(&self, addr: u64, goroutines: &[Goroutine]) -> String {
+        if self.trace.as_ref().is_some_and(|t| {
+            self.heap
+                .find(addr)
+                .is_some_and(|o| t.get(&o.base) == Some(&REGISTER))
+        }) {
+            return format!("{addr:#x}, held in a register of a thread on a CPU");
+        }
         let Some(trace) = &self.trace else {
             return String::new();
         };
@@ -648,14 +670,20 @@ impl<'a> Marker<'a> {
 ///   it named the object at the start of that span;
 /// - in a P (told by its write-barrier buffer): the buffer's entries (see
 ///   [`write_barrier_buffer`]), and `pcache.base`, the first page of the P's page cache,
-///   which names the object at the start of the span allocated there.
+///   which names the object at the start of the span allocated there. Since go1.22 a P,
+///   like any small object with pointers over 512 bytes, starts 8 bytes into its heap
+///   object, after its malloc header: `pcache.base` is then the word after `p_pcache`
+///   (go1.27's once-range leaks went unproven one run in six, a channel allocated at the
+///   start of the P's cached chunk kept "reachable"). Both words are skipped: the one
+///   before it is `p.mcache` (allocated off the heap, so never a heap reference), the one
+///   after it on go1.21 is `pcache.cache`, a bitmap.
 fn not_references(obj: &[u8], base: u64, p_pcache: u32) -> [Option<std::ops::Range<usize>>; 3] {
     let hi = stack_bounds(obj).then_some(8..16);
     let Some(wb) = write_barrier_buffer(obj, base) else {
         return [hi, None, None];
     };
     let pcache = p_pcache as usize;
-    let pcache = (pcache >= 16 && pcache + 8 <= wb.start).then_some(pcache..pcache + 8);
+    let pcache = (pcache >= 16 && pcache + 16 <= wb.start).then_some(pcache..pcache + 16);
     [hi, pcache, Some(wb)]
 }
 
@@ -707,7 +735,11 @@ mod tests {
 
     /// One analysis with the test's offsets, no stack maps and a generous budget.
     fn run(mem: &ProcMem, heap: &Heap, globals: &[Globals], gs: &[Goroutine]) -> Outcome {
-        analyse(mem, heap, &offsets(), globals, gs, None, 1 << 20).unwrap()
+        let roots = Roots {
+            globals,
+            registers: &[],
+        };
+        analyse(mem, heap, &offsets(), &roots, gs, None, 1 << 20).unwrap()
     }
 
     /// A heap of one span of 32 objects of 64 bytes at `base`.
@@ -774,6 +806,20 @@ mod tests {
             mheap_allspans: 0,
             p_pcache: 64,
         }
+    }
+
+    /// In a P, `pcache.base` is skipped where the table puts it and 8 bytes on, where it is
+    /// behind go1.22's malloc header.
+    #[test]
+    fn a_ps_page_cache_base_is_no_reference_with_or_without_a_malloc_header() {
+        let base = 0x7000_0000_0000_u64;
+        let mut obj = vec![0u8; 8192];
+        let wb = 512;
+        obj[wb..wb + 8].copy_from_slice(&(base + wb as u64 + 16 + 8).to_le_bytes());
+        obj[wb + 8..wb + 16].copy_from_slice(&(base + wb as u64 + 16 + 4096).to_le_bytes());
+        let [_, pcache, entries] = not_references(&obj, base, 64);
+        assert_eq!(pcache, Some(64..80));
+        assert_eq!(entries, Some(wb + 16..wb + 16 + 4096));
     }
 
     /// A P's write-barrier buffer holds copies of pointers written during a GC: a stale one
@@ -961,9 +1007,24 @@ mod tests {
         f.set(stack_a, obj(2));
         let out = run(&mem, &heap, &[root(global, 8)], &gs);
         assert!(out.leaked.is_empty(), "{out:?}");
+        // A register of a thread on a CPU holding B keeps it live too: a running goroutine
+        // may hold its only reference there. (The global points to nothing that reaches B.)
+        f.set(global, 0);
+        f.set(stack_a, 0);
+        let out = run(&mem, &heap, &[root(global, 8)], &gs);
+        assert_eq!(out.leaked, vec![0, 1], "{out:?}");
+        let registers = [0x1234, obj(2) + 8];
+        let globals = [root(global, 8)];
+        let roots = Roots {
+            globals: &globals,
+            registers: &registers,
+        };
+        let out = analyse(&mem, &heap, &offsets(), &roots, &gs, None, 1 << 20).unwrap();
+        assert_eq!(out.leaked, vec![0], "{out:?}");
+        f.set(global, obj(3));
         // Over budget: no verdict.
         assert_eq!(
-            analyse(&mem, &heap, &offsets(), &[root(global, 8)], &gs, None, 8).unwrap_err(),
+            analyse(&mem, &heap, &offsets(), &roots, &gs, None, 8).unwrap_err(),
             ReachError::OverBudget
         );
         drop(f);

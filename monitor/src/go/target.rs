@@ -145,6 +145,8 @@ pub(crate) struct Target {
     globals: Option<Arc<[reach::Globals]>>,
     /// How the last analysis read memory, for the alerts it proves.
     marking: Option<Arc<str>>,
+    /// Samples the registers of threads on a CPU for analyses (set when attached).
+    sampler: Option<Arc<crate::bpf::Sampler>>,
 }
 
 impl TaskSource for Target {
@@ -167,6 +169,7 @@ impl TaskSource for Target {
             ..GoProc::default()
         };
         let links = probes.attach_uprobes(pid, params, &self.probe_sites)?;
+        self.sampler = Some(probes.sampler());
         log::info!(
             "watching PID {} ({}, {}{}, offsets from {:?}, parks seen by {})",
             self.pid,
@@ -252,6 +255,10 @@ fn marking(outcome: &reach::Outcome, globals_by: &str) -> Arc<str> {
     };
     format!("{stacks}, globals {globals_by}, heap objects whole").into()
 }
+
+/// Threads on a CPU whose registers are sampled for an analysis, at most, and for how long.
+const MAX_SAMPLED_THREADS: usize = 64;
+const REGISTER_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Largest pointer bitmap of a global section read (1 MiB covers 64 MiB of globals).
 const MAX_GLOBALS_MASK: u64 = 1 << 20;
@@ -382,6 +389,7 @@ impl Target {
             lock_holders: HashMap::new(),
             globals: None,
             marking: None,
+            sampler: None,
         })
     }
 
@@ -621,6 +629,26 @@ impl Target {
         }
     }
 
+    /// Every general-purpose register of the process's threads on a CPU, sampled for a
+    /// few milliseconds: a goroutine running there may hold its only reference to an object
+    /// in one, where no stack scan sees it. (Go keeps no value in a register across a call,
+    /// so a goroutine parked, or in a system call, has its references on its stack.)
+    fn registers_on_cpu(&self) -> Vec<u64> {
+        let Some(sampler) = &self.sampler else {
+            return Vec::new();
+        };
+        let tids = proc::threads_on_cpu(self.pid, MAX_SAMPLED_THREADS);
+        if tids.is_empty() {
+            return Vec::new();
+        }
+        let session = sampler.start(&tids);
+        if session.is_empty() {
+            return Vec::new();
+        }
+        std::thread::sleep(REGISTER_WINDOW);
+        session.registers().into_values().flatten().collect()
+    }
+
     /// Runs one reachability analysis: goroutines found leaked by it and by the one before,
     /// waiting on the same objects, join `proven`.
     fn prove(
@@ -650,11 +678,15 @@ impl Target {
             }
         }
         let globals = self.global_roots();
+        let registers = self.registers_on_cpu();
         let result = reach::analyse(
             &self.mem,
             heap,
             &self.binary.heap,
-            &globals,
+            &reach::Roots {
+                globals: &globals,
+                registers: &registers,
+            },
             &goroutines,
             Some(&mut stackmaps::ProcessMaps {
                 table: self.binary.pclntab(),
@@ -690,7 +722,8 @@ impl Target {
         log::log!(
             level,
             "PID {}: reachability analysis: {} candidates, {} leaked, {} objects marked, {} KiB \
-             read in {:?}; {} stacks scanned by their stack maps, {} whole; globals {globals_by}",
+             read in {:?}; {} stacks scanned by their stack maps, {} whole; globals {globals_by}; \
+             registers of {} threads on a CPU",
             self.pid,
             goid_of.len(),
             outcome.leaked.len(),
@@ -699,6 +732,7 @@ impl Target {
             started.elapsed(),
             outcome.precise_stacks,
             outcome.conservative_stacks,
+            registers.len() / monitor_ebpf::GPRS,
         );
         self.marking = Some(marking(&outcome, globals_by));
         // A lock's holder is named when one live goroutine alone points to it from its live

@@ -117,6 +117,23 @@ pub(crate) fn exe_error(pid: u32, source: io::Error) -> ProcError {
 }
 
 /// Whether `pid` is alive (not a zombie).
+/// Threads of `pid` on a CPU (or waiting for one) now, at most `max` (of the first 4,096):
+/// their /proc `syscall` says "running".
+pub(crate) fn threads_on_cpu(pid: u32, max: usize) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .take(4096)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|tid| {
+            files::read_proc_capped(&format!("/proc/{pid}/task/{tid}/syscall"), 256)
+                .is_ok_and(|l| l.starts_with(b"running"))
+        })
+        .take(max)
+        .collect()
+}
+
 pub(crate) fn is_alive(pid: u32) -> bool {
     stat(pid).is_ok_and(|(state, _)| state != 'Z')
 }

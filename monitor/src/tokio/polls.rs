@@ -145,7 +145,7 @@ impl Polls {
         };
         let session = sampler
             .filter(|_| !steady.is_empty() || !computing.is_empty())
-            .map(|s| s.start(&threads_on_cpu(pid)))
+            .map(|s| s.start(&crate::proc::threads_on_cpu(pid, MAX_SAMPLED)))
             .filter(|s| !s.is_empty());
         let mut armed = false;
         if let Some(session) = &session {
@@ -388,22 +388,6 @@ fn in_one_poll<'a>(mem: &ProcMem, tasks: &[&'a TaskRec]) -> Vec<&'a TaskRec> {
 fn is_running(mem: &ProcMem, header: u64) -> bool {
     mem.read_u64(header)
         .is_some_and(|state| state & super::layout::RUNNING != 0)
-}
-
-/// Threads of `pid` on a CPU (or waiting for one) now, at most [`MAX_SAMPLED`].
-fn threads_on_cpu(pid: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    dir.filter_map(Result::ok)
-        .take(MAX_THREADS)
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|tid| {
-            read_proc_capped(&format!("/proc/{pid}/task/{tid}/syscall"), 256)
-                .is_ok_and(|l| l.starts_with(b"running"))
-        })
-        .take(MAX_SAMPLED)
-        .collect()
 }
 
 fn same_call(a: &Seen, b: &Seen) -> bool {
