@@ -168,7 +168,8 @@ pub fn run(ws: &Workspace, leakmon: &Path, seconds: u64) -> Result<()> {
     let mut windows = Vec::new();
     for _ in 0..RUNS {
         for with in [false, true] {
-            let (mut fx, mut out, _) = start(&tasks, &["compute", "--flavor", "current"])?;
+            let (mut fx, mut out, _) =
+                start(&tasks, &["compute", "--flavor", "current", "--report"])?;
             let mut lm = with
                 .then(|| watch_counting_windows(leakmon, fx.id(), &scans))
                 .transpose()?;
